@@ -1,0 +1,427 @@
+//! Collective communication over plain element buffers.
+//!
+//! [`Collective`] is the one interface the engine uses. Three backends:
+//! [`Solo`] (one process), [`Threads`] (N ranks as threads of one process, for
+//! fast tests that need no MPI) and, with feature `mpi`, [`MpiComm`] (the `mpi`
+//! crate over Open MPI or MPICH; works under `mpirun`, `mpiexec` and `srun`).
+//! [`Comm`] picks one at run time.
+//!
+//! Every buffer is rank ordered and row major. Sums are taken in rank order in
+//! the threaded backend, so every rank sees bit-identical results.
+#![warn(missing_docs)]
+
+use std::fmt::Debug;
+use std::sync::{Arc, Barrier, Mutex};
+
+#[cfg(feature = "mpi")]
+mod mpi_backend;
+#[cfg(feature = "mpi")]
+pub use mpi_backend::MpiComm;
+
+#[doc(hidden)]
+#[cfg(feature = "mpi")]
+pub trait MpiType: mpi::datatype::Equivalence {}
+#[cfg(feature = "mpi")]
+impl<T: mpi::datatype::Equivalence> MpiType for T {}
+#[doc(hidden)]
+#[cfg(not(feature = "mpi"))]
+pub trait MpiType {}
+#[cfg(not(feature = "mpi"))]
+impl<T> MpiType for T {}
+
+/// Element types that travel through collectives: f32, f64, i64, u8.
+pub trait Element: bytemuck::Pod + Send + Sync + Debug + PartialOrd + MpiType {
+    /// a + b (wrapping for integers).
+    fn add(self, other: Self) -> Self;
+}
+
+impl Element for f32 {
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+}
+impl Element for f64 {
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+}
+impl Element for i64 {
+    fn add(self, o: Self) -> Self {
+        self.wrapping_add(o)
+    }
+}
+impl Element for u8 {
+    fn add(self, o: Self) -> Self {
+        self.wrapping_add(o)
+    }
+}
+
+fn maximum<T: Element>(a: T, b: T) -> T {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+/// Collective operations among the ranks of one job.
+///
+/// All ranks must call the same operations in the same order with buffers of
+/// the same length (as in MPI).
+pub trait Collective {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks P.
+    fn world_size(&self) -> usize;
+    /// Rank among the ranks on this host.
+    fn local_rank(&self) -> usize;
+    /// Ranks on this host.
+    fn local_size(&self) -> usize;
+    /// Concatenation of every rank's `send`, in rank order (length P·len).
+    fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T>;
+    /// `send` has P equal blocks; returns block `rank` summed over all ranks.
+    fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T>;
+    /// Element-wise sum over ranks, in place.
+    fn all_reduce_sum<T: Element>(&self, buf: &mut [T]);
+    /// Element-wise maximum over ranks, in place.
+    fn all_reduce_max<T: Element>(&self, buf: &mut [T]);
+    /// `send` has P equal blocks; block j goes to rank j. Returns the blocks
+    /// received, in rank order.
+    fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T>;
+    /// Overwrite `buf` on every rank with the root's.
+    fn broadcast<T: Element>(&self, buf: &mut [T], root: usize);
+    /// Wait for every rank.
+    fn barrier(&self);
+}
+
+/// A single process: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn local_rank(&self) -> usize {
+        0
+    }
+    fn local_size(&self) -> usize {
+        1
+    }
+    fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
+        send.to_vec()
+    }
+    fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
+        send.to_vec()
+    }
+    fn all_reduce_sum<T: Element>(&self, _buf: &mut [T]) {}
+    fn all_reduce_max<T: Element>(&self, _buf: &mut [T]) {}
+    fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T> {
+        send.to_vec()
+    }
+    fn broadcast<T: Element>(&self, _buf: &mut [T], _root: usize) {}
+    fn barrier(&self) {}
+}
+
+struct Shared {
+    slots: Mutex<Vec<Vec<u8>>>,
+    barrier: Barrier,
+}
+
+/// One rank of a group of ranks that are threads of this process.
+///
+/// Made by [`Threads::run`]; used for tests of the global-batch engine without
+/// MPI. Every operation is two barriers around a shared slot table.
+pub struct Threads {
+    rank: usize,
+    size: usize,
+    ranks_per_host: usize,
+    shared: Arc<Shared>,
+}
+
+impl Threads {
+    /// Run `f` on `p` ranks, each a thread, and return the results in rank
+    /// order. A panic on any rank is re-raised here.
+    pub fn run<R, F>(p: usize, f: F) -> Vec<R>
+    where
+        R: Send,
+        F: Fn(Threads) -> R + Sync,
+    {
+        Self::run_on_hosts(p, p, f)
+    }
+
+    /// As [`Threads::run`], pretending `ranks_per_host` ranks share each host
+    /// (for tests of local rank and thread choices).
+    pub fn run_on_hosts<R, F>(p: usize, ranks_per_host: usize, f: F) -> Vec<R>
+    where
+        R: Send,
+        F: Fn(Threads) -> R + Sync,
+    {
+        assert!(p > 0 && ranks_per_host > 0);
+        let shared = Arc::new(Shared { slots: Mutex::new(vec![Vec::new(); p]), barrier: Barrier::new(p) });
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..p)
+                .map(|rank| {
+                    let comm = Threads { rank, size: p, ranks_per_host, shared: shared.clone() };
+                    let f = &f;
+                    s.spawn(move || f(comm))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        })
+    }
+
+    /// Publish `bytes` in this rank's slot, wait for all, run `read` on the
+    /// table, wait again so no slot is overwritten while others still read.
+    fn exchange<R>(&self, bytes: &[u8], read: impl FnOnce(&[Vec<u8>]) -> R) -> R {
+        {
+            let mut slots = self.shared.slots.lock().unwrap();
+            slots[self.rank].clear();
+            slots[self.rank].extend_from_slice(bytes);
+        }
+        self.shared.barrier.wait();
+        let out = {
+            let slots = self.shared.slots.lock().unwrap();
+            read(&slots)
+        };
+        self.shared.barrier.wait();
+        out
+    }
+
+    fn elements<T: Element>(bytes: &[u8]) -> Vec<T> {
+        // Slots are byte vectors (alignment 1): copy instead of casting in place.
+        let mut out = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(bytes);
+        out
+    }
+
+    fn reduce_into<T: Element>(&self, buf: &mut [T], op: fn(T, T) -> T) {
+        let n = buf.len();
+        let sum = self.exchange(bytemuck::cast_slice(buf), |slots| {
+            let mut acc = Self::elements::<T>(&slots[0]);
+            for s in &slots[1..] {
+                let v = Self::elements::<T>(s);
+                assert_eq!(v.len(), n, "all_reduce: ranks passed buffers of different lengths");
+                for (a, b) in acc.iter_mut().zip(v) {
+                    *a = op(*a, b);
+                }
+            }
+            acc
+        });
+        buf.copy_from_slice(&sum);
+    }
+}
+
+impl Collective for Threads {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn local_rank(&self) -> usize {
+        self.rank % self.ranks_per_host
+    }
+    fn local_size(&self) -> usize {
+        let host = self.rank / self.ranks_per_host;
+        (self.size - host * self.ranks_per_host).min(self.ranks_per_host)
+    }
+    fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
+        self.exchange(bytemuck::cast_slice(send), |slots| {
+            let mut out = Vec::with_capacity(send.len() * slots.len());
+            for s in slots {
+                assert_eq!(s.len(), std::mem::size_of_val(send), "all_gather: unequal lengths across ranks");
+                out.extend(Self::elements::<T>(s));
+            }
+            out
+        })
+    }
+    fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
+        assert_eq!(send.len() % self.size, 0, "reduce_scatter_sum: length {} not divisible by P={}", send.len(), self.size);
+        let n = send.len() / self.size;
+        let rank = self.rank;
+        self.exchange(bytemuck::cast_slice(send), |slots| {
+            let mut acc = vec![T::zeroed(); n];
+            for s in slots {
+                let v = Self::elements::<T>(s);
+                for (a, b) in acc.iter_mut().zip(&v[rank * n..(rank + 1) * n]) {
+                    *a = a.add(*b);
+                }
+            }
+            acc
+        })
+    }
+    fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
+        // Start from zero so that the order of additions is the same on every rank.
+        self.reduce_into(buf, T::add)
+    }
+    fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
+        self.reduce_into(buf, maximum)
+    }
+    fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T> {
+        assert_eq!(send.len() % self.size, 0, "all_to_all: length not divisible by P");
+        let n = send.len() / self.size;
+        let rank = self.rank;
+        self.exchange(bytemuck::cast_slice(send), |slots| {
+            slots.iter().flat_map(|s| Self::elements::<T>(s)[rank * n..(rank + 1) * n].to_vec()).collect()
+        })
+    }
+    fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) {
+        let got = self.exchange(bytemuck::cast_slice(buf), |slots| Self::elements::<T>(&slots[root]));
+        buf.copy_from_slice(&got);
+    }
+    fn barrier(&self) {
+        self.shared.barrier.wait();
+    }
+}
+
+/// The backend chosen at run time.
+pub enum Comm {
+    /// One process.
+    Solo(Solo),
+    /// Ranks as threads (tests).
+    Threads(Threads),
+    /// MPI ranks.
+    #[cfg(feature = "mpi")]
+    Mpi(MpiComm),
+}
+
+/// True when this process was started by an MPI launcher or Slurm with more
+/// than one task (Open MPI, MPICH/Hydra, PMIx, Slurm).
+pub fn launched_under_mpi() -> bool {
+    const VARS: [&str; 5] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_NTASKS"];
+    VARS.iter().any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
+}
+
+impl Comm {
+    /// MPI when launched by `mpirun`/`srun` and built with feature `mpi`;
+    /// otherwise a single process.
+    pub fn from_env() -> Result<Self, String> {
+        #[cfg(feature = "mpi")]
+        if launched_under_mpi() {
+            return MpiComm::init().map(Comm::Mpi);
+        }
+        #[cfg(not(feature = "mpi"))]
+        if launched_under_mpi() && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok_and(|s| s != "1") {
+            return Err("launched under mpirun but this binary was built without feature `mpi`".into());
+        }
+        Ok(Comm::Solo(Solo))
+    }
+
+    /// Short backend name for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Comm::Solo(_) => "solo",
+            Comm::Threads(_) => "threads",
+            #[cfg(feature = "mpi")]
+            Comm::Mpi(_) => "mpi",
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            Comm::Solo($c) => $e,
+            Comm::Threads($c) => $e,
+            #[cfg(feature = "mpi")]
+            Comm::Mpi($c) => $e,
+        }
+    };
+}
+
+impl Collective for Comm {
+    fn rank(&self) -> usize {
+        delegate!(self, c => c.rank())
+    }
+    fn world_size(&self) -> usize {
+        delegate!(self, c => c.world_size())
+    }
+    fn local_rank(&self) -> usize {
+        delegate!(self, c => c.local_rank())
+    }
+    fn local_size(&self) -> usize {
+        delegate!(self, c => c.local_size())
+    }
+    fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
+        delegate!(self, c => c.all_gather(send))
+    }
+    fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
+        delegate!(self, c => c.reduce_scatter_sum(send))
+    }
+    fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
+        delegate!(self, c => c.all_reduce_sum(buf))
+    }
+    fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
+        delegate!(self, c => c.all_reduce_max(buf))
+    }
+    fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T> {
+        delegate!(self, c => c.all_to_all(send))
+    }
+    fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) {
+        delegate!(self, c => c.broadcast(buf, root))
+    }
+    fn barrier(&self) {
+        delegate!(self, c => c.barrier())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threaded_collectives_match_their_definitions() {
+        for p in 1..=4usize {
+            let out = Threads::run(p, |c| {
+                let r = c.rank() as i64;
+                let g = c.all_gather(&[r, 10 * r]);
+                let want: Vec<i64> = (0..p as i64).flat_map(|k| [k, 10 * k]).collect();
+                assert_eq!(g, want);
+
+                let send: Vec<f64> = (0..2 * p).map(|j| (c.rank() * 100 + j) as f64).collect();
+                let rs = c.reduce_scatter_sum(&send);
+                let expect: Vec<f64> = (0..2)
+                    .map(|k| (0..p).map(|q| (q * 100 + c.rank() * 2 + k) as f64).sum())
+                    .collect();
+                assert_eq!(rs, expect);
+
+                let mut s = [c.rank() as f32 + 1.0];
+                c.all_reduce_sum(&mut s);
+                assert_eq!(s[0], (p * (p + 1) / 2) as f32);
+
+                let mut m = [c.rank() as u8, 7 - c.rank() as u8];
+                c.all_reduce_max(&mut m);
+                assert_eq!(m, [p as u8 - 1, 7]);
+
+                let send: Vec<i64> = (0..p as i64).map(|j| 10 * r + j).collect();
+                let a2a = c.all_to_all(&send);
+                let want: Vec<i64> = (0..p as i64).map(|q| 10 * q + r).collect();
+                assert_eq!(a2a, want);
+
+                let mut b = [c.rank() as f32; 3];
+                c.broadcast(&mut b, p - 1);
+                assert_eq!(b, [(p - 1) as f32; 3]);
+                c.barrier();
+                c.rank()
+            });
+            assert_eq!(out, (0..p).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn local_ranks_follow_hosts() {
+        let got = Threads::run_on_hosts(5, 2, |c| (c.local_rank(), c.local_size()));
+        assert_eq!(got, vec![(0, 2), (1, 2), (0, 2), (1, 2), (0, 1)]);
+    }
+
+    #[test]
+    fn solo_is_identity() {
+        let c = Solo;
+        assert_eq!(c.all_gather(&[1.0f32, 2.0]), vec![1.0, 2.0]);
+        assert_eq!((c.rank(), c.world_size()), (0, 1));
+    }
+}

@@ -1,0 +1,740 @@
+//! YAML schema and validated run plan.
+//!
+//! Two stages, as in ripgrep's `LowArgs` → `HiArgs`: [`Config`] is the raw
+//! serde view of a YAML file (every struct is `deny_unknown_fields`, every field
+//! has a default and a one-line doc), and [`Plan`] is the resolved, validated
+//! run: derived sizes (local batch, negatives per anchor, threads, effective
+//! learning rate) are computed once and printed at start.
+//!
+//! This crate knows nothing of torch or MPI; the caller tells it the world size
+//! and how many ranks share the host.
+#![warn(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Errors of loading or validating a configuration. Each names the file, the
+/// key or the size at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// YAML syntax error, unknown key or wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file (or `--set` for overrides).
+        path: String,
+        /// serde's message, which names the key.
+        message: String,
+    },
+    /// A `--set` override that is not `a.b.c=value`.
+    #[error("bad override `{0}`: expected KEY=VALUE with KEY like train.steps")]
+    Override(String),
+    /// A value that parsed but is not allowed.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Master seed: data order, augmentations and initial weights derive from it.
+    pub seed: u64,
+    /// Dataset, augmentation and input pipeline.
+    pub data: DataConfig,
+    /// Encoder and heads.
+    pub model: ModelConfig,
+    /// Loss head.
+    pub loss: LossConfig,
+    /// Training loop.
+    pub train: TrainConfig,
+    /// Checkpoints and run outputs.
+    pub checkpoint: CheckpointConfig,
+    /// Evaluation (kNN, zero-shot).
+    pub eval: EvalConfig,
+}
+
+/// `data.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Dataset kind: `fashion_mnist` (IDX files, `*-idx3-ubyte[.gz]`).
+    pub dataset: String,
+    /// Directory holding the dataset files.
+    pub root: PathBuf,
+    /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`.
+    pub augment: String,
+    /// Worker threads that decode and augment (0 = one per core, at most 4).
+    pub workers: usize,
+    /// Ready batches the pipeline keeps ahead of the trainer.
+    pub prefetch: usize,
+    /// Parameters of the augmentation preset.
+    pub aug: AugConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "fashion_mnist".into(),
+            root: PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            augment: "simclr".into(),
+            workers: 0,
+            prefetch: 4,
+            aug: AugConfig::default(),
+        }
+    }
+}
+
+/// `data.aug.*`: parameters of the SimCLR-style augmentation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugConfig {
+    /// Random resized crop: range of the crop's area as a fraction of the image.
+    pub crop_scale: [f32; 2],
+    /// Random resized crop: range of the crop's aspect ratio.
+    pub crop_ratio: [f32; 2],
+    /// Probability of a horizontal flip.
+    pub flip_prob: f32,
+    /// Probability of applying brightness/contrast jitter.
+    pub jitter_prob: f32,
+    /// Brightness jitter strength: factor drawn from [1-b, 1+b].
+    pub brightness: f32,
+    /// Contrast jitter strength: factor drawn from [1-c, 1+c].
+    pub contrast: f32,
+    /// Probability of a Gaussian blur.
+    pub blur_prob: f32,
+    /// Range of the blur's sigma, in pixels.
+    pub blur_sigma: [f32; 2],
+}
+
+impl Default for AugConfig {
+    fn default() -> Self {
+        Self {
+            crop_scale: [0.3, 1.0],
+            crop_ratio: [0.75, 1.3333],
+            flip_prob: 0.5,
+            jitter_prob: 0.8,
+            brightness: 0.4,
+            contrast: 0.4,
+            blur_prob: 0.2,
+            blur_sigma: [0.1, 1.0],
+        }
+    }
+}
+
+/// `model.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Image encoder: `convnet` (small CNN for 28×28 inputs).
+    pub encoder: String,
+    /// Normalisation in the encoder: `batch`, `group`, `layer` or `none`.
+    pub norm: String,
+    /// Channels of the first stage; later stages double it.
+    pub width: i64,
+    /// Dimension of the backbone's representation (what kNN evaluates).
+    pub embed_dim: i64,
+    /// Dimension of the projection head's output (what the loss sees).
+    pub proj_dim: i64,
+    /// Hidden width of the projection MLP (0 = embed_dim).
+    pub proj_hidden: i64,
+    /// Text tower (CLIP only).
+    pub text: TextConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            encoder: "convnet".into(),
+            norm: "group".into(),
+            width: 32,
+            embed_dim: 128,
+            proj_dim: 64,
+            proj_hidden: 0,
+            text: TextConfig::default(),
+        }
+    }
+}
+
+/// `model.text.*`: the CLIP text tower.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextConfig {
+    /// Transformer width.
+    pub width: i64,
+    /// Transformer layers.
+    pub layers: i64,
+    /// Attention heads (must divide width).
+    pub heads: i64,
+    /// Context length in tokens (byte-level tokens plus start and end).
+    pub context: i64,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self { width: 64, layers: 2, heads: 4, context: 48 }
+    }
+}
+
+/// `loss.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    /// Loss: `ntxent` (SimCLR) or `clip`.
+    pub name: String,
+    /// Softmax temperature (NT-Xent), or the initial temperature of CLIP's logit scale.
+    pub temperature: f64,
+    /// CLIP: learn the logit scale (stored as its log, clamped at 100).
+    pub learn_scale: bool,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { name: "ntxent".into(), temperature: 0.2, learn_scale: true }
+    }
+}
+
+/// `train.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Samples per optimiser step over all ranks (N = P·B).
+    pub global_batch: i64,
+    /// Optimiser steps of the whole run.
+    pub steps: i64,
+    /// `cpu`, `cuda`, `cuda:K` or `auto` (CUDA if present; device = local rank mod GPUs).
+    pub device: String,
+    /// libtorch intra-op threads per rank (0 = cores ÷ ranks on this host).
+    pub threads: usize,
+    /// Continue from `checkpoint.dir/latest` when it exists.
+    pub resume: bool,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: f64,
+    /// Print and log a line every this many steps.
+    pub log_every: i64,
+    /// Optimiser.
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            global_batch: 256,
+            steps: 1000,
+            device: "cpu".into(),
+            threads: 0,
+            resume: false,
+            grad_clip: 0.0,
+            log_every: 20,
+            optimizer: OptimizerConfig::default(),
+            schedule: ScheduleConfig::default(),
+        }
+    }
+}
+
+/// `train.optimizer.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// `sgd` (with momentum) or `adamw`.
+    pub name: String,
+    /// Peak learning rate; see `lr_scale`.
+    pub lr: f64,
+    /// `absolute` (lr as given) or `per_256` (lr × global_batch / 256, the linear scaling rule).
+    pub lr_scale: String,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD: use Nesterov momentum.
+    pub nesterov: bool,
+    /// Decoupled weight decay; never applied to biases, norm weights or the logit scale.
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            name: "adamw".into(),
+            lr: 1e-3,
+            lr_scale: "absolute".into(),
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+        }
+    }
+}
+
+/// `train.schedule.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// `cosine` (to `final_lr_frac` × lr) or `constant`, both after the warm-up.
+    pub name: String,
+    /// Steps of linear warm-up from 0 to the peak learning rate.
+    pub warmup_steps: i64,
+    /// Cosine schedule ends at this fraction of the peak learning rate.
+    pub final_lr_frac: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { name: "cosine".into(), warmup_steps: 50, final_lr_frac: 0.0 }
+    }
+}
+
+/// `checkpoint.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Run directory: `step-<N>/`, `latest`, `steps.jsonl`, `summary.json`.
+    pub dir: PathBuf,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub every: i64,
+    /// Keep this many newest checkpoints (0 = keep all).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("runs/default"), every: 500, keep: 2 }
+    }
+}
+
+/// `eval.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps during training (0 = only at the end).
+    pub every: i64,
+    /// Evaluate at the end of training (and the untrained encoder and raw pixels at the start).
+    pub at_end: bool,
+    /// Neighbours of the kNN classifier.
+    pub knn_k: i64,
+    /// Temperature of the kNN vote weights exp(sim / t).
+    pub knn_t: f64,
+    /// Use at most this many training images as kNN memory (0 = all).
+    pub max_train: usize,
+    /// Use at most this many test images (0 = all).
+    pub max_test: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { every: 0, at_end: true, knn_k: 200, knn_t: 0.1, max_train: 0, max_test: 0 }
+    }
+}
+
+impl Config {
+    /// Parse YAML text; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        Self::from_value(value, origin)
+    }
+
+    fn from_value(value: serde_yaml_ng::Value, origin: &str) -> Result<Self, ConfigError> {
+        let value = if value.is_null() { serde_yaml_ng::Value::Mapping(Default::default()) } else { value };
+        serde_yaml_ng::from_value(value)
+            .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+    }
+
+    /// Read a YAML file and apply `KEY=VALUE` overrides (values parsed as YAML).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let origin = path.display().to_string();
+        let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: origin.clone(), message: e.to_string() })?;
+        if value.is_null() {
+            value = serde_yaml_ng::Value::Mapping(Default::default());
+        }
+        // Check the file alone first so that an unknown key is blamed on the file.
+        Self::from_value(value.clone(), &origin)?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        Self::from_value(value, &format!("{origin} (with --set overrides)"))
+    }
+}
+
+/// Set `a.b.c=value` inside a YAML mapping, creating intermediate mappings.
+fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), ConfigError> {
+    use serde_yaml_ng::Value;
+    let (key, raw) = spec.split_once('=').ok_or_else(|| ConfigError::Override(spec.into()))?;
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::Override(spec.into()));
+    }
+    let parsed: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+    let mut node = root;
+    for part in key.split('.') {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("mapping");
+        node = map.entry(Value::String(part.into())).or_insert(Value::Null);
+    }
+    *node = parsed;
+    Ok(())
+}
+
+/// Where the run is: world size and ranks per host, as the communicator reports them.
+#[derive(Debug, Clone, Copy)]
+pub struct Topology {
+    /// Number of ranks P.
+    pub world_size: usize,
+    /// Ranks on this host.
+    pub local_size: usize,
+    /// Logical cores of this host.
+    pub host_cores: usize,
+}
+
+/// The loss families the trainer knows (issue #2 scope; more come with #3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LossKind {
+    /// NT-Xent over 2N views (SimCLR).
+    NtXent,
+    /// Symmetric image–text cross-entropy with a logit scale (CLIP).
+    Clip,
+}
+
+/// Normalisation layer choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Norm {
+    /// BatchNorm (has batch statistics: breaks exact parity across layouts).
+    Batch,
+    /// GroupNorm.
+    Group,
+    /// LayerNorm over channels (GroupNorm with one group).
+    Layer,
+    /// No normalisation.
+    None,
+}
+
+impl Norm {
+    /// Parse `model.norm`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        Ok(match s {
+            "batch" => Norm::Batch,
+            "group" => Norm::Group,
+            "layer" => Norm::Layer,
+            "none" => Norm::None,
+            _ => return Err(invalid("model.norm", format!("`{s}` is not one of batch, group, layer, none"))),
+        })
+    }
+}
+
+/// The resolved, validated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The configuration it was made from (with overrides applied).
+    #[serde(skip)]
+    pub config: Config,
+    /// Loss family.
+    pub loss: LossKind,
+    /// Encoder normalisation.
+    pub norm: Norm,
+    /// Ranks P.
+    pub world_size: usize,
+    /// Local batch B = N / P.
+    pub local_batch: usize,
+    /// Global batch N.
+    pub global_batch: usize,
+    /// Negatives each anchor is contrasted with (over the global batch).
+    pub negatives_per_anchor: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// libtorch intra-op threads per rank.
+    pub threads: usize,
+    /// Where `threads` came from.
+    pub threads_source: String,
+    /// Data worker threads per rank.
+    pub workers: usize,
+    /// Peak learning rate after scaling.
+    pub peak_lr: f64,
+}
+
+impl Plan {
+    /// Validate `config` for the given topology and derive every size.
+    pub fn resolve(config: Config, topo: Topology) -> Result<Self, ConfigError> {
+        let c = &config;
+        let loss = match c.loss.name.as_str() {
+            "ntxent" | "nt_xent" | "simclr" => LossKind::NtXent,
+            "clip" => LossKind::Clip,
+            other => return Err(invalid("loss.name", format!("`{other}` is not a known loss (ntxent, clip)"))),
+        };
+        if !(c.loss.temperature > 0.0) || !c.loss.temperature.is_finite() {
+            return Err(invalid("loss.temperature", format!("must be > 0, got {}", c.loss.temperature)));
+        }
+        let norm = Norm::parse(&c.model.norm)?;
+        if c.model.encoder != "convnet" {
+            return Err(invalid("model.encoder", format!("`{}` is not a known encoder (convnet)", c.model.encoder)));
+        }
+        for (key, v) in [
+            ("model.width", c.model.width),
+            ("model.embed_dim", c.model.embed_dim),
+            ("model.proj_dim", c.model.proj_dim),
+            ("model.text.width", c.model.text.width),
+            ("model.text.layers", c.model.text.layers),
+            ("model.text.heads", c.model.text.heads),
+        ] {
+            if v <= 0 {
+                return Err(invalid(key, format!("must be positive, got {v}")));
+            }
+        }
+        if c.model.proj_hidden < 0 {
+            return Err(invalid("model.proj_hidden", "must be ≥ 0 (0 = embed_dim)"));
+        }
+        if c.model.text.width % c.model.text.heads != 0 {
+            return Err(invalid(
+                "model.text.heads",
+                format!("{} heads do not divide model.text.width {}", c.model.text.heads, c.model.text.width),
+            ));
+        }
+        if c.model.text.context < 8 {
+            return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", c.model.text.context)));
+        }
+        if c.data.dataset != "fashion_mnist" {
+            return Err(invalid("data.dataset", format!("`{}` is not a known dataset (fashion_mnist)", c.data.dataset)));
+        }
+        match c.data.augment.as_str() {
+            "simclr" | "clip" | "none" => {}
+            other => return Err(invalid("data.augment", format!("`{other}` is not a preset (simclr, clip, none)"))),
+        }
+        if !c.data.root.is_dir() {
+            return Err(invalid(
+                "data.root",
+                format!("data directory {} does not exist (install Debian's dataset-fashion-mnist or point data.root at IDX files)", c.data.root.display()),
+            ));
+        }
+        if c.data.prefetch == 0 {
+            return Err(invalid("data.prefetch", "must be ≥ 1"));
+        }
+        let a = &c.data.aug;
+        if !(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0) {
+            return Err(invalid("data.aug.crop_scale", format!("need 0 < lo ≤ hi ≤ 1, got {:?}", a.crop_scale)));
+        }
+        if !(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1]) {
+            return Err(invalid("data.aug.crop_ratio", format!("need 0 < lo ≤ hi, got {:?}", a.crop_ratio)));
+        }
+        for (key, p) in [("data.aug.flip_prob", a.flip_prob), ("data.aug.jitter_prob", a.jitter_prob), ("data.aug.blur_prob", a.blur_prob)] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
+            }
+        }
+        if !(0.0 < a.blur_sigma[0] && a.blur_sigma[0] <= a.blur_sigma[1]) {
+            return Err(invalid("data.aug.blur_sigma", format!("need 0 < lo ≤ hi, got {:?}", a.blur_sigma)));
+        }
+
+        let t = &c.train;
+        if t.global_batch <= 0 {
+            return Err(invalid("train.global_batch", format!("must be positive, got {}", t.global_batch)));
+        }
+        let global_batch = t.global_batch as usize;
+        let p = topo.world_size.max(1);
+        if global_batch % p != 0 {
+            return Err(invalid(
+                "train.global_batch",
+                format!("{global_batch} is not divisible by the world size {p} (local batch would be {:.2})", global_batch as f64 / p as f64),
+            ));
+        }
+        if loss == LossKind::NtXent && global_batch < 2 {
+            return Err(invalid("train.global_batch", "NT-Xent needs at least 2 samples for a negative"));
+        }
+        if t.steps <= 0 {
+            return Err(invalid("train.steps", format!("must be positive, got {}", t.steps)));
+        }
+        if t.log_every <= 0 {
+            return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
+        }
+        if t.grad_clip < 0.0 {
+            return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));
+        }
+        match t.device.as_str() {
+            "cpu" | "cuda" | "auto" => {}
+            d if d.strip_prefix("cuda:").is_some_and(|k| k.parse::<usize>().is_ok()) => {}
+            d => return Err(invalid("train.device", format!("`{d}` is not cpu, cuda, cuda:K or auto"))),
+        }
+        let o = &t.optimizer;
+        match o.name.as_str() {
+            "sgd" | "adamw" => {}
+            other => return Err(invalid("train.optimizer.name", format!("`{other}` is not sgd or adamw"))),
+        }
+        if !(o.lr > 0.0) {
+            return Err(invalid("train.optimizer.lr", format!("must be > 0, got {}", o.lr)));
+        }
+        if o.weight_decay < 0.0 {
+            return Err(invalid("train.optimizer.weight_decay", format!("must be ≥ 0, got {}", o.weight_decay)));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(invalid("train.optimizer.momentum", format!("must lie in [0, 1), got {}", o.momentum)));
+        }
+        let peak_lr = match o.lr_scale.as_str() {
+            "absolute" => o.lr,
+            "per_256" => o.lr * global_batch as f64 / 256.0,
+            other => return Err(invalid("train.optimizer.lr_scale", format!("`{other}` is not absolute or per_256"))),
+        };
+        let s = &t.schedule;
+        match s.name.as_str() {
+            "cosine" | "constant" => {}
+            other => return Err(invalid("train.schedule.name", format!("`{other}` is not cosine or constant"))),
+        }
+        if s.warmup_steps < 0 {
+            return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
+        }
+        if c.checkpoint.every < 0 {
+            return Err(invalid("checkpoint.every", format!("must be ≥ 0, got {}", c.checkpoint.every)));
+        }
+        if c.eval.every < 0 {
+            return Err(invalid("eval.every", format!("must be ≥ 0, got {}", c.eval.every)));
+        }
+        if c.eval.knn_k <= 0 {
+            return Err(invalid("eval.knn_k", format!("must be positive, got {}", c.eval.knn_k)));
+        }
+        if !(c.eval.knn_t > 0.0) {
+            return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
+        }
+
+        let local_size = topo.local_size.max(1);
+        let (threads, threads_source) = if t.threads > 0 {
+            (t.threads, "train.threads".to_string())
+        } else {
+            let n = (topo.host_cores / local_size).max(1);
+            (n, format!("{} cores ÷ {} local ranks", topo.host_cores, local_size))
+        };
+        let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
+        let negatives_per_anchor = match loss {
+            LossKind::NtXent => 2 * global_batch - 2,
+            LossKind::Clip => global_batch - 1,
+        };
+        Ok(Plan {
+            loss,
+            norm,
+            world_size: p,
+            local_batch: global_batch / p,
+            global_batch,
+            negatives_per_anchor,
+            steps: t.steps as usize,
+            threads,
+            threads_source,
+            workers,
+            peak_lr,
+            config,
+        })
+    }
+
+    /// One human-readable block of the derived sizes, printed at start.
+    pub fn describe(&self) -> String {
+        format!(
+            "plan: loss={:?} world_size={} local_batch={} global_batch={} negatives_per_anchor={} steps={} \
+             threads/rank={} ({}) data_workers/rank={} peak_lr={:.6} norm={:?}",
+            self.loss,
+            self.world_size,
+            self.local_batch,
+            self.global_batch,
+            self.negatives_per_anchor,
+            self.steps,
+            self.threads,
+            self.threads_source,
+            self.workers,
+            self.peak_lr,
+            self.norm
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(p: usize) -> Topology {
+        Topology { world_size: p, local_size: p, host_cores: 2 }
+    }
+
+    fn with_root(mut c: Config) -> Config {
+        c.data.root = std::env::temp_dir();
+        c
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file() {
+        let err = Config::from_yaml("train:\n  global_bacth: 4\n", "x.yaml").unwrap_err().to_string();
+        assert!(err.contains("x.yaml") && err.contains("global_bacth"), "{err}");
+        let err = Config::from_yaml("bogus: 1\n", "y.yaml").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn negative_and_indivisible_batches_fail() {
+        let c = with_root(Config::from_yaml("train: {global_batch: -8}", "f").unwrap());
+        let err = Plan::resolve(c, topo(2)).unwrap_err().to_string();
+        assert!(err.contains("train.global_batch") && err.contains("-8"), "{err}");
+        let c = with_root(Config::from_yaml("train: {global_batch: 10}", "f").unwrap());
+        let err = Plan::resolve(c, topo(4)).unwrap_err().to_string();
+        assert!(err.contains("not divisible by the world size 4"), "{err}");
+    }
+
+    #[test]
+    fn missing_data_dir_fails() {
+        let c = Config::from_yaml("data: {root: /definitely/not/here}", "f").unwrap();
+        let err = Plan::resolve(c, topo(1)).unwrap_err().to_string();
+        assert!(err.contains("data.root") && err.contains("/definitely/not/here"), "{err}");
+    }
+
+    #[test]
+    fn overrides_and_derived_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "train:\n  global_batch: 64\n").unwrap();
+        let mut c = Config::load(
+            &f,
+            &["train.optimizer.lr=0.5".into(), "train.optimizer.lr_scale=per_256".into(), "loss.name=clip".into()],
+        )
+        .unwrap();
+        c.data.root = dir.path().into();
+        let p = Plan::resolve(c, topo(4)).unwrap();
+        assert_eq!(p.local_batch, 16);
+        assert_eq!(p.negatives_per_anchor, 63);
+        assert!((p.peak_lr - 0.125).abs() < 1e-12);
+        assert_eq!(p.threads, 1);
+        let err = Config::load(&f, &["train.bogus=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("bogus") && err.contains("--set"), "{err}");
+        assert!(Config::load(&f, &["novalue".into()]).is_err());
+    }
+
+    #[test]
+    fn bad_enum_values_name_the_key() {
+        for (yaml, key) in [
+            ("model: {norm: batchy}", "model.norm"),
+            ("loss: {temperature: 0}", "loss.temperature"),
+            ("loss: {name: foo}", "loss.name"),
+            ("train: {optimizer: {lr_scale: x}}", "train.optimizer.lr_scale"),
+        ] {
+            let c = with_root(Config::from_yaml(yaml, "f").unwrap());
+            let err = Plan::resolve(c, topo(1)).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+}
