@@ -1,1 +1,1 @@
-fn main(){}
+include!("../contrast-nn/build.rs");

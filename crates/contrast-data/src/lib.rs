@@ -1,1 +1,46 @@
-//! placeholder
+//! Datasets, augmentations, tokenizer, sampler and the prefetching pipeline.
+//!
+//! No torch here: the pipeline hands the trainer [`HostBatch`]es of plain
+//! `f32`/`i64` buffers. Every random choice is keyed on (seed, epoch, global
+//! sample index) — DESIGN.md invariant 2 — so batches do not depend on the
+//! world size, the rank, the worker count or thread timing.
+#![warn(missing_docs)]
+
+pub mod augment;
+pub mod idx;
+pub mod pipeline;
+pub mod rng;
+pub mod sampler;
+pub mod text;
+
+pub use augment::{AugParams, Augmenter};
+pub use idx::Images;
+pub use pipeline::{HostBatch, Mode, Pipeline, PipelineConfig};
+pub use sampler::Sampler;
+
+/// Errors of the data crate; each names the file or the size at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not in the expected format.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The dataset is too small for the requested batch.
+    #[error("{0}")]
+    Size(String),
+    /// A worker thread panicked or the pipeline stopped.
+    #[error("data pipeline: {0}")]
+    Pipeline(String),
+}
