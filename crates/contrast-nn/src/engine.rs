@@ -1,0 +1,162 @@
+//! The global-batch engine (DESIGN.md invariant 1).
+//!
+//! ```text
+//! z_r [B,d] (graph kept) ─ all_gather(detach) ─► Z [P·B,d] (leaf)
+//! loss head on Z ─► L_r ; backward ─► G_r = ∂L_r/∂Z (and head-parameter grads)
+//! reduce_scatter_sum(G) ─► g_r = ∂L/∂z_r ; backward of Σ (z_r · g_r) through the encoder
+//! all_reduce_sum of every parameter gradient (bucketed) ─► exact ∂L/∂θ on every rank
+//! ```
+//!
+//! No custom autograd function is needed: communication sits between the small
+//! loss-head graph and the encoder graph.
+
+use crate::loss::Shard;
+use crate::{NnError, Result};
+use contrast_comm::Collective;
+use tch::{Kind, Tensor};
+
+/// Elements per all-reduce bucket of parameter gradients.
+pub const BUCKET_ELEMENTS: usize = 1 << 22;
+
+/// The engine bound to one communicator.
+pub struct GlobalBatch<'c, C: Collective> {
+    comm: &'c C,
+    local_batch: usize,
+}
+
+/// What one step produced.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput {
+    /// The global loss L = Σ_r L_r (identical on every rank).
+    pub loss: f64,
+    /// This rank's share L_r.
+    pub share: f64,
+}
+
+impl<'c, C: Collective> GlobalBatch<'c, C> {
+    /// An engine for local batches of `local_batch` rows.
+    pub fn new(comm: &'c C, local_batch: usize) -> Self {
+        Self { comm, local_batch }
+    }
+
+    /// The rows this rank owns.
+    pub fn shard(&self) -> Shard {
+        Shard { rank: self.comm.rank(), world_size: self.comm.world_size(), local_batch: self.local_batch }
+    }
+
+    /// Gather each tower's local embeddings `[B, d]` into a leaf `[P·B, d]` that requires grad.
+    pub fn gather(&self, local: &Tensor) -> Result<Tensor> {
+        let size = local.size();
+        if size.len() != 2 || size[0] as usize != self.local_batch {
+            return Err(NnError::Shape(format!(
+                "local embeddings must be [B={}, d], got {size:?}",
+                self.local_batch
+            )));
+        }
+        let d = size[1];
+        let p = self.comm.world_size() as i64;
+        let gathered = match local.kind() {
+            Kind::Double => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f64>(local))),
+            _ => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f32>(local))),
+        };
+        Ok(gathered.view([p * self.local_batch as i64, d]).to_device(local.device()).set_requires_grad(true))
+    }
+
+    /// `∂L/∂z_r`: the reduce-scatter sum of every rank's `∂L_r/∂Z`.
+    fn scatter_grad(&self, gathered: &Tensor, like: &Tensor) -> Tensor {
+        let g = gathered.grad();
+        let g = if g.defined() { g } else { gathered.zeros_like() };
+        let out = match like.kind() {
+            Kind::Double => Tensor::from_slice(&self.comm.reduce_scatter_sum(&crate::to_host::<f64>(&g))),
+            _ => Tensor::from_slice(&self.comm.reduce_scatter_sum(&crate::to_host::<f32>(&g))),
+        };
+        out.view(like.size().as_slice()).to_device(like.device()).to_kind(like.kind())
+    }
+
+    /// One exact step: gather the towers, run `head` (returning L_r) on the
+    /// gathered batch, back-propagate through the encoders, and all-reduce the
+    /// gradients of `params` (encoder and head parameters alike).
+    ///
+    /// Gradients accumulate into `params`; zero them before calling.
+    pub fn step<F>(&self, towers: &[Tensor], params: &[Tensor], head: F) -> Result<StepOutput>
+    where
+        F: FnOnce(&[Tensor], Shard) -> Result<Tensor>,
+    {
+        let gathered = towers.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
+        let share_t = head(&gathered, self.shard())?;
+        let share = share_t.double_value(&[]);
+        share_t.backward();
+        let mut surrogate: Option<Tensor> = None;
+        for (z, zg) in towers.iter().zip(&gathered) {
+            let g = self.scatter_grad(zg, z);
+            let term = (z * g).sum(z.kind());
+            surrogate = Some(match surrogate {
+                None => term,
+                Some(s) => s + term,
+            });
+        }
+        if let Some(s) = surrogate {
+            if s.requires_grad() {
+                s.backward();
+            }
+        }
+        self.all_reduce_grads(params);
+        let mut l = [share];
+        self.comm.all_reduce_sum(&mut l);
+        Ok(StepOutput { loss: l[0], share })
+    }
+
+    /// Sum every parameter's gradient over ranks, in buckets of at most
+    /// [`BUCKET_ELEMENTS`] elements. Undefined gradients count as zero.
+    pub fn all_reduce_grads(&self, params: &[Tensor]) {
+        if self.comm.world_size() == 1 {
+            return;
+        }
+        define_grads(params);
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut count = 0;
+            while end < grads.len() && (end == start || count + grads[end].numel() <= BUCKET_ELEMENTS) {
+                count += grads[end].numel();
+                end += 1;
+            }
+            let bucket = &grads[start..end];
+            let double = bucket[0].kind() == Kind::Double;
+            let flat = Tensor::cat(&bucket.iter().map(|g| g.view([-1])).collect::<Vec<_>>(), 0);
+            let reduced = if double {
+                let mut v = crate::to_host::<f64>(&flat);
+                self.comm.all_reduce_sum(&mut v);
+                Tensor::from_slice(&v)
+            } else {
+                let mut v = crate::to_host::<f32>(&flat);
+                self.comm.all_reduce_sum(&mut v);
+                Tensor::from_slice(&v)
+            };
+            let reduced = reduced.to_device(flat.device());
+            let mut off = 0i64;
+            tch::no_grad(|| {
+                for g in bucket {
+                    let n = g.numel() as i64;
+                    let mut g = g.shallow_clone();
+                    let _ = g.copy_(&reduced.narrow(0, off, n).view(g.size().as_slice()).to_kind(g.kind()));
+                    off += n;
+                }
+            });
+            start = end;
+        }
+    }
+}
+
+/// Give every parameter that has no gradient yet a zero gradient, so that all
+/// ranks send buffers of the same layout (a parameter unused on one rank must
+/// still join the sum).
+pub fn define_grads(params: &[Tensor]) {
+    let missing: Vec<&Tensor> = params.iter().filter(|p| p.requires_grad() && !p.grad().defined()).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let zero = missing.iter().map(|p| (*p * 0.0).sum(Kind::Double)).reduce(|a, b| a + b).unwrap();
+    zero.backward();
+}

@@ -1,0 +1,284 @@
+//! Encoders and heads. Nothing here knows about ranks or collectives.
+//!
+//! - [`ConvBackbone`]: a small CNN for 28×28 grayscale inputs (four 3×3
+//!   convolutions, two of stride 2, each followed by the chosen normalisation
+//!   and ReLU, then global average pooling) → `[B, embed_dim]`.
+//! - [`Mlp`]: the SimCLR projection head, Linear → ReLU → Linear.
+//! - [`TextTower`]: byte-level token and position embeddings, pre-LN causal
+//!   transformer blocks, final LayerNorm, pooling at the end-of-text token
+//!   (the argmax of the token ids, as open_clip) and a linear projection.
+//! - [`Model`]: the whole trainable model of a run (SimCLR or CLIP).
+
+use contrast_config::{LossKind, ModelConfig, Norm};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Kind, Tensor};
+
+enum NormLayer {
+    Batch(nn::BatchNorm),
+    Group(nn::GroupNorm),
+    Identity,
+}
+
+impl NormLayer {
+    fn new(p: nn::Path, norm: Norm, channels: i64) -> Self {
+        match norm {
+            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(p, channels, Default::default())),
+            Norm::Group => {
+                let groups = [8, 4, 2, 1].into_iter().find(|g| channels % g == 0).unwrap();
+                NormLayer::Group(nn::group_norm(p, groups, channels, Default::default()))
+            }
+            // LayerNorm over (C, H, W) of each sample is GroupNorm with one group.
+            Norm::Layer => NormLayer::Group(nn::group_norm(p, 1, channels, Default::default())),
+            Norm::None => NormLayer::Identity,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            NormLayer::Batch(b) => b.forward_t(x, train),
+            NormLayer::Group(g) => g.forward(x),
+            NormLayer::Identity => x.shallow_clone(),
+        }
+    }
+}
+
+/// Small convolutional encoder for 28×28 single-channel images.
+pub struct ConvBackbone {
+    layers: Vec<(nn::Conv2D, NormLayer)>,
+    /// Output dimension.
+    pub embed_dim: i64,
+}
+
+impl ConvBackbone {
+    /// Build under `p` with `width` channels in the first stage.
+    pub fn new(p: &nn::Path, width: i64, embed_dim: i64, norm: Norm) -> Self {
+        let spec = [(1, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, embed_dim, 2)];
+        let layers = spec
+            .iter()
+            .enumerate()
+            .map(|(k, &(i, o, stride))| {
+                let cfg = nn::ConvConfig { stride, padding: 1, bias: norm == Norm::None, ..Default::default() };
+                let conv = nn::conv2d(p / format!("conv{k}"), i, o, 3, cfg);
+                (conv, NormLayer::new(p / format!("norm{k}"), norm, o))
+            })
+            .collect();
+        Self { layers, embed_dim }
+    }
+
+    /// `[B, 1, H, W]` → `[B, embed_dim]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (conv, norm) in &self.layers {
+            h = norm.forward_t(&h.apply(conv), train).relu();
+        }
+        h.mean_dim([2i64, 3].as_slice(), false, h.kind())
+    }
+}
+
+/// Two-layer MLP projection head.
+#[derive(Debug)]
+pub struct Mlp {
+    l1: nn::Linear,
+    l2: nn::Linear,
+}
+
+impl Mlp {
+    /// `input → hidden → output`.
+    pub fn new(p: &nn::Path, input: i64, hidden: i64, output: i64) -> Self {
+        Self { l1: nn::linear(p / "fc1", input, hidden, Default::default()), l2: nn::linear(p / "fc2", hidden, output, Default::default()) }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.l1).relu().apply(&self.l2)
+    }
+}
+
+struct Block {
+    ln1: nn::LayerNorm,
+    qkv: nn::Linear,
+    out: nn::Linear,
+    ln2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+}
+
+impl Block {
+    fn new(p: &nn::Path, width: i64, heads: i64) -> Self {
+        Self {
+            ln1: nn::layer_norm(p / "ln1", vec![width], Default::default()),
+            qkv: nn::linear(p / "qkv", width, 3 * width, Default::default()),
+            out: nn::linear(p / "out", width, width, Default::default()),
+            ln2: nn::layer_norm(p / "ln2", vec![width], Default::default()),
+            fc1: nn::linear(p / "fc1", width, 4 * width, Default::default()),
+            fc2: nn::linear(p / "fc2", 4 * width, width, Default::default()),
+            heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, causal: &Tensor) -> Tensor {
+        let (b, t, w) = x.size3().unwrap();
+        let dh = w / self.heads;
+        let qkv = x.apply(&self.ln1).apply(&self.qkv).view([b, t, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2)); // [B, H, T, dh]
+        let att = (q.matmul(&k.transpose(-2, -1)) / (dh as f64).sqrt())
+            .masked_fill(causal, f64::NEG_INFINITY)
+            .softmax(-1, x.kind());
+        let o = att.matmul(&v).permute([0, 2, 1, 3]).reshape([b, t, w]).apply(&self.out);
+        let x = x + o;
+        let m = x.apply(&self.ln2).apply(&self.fc1).gelu("none").apply(&self.fc2);
+        x + m
+    }
+}
+
+/// The CLIP text tower over byte-level tokens.
+pub struct TextTower {
+    tokens: nn::Embedding,
+    positions: Tensor,
+    blocks: Vec<Block>,
+    ln_final: nn::LayerNorm,
+    proj: nn::Linear,
+    context: i64,
+}
+
+impl TextTower {
+    /// Build under `p`.
+    pub fn new(p: &nn::Path, vocab: i64, context: i64, width: i64, layers: i64, heads: i64, out: i64) -> Self {
+        Self {
+            tokens: nn::embedding(p / "token_embedding", vocab, width, nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() }),
+            positions: p.var("positional_embedding", &[context, width], nn::Init::Randn { mean: 0.0, stdev: 0.01 }),
+            blocks: (0..layers).map(|k| Block::new(&(p / format!("block{k}")), width, heads)).collect(),
+            ln_final: nn::layer_norm(p / "ln_final", vec![width], Default::default()),
+            proj: nn::linear(p / "proj", width, out, nn::LinearConfig { bias: false, ..Default::default() }),
+            context,
+        }
+    }
+
+    /// `[B, T]` token ids (T ≤ context) → `[B, out]`.
+    pub fn forward(&self, tokens: &Tensor) -> Tensor {
+        let (b, t) = tokens.size2().unwrap();
+        assert!(t <= self.context, "text of {t} tokens exceeds the context {}", self.context);
+        let mut x = tokens.apply(&self.tokens) + self.positions.narrow(0, 0, t);
+        let causal = Tensor::ones([t, t], (Kind::Bool, tokens.device())).triu(1);
+        for blk in &self.blocks {
+            x = blk.forward(&x, &causal);
+        }
+        let x = x.apply(&self.ln_final);
+        let eot = tokens.argmax(-1, false);
+        let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
+        x.index(&[Some(rows), Some(eot)]).apply(&self.proj)
+    }
+}
+
+/// The trainable model of a run.
+pub enum Model {
+    /// Backbone and projection head (SimCLR).
+    SimClr {
+        /// Encoder whose features kNN evaluates.
+        backbone: ConvBackbone,
+        /// Projection head.
+        head: Mlp,
+    },
+    /// Image and text towers and the learnable logit scale (CLIP).
+    Clip {
+        /// Image backbone.
+        backbone: ConvBackbone,
+        /// Linear projection of image features into the shared space.
+        image_proj: nn::Linear,
+        /// Text tower.
+        text: TextTower,
+        /// log of the logit scale (a loss-head parameter).
+        logit_scale: Tensor,
+    },
+}
+
+/// Name of the CLIP logit-scale variable in the var store (and checkpoints).
+pub const LOGIT_SCALE: &str = "loss.logit_scale";
+
+impl Model {
+    /// Build the model of `loss` under the var store's root.
+    pub fn new(vs: &nn::VarStore, loss: LossKind, m: &ModelConfig, norm: Norm, temperature: f64, learn_scale: bool) -> Self {
+        let root = vs.root();
+        let backbone = ConvBackbone::new(&(&root / "backbone"), m.width, m.embed_dim, norm);
+        let hidden = if m.proj_hidden > 0 { m.proj_hidden } else { m.embed_dim };
+        match loss {
+            LossKind::NtXent => Model::SimClr { head: Mlp::new(&(&root / "head"), m.embed_dim, hidden, m.proj_dim), backbone },
+            LossKind::Clip => {
+                let t = &m.text;
+                let text = TextTower::new(&(&root / "text"), contrast_data::text::VOCAB, t.context, t.width, t.layers, t.heads, m.proj_dim);
+                let image_proj = nn::linear(&root / "image_proj", m.embed_dim, m.proj_dim, nn::LinearConfig { bias: false, ..Default::default() });
+                let init = (1.0 / temperature).ln();
+                let loss = &root / "loss";
+                let logit_scale = if learn_scale {
+                    loss.var("logit_scale", &[], nn::Init::Const(init))
+                } else {
+                    loss.zeros_no_train("logit_scale", &[]).fill_(init)
+                };
+                Model::Clip { backbone, image_proj, text, logit_scale }
+            }
+        }
+    }
+
+    /// Backbone features `[B, embed_dim]` (what kNN evaluates).
+    pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
+        match self {
+            Model::SimClr { backbone, .. } | Model::Clip { backbone, .. } => backbone.forward_t(images, train),
+        }
+    }
+
+    /// The towers the loss sees: SimCLR `[z_A, z_B]` from two views; CLIP
+    /// `[image, text]` from one view and the caption tokens.
+    pub fn towers(&self, views: &[Tensor], tokens: Option<&Tensor>, train: bool) -> Vec<Tensor> {
+        match self {
+            Model::SimClr { backbone, head } => views.iter().map(|v| backbone.forward_t(v, train).apply(head)).collect(),
+            Model::Clip { backbone, image_proj, text, .. } => {
+                let img = backbone.forward_t(&views[0], train).apply(image_proj);
+                let txt = text.forward(tokens.expect("CLIP needs caption tokens"));
+                vec![img, txt]
+            }
+        }
+    }
+
+    /// Text embeddings in the shared space (CLIP only).
+    pub fn encode_text(&self, tokens: &Tensor) -> Option<Tensor> {
+        match self {
+            Model::Clip { text, .. } => Some(text.forward(tokens)),
+            Model::SimClr { .. } => None,
+        }
+    }
+
+    /// Image embeddings in the shared space (CLIP only).
+    pub fn encode_image(&self, images: &Tensor) -> Option<Tensor> {
+        match self {
+            Model::Clip { backbone, image_proj, .. } => Some(backbone.forward_t(images, false).apply(image_proj)),
+            Model::SimClr { .. } => None,
+        }
+    }
+
+    /// This rank's loss share on the gathered towers.
+    pub fn loss_share(&self, gathered: &[Tensor], shard: crate::loss::Shard, temperature: f64) -> crate::Result<Tensor> {
+        match self {
+            Model::SimClr { .. } => crate::loss::ntxent_share(&gathered[0], &gathered[1], temperature, shard),
+            Model::Clip { logit_scale, .. } => crate::loss::clip_share(&gathered[0], &gathered[1], logit_scale, shard),
+        }
+    }
+
+    /// After an optimiser step: clamp CLIP's log logit scale to [0, ln 100] (open_clip).
+    pub fn after_step(&self) {
+        if let Model::Clip { logit_scale, .. } = self {
+            tch::no_grad(|| {
+                let _ = logit_scale.shallow_clone().clamp_(0.0, 100f64.ln());
+            });
+        }
+    }
+
+    /// Current logit scale exp(s) (CLIP), for logs.
+    pub fn logit_scale(&self) -> Option<f64> {
+        match self {
+            Model::Clip { logit_scale, .. } => Some(logit_scale.exp().double_value(&[])),
+            Model::SimClr { .. } => None,
+        }
+    }
+}

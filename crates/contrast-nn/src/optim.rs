@@ -1,0 +1,249 @@
+//! Optimisers written on tensors, so that their state is plain named tensors
+//! that checkpoints can hold, and the learning-rate schedule.
+//!
+//! Semantics follow PyTorch: [`Sgd`] is `torch.optim.SGD` (momentum buffer
+//! initialised with the first gradient, optional Nesterov, L2 weight decay
+//! added to the gradient); [`AdamW`] is `torch.optim.AdamW` (decoupled decay,
+//! bias-corrected moments, `eps` added after the square root). Weight decay is
+//! applied only to parameters with two or more dimensions, so never to biases,
+//! norm weights or the logit scale (open_clip's rule).
+
+use tch::{Kind, Tensor};
+
+/// A named trainable parameter.
+pub struct Param {
+    /// Var-store name.
+    pub name: String,
+    /// The tensor (shares storage with the var store).
+    pub tensor: Tensor,
+    /// Whether weight decay applies.
+    pub decay: bool,
+}
+
+impl Param {
+    /// Decay applies to tensors of 2 or more dimensions.
+    pub fn new(name: String, tensor: Tensor) -> Self {
+        let decay = tensor.dim() >= 2;
+        Self { name, tensor, decay }
+    }
+}
+
+/// The trainable parameters of a var store, sorted by name (a fixed order on every rank).
+pub fn named_params(vs: &tch::nn::VarStore) -> Vec<Param> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.into_iter().map(|(n, t)| Param::new(n, t)).collect()
+}
+
+/// Hyper-parameters shared by the optimisers.
+#[derive(Debug, Clone)]
+pub enum OptimizerKind {
+    /// SGD with momentum.
+    Sgd {
+        /// Momentum μ.
+        momentum: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+    /// AdamW.
+    AdamW {
+        /// β₁.
+        beta1: f64,
+        /// β₂.
+        beta2: f64,
+        /// ε.
+        eps: f64,
+    },
+}
+
+/// An optimiser over a fixed list of parameters.
+pub struct Optimizer {
+    /// Kind and hyper-parameters.
+    pub kind: OptimizerKind,
+    /// Weight decay λ.
+    pub weight_decay: f64,
+    /// Parameters.
+    pub params: Vec<Param>,
+    /// Per-parameter state tensors, named `<param>.<slot>` (`momentum`, `exp_avg`, `exp_avg_sq`).
+    pub state: Vec<Vec<Tensor>>,
+    /// Steps taken.
+    pub steps: i64,
+}
+
+impl Optimizer {
+    /// A fresh optimiser (zero state).
+    pub fn new(kind: OptimizerKind, weight_decay: f64, params: Vec<Param>) -> Self {
+        let slots = match kind {
+            OptimizerKind::Sgd { .. } => 1,
+            OptimizerKind::AdamW { .. } => 2,
+        };
+        let state = params.iter().map(|p| (0..slots).map(|_| p.tensor.zeros_like().detach()).collect()).collect();
+        Self { kind, weight_decay, params, state, steps: 0 }
+    }
+
+    fn slot_names(&self) -> &'static [&'static str] {
+        match self.kind {
+            OptimizerKind::Sgd { .. } => &["momentum"],
+            OptimizerKind::AdamW { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+
+    /// Zero every parameter's gradient.
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.tensor.zero_grad();
+        }
+    }
+
+    /// The parameter tensors (for the engine's all-reduce).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.tensor.shallow_clone()).collect()
+    }
+
+    /// Global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> f64 {
+        self.params
+            .iter()
+            .map(|p| {
+                let g = p.tensor.grad();
+                if g.defined() {
+                    g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Scale gradients so that their global norm is at most `max_norm`
+    /// (`torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.grad_norm();
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            tch::no_grad(|| {
+                for p in &self.params {
+                    let mut g = p.tensor.grad();
+                    if g.defined() {
+                        let _ = g.g_mul_scalar_(coef);
+                    }
+                }
+            });
+        }
+        norm
+    }
+
+    /// One update at learning rate `lr`.
+    pub fn step(&mut self, lr: f64) {
+        self.steps += 1;
+        let t = self.steps as f64;
+        let wd = self.weight_decay;
+        tch::no_grad(|| {
+            for (p, st) in self.params.iter().zip(self.state.iter_mut()) {
+                let g = p.tensor.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut w = p.tensor.shallow_clone();
+                let decay = if p.decay { wd } else { 0.0 };
+                match self.kind {
+                    OptimizerKind::Sgd { momentum, nesterov } => {
+                        let d = if decay > 0.0 { &g + &w * decay } else { g.shallow_clone() };
+                        let d = if momentum > 0.0 {
+                            let buf = &mut st[0];
+                            if self.steps == 1 {
+                                let _ = buf.copy_(&d);
+                            } else {
+                                let _ = buf.g_mul_scalar_(momentum).g_add_(&d);
+                            }
+                            if nesterov {
+                                d + &*buf * momentum
+                            } else {
+                                buf.shallow_clone()
+                            }
+                        } else {
+                            d
+                        };
+                        let _ = w.g_sub_(&(d * lr));
+                    }
+                    OptimizerKind::AdamW { beta1, beta2, eps } => {
+                        if decay > 0.0 {
+                            let _ = w.g_mul_scalar_(1.0 - lr * decay);
+                        }
+                        let (m, v) = st.split_at_mut(1);
+                        let (m, v) = (&mut m[0], &mut v[0]);
+                        let _ = m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
+                        let _ = v.g_mul_scalar_(beta2).g_add_(&(g.square() * (1.0 - beta2)));
+                        let bc1 = 1.0 - beta1.powf(t);
+                        let bc2 = 1.0 - beta2.powf(t);
+                        let denom = (&*v / bc2).sqrt() + eps;
+                        let _ = w.g_sub_(&(&*m / &denom * (lr / bc1)));
+                    }
+                }
+            }
+        });
+    }
+
+    /// State tensors named `<param>.<slot>`, plus `__steps__`, for a checkpoint.
+    pub fn named_state(&self) -> Vec<(String, Tensor)> {
+        let names = self.slot_names();
+        let mut out: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .zip(&self.state)
+            .flat_map(|(p, st)| st.iter().zip(names).map(move |(t, s)| (format!("{}.{s}", p.name), t.shallow_clone())))
+            .collect();
+        out.push(("__steps__".into(), Tensor::from_slice(&[self.steps])));
+        out
+    }
+
+    /// Restore state written by [`Optimizer::named_state`]; every slot must be present.
+    pub fn load_state(&mut self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+        let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let names = self.slot_names();
+        for (p, st) in self.params.iter().zip(self.state.iter_mut()) {
+            for (t, s) in st.iter_mut().zip(names) {
+                let key = format!("{}.{s}", p.name);
+                let src = map.get(key.as_str()).ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                if src.size() != t.size() {
+                    return Err(format!("optimizer state `{key}` has shape {:?}, expected {:?}", src.size(), t.size()));
+                }
+                tch::no_grad(|| t.copy_(&src.to_device(t.device()).to_kind(t.kind())));
+            }
+        }
+        self.steps = map.get("__steps__").map(|t| t.int64_value(&[0])).ok_or("optimizer `__steps__` is missing")?;
+        Ok(())
+    }
+}
+
+/// Linear warm-up then cosine decay (or constant), as a function of the step.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Peak learning rate.
+    pub peak: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Total steps.
+    pub total: usize,
+    /// Cosine ends at `final_frac · peak`.
+    pub final_frac: f64,
+    /// Cosine (else constant after warm-up).
+    pub cosine: bool,
+}
+
+impl Schedule {
+    /// Learning rate of step `step` (0-based).
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        if !self.cosine {
+            return self.peak;
+        }
+        let span = (self.total.saturating_sub(self.warmup)).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let low = self.peak * self.final_frac;
+        low + (self.peak - low) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}

@@ -1,0 +1,58 @@
+//! Helpers shared by the nn tests: deterministic data without torch's global RNG
+//! (tests run concurrently; `tch::manual_seed` is process-wide).
+
+use tch::{Kind, Tensor};
+
+/// Deterministic normal-ish values from a seed (sum of uniforms, xorshift).
+pub fn randn_vec(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n).map(|_| (0..4).map(|_| next()).sum::<f64>() - 2.0).collect()
+}
+
+/// A `[rows, cols]` f64 tensor of deterministic values.
+pub fn randn(rows: usize, cols: usize, seed: u64) -> Tensor {
+    Tensor::from_slice(&randn_vec(rows * cols, seed)).view([rows as i64, cols as i64])
+}
+
+/// Rows of a matrix as nested vectors.
+pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
+    let (r, c) = t.size2().unwrap();
+    let flat = contrast_nn::to_host::<f64>(t);
+    (0..r as usize).map(|i| flat[i * c as usize..(i + 1) * c as usize].to_vec()).collect()
+}
+
+/// Largest |a-b| relative to the largest |b| (or 1e-12).
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Central finite differences of a scalar function of one tensor.
+pub fn finite_diff(x: &Tensor, f: impl Fn(&Tensor) -> f64, h: f64) -> Vec<f64> {
+    let base = contrast_nn::to_host::<f64>(x);
+    let shape = x.size();
+    (0..base.len())
+        .map(|k| {
+            let mut p = base.clone();
+            p[k] += h;
+            let up = f(&Tensor::from_slice(&p).view(shape.as_slice()));
+            p[k] -= 2.0 * h;
+            let down = f(&Tensor::from_slice(&p).view(shape.as_slice()));
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// The gradient of `f` at `x` by autograd.
+pub fn autograd(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Vec<f64> {
+    let x = x.to_kind(Kind::Double).detach().set_requires_grad(true);
+    f(&x).backward();
+    contrast_nn::to_host::<f64>(&x.grad())
+}

@@ -1,0 +1,148 @@
+//! DESIGN.md invariant 1: P ranks × B gives the same loss and the same
+//! gradient of every parameter as 1 rank × P·B (models without batch statistics).
+
+use crate::common::*;
+use contrast_comm::{Collective, Solo, Threads};
+use contrast_config::{LossKind, ModelConfig, Norm, TextConfig};
+use contrast_nn::model::Model;
+use contrast_nn::optim::named_params;
+use contrast_nn::GlobalBatch;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+const SIDE: i64 = 8;
+const CTX: i64 = 12;
+
+fn model_config() -> ModelConfig {
+    ModelConfig {
+        width: 4,
+        embed_dim: 8,
+        proj_dim: 6,
+        text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX },
+        ..Default::default()
+    }
+}
+
+struct Inputs {
+    views: Vec<Vec<f64>>, // each [N, 1, SIDE, SIDE]
+    tokens: Vec<i64>,     // [N, CTX]
+}
+
+fn inputs(n: usize, seed: u64) -> Inputs {
+    let pix = (SIDE * SIDE) as usize;
+    let views = (0..2).map(|v| randn_vec(n * pix, seed * 10 + v)).collect();
+    let tokens = (0..n)
+        .flat_map(|i| {
+            let text = format!("caption number {} of {}", i * 7 % 13, seed);
+            contrast_data::text::tokenize(&text, CTX as usize)
+        })
+        .collect();
+    Inputs { views, tokens }
+}
+
+type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
+
+fn build(loss: LossKind, norm: Norm, kind: Kind) -> (VarStore, Model) {
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = Model::new(&vs, loss, &model_config(), norm, 0.07, true);
+    if kind == Kind::Double {
+        vs.double();
+    }
+    (vs, model)
+}
+
+fn snapshot(vs: &VarStore) -> Snapshot {
+    let mut v: Vec<_> =
+        vs.variables().into_iter().map(|(n, t)| (n, contrast_nn::to_host::<f64>(&t), t.size())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn load(vs: &VarStore, snap: &Snapshot) {
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, data, shape) in snap {
+            let mut t = vars[name].shallow_clone();
+            t.copy_(&Tensor::from_slice(data).view(shape.as_slice()).to_kind(t.kind()));
+        }
+    });
+}
+
+/// One rank's loss and parameter gradients (by name).
+fn run_rank<C: Collective>(comm: &C, loss: LossKind, norm: Norm, kind: Kind, init: &Snapshot, data: &Inputs, b: usize) -> (f64, Snapshot) {
+    let (vs, model) = build(loss, norm, kind);
+    load(&vs, init);
+    let pix = (SIDE * SIDE) as usize;
+    let r = comm.rank();
+    let views: Vec<Tensor> = data
+        .views
+        .iter()
+        .map(|v| Tensor::from_slice(&v[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE]).to_kind(kind))
+        .collect();
+    let tokens = Tensor::from_slice(&data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize]).view([b as i64, CTX]);
+    let params = named_params(&vs);
+    let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
+    let engine = GlobalBatch::new(comm, b);
+    let towers = model.towers(&views, Some(&tokens), true);
+    let out = engine.step(&towers, &tensors, |g, shard| model.loss_share(g, shard, 0.2)).unwrap();
+    let grads = params.iter().map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size())).collect();
+    (out.loss, grads)
+}
+
+fn check(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, tol: f64) {
+    let (vs, _) = build(loss, norm, kind);
+    let init = snapshot(&vs);
+    for &p in worlds {
+        let data = inputs(p * b, p as u64);
+        let (l1, g1) = run_rank(&Solo, loss, norm, kind, &init, &data, p * b);
+        let ranks = Threads::run(p, |c| run_rank(&c, loss, norm, kind, &init, &data, b));
+        for (r, (lp, gp)) in ranks.iter().enumerate() {
+            assert!((lp - l1).abs() <= tol * l1.abs(), "{loss:?} P={p} rank {r}: loss {lp} vs {l1}");
+            assert_eq!(gp.len(), g1.len());
+            for ((name, a, _), (_, want, _)) in gp.iter().zip(&g1) {
+                let e = rel_err(a, want);
+                assert!(e <= tol, "{loss:?} {kind:?} P={p} rank {r}: gradient of {name} off by {e:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ntxent_parity_f64() {
+    check(LossKind::NtXent, Norm::Group, Kind::Double, &[2, 3, 4], 3, 1e-9);
+}
+
+#[test]
+fn clip_parity_f64() {
+    check(LossKind::Clip, Norm::Layer, Kind::Double, &[2, 3, 4], 3, 1e-9);
+}
+
+#[test]
+fn ntxent_and_clip_parity_f32() {
+    check(LossKind::NtXent, Norm::None, Kind::Float, &[2, 3, 4], 4, 1e-4);
+    check(LossKind::Clip, Norm::Group, Kind::Float, &[2, 3, 4], 4, 1e-4);
+}
+
+#[test]
+fn batch_of_one_per_rank() {
+    check(LossKind::NtXent, Norm::Group, Kind::Double, &[2, 4], 1, 1e-9);
+    check(LossKind::Clip, Norm::Group, Kind::Double, &[3], 1, 1e-9);
+}
+
+#[test]
+fn local_negatives_would_fail_parity() {
+    // Guard that the parity check can fail: a loss over the local batch only
+    // (what a naive data-parallel trainer computes) differs from the global loss.
+    let data = inputs(8, 42);
+    let (vs, model) = build(LossKind::NtXent, Norm::Group, Kind::Double);
+    let views: Vec<Tensor> = data.views.iter().map(|v| Tensor::from_slice(v).view([8, 1, SIDE, SIDE])).collect();
+    let t = model.towers(&views, None, true);
+    let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8)).unwrap().double_value(&[]);
+    let local: f64 = (0..2)
+        .map(|r| {
+            let (a, b) = (t[0].narrow(0, 4 * r, 4), t[1].narrow(0, 4 * r, 4));
+            contrast_nn::loss::ntxent_share(&a, &b, 0.2, contrast_nn::loss::Shard::solo(4)).unwrap().double_value(&[]) / 2.0
+        })
+        .sum();
+    assert!((global - local).abs() > 1e-3, "{global} vs {local}");
+    drop(vs);
+}

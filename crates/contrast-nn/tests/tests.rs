@@ -1,0 +1,11 @@
+//! The nn crate's one test binary (each binary links libtorch).
+//!
+//! - losses: closed forms, slow loop references and central finite differences in f64;
+//! - parity: P ranks × B equals 1 rank × P·B for loss and every parameter gradient,
+//!   on the threaded backend (DESIGN.md invariant 1);
+//! - optim: SGD/AdamW against PyTorch's update formulas, the schedule.
+
+mod common;
+mod losses;
+mod optim;
+mod parity;
