@@ -1,8 +1,8 @@
-//! Link-time facts about libtorch for every binary and test of this package:
-//! an rpath to libtorch's directory (so no `LD_LIBRARY_PATH` is ever needed)
-//! and, where the wheel carries CUDA, a forced dependency on `libtorch_cuda`
-//! (the linker's `--as-needed` would drop it, and CUDA would then be absent).
-//! `torch-sys` announces the directory as `DEP_TCH_LIBTORCH_LIB`.
+// Link-time facts about libtorch for every binary and test of this package:
+// an rpath to libtorch's directory (so no `LD_LIBRARY_PATH` is ever needed)
+// and, where the wheel carries CUDA, a forced dependency on `libtorch_cuda`
+// (the linker's `--as-needed` would drop it, and CUDA would then be absent).
+// `torch-sys` announces the directory as `DEP_TCH_LIBTORCH_LIB`.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };

@@ -311,6 +311,18 @@ impl Comm {
         Ok(Comm::Solo(Solo))
     }
 
+    /// Stop every rank of the job after an unrecoverable error on this one
+    /// (`MPI_Abort`); a no-op returning normally for in-process backends.
+    pub fn abort_job(&self, code: i32) {
+        #[cfg(feature = "mpi")]
+        if let Comm::Mpi(m) = self {
+            if m.world_size() > 1 {
+                m.abort(code);
+            }
+        }
+        let _ = code;
+    }
+
     /// Short backend name for logs.
     pub fn backend(&self) -> &'static str {
         match self {

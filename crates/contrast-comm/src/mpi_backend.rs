@@ -25,6 +25,11 @@ impl MpiComm {
         let node = world.split_shared(world.rank());
         Ok(Self { world, node, _universe: universe })
     }
+
+    /// `MPI_Abort` on the world communicator.
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
 }
 
 impl Collective for MpiComm {

@@ -409,6 +409,8 @@ pub struct Topology {
     pub local_size: usize,
     /// Logical cores of this host.
     pub host_cores: usize,
+    /// Cores this process may run on (its CPU affinity; MPI launchers often bind a rank to one).
+    pub rank_cores: usize,
 }
 
 /// The loss families the trainer knows (issue #2 scope; more come with #3).
@@ -621,8 +623,9 @@ impl Plan {
         let (threads, threads_source) = if t.threads > 0 {
             (t.threads, "train.threads".to_string())
         } else {
-            let n = (topo.host_cores / local_size).max(1);
-            (n, format!("{} cores ÷ {} local ranks", topo.host_cores, local_size))
+            let share = (topo.host_cores / local_size).max(1);
+            let n = share.min(topo.rank_cores.max(1));
+            (n, format!("min({} host cores ÷ {} local ranks, {} cores bound to this rank)", topo.host_cores, local_size, topo.rank_cores))
         };
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor = match loss {
@@ -670,7 +673,7 @@ mod tests {
     use super::*;
 
     fn topo(p: usize) -> Topology {
-        Topology { world_size: p, local_size: p, host_cores: 2 }
+        Topology { world_size: p, local_size: p, host_cores: 2, rank_cores: 2 }
     }
 
     fn with_root(mut c: Config) -> Config {

@@ -1,8 +1,10 @@
 //! Encoders and heads. Nothing here knows about ranks or collectives.
 //!
 //! - [`ConvBackbone`]: a small CNN for 28×28 grayscale inputs (four 3×3
-//!   convolutions, two of stride 2, each followed by the chosen normalisation
-//!   and ReLU, then global average pooling) → `[B, embed_dim]`.
+//!   convolutions with w, 2w, 2w, 2w channels, two of stride 2, each followed
+//!   by the chosen normalisation and ReLU; average pooling to a 4×4 grid, so
+//!   the representation keeps coarse layout; a fully connected layer and
+//!   ReLU) → `[B, embed_dim]`.
 //! - [`Mlp`]: the SimCLR projection head, Linear → ReLU → Linear.
 //! - [`TextTower`]: byte-level token and position embeddings, pre-LN causal
 //!   transformer blocks, final LayerNorm, pooling at the end-of-text token
@@ -42,9 +44,13 @@ impl NormLayer {
     }
 }
 
+/// Side of the spatial grid the last feature map is pooled to before the fully connected layer.
+pub const POOL_GRID: i64 = 4;
+
 /// Small convolutional encoder for 28×28 single-channel images.
 pub struct ConvBackbone {
     layers: Vec<(nn::Conv2D, NormLayer)>,
+    fc: nn::Linear,
     /// Output dimension.
     pub embed_dim: i64,
 }
@@ -52,7 +58,7 @@ pub struct ConvBackbone {
 impl ConvBackbone {
     /// Build under `p` with `width` channels in the first stage.
     pub fn new(p: &nn::Path, width: i64, embed_dim: i64, norm: Norm) -> Self {
-        let spec = [(1, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, embed_dim, 2)];
+        let spec = [(1, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, 2 * width, 2)];
         let layers = spec
             .iter()
             .enumerate()
@@ -62,7 +68,8 @@ impl ConvBackbone {
                 (conv, NormLayer::new(p / format!("norm{k}"), norm, o))
             })
             .collect();
-        Self { layers, embed_dim }
+        let fc = nn::linear(p / "fc", 2 * width * POOL_GRID * POOL_GRID, embed_dim, Default::default());
+        Self { layers, fc, embed_dim }
     }
 
     /// `[B, 1, H, W]` → `[B, embed_dim]`.
@@ -71,7 +78,7 @@ impl ConvBackbone {
         for (conv, norm) in &self.layers {
             h = norm.forward_t(&h.apply(conv), train).relu();
         }
-        h.mean_dim([2i64, 3].as_slice(), false, h.kind())
+        h.adaptive_avg_pool2d([POOL_GRID, POOL_GRID]).flatten(1, -1).apply(&self.fc).relu()
     }
 }
 

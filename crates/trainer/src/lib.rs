@@ -1,1 +1,467 @@
-//! placeholder
+//! The contrast trainer: glue over the library crates.
+//!
+//! [`train_command`] validates the config into a plan (before any training),
+//! builds the model on every rank from one seed (then broadcasts rank 0's
+//! weights), streams host batches from the data pipeline, runs the exact
+//! global-batch engine, steps the optimiser, writes checkpoints, the per-step
+//! log and the summary, and evaluates.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod eval;
+
+use anyhow::{bail, Context, Result};
+use contrast_comm::{Collective, Comm};
+use contrast_config::{Config, LossKind, Plan, Topology};
+use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
+use contrast_data::{AugParams, Augmenter, Mode, Pipeline, PipelineConfig};
+use contrast_nn::model::Model;
+use contrast_nn::optim::{named_params, Optimizer, OptimizerKind, Schedule};
+use contrast_nn::GlobalBatch;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+use tch::{nn::VarStore, Device, Tensor};
+
+/// What `summary.json` holds (flat keys; accuracies are fractions in [0, 1]).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Summary {
+    /// Optimiser steps completed.
+    pub steps: usize,
+    /// Global loss of the last step.
+    pub final_loss: f64,
+    /// Global samples per second over the training steps of this invocation.
+    pub samples_per_s: f64,
+    /// kNN top-1 of the trained backbone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top1: Option<f64>,
+    /// kNN top-1 of the untrained backbone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top1_init: Option<f64>,
+    /// kNN top-1 of raw pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top1_raw_pixels: Option<f64>,
+    /// CLIP zero-shot top-1 from class-name prompts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot_top1: Option<f64>,
+    /// Ranks of the run.
+    pub world_size: usize,
+    /// Global batch.
+    pub global_batch: usize,
+}
+
+fn init_logging(rank: usize) {
+    let default = if rank == 0 { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAST_LOG").unwrap_or_else(|_| default.into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+}
+
+/// Cores this process may use (its affinity mask, as `available_parallelism` reads it).
+fn rank_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Logical cores online on this host (`/sys/devices/system/cpu/online`, e.g. `0-7,16-23`),
+/// whatever this process's affinity; falls back to the affinity count.
+fn host_cores() -> usize {
+    let parsed = std::fs::read_to_string("/sys/devices/system/cpu/online").ok().and_then(|s| {
+        s.trim()
+            .split(',')
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?),
+                None => r.parse::<usize>().ok().map(|_| 1),
+            })
+            .sum::<Option<usize>>()
+    });
+    parsed.filter(|&n| n > 0).unwrap_or_else(rank_cores)
+}
+
+/// Pick the device: `cpu`, `cuda[:K]`, or `auto` (GPU local_rank mod count when CUDA is present).
+pub fn resolve_device(spec: &str, local_rank: usize) -> Result<Device> {
+    let gpus = tch::Cuda::device_count() as usize;
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "auto" if gpus == 0 => Device::Cpu,
+        "auto" | "cuda" => {
+            if gpus == 0 {
+                bail!("train.device=cuda but libtorch sees no CUDA device");
+            }
+            Device::Cuda(local_rank % gpus)
+        }
+        s => {
+            let k: usize = s.strip_prefix("cuda:").and_then(|k| k.parse().ok()).with_context(|| format!("train.device `{s}`"))?;
+            if k >= gpus {
+                bail!("train.device={s} but libtorch sees {gpus} CUDA device(s)");
+            }
+            Device::Cuda(k)
+        }
+    })
+}
+
+/// Load a plan for this communicator (fails before any training on bad input).
+pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
+    let config = Config::load(path, overrides)?;
+    let topo = Topology { world_size: comm.world_size(), local_size: comm.local_size(), host_cores: host_cores(), rank_cores: rank_cores() };
+    Ok(Plan::resolve(config, topo)?)
+}
+
+fn augmenter(plan: &Plan, images: &Images) -> Augmenter {
+    let a = &plan.config.data.aug;
+    let params = match plan.config.data.augment.as_str() {
+        "simclr" => AugParams {
+            crop_scale: Some(a.crop_scale),
+            crop_ratio: a.crop_ratio,
+            flip_prob: a.flip_prob,
+            jitter_prob: a.jitter_prob,
+            brightness: a.brightness,
+            contrast: a.contrast,
+            blur_prob: a.blur_prob,
+            blur_sigma: a.blur_sigma,
+            mean_std: FASHION_MNIST_MEAN_STD,
+        },
+        // CLIP's preset: a mild random resized crop, nothing else.
+        "clip" => AugParams { crop_scale: Some([0.8, 1.0]), crop_ratio: [0.9, 1.1], ..AugParams::identity(FASHION_MNIST_MEAN_STD) },
+        _ => AugParams::identity(FASHION_MNIST_MEAN_STD),
+    };
+    Augmenter { params, height: images.height, width: images.width }
+}
+
+/// The model and its var store, identical on every rank (rank 0's initial
+/// weights are broadcast).
+pub fn build_model<C: Collective>(comm: &C, plan: &Plan, device: Device) -> (VarStore, Model) {
+    let c = &plan.config;
+    tch::manual_seed(c.seed as i64);
+    let vs = VarStore::new(device);
+    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, c.loss.temperature, c.loss.learn_scale);
+    if comm.world_size() > 1 {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, t) in vars {
+            let mut host = contrast_nn::to_host::<f32>(&t);
+            comm.broadcast(&mut host, 0);
+            let src = Tensor::from_slice(&host).view(t.size().as_slice()).to_device(device).to_kind(t.kind());
+            tch::no_grad(|| t.shallow_clone().copy_(&src));
+        }
+    }
+    (vs, model)
+}
+
+/// Average non-trainable float buffers (BatchNorm running statistics) over ranks,
+/// so that the checkpoint holds one consistent set.
+fn average_buffers<C: Collective>(comm: &C, vs: &VarStore) {
+    if comm.world_size() == 1 {
+        return;
+    }
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad() && t.is_floating_point()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, t) in vars {
+        let mut host = contrast_nn::to_host::<f32>(&t);
+        comm.all_reduce_sum(&mut host);
+        let p = comm.world_size() as f32;
+        host.iter_mut().for_each(|v| *v /= p);
+        let src = Tensor::from_slice(&host).view(t.size().as_slice()).to_device(t.device()).to_kind(t.kind());
+        tch::no_grad(|| t.shallow_clone().copy_(&src));
+    }
+}
+
+fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Evaluation figures of a model.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EvalFigures {
+    /// kNN top-1 of the backbone.
+    pub knn_top1: f64,
+    /// CLIP zero-shot top-1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot_top1: Option<f64>,
+}
+
+/// kNN (and zero-shot for CLIP) of `model` on the test split with the training split as memory.
+pub fn evaluate<C: Collective>(comm: &C, plan: &Plan, model: &Model, train: &Images, test: &Images, device: Device) -> EvalFigures {
+    let c = &plan.config;
+    let knn = eval::knn_of(comm, train, test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| model.features(x, false));
+    let zs = match plan.loss {
+        LossKind::Clip => eval::zero_shot_top1(comm, model, test, device, &FASHION_MNIST_CLASSES, c.model.text.context as usize, c.model.proj_dim),
+        LossKind::NtXent => None,
+    };
+    EvalFigures { knn_top1: knn, zero_shot_top1: zs }
+}
+
+fn load_eval_splits(plan: &Plan) -> Result<(Images, Images)> {
+    let root = &plan.config.data.root;
+    let mut train = Images::load_split(root, "train")?;
+    let mut test = Images::load_split(root, "t10k")?;
+    train.truncate(plan.config.eval.max_train);
+    test.truncate(plan.config.eval.max_test);
+    Ok((train, test))
+}
+
+/// `trainer --config FILE`: train, then write `summary.json`. Aborts every rank on error.
+pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
+    let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
+    init_logging(comm.rank());
+    let out = train(&comm, path, overrides);
+    if let Err(e) = &out {
+        if comm.world_size() > 1 {
+            eprintln!("error [rank {}]: {e:#}", comm.rank());
+            comm.abort_job(2);
+        }
+    }
+    out
+}
+
+/// Train with an explicit communicator (tests pass the threaded backend).
+pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Summary> {
+    let plan = load_plan(comm, path, overrides)?;
+    let c = plan.config.clone();
+    let rank = comm.rank();
+    let lead = rank == 0;
+    tch::set_num_threads(plan.threads as i32);
+    let device = resolve_device(&c.train.device, comm.local_rank())?;
+    if lead {
+        tracing::info!("{}", plan.describe());
+        tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {})", plan.threads, tch::get_num_threads());
+    }
+    let train_images = std::sync::Arc::new(Images::load_split(&c.data.root, "train").with_context(|| format!("loading data.root {}", c.data.root.display()))?);
+    let sampler_check = contrast_data::Sampler::new(train_images.len(), plan.global_batch, c.seed)?;
+    let run_dir = c.checkpoint.dir.clone();
+    let (vs, model) = build_model(comm, &plan, device);
+    let params = named_params(&vs);
+    let kind = match c.train.optimizer.name.as_str() {
+        "sgd" => OptimizerKind::Sgd { momentum: c.train.optimizer.momentum, nesterov: c.train.optimizer.nesterov },
+        _ => OptimizerKind::AdamW { beta1: c.train.optimizer.betas[0], beta2: c.train.optimizer.betas[1], eps: c.train.optimizer.eps },
+    };
+    let mut opt = Optimizer::new(kind, c.train.optimizer.weight_decay, params);
+    let schedule = Schedule {
+        peak: plan.peak_lr,
+        warmup: c.train.schedule.warmup_steps as usize,
+        total: plan.steps,
+        final_frac: c.train.schedule.final_lr_frac,
+        cosine: c.train.schedule.name == "cosine",
+    };
+
+    // Resume.
+    let mut start_step = 0usize;
+    let mut init_figures = (None, None);
+    let mut last_loss = f64::NAN;
+    if c.train.resume {
+        if let Some(ckpt) = checkpoint::latest(&run_dir)? {
+            let state = checkpoint::read_state(&ckpt)?;
+            if state.global_batch != plan.global_batch {
+                bail!("{}: checkpoint has global batch {}, config has {}; a resume must keep the global batch", ckpt.display(), state.global_batch, plan.global_batch);
+            }
+            checkpoint::load_into(&vs, &checkpoint::read_tensors(&ckpt, "model.safetensors")?, &ckpt)?;
+            opt.load_state(&checkpoint::read_tensors(&ckpt, "optim.safetensors")?).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.display()))?;
+            start_step = state.step;
+            last_loss = state.loss;
+            init_figures = (state.knn_top1_init, state.knn_top1_raw_pixels);
+            if lead {
+                tracing::info!("resumed from {} at step {start_step} (written by {} ranks, now {})", ckpt.display(), state.world_size, plan.world_size);
+            }
+        } else if lead {
+            tracing::info!("train.resume=true but {} has no checkpoint yet: starting fresh", run_dir.display());
+        }
+    }
+    if lead {
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating checkpoint.dir {}", run_dir.display()))?;
+    }
+    comm.barrier();
+
+    // Baselines before training: raw pixels and the untrained encoder.
+    let eval_splits = if c.eval.at_end || c.eval.every > 0 { Some(load_eval_splits(&plan)?) } else { None };
+    if let (Some((tr, te)), 0) = (&eval_splits, start_step) {
+        if c.eval.at_end {
+            let t0 = Instant::now();
+            let raw = eval::raw_pixels_knn(comm, tr, te, device, c.eval.knn_k, c.eval.knn_t);
+            let init = evaluate(comm, &plan, &model, tr, te, device);
+            init_figures = (Some(init.knn_top1), Some(raw));
+            if lead {
+                tracing::info!(
+                    "before training: kNN top-1 raw pixels {:.4}, untrained encoder {:.4}{} ({:.1}s)",
+                    raw,
+                    init.knn_top1,
+                    init.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+
+    let mode = match plan.loss {
+        LossKind::NtXent => Mode::TwoViews,
+        LossKind::Clip => Mode::ImageText {
+            context: c.model.text.context as usize,
+            class_names: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
+        },
+    };
+    let pipeline = Pipeline::start(
+        train_images.clone(),
+        augmenter(&plan, &train_images),
+        PipelineConfig {
+            seed: c.seed,
+            rank,
+            world_size: plan.world_size,
+            global_batch: plan.global_batch,
+            workers: plan.workers,
+            prefetch: c.data.prefetch,
+            start_step,
+            end_step: plan.steps,
+            mode,
+        },
+    )?;
+    let engine = GlobalBatch::new(comm, plan.local_batch);
+    let mut log = if lead {
+        Some(std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("steps.jsonl")).context("opening steps.jsonl")?)
+    } else {
+        None
+    };
+    let fault_step: Option<usize> = std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok());
+    let save = |step: usize, loss: f64, opt: &Optimizer, init: (Option<f64>, Option<f64>)| -> Result<()> {
+        average_buffers(comm, &vs);
+        if lead {
+            let state = checkpoint::State {
+                step,
+                epoch: sampler_check.epoch_of(step),
+                seed: c.seed,
+                world_size: plan.world_size,
+                global_batch: plan.global_batch,
+                loss,
+                knn_top1_init: init.0,
+                knn_top1_raw_pixels: init.1,
+            };
+            let p = checkpoint::save(&run_dir, &state, &sorted_vars(&vs), &opt.named_state(), c.checkpoint.keep)?;
+            tracing::info!("checkpoint {}", p.display());
+        }
+        comm.barrier();
+        Ok(())
+    };
+
+    let mut train_time = 0.0f64;
+    let mut trained_steps = 0usize;
+    let mut window = (Instant::now(), 0usize);
+    let pix = (train_images.height * train_images.width) as i64;
+    let side = (train_images.height as i64, train_images.width as i64);
+    for batch in pipeline {
+        let batch = batch?;
+        let t0 = Instant::now();
+        let step = batch.step;
+        let lr = schedule.lr(step);
+        let b = plan.local_batch as i64;
+        let views: Vec<Tensor> = batch.views.iter().map(|v| Tensor::from_slice(v).view([b, 1, side.0, side.1]).to_device(device)).collect();
+        debug_assert_eq!(views[0].numel() as i64, b * pix);
+        let tokens = (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
+        opt.zero_grad();
+        let towers = model.towers(&views, tokens.as_ref(), true);
+        let out = engine.step(&towers, &opt.tensors(), |g, shard| Ok(model.loss_share(g, shard, c.loss.temperature)?))?;
+        let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };
+        if !loss.is_finite() {
+            let last = checkpoint::latest(&run_dir).ok().flatten().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            bail!("loss is {loss} at step {}: stopping; the last good checkpoint ({last}) is intact", step + 1);
+        }
+        if c.train.grad_clip > 0.0 {
+            opt.clip_grad_norm(c.train.grad_clip);
+        }
+        opt.step(lr);
+        model.after_step();
+        last_loss = loss;
+        let dt = t0.elapsed().as_secs_f64();
+        train_time += dt;
+        trained_steps += 1;
+        window.1 += 1;
+        let done = step + 1;
+        let sps = plan.global_batch as f64 / dt;
+        if let Some(f) = log.as_mut() {
+            writeln!(
+                f,
+                "{}",
+                serde_json::json!({"step": done, "loss": loss, "lr": lr, "samples_per_s": sps, "data_wait_s": batch.wait.as_secs_f64()})
+            )?;
+        }
+        if lead && (done % c.train.log_every as usize == 0 || done == plan.steps || done == start_step + 1) {
+            let el = window.0.elapsed().as_secs_f64();
+            tracing::info!(
+                "step {done}/{} loss {loss:.4} lr {lr:.5} {:.0} samples/s data-wait {:.1}ms{}",
+                plan.steps,
+                window.1 as f64 * plan.global_batch as f64 / el,
+                batch.wait.as_secs_f64() * 1e3,
+                model.logit_scale().map(|s| format!(" logit-scale {s:.2}")).unwrap_or_default()
+            );
+            window = (Instant::now(), 0);
+        }
+        if c.checkpoint.every > 0 && done % c.checkpoint.every as usize == 0 && done < plan.steps {
+            save(done, loss, &opt, init_figures)?;
+        }
+        if let (Some((tr, te)), true) = (&eval_splits, c.eval.every > 0 && done % c.eval.every as usize == 0 && done < plan.steps) {
+            let f = evaluate(comm, &plan, &model, tr, te, device);
+            if lead {
+                tracing::info!("step {done}: kNN top-1 {:.4}{}", f.knn_top1, f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default());
+            }
+        }
+    }
+    if trained_steps > 0 || start_step < plan.steps {
+        save(plan.steps, last_loss, &opt, init_figures)?;
+    }
+
+    let mut summary = Summary {
+        steps: plan.steps,
+        final_loss: last_loss,
+        samples_per_s: if train_time > 0.0 { (trained_steps * plan.global_batch) as f64 / train_time } else { 0.0 },
+        knn_top1_init: init_figures.0,
+        knn_top1_raw_pixels: init_figures.1,
+        world_size: plan.world_size,
+        global_batch: plan.global_batch,
+        ..Default::default()
+    };
+    if let (Some((tr, te)), true) = (&eval_splits, c.eval.at_end) {
+        let f = evaluate(comm, &plan, &model, tr, te, device);
+        summary.knn_top1 = Some(f.knn_top1);
+        summary.zero_shot_top1 = f.zero_shot_top1;
+    }
+    if lead {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(run_dir.join("summary.json"), &text)?;
+        let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", 100.0 * x)).unwrap_or_else(|| "-".into());
+        tracing::info!(
+            "done: {} steps, final loss {:.4}, {:.0} samples/s | kNN top-1: trained {}  untrained {}  raw pixels {}{}",
+            summary.steps,
+            summary.final_loss,
+            summary.samples_per_s,
+            pct(summary.knn_top1),
+            pct(summary.knn_top1_init),
+            pct(summary.knn_top1_raw_pixels),
+            summary.zero_shot_top1.map(|z| format!(" | zero-shot top-1 {:.2}%", 100.0 * z)).unwrap_or_default()
+        );
+        println!("{text}");
+    }
+    Ok(summary)
+}
+
+/// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
+pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()> {
+    let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
+    init_logging(comm.rank());
+    let plan = load_plan(&comm, path, overrides)?;
+    tch::set_num_threads(plan.threads as i32);
+    let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
+    let ckpt = checkpoint::resolve(ckpt)?;
+    let (vs, model) = build_model(&comm, &plan, device);
+    checkpoint::load_into(&vs, &checkpoint::read_tensors(&ckpt, "model.safetensors")?, &ckpt)?;
+    let state = checkpoint::read_state(&ckpt)?;
+    let (tr, te) = load_eval_splits(&plan)?;
+    let f = evaluate(&comm, &plan, &model, &tr, &te, device);
+    if comm.rank() == 0 {
+        let out = serde_json::json!({
+            "checkpoint": ckpt.display().to_string(),
+            "step": state.step,
+            "knn_top1": f.knn_top1,
+            "zero_shot_top1": f.zero_shot_top1,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}

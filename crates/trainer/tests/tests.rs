@@ -1,0 +1,304 @@
+//! End-to-end tests of the `trainer` binary (one test binary: each links libtorch).
+//!
+//! They write a small learnable IDX dataset, run the built binary alone and
+//! under `mpirun`, and compare what it saved: the MPI parity of DESIGN.md
+//! invariant 1 through real MPI, exact resume (also onto another world size),
+//! the NaN stop, bad-input errors and the summary keys.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::Tensor;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trainer");
+
+/// A 28×28 dataset where class c draws a bright bar at a class-dependent
+/// place, with per-image jitter and noise (learnable, like a tiny Fashion-MNIST).
+fn write_dataset(dir: &Path, train: usize, test: usize) {
+    let make = |n: usize, salt: u64| {
+        let mut pixels = vec![0u8; n * 784];
+        let mut labels = vec![0u8; n];
+        let mut s = 0x1234_5678_u64 ^ salt;
+        let mut rnd = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for i in 0..n {
+            let c = (i % 10) as usize;
+            labels[i] = c as u8;
+            let (r0, c0) = (2 + (c / 5) * 12 + (rnd() % 3) as usize, 2 + (c % 5) * 5 + (rnd() % 2) as usize);
+            for y in 0..28 {
+                for x in 0..28 {
+                    let bar = y >= r0 && y < r0 + 10 && x >= c0 && x < c0 + 3;
+                    let v = if bar { 200 } else { 0 } + (rnd() % 40) as i32;
+                    pixels[i * 784 + y * 28 + x] = v.min(255) as u8;
+                }
+            }
+        }
+        contrast_data::Images { pixels, labels, height: 28, width: 28 }
+    };
+    make(train, 1).write_split(dir, "train").unwrap();
+    make(test, 2).write_split(dir, "t10k").unwrap();
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(&dir.path().join("data").tap_mkdir(), 240, 60);
+        Self { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A config for a tiny, fast, exactly comparable run (no batch statistics, SGD).
+    fn config(&self, name: &str, loss: &str, extra: &str) -> PathBuf {
+        let yaml = format!(
+            "seed: 3\n\
+             data: {{root: {data}, workers: 1, prefetch: 2}}\n\
+             model: {{width: 4, embed_dim: 16, proj_dim: 8, norm: group, text: {{width: 16, layers: 1, heads: 2, context: 40}}}}\n\
+             loss: {{name: {loss}, temperature: 0.2}}\n\
+             train: {{global_batch: 8, steps: 3, threads: 1, log_every: 1,\n\
+                      optimizer: {{name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0001}},\n\
+                      schedule: {{warmup_steps: 1}}}}\n\
+             checkpoint: {{dir: {run}, every: 0, keep: 0}}\n\
+             eval: {{at_end: false, knn_k: 5}}\n{extra}",
+            data = self.path("data").display(),
+            run = self.path(name).display(),
+        );
+        let f = self.path(&format!("{name}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        f
+    }
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+fn run(np: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = if np == 0 {
+        Command::new(BIN)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-n", &np.to_string()]);
+        if is_open_mpi() {
+            c.arg("--oversubscribe");
+        }
+        c.arg(BIN);
+        c
+    };
+    cmd.args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap_or_else(|e| panic!("cannot start {}: {e} (is Open MPI or MPICH installed? launch/setup.sh installs it)", if np == 0 { BIN } else { "mpirun" }))
+}
+
+fn is_open_mpi() -> bool {
+    Command::new("mpirun").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).contains("Open MPI")).unwrap_or(false)
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "trainer failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn weights(ckpt: &Path) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<(String, Vec<f64>)> = Tensor::read_safetensors(ckpt.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, contrast_nn::to_host::<f64>(&t)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Largest relative difference between two checkpoints' weights, tensor by tensor.
+fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    let (wa, wb) = (weights(a), weights(b));
+    assert_eq!(wa.iter().map(|x| &x.0).collect::<Vec<_>>(), wb.iter().map(|x| &x.0).collect::<Vec<_>>());
+    wa.iter()
+        .zip(&wb)
+        .map(|((_, x), (_, y))| {
+            let scale = y.iter().fold(1e-8f64, |m, v| m.max(v.abs()));
+            x.iter().zip(y).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale
+        })
+        .fold(0.0, f64::max)
+}
+
+fn summary(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
+    let fx = Fixture::new();
+    for loss in ["ntxent", "clip"] {
+        let solo = fx.config(&format!("{loss}-solo"), loss, "");
+        ok(run(0, &["--config", solo.to_str().unwrap()], &[]));
+        let initial_moved = max_rel_diff(&fx.path(&format!("{loss}-solo/step-3")), &fx.path(&format!("{loss}-solo/step-3")));
+        assert_eq!(initial_moved, 0.0);
+        for np in [2usize, 4] {
+            let name = format!("{loss}-mpi{np}");
+            let cfg = fx.config(&name, loss, "");
+            let out = ok(run(np, &["--config", cfg.to_str().unwrap()], &[]));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(&format!("world_size={np}")), "plan line missing: {err}");
+            let d = max_rel_diff(&fx.path(&format!("{name}/step-3")), &fx.path(&format!("{loss}-solo/step-3")));
+            assert!(d < 1e-4, "{loss}: {np} MPI ranks differ from 1 rank by {d:e}");
+            let s = summary(&fx.path(&name));
+            assert_eq!(s["world_size"], np);
+            assert_eq!(s["steps"], 3);
+        }
+    }
+}
+
+#[test]
+fn local_negatives_would_be_caught_by_the_mpi_comparison() {
+    // The comparison above is sensitive: a different global batch (another seed) moves the weights.
+    let fx = Fixture::new();
+    let a = fx.config("a", "ntxent", "");
+    let b = fx.config("b", "ntxent", "");
+    ok(run(0, &["--config", a.to_str().unwrap()], &[]));
+    ok(run(0, &["--config", b.to_str().unwrap(), "--set", "data.aug.flip_prob=0.0"], &[]));
+    assert!(max_rel_diff(&fx.path("a/step-3"), &fx.path("b/step-3")) > 1e-4);
+}
+
+#[test]
+fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
+    let fx = Fixture::new();
+    let extra = "";
+    let straight = fx.config("straight", "ntxent", extra);
+    ok(run(0, &["--config", straight.to_str().unwrap(), "--set", "train.steps=4", "--set", "checkpoint.every=2"], &[]));
+
+    let broken = fx.config("broken", "ntxent", extra);
+    let args = ["--config", broken.to_str().unwrap(), "--set", "train.steps=4", "--set", "checkpoint.every=2"];
+    let out = run(0, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "3")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loss is NaN at step 3") && err.contains("step-2") && err.contains("intact"), "{err}");
+    assert_eq!(std::fs::read_to_string(fx.path("broken/latest")).unwrap().trim(), "step-2");
+    assert!(!fx.path("broken/step-4").exists());
+
+    // Resume on the same layout: bit-for-bit the straight run.
+    let mut resume = args.to_vec();
+    resume.extend(["--set", "train.resume=true"]);
+    ok(run(0, &resume, &[]));
+    assert_eq!(max_rel_diff(&fx.path("broken/step-4"), &fx.path("straight/step-4")), 0.0);
+    let lines = std::fs::read_to_string(fx.path("broken/steps.jsonl")).unwrap();
+    let steps: Vec<u64> = lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4], "steps.jsonl: {lines}");
+}
+
+#[test]
+fn resume_onto_another_world_size_continues_the_same_run() {
+    let fx = Fixture::new();
+    let straight = fx.config("straight", "ntxent", "");
+    ok(run(0, &["--config", straight.to_str().unwrap(), "--set", "train.steps=4"], &[]));
+    let moved = fx.config("moved", "ntxent", "");
+    let args = ["--config", moved.to_str().unwrap(), "--set", "train.steps=4", "--set", "checkpoint.every=2"];
+    let out = run(0, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "3")]);
+    assert_eq!(out.status.code(), Some(2));
+    let mut resume = args.to_vec();
+    resume.extend(["--set", "train.resume=true"]);
+    let out = ok(run(2, &resume, &[]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("written by 1 ranks, now 2"));
+    let d = max_rel_diff(&fx.path("moved/step-4"), &fx.path("straight/step-4"));
+    assert!(d < 1e-4, "resume on 2 ranks drifted by {d:e}");
+}
+
+#[test]
+fn bad_input_fails_before_training_and_names_the_problem() {
+    let fx = Fixture::new();
+    let cases: Vec<(usize, Vec<String>, &str)> = vec![
+        (0, vec!["--set".into(), "train.global_bacth=8".into()], "global_bacth"),
+        (0, vec!["--set".into(), "train.global_batch=-8".into()], "train.global_batch"),
+        (2, vec!["--set".into(), "train.global_batch=9".into()], "not divisible by the world size 2"),
+        (0, vec!["--set".into(), "data.root=/no/such/dir".into()], "/no/such/dir"),
+        (0, vec!["--set".into(), "model.norm=batchy".into()], "model.norm"),
+    ];
+    for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
+        let name = format!("bad{i}");
+        let cfg = fx.config(&name, "ntxent", "");
+        let mut args = vec!["--config".to_string(), cfg.to_str().unwrap().to_string()];
+        args.extend(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(np, &args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} succeeded");
+        assert!(err.contains(needle), "case {i}: `{needle}` not in:\n{err}");
+        assert!(!fx.path(&format!("{name}/steps.jsonl")).exists(), "case {i} started training");
+    }
+    // An unknown key in the file itself names the file.
+    let f = fx.path("typo.yaml");
+    std::fs::write(&f, "train:\n  stepz: 3\n").unwrap();
+    let out = run(0, &["--config", f.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("typo.yaml") && err.contains("stepz"), "{err}");
+}
+
+#[test]
+fn summary_eval_and_checkpoint_layout() {
+    let fx = Fixture::new();
+    let cfg = fx.config("full", "clip", "");
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "eval.at_end=true",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=2",
+    ];
+    ok(run(0, &args, &[]));
+    let s = summary(&fx.path("full"));
+    for key in ["steps", "final_loss", "samples_per_s", "knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
+        assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
+    }
+    for key in ["knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
+        let v = s[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}={v}");
+    }
+    // keep=2: only the two newest remain; latest names the newest; no temporary directories.
+    let mut names: Vec<String> = std::fs::read_dir(fx.path("full")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, vec!["latest", "step-3", "step-4", "steps.jsonl", "summary.json"]);
+    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+        assert!(fx.path("full/step-4").join(f).is_file());
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.path("full/step-4/state.json")).unwrap()).unwrap();
+    assert_eq!((state["step"].as_u64(), state["seed"].as_u64(), state["world_size"].as_u64()), (Some(4), Some(3), Some(1)));
+
+    let out = ok(run(0, &["eval", "--config", cfg.to_str().unwrap(), "--checkpoint", fx.path("full").to_str().unwrap()], &[]));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["step"], 4);
+    assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(e["zero_shot_top1"].as_f64().is_some());
+}
