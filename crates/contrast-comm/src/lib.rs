@@ -240,7 +240,13 @@ impl Collective for Threads {
         })
     }
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
-        assert_eq!(send.len() % self.size, 0, "reduce_scatter_sum: length {} not divisible by P={}", send.len(), self.size);
+        assert_eq!(
+            send.len() % self.size,
+            0,
+            "reduce_scatter_sum: length {} not divisible by P={}",
+            send.len(),
+            self.size
+        );
         let n = send.len() / self.size;
         let rank = self.rank;
         self.exchange(bytemuck::cast_slice(send), |slots| {
@@ -396,9 +402,8 @@ mod tests {
 
                 let send: Vec<f64> = (0..2 * p).map(|j| (c.rank() * 100 + j) as f64).collect();
                 let rs = c.reduce_scatter_sum(&send);
-                let expect: Vec<f64> = (0..2)
-                    .map(|k| (0..p).map(|q| (q * 100 + c.rank() * 2 + k) as f64).sum())
-                    .collect();
+                let expect: Vec<f64> =
+                    (0..2).map(|k| (0..p).map(|q| (q * 100 + c.rank() * 2 + k) as f64).sum()).collect();
                 assert_eq!(rs, expect);
 
                 let mut s = [c.rank() as f32 + 1.0];

@@ -357,14 +357,13 @@ impl Config {
 
     fn from_value(value: serde_yaml_ng::Value, origin: &str) -> Result<Self, ConfigError> {
         let value = if value.is_null() { serde_yaml_ng::Value::Mapping(Default::default()) } else { value };
-        serde_yaml_ng::from_value(value)
-            .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+        serde_yaml_ng::from_value(value).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
     }
 
     /// Read a YAML file and apply `KEY=VALUE` overrides (values parsed as YAML).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let origin = path.display().to_string();
         let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
             .map_err(|e| ConfigError::Parse { path: origin.clone(), message: e.to_string() })?;
@@ -519,7 +518,10 @@ impl Plan {
             return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", c.model.text.context)));
         }
         if c.data.dataset != "fashion_mnist" {
-            return Err(invalid("data.dataset", format!("`{}` is not a known dataset (fashion_mnist)", c.data.dataset)));
+            return Err(invalid(
+                "data.dataset",
+                format!("`{}` is not a known dataset (fashion_mnist)", c.data.dataset),
+            ));
         }
         match c.data.augment.as_str() {
             "simclr" | "clip" | "none" => {}
@@ -541,7 +543,11 @@ impl Plan {
         if !(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1]) {
             return Err(invalid("data.aug.crop_ratio", format!("need 0 < lo ≤ hi, got {:?}", a.crop_ratio)));
         }
-        for (key, p) in [("data.aug.flip_prob", a.flip_prob), ("data.aug.jitter_prob", a.jitter_prob), ("data.aug.blur_prob", a.blur_prob)] {
+        for (key, p) in [
+            ("data.aug.flip_prob", a.flip_prob),
+            ("data.aug.jitter_prob", a.jitter_prob),
+            ("data.aug.blur_prob", a.blur_prob),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
             }
@@ -559,7 +565,10 @@ impl Plan {
         if global_batch % p != 0 {
             return Err(invalid(
                 "train.global_batch",
-                format!("{global_batch} is not divisible by the world size {p} (local batch would be {:.2})", global_batch as f64 / p as f64),
+                format!(
+                    "{global_batch} is not divisible by the world size {p} (local batch would be {:.2})",
+                    global_batch as f64 / p as f64
+                ),
             ));
         }
         if loss == LossKind::NtXent && global_batch < 2 {
@@ -625,7 +634,13 @@ impl Plan {
         } else {
             let share = (topo.host_cores / local_size).max(1);
             let n = share.min(topo.rank_cores.max(1));
-            (n, format!("min({} host cores ÷ {} local ranks, {} cores bound to this rank)", topo.host_cores, local_size, topo.rank_cores))
+            (
+                n,
+                format!(
+                    "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
+                    topo.host_cores, local_size, topo.rank_cores
+                ),
+            )
         };
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor = match loss {

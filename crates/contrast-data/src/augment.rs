@@ -75,7 +75,13 @@ pub struct Window {
 }
 
 /// torchvision's `RandomResizedCrop.get_params`.
-pub fn random_resized_crop<R: Rng>(rng: &mut R, height: usize, width: usize, scale: [f32; 2], ratio: [f32; 2]) -> Window {
+pub fn random_resized_crop<R: Rng>(
+    rng: &mut R,
+    height: usize,
+    width: usize,
+    scale: [f32; 2],
+    ratio: [f32; 2],
+) -> Window {
     let area = (height * width) as f32;
     let (lr0, lr1) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {

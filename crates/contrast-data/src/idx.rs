@@ -119,9 +119,8 @@ fn read_idx(path: &Path) -> Result<(PathBuf, Vec<usize>, Vec<u8>), DataError> {
     if bytes.len() < header {
         return Err(bad("truncated header".into()));
     }
-    let dims: Vec<usize> = (0..nd)
-        .map(|k| u32::from_be_bytes(bytes[4 + 4 * k..8 + 4 * k].try_into().unwrap()) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        (0..nd).map(|k| u32::from_be_bytes(bytes[4 + 4 * k..8 + 4 * k].try_into().unwrap()) as usize).collect();
     let count: usize = dims.iter().product();
     if bytes.len() - header != count {
         return Err(bad(format!("dimensions {dims:?} need {count} bytes, file holds {}", bytes.len() - header)));

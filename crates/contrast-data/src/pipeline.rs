@@ -152,8 +152,13 @@ impl Pipeline {
         let (result_tx, result_rx) = bounded::<Produced>(prefetch);
         let mut workers = Vec::new();
         for w in 0..cfg.workers.max(1) {
-            let mut worker =
-                Worker { images: images.clone(), augment: augment.clone(), sampler: sampler.clone(), cfg: cfg.clone(), perm: None };
+            let mut worker = Worker {
+                images: images.clone(),
+                augment: augment.clone(),
+                sampler: sampler.clone(),
+                cfg: cfg.clone(),
+                perm: None,
+            };
             let (rx, tx) = (ticket_rx.clone(), result_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("data-{w}"))

@@ -48,10 +48,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     pub fn gather(&self, local: &Tensor) -> Result<Tensor> {
         let size = local.size();
         if size.len() != 2 || size[0] as usize != self.local_batch {
-            return Err(NnError::Shape(format!(
-                "local embeddings must be [B={}, d], got {size:?}",
-                self.local_batch
-            )));
+            return Err(NnError::Shape(format!("local embeddings must be [B={}, d], got {size:?}", self.local_batch)));
         }
         let d = size[1];
         let p = self.comm.world_size() as i64;

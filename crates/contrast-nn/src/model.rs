@@ -92,7 +92,10 @@ pub struct Mlp {
 impl Mlp {
     /// `input → hidden → output`.
     pub fn new(p: &nn::Path, input: i64, hidden: i64, output: i64) -> Self {
-        Self { l1: nn::linear(p / "fc1", input, hidden, Default::default()), l2: nn::linear(p / "fc2", hidden, output, Default::default()) }
+        Self {
+            l1: nn::linear(p / "fc1", input, hidden, Default::default()),
+            l2: nn::linear(p / "fc2", hidden, output, Default::default()),
+        }
     }
 }
 
@@ -154,7 +157,12 @@ impl TextTower {
     /// Build under `p`.
     pub fn new(p: &nn::Path, vocab: i64, context: i64, width: i64, layers: i64, heads: i64, out: i64) -> Self {
         Self {
-            tokens: nn::embedding(p / "token_embedding", vocab, width, nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() }),
+            tokens: nn::embedding(
+                p / "token_embedding",
+                vocab,
+                width,
+                nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() },
+            ),
             positions: p.var("positional_embedding", &[context, width], nn::Init::Randn { mean: 0.0, stdev: 0.01 }),
             blocks: (0..layers).map(|k| Block::new(&(p / format!("block{k}")), width, heads)).collect(),
             ln_final: nn::layer_norm(p / "ln_final", vec![width], Default::default()),
@@ -206,16 +214,38 @@ pub const LOGIT_SCALE: &str = "loss.logit_scale";
 
 impl Model {
     /// Build the model of `loss` under the var store's root.
-    pub fn new(vs: &nn::VarStore, loss: LossKind, m: &ModelConfig, norm: Norm, temperature: f64, learn_scale: bool) -> Self {
+    pub fn new(
+        vs: &nn::VarStore,
+        loss: LossKind,
+        m: &ModelConfig,
+        norm: Norm,
+        temperature: f64,
+        learn_scale: bool,
+    ) -> Self {
         let root = vs.root();
         let backbone = ConvBackbone::new(&(&root / "backbone"), m.width, m.embed_dim, norm);
         let hidden = if m.proj_hidden > 0 { m.proj_hidden } else { m.embed_dim };
         match loss {
-            LossKind::NtXent => Model::SimClr { head: Mlp::new(&(&root / "head"), m.embed_dim, hidden, m.proj_dim), backbone },
+            LossKind::NtXent => {
+                Model::SimClr { head: Mlp::new(&(&root / "head"), m.embed_dim, hidden, m.proj_dim), backbone }
+            }
             LossKind::Clip => {
                 let t = &m.text;
-                let text = TextTower::new(&(&root / "text"), contrast_data::text::VOCAB, t.context, t.width, t.layers, t.heads, m.proj_dim);
-                let image_proj = nn::linear(&root / "image_proj", m.embed_dim, m.proj_dim, nn::LinearConfig { bias: false, ..Default::default() });
+                let text = TextTower::new(
+                    &(&root / "text"),
+                    contrast_data::text::VOCAB,
+                    t.context,
+                    t.width,
+                    t.layers,
+                    t.heads,
+                    m.proj_dim,
+                );
+                let image_proj = nn::linear(
+                    &root / "image_proj",
+                    m.embed_dim,
+                    m.proj_dim,
+                    nn::LinearConfig { bias: false, ..Default::default() },
+                );
                 let init = (1.0 / temperature).ln();
                 let loss = &root / "loss";
                 let logit_scale = if learn_scale {
@@ -239,7 +269,9 @@ impl Model {
     /// `[image, text]` from one view and the caption tokens.
     pub fn towers(&self, views: &[Tensor], tokens: Option<&Tensor>, train: bool) -> Vec<Tensor> {
         match self {
-            Model::SimClr { backbone, head } => views.iter().map(|v| backbone.forward_t(v, train).apply(head)).collect(),
+            Model::SimClr { backbone, head } => {
+                views.iter().map(|v| backbone.forward_t(v, train).apply(head)).collect()
+            }
             Model::Clip { backbone, image_proj, text, .. } => {
                 let img = backbone.forward_t(&views[0], train).apply(image_proj);
                 let txt = text.forward(tokens.expect("CLIP needs caption tokens"));
@@ -265,7 +297,12 @@ impl Model {
     }
 
     /// This rank's loss share on the gathered towers.
-    pub fn loss_share(&self, gathered: &[Tensor], shard: crate::loss::Shard, temperature: f64) -> crate::Result<Tensor> {
+    pub fn loss_share(
+        &self,
+        gathered: &[Tensor],
+        shard: crate::loss::Shard,
+        temperature: f64,
+    ) -> crate::Result<Tensor> {
         match self {
             Model::SimClr { .. } => crate::loss::ntxent_share(&gathered[0], &gathered[1], temperature, shard),
             Model::Clip { logit_scale, .. } => crate::loss::clip_share(&gathered[0], &gathered[1], logit_scale, shard),

@@ -71,7 +71,9 @@ fn ntxent_shares_sum_to_the_loss() {
     let (za, zb) = (randn(12, 4, 3), randn(12, 4, 4));
     let whole = ntxent_share(&za, &zb, 0.2, Shard::solo(12)).unwrap().double_value(&[]);
     let sum: f64 = (0..3)
-        .map(|r| ntxent_share(&za, &zb, 0.2, Shard { rank: r, world_size: 3, local_batch: 4 }).unwrap().double_value(&[]))
+        .map(|r| {
+            ntxent_share(&za, &zb, 0.2, Shard { rank: r, world_size: 3, local_batch: 4 }).unwrap().double_value(&[])
+        })
         .sum();
     assert!((whole - sum).abs() < 1e-12);
 }

@@ -22,7 +22,11 @@ fn values(p: &Param) -> Vec<f64> {
 #[test]
 fn sgd_momentum_and_decay_follow_torch() {
     // torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.01): d = g + λw; buf = μ·buf + d (buf₁ = d); w -= lr·buf.
-    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.01, vec![param("w", &[1.0, 2.0, 3.0, 4.0], &[2, 2])]);
+    let mut opt = Optimizer::new(
+        OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
+        0.01,
+        vec![param("w", &[1.0, 2.0, 3.0, 4.0], &[2, 2])],
+    );
     let (mut w, mut buf) = ([1.0f64, 2.0, 3.0, 4.0], [0.0f64; 4]);
     for step in 0..3 {
         let g = [0.5, -1.0, 0.25, 2.0].map(|v| v * (step + 1) as f64);
@@ -69,12 +73,20 @@ fn adamw_follows_torch_and_skips_decay_on_vectors() {
                 w[p][k] -= lr * mh / (vh.sqrt() + eps);
             }
             let got = values(&opt.params[p]);
-            assert!((got[0] - w[p][0]).abs() < 1e-12 && (got[1] - w[p][1]).abs() < 1e-12, "t={t} p={p}: {got:?} vs {:?}", w[p]);
+            assert!(
+                (got[0] - w[p][0]).abs() < 1e-12 && (got[1] - w[p][1]).abs() < 1e-12,
+                "t={t} p={p}: {got:?} vs {:?}",
+                w[p]
+            );
         }
     }
     // State round-trips through named tensors.
     let state = opt.named_state();
-    let mut fresh = Optimizer::new(opt.kind.clone(), wd, vec![param("bias", &[0.0, 0.0], &[2]), param("weight", &[0.0, 0.0], &[1, 2])]);
+    let mut fresh = Optimizer::new(
+        opt.kind.clone(),
+        wd,
+        vec![param("bias", &[0.0, 0.0], &[2]), param("weight", &[0.0, 0.0], &[1, 2])],
+    );
     fresh.load_state(&state).unwrap();
     assert_eq!(fresh.steps, 4);
     assert_eq!(contrast_nn::to_host::<f64>(&fresh.state[1][1]), contrast_nn::to_host::<f64>(&opt.state[1][1]));
@@ -84,7 +96,8 @@ fn adamw_follows_torch_and_skips_decay_on_vectors() {
 
 #[test]
 fn clipping_scales_to_the_max_norm() {
-    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, 0.0, vec![param("w", &[0.0, 0.0], &[2])]);
+    let mut opt =
+        Optimizer::new(OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, 0.0, vec![param("w", &[0.0, 0.0], &[2])]);
     set_grad(&opt.params[0], &[3.0, 4.0]);
     let before = opt.clip_grad_norm(1.0);
     assert!((before - 5.0).abs() < 1e-12);

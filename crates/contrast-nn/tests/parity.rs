@@ -68,7 +68,15 @@ fn load(vs: &VarStore, snap: &Snapshot) {
 }
 
 /// One rank's loss and parameter gradients (by name).
-fn run_rank<C: Collective>(comm: &C, loss: LossKind, norm: Norm, kind: Kind, init: &Snapshot, data: &Inputs, b: usize) -> (f64, Snapshot) {
+fn run_rank<C: Collective>(
+    comm: &C,
+    loss: LossKind,
+    norm: Norm,
+    kind: Kind,
+    init: &Snapshot,
+    data: &Inputs,
+    b: usize,
+) -> (f64, Snapshot) {
     let (vs, model) = build(loss, norm, kind);
     load(&vs, init);
     let pix = (SIDE * SIDE) as usize;
@@ -78,13 +86,17 @@ fn run_rank<C: Collective>(comm: &C, loss: LossKind, norm: Norm, kind: Kind, ini
         .iter()
         .map(|v| Tensor::from_slice(&v[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE]).to_kind(kind))
         .collect();
-    let tokens = Tensor::from_slice(&data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize]).view([b as i64, CTX]);
+    let tokens =
+        Tensor::from_slice(&data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize]).view([b as i64, CTX]);
     let params = named_params(&vs);
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
     let towers = model.towers(&views, Some(&tokens), true);
     let out = engine.step(&towers, &tensors, |g, shard| model.loss_share(g, shard, 0.2)).unwrap();
-    let grads = params.iter().map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size())).collect();
+    let grads = params
+        .iter()
+        .map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size()))
+        .collect();
     (out.loss, grads)
 }
 
@@ -136,11 +148,14 @@ fn local_negatives_would_fail_parity() {
     let (vs, model) = build(LossKind::NtXent, Norm::Group, Kind::Double);
     let views: Vec<Tensor> = data.views.iter().map(|v| Tensor::from_slice(v).view([8, 1, SIDE, SIDE])).collect();
     let t = model.towers(&views, None, true);
-    let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8)).unwrap().double_value(&[]);
+    let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8))
+        .unwrap()
+        .double_value(&[]);
     let local: f64 = (0..2)
         .map(|r| {
             let (a, b) = (t[0].narrow(0, 4 * r, 4), t[1].narrow(0, 4 * r, 4));
-            contrast_nn::loss::ntxent_share(&a, &b, 0.2, contrast_nn::loss::Shard::solo(4)).unwrap().double_value(&[]) / 2.0
+            contrast_nn::loss::ntxent_share(&a, &b, 0.2, contrast_nn::loss::Shard::solo(4)).unwrap().double_value(&[])
+                / 2.0
         })
         .sum();
     assert!((global - local).abs() > 1e-3, "{global} vs {local}");

@@ -40,7 +40,13 @@ pub fn step_dir_name(step: usize) -> String {
 }
 
 /// Write a checkpoint atomically and point `latest` at it; keep the newest `keep` (0 = all).
-pub fn save(dir: &Path, state: &State, model: &[(String, Tensor)], optim: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
+pub fn save(
+    dir: &Path,
+    state: &State,
+    model: &[(String, Tensor)],
+    optim: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let name = step_dir_name(state.step);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -103,7 +109,9 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join("state.json").is_file() {
         return Ok(path.to_path_buf());
     }
-    latest(path)?.with_context(|| format!("{} is neither a step-<N> checkpoint nor a run directory with `latest`", path.display()))
+    latest(path)?.with_context(|| {
+        format!("{} is neither a step-<N> checkpoint nor a run directory with `latest`", path.display())
+    })
 }
 
 /// Read `state.json` of a checkpoint.
@@ -127,9 +135,15 @@ pub fn load_into(vs: &tch::nn::VarStore, tensors: &[(String, Tensor)], origin: &
     names.sort();
     for name in names {
         let dst = &vars[name];
-        let src = map.get(name.as_str()).with_context(|| format!("{}: variable `{name}` is missing", origin.display()))?;
+        let src =
+            map.get(name.as_str()).with_context(|| format!("{}: variable `{name}` is missing", origin.display()))?;
         if src.size() != dst.size() {
-            bail!("{}: variable `{name}` has shape {:?}, the model expects {:?}", origin.display(), src.size(), dst.size());
+            bail!(
+                "{}: variable `{name}` has shape {:?}, the model expects {:?}",
+                origin.display(),
+                src.size(),
+                dst.size()
+            );
         }
         tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind())));
     }

@@ -21,7 +21,9 @@ pub fn image_tensor(images: &Images, start: usize, end: usize, device: Device) -
     let (m, s) = FASHION_MNIST_MEAN_STD;
     let pix = images.height * images.width;
     let data: Vec<f32> = images.pixels[start * pix..end * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s).collect();
-    Tensor::from_slice(&data).view([(end - start) as i64, 1, images.height as i64, images.width as i64]).to_device(device)
+    Tensor::from_slice(&data)
+        .view([(end - start) as i64, 1, images.height as i64, images.width as i64])
+        .to_device(device)
 }
 
 /// Rows `[lo, hi)` of `n` that rank r handles when n is split in P near-equal slices.
@@ -33,7 +35,13 @@ fn slice_of<C: Collective>(comm: &C, n: usize) -> (usize, usize, usize) {
 
 /// Features of every image, computed in slices across ranks and all-gathered;
 /// `f` maps an input batch to `[b, D]`. Returns L2-normalised `[n, D]` on `device`.
-pub fn features<C: Collective>(comm: &C, images: &Images, device: Device, dim: i64, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+pub fn features<C: Collective>(
+    comm: &C,
+    images: &Images,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> Tensor {
     let n = images.len();
     let (lo, hi, per) = slice_of(comm, n);
     let mut parts = Vec::new();
@@ -45,7 +53,8 @@ pub fn features<C: Collective>(comm: &C, images: &Images, device: Device, dim: i
             s = e;
         }
     });
-    let mut local = if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
+    let mut local =
+        if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
     let pad = per - (hi - lo);
     if pad > 0 {
         local = Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0);
@@ -62,7 +71,16 @@ pub fn features<C: Collective>(comm: &C, images: &Images, device: Device, dim: i
 }
 
 /// Weighted kNN top-1 accuracy; each rank scores a slice of the test set.
-pub fn knn_top1<C: Collective>(comm: &C, train: &Tensor, train_labels: &[u8], test: &Tensor, test_labels: &[u8], k: i64, t: f64, classes: i64) -> f64 {
+pub fn knn_top1<C: Collective>(
+    comm: &C,
+    train: &Tensor,
+    train_labels: &[u8],
+    test: &Tensor,
+    test_labels: &[u8],
+    k: i64,
+    t: f64,
+    classes: i64,
+) -> f64 {
     let device = train.device();
     let n = test_labels.len();
     let (lo, hi, _) = slice_of(comm, n);
@@ -79,7 +97,8 @@ pub fn knn_top1<C: Collective>(comm: &C, train: &Tensor, train_labels: &[u8], te
             let w = (vals / t).exp();
             let scores = Tensor::zeros([(e - s) as i64, classes], (Kind::Float, device)).scatter_add(1, &votes, &w);
             let pred = scores.argmax(1, false);
-            let truth = Tensor::from_slice(&test_labels[s..e].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
+            let truth =
+                Tensor::from_slice(&test_labels[s..e].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
             correct += pred.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
             s = e;
         }
@@ -90,7 +109,16 @@ pub fn knn_top1<C: Collective>(comm: &C, train: &Tensor, train_labels: &[u8], te
 }
 
 /// kNN top-1 of a feature extractor.
-pub fn knn_of<C: Collective>(comm: &C, train: &Images, test: &Images, device: Device, dim: i64, k: i64, t: f64, f: impl Fn(&Tensor) -> Tensor) -> f64 {
+pub fn knn_of<C: Collective>(
+    comm: &C,
+    train: &Images,
+    test: &Images,
+    device: Device,
+    dim: i64,
+    k: i64,
+    t: f64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> f64 {
     let ftrain = features(comm, train, device, dim, &f);
     let ftest = features(comm, test, device, dim, &f);
     knn_top1(comm, &ftrain, &train.labels, &ftest, &test.labels, k, t, 10)
@@ -104,15 +132,26 @@ pub fn raw_pixels_knn<C: Collective>(comm: &C, train: &Images, test: &Images, de
 
 /// Zero-shot top-1 of a CLIP model: each class is the mean of its normalised
 /// prompt embeddings over all templates; an image takes the most similar class.
-pub fn zero_shot_top1<C: Collective>(comm: &C, model: &Model, test: &Images, device: Device, class_names: &[&str], context: usize, dim: i64) -> Option<f64> {
+pub fn zero_shot_top1<C: Collective>(
+    comm: &C,
+    model: &Model,
+    test: &Images,
+    device: Device,
+    class_names: &[&str],
+    context: usize,
+    dim: i64,
+) -> Option<f64> {
     let classifier = tch::no_grad(|| -> Option<Tensor> {
         let protos: Vec<Tensor> = class_names
             .iter()
             .map(|name| {
                 let toks: Vec<i64> =
                     (0..text::TEMPLATES.len()).flat_map(|t| text::tokenize(&text::caption(t, name), context)).collect();
-                let toks = Tensor::from_slice(&toks).view([text::TEMPLATES.len() as i64, context as i64]).to_device(device);
-                model.encode_text(&toks).map(|e| l2_normalize(&l2_normalize(&e).mean_dim([0i64].as_slice(), true, Kind::Float)))
+                let toks =
+                    Tensor::from_slice(&toks).view([text::TEMPLATES.len() as i64, context as i64]).to_device(device);
+                model
+                    .encode_text(&toks)
+                    .map(|e| l2_normalize(&l2_normalize(&e).mean_dim([0i64].as_slice(), true, Kind::Float)))
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Tensor::cat(&protos, 0))
@@ -122,8 +161,10 @@ pub fn zero_shot_top1<C: Collective>(comm: &C, model: &Model, test: &Images, dev
     let (lo, hi, _) = slice_of(comm, n);
     let mut correct = 0i64;
     if hi > lo {
-        let pred = tch::no_grad(|| img.narrow(0, lo as i64, (hi - lo) as i64).matmul(&classifier.tr()).argmax(1, false));
-        let truth = Tensor::from_slice(&test.labels[lo..hi].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
+        let pred =
+            tch::no_grad(|| img.narrow(0, lo as i64, (hi - lo) as i64).matmul(&classifier.tr()).argmax(1, false));
+        let truth =
+            Tensor::from_slice(&test.labels[lo..hi].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
         correct = pred.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
     }
     let mut c = [correct];

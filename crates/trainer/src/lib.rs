@@ -54,7 +54,8 @@ pub struct Summary {
 fn init_logging(rank: usize) {
     let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAST_LOG").unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
 }
 
 /// Cores this process may use (its affinity mask, as `available_parallelism` reads it).
@@ -90,7 +91,8 @@ pub fn resolve_device(spec: &str, local_rank: usize) -> Result<Device> {
             Device::Cuda(local_rank % gpus)
         }
         s => {
-            let k: usize = s.strip_prefix("cuda:").and_then(|k| k.parse().ok()).with_context(|| format!("train.device `{s}`"))?;
+            let k: usize =
+                s.strip_prefix("cuda:").and_then(|k| k.parse().ok()).with_context(|| format!("train.device `{s}`"))?;
             if k >= gpus {
                 bail!("train.device={s} but libtorch sees {gpus} CUDA device(s)");
             }
@@ -102,7 +104,12 @@ pub fn resolve_device(spec: &str, local_rank: usize) -> Result<Device> {
 /// Load a plan for this communicator (fails before any training on bad input).
 pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
     let config = Config::load(path, overrides)?;
-    let topo = Topology { world_size: comm.world_size(), local_size: comm.local_size(), host_cores: host_cores(), rank_cores: rank_cores() };
+    let topo = Topology {
+        world_size: comm.world_size(),
+        local_size: comm.local_size(),
+        host_cores: host_cores(),
+        rank_cores: rank_cores(),
+    };
     Ok(Plan::resolve(config, topo)?)
 }
 
@@ -121,7 +128,11 @@ fn augmenter(plan: &Plan, images: &Images) -> Augmenter {
             mean_std: FASHION_MNIST_MEAN_STD,
         },
         // CLIP's preset: a mild random resized crop, nothing else.
-        "clip" => AugParams { crop_scale: Some([0.8, 1.0]), crop_ratio: [0.9, 1.1], ..AugParams::identity(FASHION_MNIST_MEAN_STD) },
+        "clip" => AugParams {
+            crop_scale: Some([0.8, 1.0]),
+            crop_ratio: [0.9, 1.1],
+            ..AugParams::identity(FASHION_MNIST_MEAN_STD)
+        },
         _ => AugParams::identity(FASHION_MNIST_MEAN_STD),
     };
     Augmenter { params, height: images.height, width: images.width }
@@ -153,7 +164,8 @@ fn average_buffers<C: Collective>(comm: &C, vs: &VarStore) {
     if comm.world_size() == 1 {
         return;
     }
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad() && t.is_floating_point()).collect();
+    let mut vars: Vec<(String, Tensor)> =
+        vs.variables().into_iter().filter(|(_, t)| !t.requires_grad() && t.is_floating_point()).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, t) in vars {
         let mut host = contrast_nn::to_host::<f32>(&t);
@@ -182,11 +194,28 @@ pub struct EvalFigures {
 }
 
 /// kNN (and zero-shot for CLIP) of `model` on the test split with the training split as memory.
-pub fn evaluate<C: Collective>(comm: &C, plan: &Plan, model: &Model, train: &Images, test: &Images, device: Device) -> EvalFigures {
+pub fn evaluate<C: Collective>(
+    comm: &C,
+    plan: &Plan,
+    model: &Model,
+    train: &Images,
+    test: &Images,
+    device: Device,
+) -> EvalFigures {
     let c = &plan.config;
-    let knn = eval::knn_of(comm, train, test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| model.features(x, false));
+    let knn = eval::knn_of(comm, train, test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| {
+        model.features(x, false)
+    });
     let zs = match plan.loss {
-        LossKind::Clip => eval::zero_shot_top1(comm, model, test, device, &FASHION_MNIST_CLASSES, c.model.text.context as usize, c.model.proj_dim),
+        LossKind::Clip => eval::zero_shot_top1(
+            comm,
+            model,
+            test,
+            device,
+            &FASHION_MNIST_CLASSES,
+            c.model.text.context as usize,
+            c.model.proj_dim,
+        ),
         LossKind::NtXent => None,
     };
     EvalFigures { knn_top1: knn, zero_shot_top1: zs }
@@ -225,16 +254,27 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let device = resolve_device(&c.train.device, comm.local_rank())?;
     if lead {
         tracing::info!("{}", plan.describe());
-        tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {})", plan.threads, tch::get_num_threads());
+        tracing::info!(
+            "device={device:?} intra-op threads per rank={} (libtorch reports {})",
+            plan.threads,
+            tch::get_num_threads()
+        );
     }
-    let train_images = std::sync::Arc::new(Images::load_split(&c.data.root, "train").with_context(|| format!("loading data.root {}", c.data.root.display()))?);
+    let train_images = std::sync::Arc::new(
+        Images::load_split(&c.data.root, "train")
+            .with_context(|| format!("loading data.root {}", c.data.root.display()))?,
+    );
     let sampler_check = contrast_data::Sampler::new(train_images.len(), plan.global_batch, c.seed)?;
     let run_dir = c.checkpoint.dir.clone();
     let (vs, model) = build_model(comm, &plan, device);
     let params = named_params(&vs);
     let kind = match c.train.optimizer.name.as_str() {
         "sgd" => OptimizerKind::Sgd { momentum: c.train.optimizer.momentum, nesterov: c.train.optimizer.nesterov },
-        _ => OptimizerKind::AdamW { beta1: c.train.optimizer.betas[0], beta2: c.train.optimizer.betas[1], eps: c.train.optimizer.eps },
+        _ => OptimizerKind::AdamW {
+            beta1: c.train.optimizer.betas[0],
+            beta2: c.train.optimizer.betas[1],
+            eps: c.train.optimizer.eps,
+        },
     };
     let mut opt = Optimizer::new(kind, c.train.optimizer.weight_decay, params);
     let schedule = Schedule {
@@ -253,15 +293,26 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         if let Some(ckpt) = checkpoint::latest(&run_dir)? {
             let state = checkpoint::read_state(&ckpt)?;
             if state.global_batch != plan.global_batch {
-                bail!("{}: checkpoint has global batch {}, config has {}; a resume must keep the global batch", ckpt.display(), state.global_batch, plan.global_batch);
+                bail!(
+                    "{}: checkpoint has global batch {}, config has {}; a resume must keep the global batch",
+                    ckpt.display(),
+                    state.global_batch,
+                    plan.global_batch
+                );
             }
             checkpoint::load_into(&vs, &checkpoint::read_tensors(&ckpt, "model.safetensors")?, &ckpt)?;
-            opt.load_state(&checkpoint::read_tensors(&ckpt, "optim.safetensors")?).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.display()))?;
+            opt.load_state(&checkpoint::read_tensors(&ckpt, "optim.safetensors")?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.display()))?;
             start_step = state.step;
             last_loss = state.loss;
             init_figures = (state.knn_top1_init, state.knn_top1_raw_pixels);
             if lead {
-                tracing::info!("resumed from {} at step {start_step} (written by {} ranks, now {})", ckpt.display(), state.world_size, plan.world_size);
+                tracing::info!(
+                    "resumed from {} at step {start_step} (written by {} ranks, now {})",
+                    ckpt.display(),
+                    state.world_size,
+                    plan.world_size
+                );
             }
         } else if lead {
             tracing::info!("train.resume=true but {} has no checkpoint yet: starting fresh", run_dir.display());
@@ -316,7 +367,13 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     )?;
     let engine = GlobalBatch::new(comm, plan.local_batch);
     let mut log = if lead {
-        Some(std::fs::OpenOptions::new().create(true).append(true).open(run_dir.join("steps.jsonl")).context("opening steps.jsonl")?)
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("steps.jsonl"))
+                .context("opening steps.jsonl")?,
+        )
     } else {
         None
     };
@@ -352,15 +409,22 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let step = batch.step;
         let lr = schedule.lr(step);
         let b = plan.local_batch as i64;
-        let views: Vec<Tensor> = batch.views.iter().map(|v| Tensor::from_slice(v).view([b, 1, side.0, side.1]).to_device(device)).collect();
+        let views: Vec<Tensor> =
+            batch.views.iter().map(|v| Tensor::from_slice(v).view([b, 1, side.0, side.1]).to_device(device)).collect();
         debug_assert_eq!(views[0].numel() as i64, b * pix);
-        let tokens = (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
+        let tokens =
+            (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
         opt.zero_grad();
         let towers = model.towers(&views, tokens.as_ref(), true);
-        let out = engine.step(&towers, &opt.tensors(), |g, shard| Ok(model.loss_share(g, shard, c.loss.temperature)?))?;
+        let out =
+            engine.step(&towers, &opt.tensors(), |g, shard| Ok(model.loss_share(g, shard, c.loss.temperature)?))?;
         let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         if !loss.is_finite() {
-            let last = checkpoint::latest(&run_dir).ok().flatten().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into());
+            let last = checkpoint::latest(&run_dir)
+                .ok()
+                .flatten()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
             bail!("loss is {loss} at step {}: stopping; the last good checkpoint ({last}) is intact", step + 1);
         }
         if c.train.grad_clip > 0.0 {
@@ -396,10 +460,16 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         if c.checkpoint.every > 0 && done % c.checkpoint.every as usize == 0 && done < plan.steps {
             save(done, loss, &opt, init_figures)?;
         }
-        if let (Some((tr, te)), true) = (&eval_splits, c.eval.every > 0 && done % c.eval.every as usize == 0 && done < plan.steps) {
+        if let (Some((tr, te)), true) =
+            (&eval_splits, c.eval.every > 0 && done % c.eval.every as usize == 0 && done < plan.steps)
+        {
             let f = evaluate(comm, &plan, &model, tr, te, device);
             if lead {
-                tracing::info!("step {done}: kNN top-1 {:.4}{}", f.knn_top1, f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default());
+                tracing::info!(
+                    "step {done}: kNN top-1 {:.4}{}",
+                    f.knn_top1,
+                    f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
+                );
             }
         }
     }

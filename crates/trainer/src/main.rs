@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "trainer", version, about = "Exact global-batch contrastive training", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Exact global-batch contrastive training",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -42,7 +47,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Eval { config, checkpoint, overrides }) => trainer::eval_command(&config, &overrides, &checkpoint),
+        Some(Command::Eval { config, checkpoint, overrides }) => {
+            trainer::eval_command(&config, &overrides, &checkpoint)
+        }
         None => match cli.config {
             Some(config) => trainer::train_command(&config, &cli.overrides).map(|_| ()),
             None => Err(anyhow::anyhow!("nothing to do: pass --config FILE to train, or `trainer eval --help`")),

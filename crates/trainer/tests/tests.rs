@@ -108,11 +108,20 @@ fn run(np: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().unwrap_or_else(|e| panic!("cannot start {}: {e} (is Open MPI or MPICH installed? launch/setup.sh installs it)", if np == 0 { BIN } else { "mpirun" }))
+    cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot start {}: {e} (is Open MPI or MPICH installed? launch/setup.sh installs it)",
+            if np == 0 { BIN } else { "mpirun" }
+        )
+    })
 }
 
 fn is_open_mpi() -> bool {
-    Command::new("mpirun").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).contains("Open MPI")).unwrap_or(false)
+    Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("Open MPI"))
+        .unwrap_or(false)
 }
 
 fn ok(out: Output) -> Output {
@@ -159,7 +168,8 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
     for loss in ["ntxent", "clip"] {
         let solo = fx.config(&format!("{loss}-solo"), loss, "");
         ok(run(0, &["--config", solo.to_str().unwrap()], &[]));
-        let initial_moved = max_rel_diff(&fx.path(&format!("{loss}-solo/step-3")), &fx.path(&format!("{loss}-solo/step-3")));
+        let initial_moved =
+            max_rel_diff(&fx.path(&format!("{loss}-solo/step-3")), &fx.path(&format!("{loss}-solo/step-3")));
         assert_eq!(initial_moved, 0.0);
         for np in [2usize, 4] {
             let name = format!("{loss}-mpi{np}");
@@ -209,7 +219,10 @@ fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
     ok(run(0, &resume, &[]));
     assert_eq!(max_rel_diff(&fx.path("broken/step-4"), &fx.path("straight/step-4")), 0.0);
     let lines = std::fs::read_to_string(fx.path("broken/steps.jsonl")).unwrap();
-    let steps: Vec<u64> = lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, vec![1, 2, 3, 4], "steps.jsonl: {lines}");
 }
 
@@ -279,7 +292,9 @@ fn summary_eval_and_checkpoint_layout() {
     ];
     ok(run(0, &args, &[]));
     let s = summary(&fx.path("full"));
-    for key in ["steps", "final_loss", "samples_per_s", "knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
+    for key in
+        ["steps", "final_loss", "samples_per_s", "knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"]
+    {
         assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
     }
     for key in ["knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
@@ -287,16 +302,27 @@ fn summary_eval_and_checkpoint_layout() {
         assert!((0.0..=1.0).contains(&v), "{key}={v}");
     }
     // keep=2: only the two newest remain; latest names the newest; no temporary directories.
-    let mut names: Vec<String> = std::fs::read_dir(fx.path("full")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(fx.path("full"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, vec!["latest", "step-3", "step-4", "steps.jsonl", "summary.json"]);
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert!(fx.path("full/step-4").join(f).is_file());
     }
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.path("full/step-4/state.json")).unwrap()).unwrap();
-    assert_eq!((state["step"].as_u64(), state["seed"].as_u64(), state["world_size"].as_u64()), (Some(4), Some(3), Some(1)));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("full/step-4/state.json")).unwrap()).unwrap();
+    assert_eq!(
+        (state["step"].as_u64(), state["seed"].as_u64(), state["world_size"].as_u64()),
+        (Some(4), Some(3), Some(1))
+    );
 
-    let out = ok(run(0, &["eval", "--config", cfg.to_str().unwrap(), "--checkpoint", fx.path("full").to_str().unwrap()], &[]));
+    let out = ok(run(
+        0,
+        &["eval", "--config", cfg.to_str().unwrap(), "--checkpoint", fx.path("full").to_str().unwrap()],
+        &[],
+    ));
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["step"], 4);
     assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9);
