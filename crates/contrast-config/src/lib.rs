@@ -13,6 +13,10 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The conv encoder average-pools its last feature map to a grid of this side;
+/// `model.embed_dim` must be a multiple of its square.
+pub const POOL_GRID: i64 = 4;
+
 /// Errors of loading or validating a configuration. Each names the file, the
 /// key or the size at fault.
 #[derive(Debug, thiserror::Error)]
@@ -148,11 +152,11 @@ pub struct ModelConfig {
     pub norm: String,
     /// Channels of the first stage; later stages double it.
     pub width: i64,
-    /// Dimension of the backbone's representation (what kNN evaluates).
+    /// Dimension of the backbone's representation (what kNN evaluates): a 4×4 grid of embed_dim/16 channels.
     pub embed_dim: i64,
     /// Dimension of the projection head's output (what the loss sees).
     pub proj_dim: i64,
-    /// Hidden width of the projection MLP (0 = embed_dim).
+    /// Hidden width of the SimCLR projection MLP.
     pub proj_hidden: i64,
     /// Text tower (CLIP only).
     pub text: TextConfig,
@@ -164,9 +168,9 @@ impl Default for ModelConfig {
             encoder: "convnet".into(),
             norm: "group".into(),
             width: 32,
-            embed_dim: 128,
+            embed_dim: 1024,
             proj_dim: 64,
-            proj_hidden: 0,
+            proj_hidden: 512,
             text: TextConfig::default(),
         }
     }
@@ -497,6 +501,7 @@ impl Plan {
             ("model.width", c.model.width),
             ("model.embed_dim", c.model.embed_dim),
             ("model.proj_dim", c.model.proj_dim),
+            ("model.proj_hidden", c.model.proj_hidden),
             ("model.text.width", c.model.text.width),
             ("model.text.layers", c.model.text.layers),
             ("model.text.heads", c.model.text.heads),
@@ -505,8 +510,15 @@ impl Plan {
                 return Err(invalid(key, format!("must be positive, got {v}")));
             }
         }
-        if c.model.proj_hidden < 0 {
-            return Err(invalid("model.proj_hidden", "must be ≥ 0 (0 = embed_dim)"));
+        if c.model.embed_dim % (POOL_GRID * POOL_GRID) != 0 {
+            return Err(invalid(
+                "model.embed_dim",
+                format!(
+                    "{} is not a multiple of {} (a {POOL_GRID}×{POOL_GRID} grid of channels)",
+                    c.model.embed_dim,
+                    POOL_GRID * POOL_GRID
+                ),
+            ));
         }
         if c.model.text.width % c.model.text.heads != 0 {
             return Err(invalid(

@@ -15,7 +15,8 @@ const CTX: i64 = 12;
 fn model_config() -> ModelConfig {
     ModelConfig {
         width: 4,
-        embed_dim: 8,
+        embed_dim: 32,
+        proj_hidden: 8,
         proj_dim: 6,
         text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX },
         ..Default::default()

@@ -230,6 +230,31 @@ fn load_eval_splits(plan: &Plan) -> Result<(Images, Images)> {
     Ok((train, test))
 }
 
+/// Drop the lines of `steps.jsonl` past `keep_through` (steps logged after the
+/// checkpoint a run resumes from), so that the log holds each step once.
+fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= keep_through)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, kept)?;
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok(())
+}
+
 /// `trainer --config FILE`: train, then write `summary.json`. Aborts every rank on error.
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
@@ -320,6 +345,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     }
     if lead {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating checkpoint.dir {}", run_dir.display()))?;
+        truncate_step_log(&run_dir.join("steps.jsonl"), start_step)?;
     }
     comm.barrier();
 

@@ -62,7 +62,7 @@ impl Fixture {
         let yaml = format!(
             "seed: 3\n\
              data: {{root: {data}, workers: 1, prefetch: 2}}\n\
-             model: {{width: 4, embed_dim: 16, proj_dim: 8, norm: group, text: {{width: 16, layers: 1, heads: 2, context: 40}}}}\n\
+             model: {{width: 4, embed_dim: 32, proj_hidden: 16, proj_dim: 8, norm: group, text: {{width: 16, layers: 1, heads: 2, context: 40}}}}\n\
              loss: {{name: {loss}, temperature: 0.2}}\n\
              train: {{global_batch: 8, steps: 3, threads: 1, log_every: 1,\n\
                       optimizer: {{name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0001}},\n\
@@ -206,13 +206,14 @@ fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
 
     let broken = fx.config("broken", "ntxent", extra);
     let args = ["--config", broken.to_str().unwrap(), "--set", "train.steps=4", "--set", "checkpoint.every=2"];
-    let out = run(0, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "3")]);
+    let out = run(0, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "4")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("loss is NaN at step 3") && err.contains("step-2") && err.contains("intact"), "{err}");
+    assert!(err.contains("loss is NaN at step 4") && err.contains("step-2") && err.contains("intact"), "{err}");
     assert_eq!(std::fs::read_to_string(fx.path("broken/latest")).unwrap().trim(), "step-2");
     assert!(!fx.path("broken/step-4").exists());
 
+    // Step 3 was logged before the fault; the resume from step-2 logs it again, once.
     // Resume on the same layout: bit-for-bit the straight run.
     let mut resume = args.to_vec();
     resume.extend(["--set", "train.resume=true"]);
