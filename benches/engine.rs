@@ -44,7 +44,7 @@ fn main() {
         let exact = contrast_benches::median_secs(2, 7, || {
             zero(&params);
             let t = model.towers(&views, None, true);
-            engine.step(&t, &params, |g, s| ntxent_share(&g[0], &g[1], 0.2, s)).unwrap();
+            engine.step(&t, &params, |g, ctx| ntxent_share(&g[0], &g[1], 0.2, ctx.shard)).unwrap();
         });
         println!("{n:>6} {:>12.2} {:>12.2} {:>8.3}", direct * 1e3, exact * 1e3, exact / direct);
     }

@@ -10,7 +10,7 @@
 //! No custom autograd function is needed: communication sits between the small
 //! loss-head graph and the encoder graph.
 
-use crate::loss::Shard;
+use crate::loss::{Ctx, Shard};
 use crate::{NnError, Result};
 use contrast_comm::Collective;
 use tch::{Kind, Tensor};
@@ -77,10 +77,11 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     /// Gradients accumulate into `params`; zero them before calling.
     pub fn step<F>(&self, towers: &[Tensor], params: &[Tensor], head: F) -> Result<StepOutput>
     where
-        F: FnOnce(&[Tensor], Shard) -> Result<Tensor>,
+        F: FnOnce(&[Tensor], &Ctx) -> Result<Tensor>,
     {
         let gathered = towers.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
-        let share_t = head(&gathered, self.shard())?;
+        let ctx = Ctx { shard: self.shard(), reduce: self.comm };
+        let share_t = head(&gathered, &ctx)?;
         let share = share_t.double_value(&[]);
         share_t.backward();
         let mut surrogate: Option<Tensor> = None;

@@ -93,7 +93,7 @@ fn run_rank<C: Collective>(
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
     let towers = model.towers(&views, Some(&tokens), true);
-    let out = engine.step(&towers, &tensors, |g, shard| model.loss_share(g, shard, 0.2)).unwrap();
+    let out = engine.step(&towers, &tensors, |g, ctx| model.loss_share(g, ctx.shard, 0.2)).unwrap();
     let grads = params
         .iter()
         .map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size()))

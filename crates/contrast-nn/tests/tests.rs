@@ -9,3 +9,4 @@ mod common;
 mod losses;
 mod optim;
 mod parity;
+mod survey;

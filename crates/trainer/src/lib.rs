@@ -443,7 +443,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         opt.zero_grad();
         let towers = model.towers(&views, tokens.as_ref(), true);
         let out =
-            engine.step(&towers, &opt.tensors(), |g, shard| Ok(model.loss_share(g, shard, c.loss.temperature)?))?;
+            engine.step(&towers, &opt.tensors(), |g, ctx| Ok(model.loss_share(g, ctx.shard, c.loss.temperature)?))?;
         let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         if !loss.is_finite() {
             let last = checkpoint::latest(&run_dir)

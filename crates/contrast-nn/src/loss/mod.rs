@@ -4,13 +4,30 @@
 //! global loss L = Σ_r L_r: the terms whose anchor rows rank r owns, divided by
 //! the global count. The engine sums the shares' gradients across ranks.
 
+pub mod barlow;
+pub mod byol;
 pub mod clip;
+pub mod dcl;
+pub mod debiased;
+pub mod infonce;
 pub mod ntxent;
+pub mod siglip;
+pub mod supcon;
+pub mod swav;
 
+pub use barlow::barlow_twins_share;
+pub use byol::{negative_cosine_share, normalized_mse_share};
 pub use clip::clip_share;
-pub use ntxent::ntxent_share;
+pub use dcl::dcl_share;
+pub use debiased::debiased_share;
+pub use infonce::{cpc_share, infonce_share};
+pub use ntxent::{ntxent_multi_share, ntxent_share};
+pub use siglip::siglip_share;
+pub use supcon::supcon_share;
+pub use swav::{sinkhorn, swav_share};
 
-use tch::Tensor;
+use crate::{NnError, Result};
+use tch::{Kind, Tensor};
 
 /// Which rows of the gathered batch this rank owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +55,74 @@ impl Shard {
     }
 }
 
+/// An all-reduce sum of small host vectors: how a loss counts over the
+/// *global* batch (averages over non-zero terms, anchor counts, Sinkhorn sums).
+pub trait GlobalSum {
+    /// Sum `v` element-wise over all ranks, in place.
+    fn sum(&self, v: &mut [f64]);
+}
+
+impl<C: contrast_comm::Collective> GlobalSum for C {
+    fn sum(&self, v: &mut [f64]) {
+        self.all_reduce_sum(v)
+    }
+}
+
+/// What a loss head sees besides the gathered batch.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    /// The rows this rank owns.
+    pub shard: Shard,
+    /// Global sums (the communicator).
+    pub reduce: &'a dyn GlobalSum,
+}
+
+impl<'a> Ctx<'a> {
+    /// A context for the whole batch on one process.
+    pub fn solo(n: usize) -> Ctx<'static> {
+        Ctx { shard: Shard::solo(n), reduce: &contrast_comm::Solo }
+    }
+
+    /// Sum one scalar over ranks.
+    pub fn global(&self, x: f64) -> f64 {
+        let mut v = [x];
+        self.reduce.sum(&mut v);
+        v[0]
+    }
+}
+
 /// `F.normalize(x, dim=1)`: x / max(‖x‖₂, 1e-12), safe at norm 0.
 pub fn l2_normalize(x: &Tensor) -> Tensor {
     let norm = x.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
     x / norm
+}
+
+/// Row indices this rank owns in `views` stacked view-major (`[V·N, d]`):
+/// rows `v·N + [r·B, (r+1)·B)` for each view v, in that order.
+pub fn owned_rows(shard: Shard, views: usize, device: tch::Device) -> Tensor {
+    let (n, b, off) = (shard.global() as i64, shard.local_batch as i64, shard.offset() as i64);
+    let local = Tensor::arange_start(off, off + b, (Kind::Int64, device));
+    Tensor::cat(&(0..views as i64).map(|v| &local + v * n).collect::<Vec<_>>(), 0)
+}
+
+/// Check that every view is `[N, d]` with the same d; `what` names the loss.
+pub fn check_views(what: &str, views: &[&Tensor], shard: Shard) -> Result<()> {
+    let n = shard.global() as i64;
+    let first = views[0].size();
+    for v in views {
+        if v.dim() != 2 || v.size()[0] != n || v.size() != first {
+            let shapes: Vec<Vec<i64>> = views.iter().map(|v| v.size()).collect();
+            return Err(NnError::Shape(format!("{what}: every input must be [N={n}, d]; got {shapes:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Reject a temperature that is not a positive finite number.
+pub fn check_temperature(what: &str, t: f64) -> Result<()> {
+    if t > 0.0 && t.is_finite() {
+        Ok(())
+    } else {
+        Err(NnError::Param(format!("{what}: temperature must be > 0, got {t}")))
+    }
 }

@@ -16,29 +16,19 @@
 //! Only the local anchor rows are scored against all 2N columns: the logits
 //! are `[2B, 2N]` per rank, never `[2N, 2N]`.
 
-use super::{l2_normalize, Shard};
-use crate::{NnError, Result};
+use super::{check_temperature, check_views, l2_normalize, owned_rows, Ctx, Shard};
+use crate::Result;
 use tch::{Kind, Tensor};
 
 /// This rank's share of NT-Xent over the gathered views.
 pub fn ntxent_share(za: &Tensor, zb: &Tensor, temperature: f64, shard: Shard) -> Result<Tensor> {
-    if !(temperature > 0.0) {
-        return Err(NnError::Param(format!("NT-Xent temperature must be > 0, got {temperature}")));
-    }
+    check_temperature("NT-Xent", temperature)?;
+    check_views("NT-Xent", &[za, zb], shard)?;
     let n = shard.global() as i64;
-    if za.size() != zb.size() || za.dim() != 2 || za.size()[0] != n {
-        return Err(NnError::Shape(format!(
-            "NT-Xent views must both be [N={n}, d], got {:?} and {:?}",
-            za.size(),
-            zb.size()
-        )));
-    }
     let device = za.device();
     let z = l2_normalize(&Tensor::cat(&[za, zb], 0)); // [2N, d]
-    let (b, off) = (shard.local_batch as i64, shard.offset() as i64);
-    let local = Tensor::arange_start(off, off + b, (Kind::Int64, device));
-    let rows = Tensor::cat(&[&local, &(&local + n)], 0); // [2B]: A rows, then B rows
-    let pos = Tensor::cat(&[&(&local + n), &local], 0); // positive column of each anchor
+    let rows = owned_rows(shard, 2, device); // [2B]: A rows, then B rows
+    let pos = (&rows + n).remainder(2 * n); // positive column of each anchor
     let anchors = z.index_select(0, &rows);
     let logits = anchors.matmul(&z.tr()) / temperature; // [2B, 2N]
     let cols = Tensor::arange(2 * n, (Kind::Int64, device)).unsqueeze(0);
@@ -47,4 +37,28 @@ pub fn ntxent_share(za: &Tensor, zb: &Tensor, temperature: f64, shard: Shard) ->
     let lse = logits.logsumexp([1i64].as_slice(), false);
     let positive = logits.gather(1, &pos.unsqueeze(1), false).squeeze_dim(1);
     Ok((lse - positive).sum(logits.kind()) / (2 * n) as f64)
+}
+
+/// NT-Xent with several positives: V ≥ 2 views of each sample; every other
+/// view of the same sample is a positive of an anchor.
+///
+/// # Conventions
+/// ℓ_i = −(1/(V−1)) Σ_{p ∈ P(i)} log( exp(s_ip/t) / Σ_{k≠i} exp(s_ik/t) ),
+/// cosine similarities, mean over the V·N anchors. With V = 2 it is NT-Xent.
+///
+/// # Shapes
+/// `views`: V tensors `[N, d]`; returns this rank's share (its V·B anchors / V·N).
+pub fn ntxent_multi_share(views: &[Tensor], temperature: f64, ctx: &Ctx) -> Result<Tensor> {
+    check_temperature("multi-positive NT-Xent", temperature)?;
+    if views.len() < 2 {
+        return Err(crate::NnError::Param(format!(
+            "multi-positive NT-Xent needs at least 2 views, got {}",
+            views.len()
+        )));
+    }
+    check_views("multi-positive NT-Xent", &views.iter().collect::<Vec<_>>(), ctx.shard)?;
+    let n = ctx.shard.global() as i64;
+    let z = Tensor::cat(views, 0);
+    let ids = Tensor::arange(views.len() as i64 * n, (Kind::Int64, z.device())).remainder(n);
+    super::supcon::multi_positive_share(&z, &ids, temperature, ctx, views.len(), super::supcon::Reduce::Mean)
 }
