@@ -200,17 +200,36 @@ impl Default for TextConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
-    /// Loss: `ntxent` (SimCLR) or `clip`.
+    /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins` (two views) or `clip`, `siglip` (image–text).
     pub name: String,
-    /// Softmax temperature (NT-Xent), or the initial temperature of CLIP's logit scale.
+    /// Softmax temperature; for CLIP/SigLIP the initial temperature of the learnt logit scale (scale = 1/t).
     pub temperature: f64,
-    /// CLIP: learn the logit scale (stored as its log, clamped at 100).
+    /// CLIP/SigLIP: learn the logit scale (stored as its log, clamped at 100).
     pub learn_scale: bool,
+    /// Debiased / hard-negative: class-prior τ⁺ of a false negative, in [0, 1).
+    pub tau_plus: f64,
+    /// Hard-negative: concentration β of the negative reweighting (0 = debiased loss).
+    pub beta: f64,
+    /// Barlow Twins: weight λ of the off-diagonal (redundancy) term.
+    pub lambda: f64,
+    /// DCLW: σ of the von Mises-Fisher positive weighting.
+    pub sigma: f64,
+    /// SigLIP: initial logit bias (learnt).
+    pub init_bias: f64,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { name: "ntxent".into(), temperature: 0.2, learn_scale: true }
+        Self {
+            name: "ntxent".into(),
+            temperature: 0.2,
+            learn_scale: true,
+            tau_plus: 0.1,
+            beta: 1.0,
+            lambda: 5e-3,
+            sigma: 0.5,
+            init_bias: -10.0,
+        }
     }
 }
 
@@ -416,13 +435,55 @@ pub struct Topology {
     pub rank_cores: usize,
 }
 
-/// The loss families the trainer knows (issue #2 scope; more come with #3).
+/// The losses the trainer can run end to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum LossKind {
     /// NT-Xent over 2N views (SimCLR).
     NtXent,
+    /// Supervised contrastive over two views and the class labels.
+    SupCon,
+    /// Decoupled contrastive (positive out of the denominator).
+    Dcl,
+    /// DCL with von Mises-Fisher positive weights.
+    Dclw,
+    /// Debiased contrastive (Chuang et al.).
+    Debiased,
+    /// Hard-negative contrastive (Robinson et al.).
+    HardNegative,
+    /// Barlow Twins.
+    BarlowTwins,
     /// Symmetric image–text cross-entropy with a logit scale (CLIP).
     Clip,
+    /// Pairwise sigmoid image–text loss (SigLIP).
+    SigLip,
+}
+
+impl LossKind {
+    /// Parse `loss.name`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ntxent" | "nt_xent" | "simclr" => LossKind::NtXent,
+            "supcon" => LossKind::SupCon,
+            "dcl" => LossKind::Dcl,
+            "dclw" => LossKind::Dclw,
+            "debiased" => LossKind::Debiased,
+            "hard_negative" => LossKind::HardNegative,
+            "barlow_twins" => LossKind::BarlowTwins,
+            "clip" => LossKind::Clip,
+            "siglip" => LossKind::SigLip,
+            _ => return None,
+        })
+    }
+
+    /// True for the image–text losses (CLIP model, captions).
+    pub fn is_image_text(self) -> bool {
+        matches!(self, LossKind::Clip | LossKind::SigLip)
+    }
+
+    /// True when the loss needs class labels.
+    pub fn is_supervised(self) -> bool {
+        self == LossKind::SupCon
+    }
 }
 
 /// Normalisation layer choice.
@@ -485,11 +546,30 @@ impl Plan {
     /// Validate `config` for the given topology and derive every size.
     pub fn resolve(config: Config, topo: Topology) -> Result<Self, ConfigError> {
         let c = &config;
-        let loss = match c.loss.name.as_str() {
-            "ntxent" | "nt_xent" | "simclr" => LossKind::NtXent,
-            "clip" => LossKind::Clip,
-            other => return Err(invalid("loss.name", format!("`{other}` is not a known loss (ntxent, clip)"))),
-        };
+        let loss = LossKind::parse(&c.loss.name).ok_or_else(|| {
+            invalid(
+                "loss.name",
+                format!(
+                    "`{}` is not a known loss (ntxent, supcon, dcl, dclw, debiased, hard_negative, barlow_twins, clip, siglip)",
+                    c.loss.name
+                ),
+            )
+        })?;
+        if !(0.0..1.0).contains(&c.loss.tau_plus) {
+            return Err(invalid("loss.tau_plus", format!("must lie in [0, 1), got {}", c.loss.tau_plus)));
+        }
+        if !(c.loss.beta >= 0.0) {
+            return Err(invalid("loss.beta", format!("must be ≥ 0, got {}", c.loss.beta)));
+        }
+        if !(c.loss.lambda >= 0.0) {
+            return Err(invalid("loss.lambda", format!("must be ≥ 0, got {}", c.loss.lambda)));
+        }
+        if !(c.loss.sigma > 0.0) {
+            return Err(invalid("loss.sigma", format!("must be > 0, got {}", c.loss.sigma)));
+        }
+        if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
+            return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
+        }
         if !(c.loss.temperature > 0.0) || !c.loss.temperature.is_finite() {
             return Err(invalid("loss.temperature", format!("must be > 0, got {}", c.loss.temperature)));
         }
@@ -583,7 +663,7 @@ impl Plan {
                 ),
             ));
         }
-        if loss == LossKind::NtXent && global_batch < 2 {
+        if !loss.is_image_text() && loss != LossKind::BarlowTwins && global_batch < 2 {
             return Err(invalid("train.global_batch", "NT-Xent needs at least 2 samples for a negative"));
         }
         if t.steps <= 0 {
@@ -656,8 +736,9 @@ impl Plan {
         };
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor = match loss {
-            LossKind::NtXent => 2 * global_batch - 2,
-            LossKind::Clip => global_batch - 1,
+            LossKind::Clip | LossKind::SigLip => global_batch - 1,
+            LossKind::BarlowTwins => 0,
+            _ => 2 * global_batch - 2,
         };
         Ok(Plan {
             loss,
@@ -751,6 +832,11 @@ mod tests {
         assert_eq!(p.threads, 1);
         let err = Config::load(&f, &["train.bogus=1".into()]).unwrap_err().to_string();
         assert!(err.contains("bogus") && err.contains("--set"), "{err}");
+        for (name, kind) in
+            [("supcon", LossKind::SupCon), ("siglip", LossKind::SigLip), ("hard_negative", LossKind::HardNegative)]
+        {
+            assert_eq!(LossKind::parse(name), Some(kind));
+        }
         assert!(Config::load(&f, &["novalue".into()]).is_err());
     }
 
@@ -760,6 +846,8 @@ mod tests {
             ("model: {norm: batchy}", "model.norm"),
             ("loss: {temperature: 0}", "loss.temperature"),
             ("loss: {name: foo}", "loss.name"),
+            ("loss: {tau_plus: 1.0}", "loss.tau_plus"),
+            ("loss: {sigma: 0}", "loss.sigma"),
             ("train: {optimizer: {lr_scale: x}}", "train.optimizer.lr_scale"),
         ] {
             let c = with_root(Config::from_yaml(yaml, "f").unwrap());

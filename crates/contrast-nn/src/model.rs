@@ -12,7 +12,7 @@
 //!   (the argmax of the token ids, as open_clip) and a linear projection.
 //! - [`Model`]: the whole trainable model of a run (SimCLR or CLIP).
 
-use contrast_config::{LossKind, ModelConfig, Norm};
+use contrast_config::{LossConfig, LossKind, ModelConfig, Norm};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -196,7 +196,7 @@ impl TextTower {
 
 /// The trainable model of a run.
 pub enum Model {
-    /// Backbone and projection head (SimCLR).
+    /// Backbone and projection head, two views (SimCLR and the other two-view losses).
     SimClr {
         /// Encoder whose features kNN evaluates.
         backbone: ConvBackbone,
@@ -213,6 +213,8 @@ pub enum Model {
         text: TextTower,
         /// log of the logit scale (a loss-head parameter).
         logit_scale: Tensor,
+        /// SigLIP's logit bias (a loss-head parameter).
+        logit_bias: Option<Tensor>,
     },
 }
 
@@ -221,22 +223,15 @@ pub const LOGIT_SCALE: &str = "loss.logit_scale";
 
 impl Model {
     /// Build the model of `loss` under the var store's root.
-    pub fn new(
-        vs: &nn::VarStore,
-        loss: LossKind,
-        m: &ModelConfig,
-        norm: Norm,
-        temperature: f64,
-        learn_scale: bool,
-    ) -> Self {
+    pub fn new(vs: &nn::VarStore, loss: LossKind, m: &ModelConfig, norm: Norm, l: &LossConfig) -> Self {
         let root = vs.root();
         let backbone = ConvBackbone::new(&(&root / "backbone"), m.width, m.embed_dim, norm);
         let hidden = m.proj_hidden;
         match loss {
-            LossKind::NtXent => {
+            k if !k.is_image_text() => {
                 Model::SimClr { head: Mlp::new(&(&root / "head"), m.embed_dim, hidden, m.proj_dim), backbone }
             }
-            LossKind::Clip => {
+            _ => {
                 let t = &m.text;
                 let text = TextTower::new(
                     &(&root / "text"),
@@ -253,14 +248,16 @@ impl Model {
                     m.proj_dim,
                     nn::LinearConfig { bias: false, ..Default::default() },
                 );
-                let init = (1.0 / temperature).ln();
-                let loss = &root / "loss";
-                let logit_scale = if learn_scale {
-                    loss.var("logit_scale", &[], nn::Init::Const(init))
+                let init = (1.0 / l.temperature).ln();
+                let head = &root / "loss";
+                let logit_scale = if l.learn_scale {
+                    head.var("logit_scale", &[], nn::Init::Const(init))
                 } else {
-                    loss.zeros_no_train("logit_scale", &[]).fill_(init)
+                    head.zeros_no_train("logit_scale", &[]).fill_(init)
                 };
-                Model::Clip { backbone, image_proj, text, logit_scale }
+                let logit_bias =
+                    (loss == LossKind::SigLip).then(|| head.var("logit_bias", &[], nn::Init::Const(l.init_bias)));
+                Model::Clip { backbone, image_proj, text, logit_scale, logit_bias }
             }
         }
     }
@@ -303,16 +300,34 @@ impl Model {
         }
     }
 
-    /// This rank's loss share on the gathered towers.
+    /// This rank's loss share on the gathered towers. `labels` are the gathered
+    /// class labels `[N]`, needed by supervised losses only.
     pub fn loss_share(
         &self,
         gathered: &[Tensor],
-        shard: crate::loss::Shard,
-        temperature: f64,
+        ctx: &crate::loss::Ctx,
+        kind: LossKind,
+        l: &LossConfig,
+        labels: Option<&Tensor>,
     ) -> crate::Result<Tensor> {
-        match self {
-            Model::SimClr { .. } => crate::loss::ntxent_share(&gathered[0], &gathered[1], temperature, shard),
-            Model::Clip { logit_scale, .. } => crate::loss::clip_share(&gathered[0], &gathered[1], logit_scale, shard),
+        use crate::loss::*;
+        let (a, b, shard, t) = (&gathered[0], &gathered[1], ctx.shard, l.temperature);
+        match (self, kind) {
+            (Model::SimClr { .. }, LossKind::NtXent) => ntxent_share(a, b, t, shard),
+            (Model::SimClr { .. }, LossKind::SupCon) => {
+                let labels = labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?;
+                supcon_share(gathered, labels, t, ctx)
+            }
+            (Model::SimClr { .. }, LossKind::Dcl) => dcl_share(a, b, t, None, shard),
+            (Model::SimClr { .. }, LossKind::Dclw) => dcl_share(a, b, t, Some(l.sigma), shard),
+            (Model::SimClr { .. }, LossKind::Debiased) => debiased_share(a, b, t, l.tau_plus, 0.0, shard),
+            (Model::SimClr { .. }, LossKind::HardNegative) => debiased_share(a, b, t, l.tau_plus, l.beta, shard),
+            (Model::SimClr { .. }, LossKind::BarlowTwins) => barlow_twins_share(a, b, l.lambda, shard),
+            (Model::Clip { logit_scale, .. }, LossKind::Clip) => clip_share(a, b, logit_scale, shard),
+            (Model::Clip { logit_scale, logit_bias: Some(bias), .. }, LossKind::SigLip) => {
+                siglip_share(a, b, logit_scale, bias, shard)
+            }
+            _ => Err(crate::NnError::Param(format!("loss {kind:?} does not fit this model"))),
         }
     }
 

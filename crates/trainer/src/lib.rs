@@ -12,7 +12,7 @@ pub mod eval;
 
 use anyhow::{bail, Context, Result};
 use contrast_comm::{Collective, Comm};
-use contrast_config::{Config, LossKind, Plan, Topology};
+use contrast_config::{Config, Plan, Topology};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::{AugParams, Augmenter, Mode, Pipeline, PipelineConfig};
 use contrast_nn::model::Model;
@@ -144,7 +144,7 @@ pub fn build_model<C: Collective>(comm: &C, plan: &Plan, device: Device) -> (Var
     let c = &plan.config;
     tch::manual_seed(c.seed as i64);
     let vs = VarStore::new(device);
-    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, c.loss.temperature, c.loss.learn_scale);
+    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, &c.loss);
     if comm.world_size() > 1 {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -207,7 +207,7 @@ pub fn evaluate<C: Collective>(
         model.features(x, false)
     });
     let zs = match plan.loss {
-        LossKind::Clip => eval::zero_shot_top1(
+        k if k.is_image_text() => eval::zero_shot_top1(
             comm,
             model,
             test,
@@ -216,7 +216,7 @@ pub fn evaluate<C: Collective>(
             c.model.text.context as usize,
             c.model.proj_dim,
         ),
-        LossKind::NtXent => None,
+        _ => None,
     };
     EvalFigures { knn_top1: knn, zero_shot_top1: zs }
 }
@@ -369,12 +369,13 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         }
     }
 
-    let mode = match plan.loss {
-        LossKind::NtXent => Mode::TwoViews,
-        LossKind::Clip => Mode::ImageText {
+    let mode = if plan.loss.is_image_text() {
+        Mode::ImageText {
             context: c.model.text.context as usize,
             class_names: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
-        },
+        }
+    } else {
+        Mode::TwoViews
     };
     let pipeline = Pipeline::start(
         train_images.clone(),
@@ -440,10 +441,13 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         debug_assert_eq!(views[0].numel() as i64, b * pix);
         let tokens =
             (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
+        // Supervised losses see the labels of the whole global batch.
+        let labels =
+            plan.loss.is_supervised().then(|| Tensor::from_slice(&comm.all_gather(&batch.labels)).to_device(device));
         opt.zero_grad();
         let towers = model.towers(&views, tokens.as_ref(), true);
-        let out =
-            engine.step(&towers, &opt.tensors(), |g, ctx| Ok(model.loss_share(g, ctx.shard, c.loss.temperature)?))?;
+        let out = engine
+            .step(&towers, &opt.tensors(), |g, ctx| model.loss_share(g, ctx, plan.loss, &c.loss, labels.as_ref()))?;
         let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         if !loss.is_finite() {
             let last = checkpoint::latest(&run_dir)
