@@ -7,24 +7,37 @@
 pub mod barlow;
 pub mod byol;
 pub mod clip;
+pub mod contrastive;
 pub mod dcl;
 pub mod debiased;
 pub mod infonce;
+pub mod lifted;
+pub mod metric;
+pub mod nce;
+pub mod npair;
 pub mod ntxent;
 pub mod siglip;
+pub mod snn;
 pub mod supcon;
 pub mod swav;
+pub mod triplet;
 
 pub use barlow::barlow_twins_share;
 pub use byol::{negative_cosine_share, normalized_mse_share};
 pub use clip::clip_share;
+pub use contrastive::contrastive_share;
 pub use dcl::dcl_share;
 pub use debiased::debiased_share;
 pub use infonce::{cpc_share, infonce_share};
+pub use lifted::{generalized_lifted_share, lifted_hard_share, lifted_smooth_share};
+pub use nce::nce_share;
+pub use npair::npair_share;
 pub use ntxent::{ntxent_multi_share, ntxent_share};
 pub use siglip::siglip_share;
+pub use snn::snn_share;
 pub use supcon::supcon_share;
 pub use swav::{sinkhorn, swav_share};
+pub use triplet::{triplet_share, Mining};
 
 use crate::{NnError, Result};
 use tch::{Kind, Tensor};
