@@ -216,6 +216,18 @@ pub struct LossConfig {
     pub sigma: f64,
     /// SigLIP: initial logit bias (learnt).
     pub init_bias: f64,
+    /// Triplet: margin of relu(d_ap − d_an + margin).
+    pub margin: f64,
+    /// Contrastive / lifted: positive-pair margin.
+    pub pos_margin: f64,
+    /// Contrastive / lifted (smooth, hard, generalized): negative-pair margin.
+    pub neg_margin: f64,
+    /// Contrastive: the survey's squared form d², relu(m − d)².
+    pub squared: bool,
+    /// Triplet mining over the global batch: `all`, `batch_hard` or `semi_hard`.
+    pub mining: String,
+    /// NCE: size of the uniform noise distribution (p_n = 1 / noise_size).
+    pub noise_size: f64,
 }
 
 impl Default for LossConfig {
@@ -229,6 +241,12 @@ impl Default for LossConfig {
             lambda: 5e-3,
             sigma: 0.5,
             init_bias: -10.0,
+            margin: 0.05,
+            pos_margin: 0.0,
+            neg_margin: 1.0,
+            squared: false,
+            mining: "all".into(),
+            noise_size: 60000.0,
         }
     }
 }
@@ -456,6 +474,22 @@ pub enum LossKind {
     Clip,
     /// Pairwise sigmoid image–text loss (SigLIP).
     SigLip,
+    /// Contrastive pair loss (Chopra et al.).
+    Contrastive,
+    /// Triplet margin loss.
+    Triplet,
+    /// Lifted structured loss, smooth form.
+    Lifted,
+    /// Lifted structured loss, hard (max) form of Song et al.
+    LiftedHard,
+    /// Generalized lifted structure loss.
+    GeneralizedLifted,
+    /// Multi-class N-pair loss.
+    NPair,
+    /// Soft nearest neighbour loss.
+    Snn,
+    /// Binary NCE with uniform noise.
+    Nce,
 }
 
 impl LossKind {
@@ -471,6 +505,14 @@ impl LossKind {
             "barlow_twins" => LossKind::BarlowTwins,
             "clip" => LossKind::Clip,
             "siglip" => LossKind::SigLip,
+            "contrastive" => LossKind::Contrastive,
+            "triplet" => LossKind::Triplet,
+            "lifted" => LossKind::Lifted,
+            "lifted_hard" => LossKind::LiftedHard,
+            "generalized_lifted" => LossKind::GeneralizedLifted,
+            "npair" => LossKind::NPair,
+            "snn" => LossKind::Snn,
+            "nce" => LossKind::Nce,
             _ => return None,
         })
     }
@@ -480,9 +522,23 @@ impl LossKind {
         matches!(self, LossKind::Clip | LossKind::SigLip)
     }
 
+    /// True for the metric-learning losses: one embedding per sample and its label.
+    pub fn is_metric(self) -> bool {
+        matches!(
+            self,
+            LossKind::Contrastive
+                | LossKind::Triplet
+                | LossKind::Lifted
+                | LossKind::LiftedHard
+                | LossKind::GeneralizedLifted
+                | LossKind::NPair
+                | LossKind::Snn
+        )
+    }
+
     /// True when the loss needs class labels.
     pub fn is_supervised(self) -> bool {
-        self == LossKind::SupCon
+        self == LossKind::SupCon || self.is_metric()
     }
 }
 
@@ -550,7 +606,8 @@ impl Plan {
             invalid(
                 "loss.name",
                 format!(
-                    "`{}` is not a known loss (ntxent, supcon, dcl, dclw, debiased, hard_negative, barlow_twins, clip, siglip)",
+                    "`{}` is not a known loss (ntxent, supcon, dcl, dclw, debiased, hard_negative, barlow_twins, \
+                     clip, siglip, contrastive, triplet, lifted, lifted_hard, generalized_lifted, npair, snn, nce)",
                     c.loss.name
                 ),
             )
@@ -566,6 +623,21 @@ impl Plan {
         }
         if !(c.loss.sigma > 0.0) {
             return Err(invalid("loss.sigma", format!("must be > 0, got {}", c.loss.sigma)));
+        }
+        for (key, v) in [
+            ("loss.margin", c.loss.margin),
+            ("loss.pos_margin", c.loss.pos_margin),
+            ("loss.neg_margin", c.loss.neg_margin),
+        ] {
+            if !(v >= 0.0) {
+                return Err(invalid(key, format!("a margin must be ≥ 0, got {v}")));
+            }
+        }
+        if !matches!(c.loss.mining.as_str(), "all" | "batch_hard" | "semi_hard") {
+            return Err(invalid("loss.mining", format!("`{}` is not all, batch_hard or semi_hard", c.loss.mining)));
+        }
+        if !(c.loss.noise_size >= 1.0) {
+            return Err(invalid("loss.noise_size", format!("must be ≥ 1, got {}", c.loss.noise_size)));
         }
         if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
             return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
@@ -738,6 +810,7 @@ impl Plan {
         let negatives_per_anchor = match loss {
             LossKind::Clip | LossKind::SigLip => global_batch - 1,
             LossKind::BarlowTwins => 0,
+            k if k.is_metric() => global_batch - 1,
             _ => 2 * global_batch - 2,
         };
         Ok(Plan {
@@ -848,6 +921,8 @@ mod tests {
             ("loss: {name: foo}", "loss.name"),
             ("loss: {tau_plus: 1.0}", "loss.tau_plus"),
             ("loss: {sigma: 0}", "loss.sigma"),
+            ("loss: {margin: -0.1}", "loss.margin"),
+            ("loss: {mining: hardest}", "loss.mining"),
             ("train: {optimizer: {lr_scale: x}}", "train.optimizer.lr_scale"),
         ] {
             let c = with_root(Config::from_yaml(yaml, "f").unwrap());

@@ -269,8 +269,8 @@ impl Model {
         }
     }
 
-    /// The towers the loss sees: SimCLR `[z_A, z_B]` from two views; CLIP
-    /// `[image, text]` from one view and the caption tokens.
+    /// The towers the loss sees: SimCLR `[z_A, z_B]` from two views (one tower
+    /// per view given); CLIP `[image, text]` from one view and the caption tokens.
     pub fn towers(&self, views: &[Tensor], tokens: Option<&Tensor>, train: bool) -> Vec<Tensor> {
         match self {
             Model::SimClr { backbone, head } => {
@@ -311,7 +311,8 @@ impl Model {
         labels: Option<&Tensor>,
     ) -> crate::Result<Tensor> {
         use crate::loss::*;
-        let (a, b, shard, t) = (&gathered[0], &gathered[1], ctx.shard, l.temperature);
+        let (a, shard, t) = (&gathered[0], ctx.shard, l.temperature);
+        let b = gathered.get(1).unwrap_or(a);
         match (self, kind) {
             (Model::SimClr { .. }, LossKind::NtXent) => ntxent_share(a, b, t, shard),
             (Model::SimClr { .. }, LossKind::SupCon) => {
@@ -323,6 +324,26 @@ impl Model {
             (Model::SimClr { .. }, LossKind::Debiased) => debiased_share(a, b, t, l.tau_plus, 0.0, shard),
             (Model::SimClr { .. }, LossKind::HardNegative) => debiased_share(a, b, t, l.tau_plus, l.beta, shard),
             (Model::SimClr { .. }, LossKind::BarlowTwins) => barlow_twins_share(a, b, l.lambda, shard),
+            (Model::SimClr { .. }, LossKind::Nce) => nce_share(a, b, t, l.noise_size, shard),
+            (Model::SimClr { .. }, k) if k.is_metric() => {
+                let y = labels.ok_or_else(|| crate::NnError::Param(format!("{k:?} needs class labels")))?;
+                match k {
+                    LossKind::Contrastive => contrastive_share(a, y, l.pos_margin, l.neg_margin, l.squared, ctx),
+                    LossKind::Triplet => {
+                        let mining = match l.mining.as_str() {
+                            "batch_hard" => Mining::BatchHard,
+                            "semi_hard" => Mining::SemiHard,
+                            _ => Mining::All,
+                        };
+                        triplet_share(a, y, l.margin, mining, ctx)
+                    }
+                    LossKind::Lifted => lifted_smooth_share(a, y, l.neg_margin, l.pos_margin, ctx),
+                    LossKind::LiftedHard => lifted_hard_share(a, y, l.neg_margin, ctx),
+                    LossKind::GeneralizedLifted => generalized_lifted_share(a, y, l.neg_margin, l.pos_margin, ctx),
+                    LossKind::NPair => npair_share(a, y, ctx),
+                    _ => snn_share(a, y, t, ctx),
+                }
+            }
             (Model::Clip { logit_scale, .. }, LossKind::Clip) => clip_share(a, b, logit_scale, shard),
             (Model::Clip { logit_scale, logit_bias: Some(bias), .. }, LossKind::SigLip) => {
                 siglip_share(a, b, logit_scale, bias, shard)

@@ -445,7 +445,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let labels =
             plan.loss.is_supervised().then(|| Tensor::from_slice(&comm.all_gather(&batch.labels)).to_device(device));
         opt.zero_grad();
-        let towers = model.towers(&views, tokens.as_ref(), true);
+        // Metric-learning losses take one embedding per sample: the first view.
+        let used = if plan.loss.is_metric() { &views[..1] } else { &views[..] };
+        let towers = model.towers(used, tokens.as_ref(), true);
         let out = engine
             .step(&towers, &opt.tensors(), |g, ctx| model.loss_share(g, ctx, plan.loss, &c.loss, labels.as_ref()))?;
         let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };

@@ -166,7 +166,7 @@ fn summary(run: &Path) -> serde_json::Value {
 fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
     let fx = Fixture::new();
     // NT-Xent and CLIP at 2 and 4 ranks; one MPI run of each other loss family at 2 ranks.
-    let cases: [(&str, &[usize]); 7] = [
+    let cases: [(&str, &[usize]); 9] = [
         ("ntxent", &[2, 4]),
         ("clip", &[2, 4]),
         ("supcon", &[2]),
@@ -174,6 +174,8 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
         ("hard_negative", &[2]),
         ("barlow_twins", &[2]),
         ("siglip", &[2]),
+        ("triplet", &[2]),
+        ("nce", &[2]),
     ];
     for (loss, worlds) in cases {
         let solo = fx.config(&format!("{loss}-solo"), loss, "");
@@ -335,4 +337,39 @@ fn summary_eval_and_checkpoint_layout() {
     assert_eq!(e["step"], 4);
     assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9);
     assert!(e["zero_shot_top1"].as_f64().is_some());
+}
+
+/// `examples/loss_parity`, built next to this test binary by `cargo test`.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    assert!(dir.is_file(), "{} is missing: cargo test builds the examples", dir.display());
+    dir
+}
+
+#[test]
+fn every_loss_family_is_exact_through_real_mpi() {
+    let bin = example("loss_parity");
+    for np in [2usize, 3] {
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-n", &np.to_string()]);
+        if is_open_mpi() {
+            cmd.arg("--oversubscribe");
+        }
+        let out = cmd
+            .arg(&bin)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "loss_parity on {np} ranks failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(text.lines().filter(|l| l.ends_with(" ok")).count(), 18, "{text}");
+        assert!(text.contains(&format!("P={np}")));
+    }
 }
