@@ -24,28 +24,137 @@ fn main() {
     let d = 128i64;
     let solo = |n: i64| Ctx::solo(n as usize);
     let losses: Vec<(&str, usize, Option<i64>, LossFn)> = vec![
-        ("ntxent", 2, None, Box::new(|v, _, _| ntxent_share(&v[0], &v[1], 0.2, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("ntxent_multi(3)", 3, None, Box::new(move |v, _, _| ntxent_multi_share(v, 0.2, &solo(v[0].size()[0])).unwrap())),
+        (
+            "ntxent",
+            2,
+            None,
+            Box::new(|v, _, _| ntxent_share(&v[0], &v[1], 0.2, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "ntxent_multi(3)",
+            3,
+            None,
+            Box::new(move |v, _, _| ntxent_multi_share(v, 0.2, &solo(v[0].size()[0])).unwrap()),
+        ),
         ("supcon", 2, None, Box::new(move |v, y, _| supcon_share(v, y, 0.1, &solo(v[0].size()[0])).unwrap())),
-        ("dcl", 2, None, Box::new(|v, _, _| dcl_share(&v[0], &v[1], 0.1, None, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("dclw", 2, None, Box::new(|v, _, _| dcl_share(&v[0], &v[1], 0.1, Some(0.5), Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("debiased", 2, None, Box::new(|v, _, _| debiased_share(&v[0], &v[1], 0.5, 0.1, 0.0, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("hard_negative", 2, None, Box::new(|v, _, _| debiased_share(&v[0], &v[1], 0.5, 0.1, 1.0, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("clip", 2, None, Box::new(|v, _, p| clip_share(&v[0], &v[1], &p[0], Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("siglip", 2, None, Box::new(|v, _, p| siglip_share(&v[0], &v[1], &p[0], &p[1], Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("barlow_twins", 2, None, Box::new(|v, _, _| barlow_twins_share(&v[0], &v[1], 5e-3, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("byol_nmse", 2, None, Box::new(|v, _, _| normalized_mse_share(&v[0], &v[1], Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("swav(K=512)", 2, None, Box::new(move |v, _, p| swav_share(v, &p[2], 0.1, 0.05, 3, &[0, 1], &solo(v[0].size()[0])).unwrap())),
-        ("infonce", 2, None, Box::new(|v, _, _| infonce_share(&v[0], &v[1], 0.1, true, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("cpc", 2, None, Box::new(|v, _, p| cpc_share(&v[0], &v[1], &p[3], Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("nce", 2, None, Box::new(|v, _, _| nce_share(&v[0], &v[1], 0.1, 60000.0, Shard::solo(v[0].size()[0] as usize)).unwrap())),
-        ("contrastive", 1, None, Box::new(move |v, y, _| contrastive_share(&v[0], y, 0.0, 1.0, false, &solo(v[0].size()[0])).unwrap())),
-        ("triplet_all", 1, Some(1024), Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::All, &solo(v[0].size()[0])).unwrap())),
-        ("triplet_semi_hard", 1, Some(1024), Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::SemiHard, &solo(v[0].size()[0])).unwrap())),
-        ("triplet_batch_hard", 1, None, Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::BatchHard, &solo(v[0].size()[0])).unwrap())),
-        ("lifted", 1, None, Box::new(move |v, y, _| lifted_smooth_share(&v[0], y, 1.0, 0.0, &solo(v[0].size()[0])).unwrap())),
-        ("lifted_hard", 1, None, Box::new(move |v, y, _| lifted_hard_share(&v[0], y, 1.0, &solo(v[0].size()[0])).unwrap())),
-        ("generalized_lifted", 1, None, Box::new(move |v, y, _| generalized_lifted_share(&v[0], y, 1.0, 0.0, &solo(v[0].size()[0])).unwrap())),
+        (
+            "dcl",
+            2,
+            None,
+            Box::new(|v, _, _| dcl_share(&v[0], &v[1], 0.1, None, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "dclw",
+            2,
+            None,
+            Box::new(|v, _, _| dcl_share(&v[0], &v[1], 0.1, Some(0.5), Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "debiased",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                debiased_share(&v[0], &v[1], 0.5, 0.1, 0.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
+        ),
+        (
+            "hard_negative",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                debiased_share(&v[0], &v[1], 0.5, 0.1, 1.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
+        ),
+        (
+            "clip",
+            2,
+            None,
+            Box::new(|v, _, p| clip_share(&v[0], &v[1], &p[0], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "siglip",
+            2,
+            None,
+            Box::new(|v, _, p| siglip_share(&v[0], &v[1], &p[0], &p[1], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "barlow_twins",
+            2,
+            None,
+            Box::new(|v, _, _| barlow_twins_share(&v[0], &v[1], 5e-3, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "byol_nmse",
+            2,
+            None,
+            Box::new(|v, _, _| normalized_mse_share(&v[0], &v[1], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "swav(K=512)",
+            2,
+            None,
+            Box::new(move |v, _, p| swav_share(v, &p[2], 0.1, 0.05, 3, &[0, 1], &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "infonce",
+            2,
+            None,
+            Box::new(|v, _, _| infonce_share(&v[0], &v[1], 0.1, true, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "cpc",
+            2,
+            None,
+            Box::new(|v, _, p| cpc_share(&v[0], &v[1], &p[3], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "nce",
+            2,
+            None,
+            Box::new(|v, _, _| nce_share(&v[0], &v[1], 0.1, 60000.0, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "contrastive",
+            1,
+            None,
+            Box::new(move |v, y, _| contrastive_share(&v[0], y, 0.0, 1.0, false, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "triplet_all",
+            1,
+            Some(1024),
+            Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::All, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "triplet_semi_hard",
+            1,
+            Some(1024),
+            Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::SemiHard, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "triplet_batch_hard",
+            1,
+            None,
+            Box::new(move |v, y, _| triplet_share(&v[0], y, 0.05, Mining::BatchHard, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "lifted",
+            1,
+            None,
+            Box::new(move |v, y, _| lifted_smooth_share(&v[0], y, 1.0, 0.0, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "lifted_hard",
+            1,
+            None,
+            Box::new(move |v, y, _| lifted_hard_share(&v[0], y, 1.0, &solo(v[0].size()[0])).unwrap()),
+        ),
+        (
+            "generalized_lifted",
+            1,
+            None,
+            Box::new(move |v, y, _| generalized_lifted_share(&v[0], y, 1.0, 0.0, &solo(v[0].size()[0])).unwrap()),
+        ),
         ("npair", 1, None, Box::new(move |v, y, _| npair_share(&v[0], y, &solo(v[0].size()[0])).unwrap())),
         ("snn", 1, None, Box::new(move |v, y, _| snn_share(&v[0], y, 1.0, &solo(v[0].size()[0])).unwrap())),
     ];
@@ -63,8 +172,9 @@ fn main() {
                 println!("{name:>20} {n:>6} {:>10} {:>10.2} {:>8}", "O(N³): -", mm * 1e3, "-");
                 continue;
             }
-            let v: Vec<Tensor> =
-                (0..*views).map(|_| Tensor::randn([n, d], (Kind::Float, Device::Cpu)).set_requires_grad(true)).collect();
+            let v: Vec<Tensor> = (0..*views)
+                .map(|_| Tensor::randn([n, d], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+                .collect();
             let params = [
                 Tensor::from(10f32.ln()).set_requires_grad(true),
                 Tensor::from(-10f32).set_requires_grad(true),
