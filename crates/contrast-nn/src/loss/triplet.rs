@@ -13,8 +13,13 @@
 //! - Reduction: `AvgNonZeroReducer` over the mined triplets, counted globally.
 //!
 //! # Shapes
-//! `z`: `[N, d]`, `labels`: `[N]`; returns this rank's share. "All" is
-//! evaluated in anchor chunks so memory stays O(chunk · N²).
+//! `z`: `[N, d]`, `labels`: `[N]`; returns this rank's share.
+//!
+//! "All" and "semi-hard" never keep the B·N² triplet terms for autograd: the
+//! active triplets (term > 0) are counted without gradient in anchor chunks,
+//! c_ap = #active n per (a, p) and c_an = #active p per (a, n), and the loss is
+//! (Σ c_ap·d_ap − Σ c_an·d_an + m·K) / K_global — the same value and the same
+//! (sub)gradient as summing relu over the triplets, in O(B·N) autograd memory.
 
 use super::metric::{avg_non_zero, check_labelled, distances, label_masks};
 use super::{owned_rows, Ctx};
@@ -51,32 +56,42 @@ pub fn triplet_share(z: &Tensor, labels: &Tensor, margin: f64, mining: Mining, c
             let t = (d.gather(1, &far, false) - d.gather(1, &near, false) + margin).relu().squeeze_dim(1);
             t.where_self(&valid, &t.zeros_like())
         }
-        Mining::All | Mining::SemiHard => {
-            let b = d.size()[0];
-            let chunk = (1i64 << 22) / (d.size()[1] * d.size()[1]).max(1);
-            let chunk = chunk.clamp(1, b.max(1));
-            let mut parts = Vec::new();
-            let mut s = 0;
-            while s < b {
-                let e = (s + chunk).min(b);
-                let (dc, pc, nc) = (d.narrow(0, s, e - s), pos.narrow(0, s, e - s), neg.narrow(0, s, e - s));
-                let ap = dc.unsqueeze(2); // [c, N, 1]: p along dim 1
-                let an = dc.unsqueeze(1); // [c, 1, N]: n along dim 2
-                let mut valid = pc.unsqueeze(2).logical_and(&nc.unsqueeze(1));
-                if mining == Mining::SemiHard {
-                    let gap = (&an - &ap).detach();
-                    valid = valid.logical_and(&gap.gt(0.0)).logical_and(&gap.le(margin));
-                }
-                let t = (ap - an + margin).relu();
-                parts.push(t.where_self(&valid, &t.zeros_like()).flatten(0, -1));
-                s = e;
-            }
-            if parts.is_empty() {
-                Tensor::zeros([0], (z.kind(), z.device()))
-            } else {
-                Tensor::cat(&parts, 0)
-            }
-        }
+        Mining::All | Mining::SemiHard => return all_triplets(&d, &pos, &neg, margin, mining, ctx),
     };
     Ok(avg_non_zero(&terms, ctx))
+}
+
+fn all_triplets(d: &Tensor, pos: &Tensor, neg: &Tensor, margin: f64, mining: Mining, ctx: &Ctx) -> Result<Tensor> {
+    let (b, n) = (d.size()[0], d.size()[1]);
+    let dd = d.detach();
+    let chunk = ((1i64 << 24) / (n * n).max(1)).clamp(1, b.max(1));
+    let mut c_ap = Vec::new();
+    let mut c_an = Vec::new();
+    let mut active_total = 0i64;
+    tch::no_grad(|| {
+        let mut s = 0;
+        while s < b {
+            let e = (s + chunk).min(b);
+            let (dc, pc, nc) = (dd.narrow(0, s, e - s), pos.narrow(0, s, e - s), neg.narrow(0, s, e - s));
+            let ap = dc.unsqueeze(2); // [c, N(p), 1]
+            let an = dc.unsqueeze(1); // [c, 1, N(n)]
+            let gap = &an - &ap; // d_an − d_ap
+            let mut active = pc.unsqueeze(2).logical_and(&nc.unsqueeze(1)).logical_and(&gap.lt(margin));
+            if mining == Mining::SemiHard {
+                active = active.logical_and(&gap.gt(0.0));
+            }
+            let kind = d.kind();
+            c_ap.push(active.sum_dim_intlist([2i64].as_slice(), false, kind));
+            c_an.push(active.sum_dim_intlist([1i64].as_slice(), false, kind));
+            active_total += active.sum(tch::Kind::Int64).int64_value(&[]);
+            s = e;
+        }
+    });
+    let count = ctx.global(active_total as f64);
+    if b == 0 || count == 0.0 {
+        return Ok(d.sum(d.kind()) * 0.0);
+    }
+    let (c_ap, c_an) = (Tensor::cat(&c_ap, 0), Tensor::cat(&c_an, 0));
+    let total = (c_ap * d).sum(d.kind()) - (c_an * d).sum(d.kind()) + margin * active_total as f64;
+    Ok(total / count)
 }
