@@ -203,7 +203,8 @@ pub struct LossConfig {
     /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins` (two views) or `clip`, `siglip` (image–text).
     pub name: String,
     /// Softmax temperature; for CLIP/SigLIP the initial temperature of the learnt logit scale (scale = 1/t).
-    pub temperature: f64,
+    /// Unset: the default of the implementation the loss follows (see [`LossKind::default_temperature`]).
+    pub temperature: Option<f64>,
     /// CLIP/SigLIP: learn the logit scale (stored as its log, clamped at 100).
     pub learn_scale: bool,
     /// Debiased / hard-negative: class-prior τ⁺ of a false negative, in [0, 1).
@@ -234,7 +235,7 @@ impl Default for LossConfig {
     fn default() -> Self {
         Self {
             name: "ntxent".into(),
-            temperature: 0.2,
+            temperature: None,
             learn_scale: true,
             tau_plus: 0.1,
             beta: 1.0,
@@ -492,7 +493,28 @@ pub enum LossKind {
     Nce,
 }
 
+impl LossConfig {
+    /// `loss.temperature`, or the default of the implementation `kind` follows.
+    pub fn temperature_for(&self, kind: LossKind) -> f64 {
+        self.temperature.unwrap_or_else(|| kind.default_temperature())
+    }
+}
+
 impl LossKind {
+    /// The temperature of the implementation each loss follows: lightly
+    /// `NTXentLoss` 0.5, pytorch-metric-learning `SupConLoss` 0.1, lightly
+    /// `DCLLoss` 0.1, the debiased/hard-negative authors' scripts 0.5, open_clip's
+    /// initial CLIP scale 1/0.07 and SigLIP scale 10, instance-discrimination
+    /// NCE 0.07; 1 where the loss has none.
+    pub fn default_temperature(self) -> f64 {
+        match self {
+            LossKind::NtXent | LossKind::Debiased | LossKind::HardNegative => 0.5,
+            LossKind::SupCon | LossKind::Dcl | LossKind::Dclw | LossKind::SigLip => 0.1,
+            LossKind::Clip | LossKind::Nce => 0.07,
+            _ => 1.0,
+        }
+    }
+
     /// Parse `loss.name`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -596,6 +618,8 @@ pub struct Plan {
     pub workers: usize,
     /// Peak learning rate after scaling.
     pub peak_lr: f64,
+    /// The loss temperature in force (given, or the loss's default).
+    pub temperature: f64,
 }
 
 impl Plan {
@@ -642,8 +666,9 @@ impl Plan {
         if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
             return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
         }
-        if !(c.loss.temperature > 0.0) || !c.loss.temperature.is_finite() {
-            return Err(invalid("loss.temperature", format!("must be > 0, got {}", c.loss.temperature)));
+        let temperature = c.loss.temperature_for(loss);
+        if !(temperature > 0.0) || !temperature.is_finite() {
+            return Err(invalid("loss.temperature", format!("must be > 0, got {temperature}")));
         }
         let norm = Norm::parse(&c.model.norm)?;
         if c.model.encoder != "convnet" {
@@ -825,6 +850,7 @@ impl Plan {
             threads_source,
             workers,
             peak_lr,
+            temperature,
             config,
         })
     }
@@ -832,9 +858,10 @@ impl Plan {
     /// One human-readable block of the derived sizes, printed at start.
     pub fn describe(&self) -> String {
         format!(
-            "plan: loss={:?} world_size={} local_batch={} global_batch={} negatives_per_anchor={} steps={} \
+            "plan: loss={:?} temperature={} world_size={} local_batch={} global_batch={} negatives_per_anchor={} steps={} \
              threads/rank={} ({}) data_workers/rank={} peak_lr={:.6} norm={:?}",
             self.loss,
+            self.temperature,
             self.world_size,
             self.local_batch,
             self.global_batch,

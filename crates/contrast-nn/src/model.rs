@@ -248,7 +248,7 @@ impl Model {
                     m.proj_dim,
                     nn::LinearConfig { bias: false, ..Default::default() },
                 );
-                let init = (1.0 / l.temperature).ln();
+                let init = (1.0 / l.temperature_for(loss)).ln();
                 let head = &root / "loss";
                 let logit_scale = if l.learn_scale {
                     head.var("logit_scale", &[], nn::Init::Const(init))
@@ -311,7 +311,7 @@ impl Model {
         labels: Option<&Tensor>,
     ) -> crate::Result<Tensor> {
         use crate::loss::*;
-        let (a, shard, t) = (&gathered[0], ctx.shard, l.temperature);
+        let (a, shard, t) = (&gathered[0], ctx.shard, l.temperature_for(kind));
         let b = gathered.get(1).unwrap_or(a);
         match (self, kind) {
             (Model::SimClr { .. }, LossKind::NtXent) => ntxent_share(a, b, t, shard),

@@ -44,7 +44,8 @@ type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
 
 fn build(loss: LossKind, norm: Norm, kind: Kind) -> (VarStore, Model) {
     let mut vs = VarStore::new(Device::Cpu);
-    let model = Model::new(&vs, loss, &model_config(), norm, &LossConfig { temperature: 0.07, ..Default::default() });
+    let model =
+        Model::new(&vs, loss, &model_config(), norm, &LossConfig { temperature: Some(0.07), ..Default::default() });
     if kind == Kind::Double {
         vs.double();
     }
@@ -93,7 +94,7 @@ fn run_rank<C: Collective>(
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
     let towers = model.towers(&views, Some(&tokens), true);
-    let lc = LossConfig { temperature: 0.2, ..Default::default() };
+    let lc = LossConfig { temperature: Some(0.2), ..Default::default() };
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
     let out = engine.step(&towers, &tensors, |g, ctx| model.loss_share(g, ctx, loss, &lc, Some(&labels))).unwrap();
     let grads = params
