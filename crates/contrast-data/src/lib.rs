@@ -9,8 +9,10 @@
 pub mod augment;
 pub mod idx;
 pub mod pipeline;
+pub mod rgb;
 pub mod rng;
 pub mod sampler;
+pub mod source;
 pub mod text;
 
 pub use augment::{AugParams, Augmenter};

@@ -1,0 +1,446 @@
+//! The formats users bring, addressed by global sample index (so DESIGN.md
+//! invariant 2 holds whatever the ranks and workers): image folders, CSV/TSV of
+//! image path + caption (open_clip's layout), and WebDataset tar shards with a
+//! member index cached beside each shard.
+
+use crate::DataError;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// One undecoded sample.
+#[derive(Debug, Clone)]
+pub struct RawSample {
+    /// Encoded image bytes (JPEG, PNG or WebP).
+    pub bytes: Vec<u8>,
+    /// Class label, or −1 when the format has none.
+    pub label: i64,
+    /// Caption, when the format has one.
+    pub caption: Option<String>,
+}
+
+/// A dataset of encoded images addressed by index.
+pub trait Source: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Read sample `i` (decoding happens later). Errors name the file.
+    fn fetch(&self, i: usize) -> Result<RawSample, String>;
+    /// Where sample `i` lives, for logs.
+    fn locate(&self, i: usize) -> String;
+    /// Class names by label (empty when the format has none).
+    fn class_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io { path: path.to_path_buf(), source }
+}
+
+/// `root/<class>/<image>`; classes sorted by name, images sorted within a class.
+#[derive(Debug)]
+pub struct ImageFolder {
+    files: Vec<(PathBuf, i64)>,
+    classes: Vec<String>,
+}
+
+impl ImageFolder {
+    /// Scan `root`.
+    pub fn open(root: &Path) -> Result<Self, DataError> {
+        let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
+            .map_err(io_err(root))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        classes.sort();
+        let mut files = Vec::new();
+        for (label, dir) in classes.iter().enumerate() {
+            let mut imgs: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(io_err(dir))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| is_image(p))
+                .collect();
+            imgs.sort();
+            files.extend(imgs.into_iter().map(|p| (p, label as i64)));
+        }
+        if files.is_empty() {
+            return Err(DataError::Format {
+                path: root.into(),
+                message: "no images found: expected root/<class>/<image>.{jpg,jpeg,png,webp}".into(),
+            });
+        }
+        let classes = classes.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        Ok(Self { files, classes })
+    }
+}
+
+impl Source for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+    fn fetch(&self, i: usize) -> Result<RawSample, String> {
+        let (p, label) = &self.files[i];
+        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(RawSample { bytes, label: *label, caption: None })
+    }
+    fn locate(&self, i: usize) -> String {
+        self.files[i].0.display().to_string()
+    }
+    fn class_names(&self) -> Vec<String> {
+        self.classes.clone()
+    }
+}
+
+/// A CSV/TSV file of image path and caption columns (open_clip's
+/// `--csv-img-key`, `--csv-caption-key`, `--csv-separator`); relative paths are
+/// relative to the file's directory.
+#[derive(Debug)]
+pub struct CsvSource {
+    rows: Vec<(PathBuf, String)>,
+}
+
+impl CsvSource {
+    /// Read `path` with the given column names and separator.
+    pub fn open(path: &Path, img_key: &str, caption_key: &str, separator: u8) -> Result<Self, DataError> {
+        let bad = |message: String| DataError::Format { path: path.into(), message };
+        let mut reader =
+            csv::ReaderBuilder::new().delimiter(separator).from_path(path).map_err(|e| bad(e.to_string()))?;
+        let headers = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
+        let col = |key: &str| {
+            headers
+                .iter()
+                .position(|h| h == key)
+                .ok_or_else(|| bad(format!("no column `{key}` (columns: {:?})", headers.iter().collect::<Vec<_>>())))
+        };
+        let (ic, cc) = (col(img_key)?, col(caption_key)?);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut rows = Vec::new();
+        for (line, rec) in reader.records().enumerate() {
+            let rec = rec.map_err(|e| bad(format!("row {}: {e}", line + 2)))?;
+            let (img, cap) = (rec.get(ic).unwrap_or(""), rec.get(cc).unwrap_or(""));
+            rows.push((base.join(img), cap.to_string()));
+        }
+        if rows.is_empty() {
+            return Err(bad("no rows".into()));
+        }
+        Ok(Self { rows })
+    }
+}
+
+impl Source for CsvSource {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn fetch(&self, i: usize) -> Result<RawSample, String> {
+        let (p, cap) = &self.rows[i];
+        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(RawSample { bytes, label: -1, caption: Some(cap.clone()) })
+    }
+    fn locate(&self, i: usize) -> String {
+        self.rows[i].0.display().to_string()
+    }
+}
+
+/// Expand one `{a..b}` brace range (zero-padded to the width of `a`), as WebDataset shard lists do.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('{') else { return Ok(vec![pattern.to_string()]) };
+    let close = pattern[open..].find('}').map(|c| open + c).ok_or_else(|| format!("unclosed brace in `{pattern}`"))?;
+    let inner = &pattern[open + 1..close];
+    let (a, b) = inner.split_once("..").ok_or_else(|| format!("expected {{a..b}} in `{pattern}`"))?;
+    let (lo, hi): (u64, u64) = (
+        a.parse().map_err(|_| format!("bad range start `{a}`"))?,
+        b.parse().map_err(|_| format!("bad range end `{b}`"))?,
+    );
+    if hi < lo {
+        return Err(format!("empty range {{{inner}}} in `{pattern}`"));
+    }
+    let width = a.len();
+    let mut out = Vec::new();
+    for k in lo..=hi {
+        for rest in expand_braces(&pattern[close + 1..])? {
+            out.push(format!("{}{:0width$}{}", &pattern[..open], k, rest));
+        }
+    }
+    Ok(out)
+}
+
+/// Where a member's bytes lie in a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    offset: u64,
+    len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Member {
+    key: String,
+    image: Span,
+    text: Option<Span>,
+    cls: Option<i64>,
+}
+
+/// WebDataset tar shards: members grouped by key (`<key>.jpg|png|webp` with
+/// `.txt` caption and/or `.cls` label). Each shard's member index is cached in
+/// `<shard>.contrast-index` and rebuilt when the shard's size or mtime changes.
+#[derive(Debug)]
+pub struct WebDataset {
+    shards: Vec<PathBuf>,
+    samples: Vec<(usize, Member)>,
+}
+
+fn stamp(path: &Path) -> Result<String, DataError> {
+    let m = std::fs::metadata(path).map_err(io_err(path))?;
+    let mtime =
+        m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    Ok(format!("contrast-index v1 size={} mtime={mtime}", m.len()))
+}
+
+fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
+    let bad = |message: String| DataError::Format { path: path.into(), message };
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut archive = tar::Archive::new(file);
+    let mut groups: std::collections::BTreeMap<String, (Option<Span>, Option<Span>, Option<Span>)> = Default::default();
+    let mut order = Vec::new();
+    for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
+        let entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
+        let base = name.rsplit('/').next().unwrap_or(&name);
+        let Some(dot) = base.find('.') else { continue };
+        let key = format!("{}{}", &name[..name.len() - base.len()], &base[..dot]);
+        let ext = base[dot + 1..].to_ascii_lowercase();
+        let span = Span { offset: entry.raw_file_position(), len: entry.size() };
+        let slot = groups.entry(key.clone()).or_insert_with(|| {
+            order.push(key.clone());
+            (None, None, None)
+        });
+        match ext.as_str() {
+            "jpg" | "jpeg" | "png" | "webp" => slot.0 = Some(span),
+            "txt" => slot.1 = Some(span),
+            "cls" => slot.2 = Some(span),
+            _ => {}
+        }
+    }
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for key in order {
+        let (image, text, cls) = groups[&key];
+        let Some(image) = image else { continue };
+        let cls = match cls {
+            Some(s) => {
+                let raw = read_span(&mut file, s).map_err(|e| bad(e.to_string()))?;
+                Some(
+                    String::from_utf8_lossy(&raw)
+                        .trim()
+                        .parse::<i64>()
+                        .map_err(|_| bad(format!("{key}.cls is not an integer")))?,
+                )
+            }
+            None => None,
+        };
+        out.push(Member { key, image, text, cls });
+    }
+    Ok(out)
+}
+
+fn read_span(file: &mut std::fs::File, s: Span) -> std::io::Result<Vec<u8>> {
+    file.seek(SeekFrom::Start(s.offset))?;
+    let mut buf = vec![0u8; s.len as usize];
+    file.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+fn index_path(shard: &Path) -> PathBuf {
+    let mut name = shard.file_name().unwrap_or_default().to_os_string();
+    name.push(".contrast-index");
+    shard.with_file_name(name)
+}
+
+fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError> {
+    let stamp = stamp(shard)?;
+    let idx = index_path(shard);
+    if let Ok(text) = std::fs::read_to_string(&idx) {
+        let mut lines = text.lines();
+        if lines.next() == Some(stamp.as_str()) {
+            let parsed: Option<Vec<Member>> = lines
+                .map(|l| {
+                    let f: Vec<&str> = l.split('\t').collect();
+                    let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok());
+                    Some(Member {
+                        key: f.first()?.to_string(),
+                        image: Span { offset: num(1)?, len: num(2)? },
+                        text: match (num(3), num(4)) {
+                            (Some(o), Some(l)) => Some(Span { offset: o, len: l }),
+                            _ => None,
+                        },
+                        cls: f.get(5).and_then(|v| v.parse().ok()),
+                    })
+                })
+                .collect();
+            if let Some(members) = parsed {
+                return Ok(members);
+            }
+        }
+    }
+    let members = index_shard(shard)?;
+    let mut text = stamp;
+    for m in &members {
+        let t = m.text.map(|s| format!("{}\t{}", s.offset, s.len)).unwrap_or_else(|| "-\t-".into());
+        let c = m.cls.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        text.push_str(&format!("\n{}\t{}\t{}\t{t}\t{c}", m.key, m.image.offset, m.image.len));
+    }
+    // Best effort: a read-only shard directory only costs a re-index next time.
+    let tmp = idx.with_extension("contrast-index.tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, &idx);
+    }
+    Ok(members)
+}
+
+impl WebDataset {
+    /// Open the shards of `pattern` (e.g. `data/{000000..000099}.tar`).
+    pub fn open(pattern: &str) -> Result<Self, DataError> {
+        let names = expand_braces(pattern).map_err(|message| DataError::Format { path: pattern.into(), message })?;
+        let mut shards = Vec::new();
+        let mut samples = Vec::new();
+        for (k, name) in names.iter().enumerate() {
+            let p = PathBuf::from(name);
+            for m in load_or_build_index(&p)? {
+                samples.push((k, m));
+            }
+            shards.push(p);
+        }
+        if samples.is_empty() {
+            return Err(DataError::Format { path: pattern.into(), message: "the shards hold no image samples".into() });
+        }
+        Ok(Self { shards, samples })
+    }
+}
+
+impl Source for WebDataset {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn fetch(&self, i: usize) -> Result<RawSample, String> {
+        let (k, m) = &self.samples[i];
+        let path = &self.shards[*k];
+        let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bytes = read_span(&mut file, m.image).map_err(|e| format!("{} ({}): {e}", path.display(), m.key))?;
+        let caption = match m.text {
+            Some(s) => Some(
+                String::from_utf8_lossy(&read_span(&mut file, s).map_err(|e| format!("{}: {e}", path.display()))?)
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(RawSample { bytes, label: m.cls.unwrap_or(-1), caption })
+    }
+    fn locate(&self, i: usize) -> String {
+        let (k, m) = &self.samples[i];
+        format!("{}#{}", self.shards[*k].display(), m.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn png_bytes(v: u8) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(6, 5, |x, y| image::Rgb([v, x as u8, y as u8]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn image_folder_sorts_classes_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, files) in [("zebra", vec!["b.png", "a.png"]), ("ant", vec!["c.PNG", "notes.txt"])] {
+            std::fs::create_dir(dir.path().join(class)).unwrap();
+            for f in files {
+                std::fs::write(dir.path().join(class).join(f), png_bytes(1)).unwrap();
+            }
+        }
+        let s = ImageFolder::open(dir.path()).unwrap();
+        assert_eq!(s.class_names(), vec!["ant", "zebra"]);
+        assert_eq!(s.len(), 3);
+        assert!(s.locate(0).ends_with("ant/c.PNG") && s.locate(1).ends_with("zebra/a.png"));
+        assert_eq!(s.fetch(2).unwrap().label, 1);
+        let empty = tempfile::tempdir().unwrap();
+        assert!(ImageFolder::open(empty.path()).unwrap_err().to_string().contains("no images"));
+    }
+
+    #[test]
+    fn csv_reads_open_clip_layout_and_names_missing_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.png"), png_bytes(9)).unwrap();
+        std::fs::write(dir.path().join("d.tsv"), "filepath\ttitle\nx.png\ta red square\n").unwrap();
+        let s = CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", b'\t').unwrap();
+        let r = s.fetch(0).unwrap();
+        assert_eq!(r.caption.as_deref(), Some("a red square"));
+        assert_eq!(r.bytes, png_bytes(9));
+        let err = CsvSource::open(&dir.path().join("d.tsv"), "image", "title", b'\t').unwrap_err().to_string();
+        assert!(err.contains("no column `image`") && err.contains("d.tsv"), "{err}");
+    }
+
+    fn write_shard(path: &Path, keys: &[(&str, u8, Option<&str>, Option<i64>)]) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+        let mut add = |name: String, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        for (key, v, txt, cls) in keys {
+            add(format!("{key}.png"), &png_bytes(*v));
+            if let Some(t) = txt {
+                add(format!("{key}.txt"), t.as_bytes());
+            }
+            if let Some(c) = cls {
+                add(format!("{key}.cls"), c.to_string().as_bytes());
+            }
+        }
+        b.finish().unwrap();
+    }
+
+    #[test]
+    fn webdataset_indexes_shards_and_reuses_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        write_shard(&dir.path().join("s-00.tar"), &[("a", 1, Some("first"), Some(3)), ("b", 2, Some("second"), None)]);
+        write_shard(&dir.path().join("s-01.tar"), &[("c", 3, None, Some(7))]);
+        let pattern = format!("{}/s-{{00..01}}.tar", dir.path().display());
+        let ds = WebDataset::open(&pattern).unwrap();
+        assert_eq!(ds.len(), 3);
+        let s0 = ds.fetch(0).unwrap();
+        assert_eq!((s0.caption.as_deref(), s0.label, s0.bytes == png_bytes(1)), (Some("first"), 3, true));
+        assert_eq!(ds.fetch(2).unwrap().label, 7);
+        assert!(ds.locate(1).ends_with("s-00.tar#b"));
+        let idx = dir.path().join("s-00.tar.contrast-index");
+        assert!(idx.is_file());
+        // Cached index is read back identically; a changed shard is re-indexed.
+        assert_eq!(WebDataset::open(&pattern).unwrap().samples, ds.samples);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_shard(&dir.path().join("s-00.tar"), &[("z", 5, Some("new"), None)]);
+        let again = WebDataset::open(&pattern).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again.fetch(0).unwrap().caption.as_deref(), Some("new"));
+        assert_eq!(expand_braces("x{8..10}y").unwrap(), vec!["x8y", "x9y", "x10y"]);
+        assert_eq!(expand_braces("{000..002}.tar").unwrap(), vec!["000.tar", "001.tar", "002.tar"]);
+        assert!(WebDataset::open(&format!("{}/none-{{0..1}}.tar", dir.path().display())).is_err());
+    }
+}
