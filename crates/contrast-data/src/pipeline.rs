@@ -10,13 +10,15 @@
 
 use crate::augment::Augmenter;
 use crate::idx::Images;
-use crate::rng::{sample_rng, Stream};
+use crate::rgb::{decode, RgbAugParams, RgbAugmenter};
+use crate::rng::{key, sample_rng, Stream};
+use crate::source::Source;
 use crate::sampler::Sampler;
 use crate::text;
 use crate::DataError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,66 @@ pub struct HostBatch {
     pub tokens: Vec<i64>,
     /// Time the trainer waited for this batch.
     pub wait: Duration,
+    /// Distinct unreadable or undecodable samples met so far by this rank's pipeline.
+    pub bad_files: usize,
+}
+
+/// Where samples come from and how they are augmented.
+pub enum Input {
+    /// IDX images (grayscale, 28×28) with the grayscale augmenter.
+    Idx {
+        /// The images.
+        images: Arc<Images>,
+        /// Augmentation.
+        augment: Augmenter,
+    },
+    /// Encoded image files (folder, CSV, WebDataset) decoded to RGB.
+    Files {
+        /// The files.
+        source: Arc<dyn Source>,
+        /// Augmentation (output `3 × size × size`).
+        augment: RgbAugParams,
+        /// Stop with an error when more than this fraction of the samples is bad.
+        max_bad_fraction: f64,
+    },
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Input::Idx { images, .. } => images.len(),
+            Input::Files { source, .. } => source.len(),
+        }
+    }
+
+    /// Floats per view of one sample (channels × height × width).
+    pub fn view_len(&self) -> usize {
+        match self {
+            Input::Idx { images, .. } => images.height * images.width,
+            Input::Files { augment, .. } => 3 * (augment.size * augment.size) as usize,
+        }
+    }
+}
+
+/// The distinct bad samples met so far (shared by a pipeline's workers).
+#[derive(Default)]
+struct BadFiles {
+    seen: Mutex<HashSet<usize>>,
+}
+
+impl BadFiles {
+    /// Record sample `i`; log it the first time. Returns the distinct count.
+    fn record(&self, i: usize, what: &str) -> usize {
+        let mut seen = self.seen.lock().unwrap();
+        if seen.insert(i) {
+            tracing::warn!("skipping unreadable sample {i} ({what}); a deterministic replacement takes its place");
+        }
+        seen.len()
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
 }
 
 /// Everything a pipeline needs to know.
@@ -90,15 +152,43 @@ pub struct Pipeline {
 }
 
 struct Worker {
-    images: Arc<Images>,
-    augment: Augmenter,
+    input: Arc<Input>,
+    rgb: Option<RgbAugmenter>,
+    bad: Arc<BadFiles>,
     sampler: Sampler,
     cfg: PipelineConfig,
     perm: Option<(usize, Vec<usize>)>,
 }
 
+/// Replacements tried for a bad sample before giving up.
+const MAX_REPLACEMENTS: u64 = 16;
+
 impl Worker {
-    fn build(&mut self, step: usize) -> HostBatch {
+    /// Views, label and caption of sample `idx` written into `views` (one slice per view).
+    fn sample(&mut self, idx: usize, epoch: usize, views: &mut [&mut [f32]]) -> Result<(i64, Option<String>), String> {
+        let seed = self.cfg.seed;
+        let view_rng = |v: usize| sample_rng(seed, epoch as u64, idx as u64, Stream::View as u64 + v as u64);
+        match &*self.input {
+            Input::Idx { images, augment } => {
+                let src = images.image(idx);
+                for (v, buf) in views.iter_mut().enumerate() {
+                    augment.apply(src, &mut view_rng(v), buf);
+                }
+                Ok((images.labels[idx] as i64, None))
+            }
+            Input::Files { source, .. } => {
+                let raw = source.fetch(idx)?;
+                let img = decode(&raw.bytes).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
+                let aug = self.rgb.as_mut().expect("RGB augmenter");
+                for (v, buf) in views.iter_mut().enumerate() {
+                    aug.apply(&img, &mut view_rng(v), buf).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
+                }
+                Ok((raw.label, raw.caption))
+            }
+        }
+    }
+
+    fn build(&mut self, step: usize) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
         if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
             self.perm = Some((epoch, self.sampler.permutation(epoch)));
@@ -107,7 +197,7 @@ impl Worker {
         let global = self.sampler.global_batch_of(step, perm);
         let indices = Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size).to_vec();
         let b = indices.len();
-        let pix = self.images.height * self.images.width;
+        let pix = self.input.view_len();
         let n_views = match self.cfg.mode {
             Mode::TwoViews => 2,
             Mode::ImageText { .. } => 1,
@@ -119,59 +209,88 @@ impl Worker {
             Mode::TwoViews => 0,
         };
         let mut tokens = vec![0i64; b * ctx];
+        let n = self.input.len();
         for (row, &idx) in indices.iter().enumerate() {
-            let src = self.images.image(idx);
-            for (v, buf) in views.iter_mut().enumerate() {
-                let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::View as u64 + v as u64);
-                self.augment.apply(src, &mut rng, &mut buf[row * pix..(row + 1) * pix]);
-            }
-            let label = self.images.labels[idx];
-            labels.push(label as i64);
+            // A bad sample is replaced by another, chosen from (seed, epoch, index, attempt) only.
+            let mut source_idx = idx;
+            let mut attempt = 0u64;
+            let (label, caption) = loop {
+                let mut slices: Vec<&mut [f32]> = views.iter_mut().map(|v| &mut v[row * pix..(row + 1) * pix]).collect();
+                match self.sample(source_idx, epoch, &mut slices) {
+                    Ok(x) => break x,
+                    Err(what) => {
+                        let bad = self.bad.record(source_idx, &what);
+                        let limit = match &*self.input {
+                            Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
+                            Input::Idx { .. } => 0.0,
+                        };
+                        if bad as f64 > limit * n as f64 || attempt >= MAX_REPLACEMENTS {
+                            return Err(format!(
+                                "{bad} of {n} samples are unreadable (limit data.max_bad_fraction = {limit}); last: {what}"
+                            ));
+                        }
+                        attempt += 1;
+                        source_idx = (key(&[self.cfg.seed, epoch as u64, idx as u64, attempt]) % n as u64) as usize;
+                    }
+                }
+            };
+            labels.push(label);
             if let Mode::ImageText { class_names, .. } = &self.cfg.mode {
-                let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64);
-                let cap = text::random_caption(&mut rng, &class_names[label as usize % class_names.len()]);
+                let cap = match caption {
+                    Some(c) => c,
+                    None => {
+                        let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64);
+                        text::random_caption(&mut rng, &class_names[label.max(0) as usize % class_names.len()])
+                    }
+                };
                 text::tokenize_into(&cap, &mut tokens[row * ctx..(row + 1) * ctx]);
             }
         }
-        HostBatch { step, epoch, indices, views, labels, tokens, wait: Duration::ZERO }
+        Ok(HostBatch { step, epoch, indices, views, labels, tokens, wait: Duration::ZERO, bad_files: self.bad.count() })
     }
 }
 
 impl Pipeline {
-    /// Start `cfg.workers` worker threads over `images`.
+    /// Start `cfg.workers` worker threads over `images` (IDX input).
     pub fn start(images: Arc<Images>, augment: Augmenter, cfg: PipelineConfig) -> Result<Self, DataError> {
+        Self::start_input(Input::Idx { images, augment }, cfg)
+    }
+
+    /// Start `cfg.workers` worker threads over any input.
+    pub fn start_input(input: Input, cfg: PipelineConfig) -> Result<Self, DataError> {
         if cfg.world_size == 0 || cfg.global_batch % cfg.world_size != 0 {
             return Err(DataError::Size(format!(
                 "global batch {} is not divisible by world size {}",
                 cfg.global_batch, cfg.world_size
             )));
         }
-        let sampler = Sampler::new(images.len(), cfg.global_batch, cfg.seed)?;
+        let sampler = Sampler::new(input.len(), cfg.global_batch, cfg.seed)?;
+        let input = Arc::new(input);
+        let bad = Arc::new(BadFiles::default());
         let prefetch = cfg.prefetch.max(1);
         let (ticket_tx, ticket_rx) = unbounded::<usize>();
         let (result_tx, result_rx) = bounded::<Produced>(prefetch);
         let mut workers = Vec::new();
         for w in 0..cfg.workers.max(1) {
-            let mut worker = Worker {
-                images: images.clone(),
-                augment: augment.clone(),
-                sampler: sampler.clone(),
-                cfg: cfg.clone(),
-                perm: None,
+            let rgb = match &*input {
+                Input::Files { augment, .. } => Some(RgbAugmenter::new(augment.clone())),
+                Input::Idx { .. } => None,
             };
+            let mut worker =
+                Worker { input: input.clone(), rgb, bad: bad.clone(), sampler: sampler.clone(), cfg: cfg.clone(), perm: None };
             let (rx, tx) = (ticket_rx.clone(), result_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("data-{w}"))
                 .spawn(move || {
                     while let Ok(step) = rx.recv() {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.build(step)))
-                            .map_err(|e| {
+                            .unwrap_or_else(|e| {
                                 let msg = e
                                     .downcast_ref::<String>()
                                     .cloned()
                                     .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                                     .unwrap_or_else(|| "unknown panic".into());
-                                format!("worker data-{w} panicked on step {step}: {msg}")
+                                Err(format!("worker data-{w} panicked on step {step}: {msg}"))
                             });
                         if tx.send((step, out)).is_err() {
                             break;
@@ -362,5 +481,72 @@ mod tests {
         let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
         let err = p.next_batch().unwrap().unwrap_err().to_string();
         assert!(err.contains("panicked"), "{err}");
+    }
+
+    fn folder(n: usize, corrupt: &[usize]) -> (tempfile::TempDir, Arc<dyn Source>) {
+        let dir = tempfile::tempdir().unwrap();
+        for c in 0..2 {
+            std::fs::create_dir(dir.path().join(format!("class{c}"))).unwrap();
+        }
+        for i in 0..n {
+            let path = dir.path().join(format!("class{}", i % 2)).join(format!("{i:03}.png"));
+            if corrupt.contains(&i) {
+                std::fs::write(path, b"this is not a png").unwrap();
+            } else {
+                let img = image::RgbImage::from_fn(20 + i as u32 % 7, 16, |x, y| image::Rgb([(x * 9) as u8, (y * 13) as u8, i as u8]));
+                img.save(path).unwrap();
+            }
+        }
+        let src: Arc<dyn Source> = Arc::new(crate::source::ImageFolder::open(dir.path()).unwrap());
+        (dir, src)
+    }
+
+    fn run_files(src: &Arc<dyn Source>, world: usize, workers: usize, max_bad: f64) -> Vec<Vec<Result<HostBatch, DataError>>> {
+        (0..world)
+            .map(|rank| {
+                let cfg = PipelineConfig {
+                    seed: 5,
+                    rank,
+                    world_size: world,
+                    global_batch: 8,
+                    workers,
+                    prefetch: 2,
+                    start_step: 0,
+                    end_step: 4,
+                    mode: Mode::TwoViews,
+                };
+                let input = Input::Files { source: src.clone(), augment: RgbAugParams::simclr(12), max_bad_fraction: max_bad };
+                Pipeline::start_input(input, cfg).unwrap().collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn file_batches_are_identical_whatever_world_size_and_workers() {
+        let (_dir, src) = folder(20, &[]);
+        let one = run_files(&src, 1, 1, 0.0);
+        let two = run_files(&src, 2, 2, 0.0);
+        for s in 0..4 {
+            let b1 = one[0][s].as_ref().unwrap();
+            assert_eq!(b1.views[0].len(), 8 * 3 * 12 * 12);
+            let joined: Vec<f32> = two.iter().flat_map(|r| r[s].as_ref().unwrap().views[1].clone()).collect();
+            assert_eq!(joined, b1.views[1]);
+        }
+    }
+
+    #[test]
+    fn corrupt_files_are_skipped_replaced_counted_and_bounded() {
+        let (_dir, src) = folder(20, &[3, 11]);
+        let a = run_files(&src, 1, 2, 0.2);
+        let b = run_files(&src, 2, 1, 0.2);
+        let last = a[0].last().unwrap().as_ref().unwrap();
+        assert_eq!(last.bad_files, 2, "both corrupt files are met in 4 steps of 8 over 20 samples");
+        for s in 0..4 {
+            let joined: Vec<f32> = b.iter().flat_map(|r| r[s].as_ref().unwrap().views[0].clone()).collect();
+            assert_eq!(joined, a[0][s].as_ref().unwrap().views[0], "replacement depends on the layout");
+        }
+        let strict = run_files(&src, 1, 1, 0.05);
+        let err = strict[0].iter().find_map(|b| b.as_ref().err()).expect("a bad fraction above the limit stops the run").to_string();
+        assert!(err.contains("unreadable") && err.contains("max_bad_fraction"), "{err}");
     }
 }
