@@ -78,10 +78,21 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Dataset kind: `fashion_mnist` (IDX files, `*-idx3-ubyte[.gz]`).
+    /// Dataset kind: `fashion_mnist` (IDX files), `image_folder` (root/<class>/<image>),
+    /// `csv` (a CSV/TSV of image path + caption) or `webdataset` (tar shards).
     pub dataset: String,
-    /// Directory holding the dataset files.
+    /// IDX directory, image-folder directory, CSV/TSV file, or shard pattern (`dir/{000000..000099}.tar`).
     pub root: PathBuf,
+    /// Side of the square RGB crops fed to the encoder (image_folder, csv, webdataset).
+    pub image_size: u32,
+    /// CSV: column of the image path (open_clip `--csv-img-key`).
+    pub csv_img_key: String,
+    /// CSV: column of the caption (open_clip `--csv-caption-key`).
+    pub csv_caption_key: String,
+    /// CSV: field separator (open_clip `--csv-separator`), one character.
+    pub csv_separator: String,
+    /// Stop when more than this fraction of the samples cannot be read or decoded.
+    pub max_bad_fraction: f64,
     /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`.
     pub augment: String,
     /// Worker threads that decode and augment (0 = one per core, at most 4).
@@ -97,6 +108,11 @@ impl Default for DataConfig {
         Self {
             dataset: "fashion_mnist".into(),
             root: PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            image_size: 32,
+            csv_img_key: "filepath".into(),
+            csv_caption_key: "title".into(),
+            csv_separator: "\t".into(),
+            max_bad_fraction: 0.01,
             augment: "simclr".into(),
             workers: 0,
             prefetch: 4,
@@ -123,8 +139,16 @@ pub struct AugConfig {
     pub contrast: f32,
     /// Probability of a Gaussian blur.
     pub blur_prob: f32,
-    /// Range of the blur's sigma, in pixels.
+    /// Range of the blur's sigma, in pixels (RGB datasets: pixels at 224, scaled with image_size).
     pub blur_sigma: [f32; 2],
+    /// RGB datasets: saturation jitter strength.
+    pub saturation: f32,
+    /// RGB datasets: hue jitter (≤ 0.5).
+    pub hue: f32,
+    /// RGB datasets: probability of converting to grayscale.
+    pub gray_prob: f32,
+    /// RGB datasets: probability of solarisation.
+    pub solarize_prob: f32,
 }
 
 impl Default for AugConfig {
@@ -138,6 +162,10 @@ impl Default for AugConfig {
             contrast: 0.4,
             blur_prob: 0.2,
             blur_sigma: [0.1, 1.0],
+            saturation: 0.4,
+            hue: 0.1,
+            gray_prob: 0.2,
+            solarize_prob: 0.0,
         }
     }
 }
@@ -706,20 +734,50 @@ impl Plan {
         if c.model.text.context < 8 {
             return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", c.model.text.context)));
         }
-        if c.data.dataset != "fashion_mnist" {
+        match c.data.dataset.as_str() {
+            "fashion_mnist" | "image_folder" | "csv" | "webdataset" => {}
+            other => {
+                return Err(invalid(
+                    "data.dataset",
+                    format!("`{other}` is not a known dataset (fashion_mnist, image_folder, csv, webdataset)"),
+                ))
+            }
+        }
+        if c.data.dataset == "csv" && c.data.csv_separator.len() != 1 {
             return Err(invalid(
-                "data.dataset",
-                format!("`{}` is not a known dataset (fashion_mnist)", c.data.dataset),
+                "data.csv_separator",
+                format!("must be one character, got {:?}", c.data.csv_separator),
             ));
+        }
+        if !(0.0..=1.0).contains(&c.data.max_bad_fraction) {
+            return Err(invalid(
+                "data.max_bad_fraction",
+                format!("must lie in [0, 1], got {}", c.data.max_bad_fraction),
+            ));
+        }
+        if c.data.image_size < 8 {
+            return Err(invalid("data.image_size", format!("must be ≥ 8, got {}", c.data.image_size)));
+        }
+        if !(0.0..=0.5).contains(&c.data.aug.hue) {
+            return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));
         }
         match c.data.augment.as_str() {
             "simclr" | "clip" | "none" => {}
             other => return Err(invalid("data.augment", format!("`{other}` is not a preset (simclr, clip, none)"))),
         }
-        if !c.data.root.is_dir() {
+        let root_ok = match c.data.dataset.as_str() {
+            "csv" => c.data.root.is_file(),
+            // A shard pattern: its directory must exist (the shards are checked when indexed).
+            "webdataset" => c.data.root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
+            _ => c.data.root.is_dir(),
+        };
+        if !root_ok {
             return Err(invalid(
                 "data.root",
-                format!("data directory {} does not exist (install Debian's dataset-fashion-mnist or point data.root at IDX files)", c.data.root.display()),
+                format!(
+                    "{} does not exist (for fashion_mnist install Debian's dataset-fashion-mnist or point data.root at IDX files)",
+                    c.data.root.display()
+                ),
             ));
         }
         if c.data.prefetch == 0 {

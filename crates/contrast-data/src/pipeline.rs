@@ -12,8 +12,8 @@ use crate::augment::Augmenter;
 use crate::idx::Images;
 use crate::rgb::{decode, RgbAugParams, RgbAugmenter};
 use crate::rng::{key, sample_rng, Stream};
-use crate::source::Source;
 use crate::sampler::Sampler;
+use crate::source::Source;
 use crate::text;
 use crate::DataError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -78,11 +78,17 @@ pub enum Input {
 }
 
 impl Input {
-    fn len(&self) -> usize {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
         match self {
             Input::Idx { images, .. } => images.len(),
             Input::Files { source, .. } => source.len(),
         }
+    }
+
+    /// True when there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Floats per view of one sample (channels × height × width).
@@ -215,7 +221,8 @@ impl Worker {
             let mut source_idx = idx;
             let mut attempt = 0u64;
             let (label, caption) = loop {
-                let mut slices: Vec<&mut [f32]> = views.iter_mut().map(|v| &mut v[row * pix..(row + 1) * pix]).collect();
+                let mut slices: Vec<&mut [f32]> =
+                    views.iter_mut().map(|v| &mut v[row * pix..(row + 1) * pix]).collect();
                 match self.sample(source_idx, epoch, &mut slices) {
                     Ok(x) => break x,
                     Err(what) => {
@@ -240,7 +247,8 @@ impl Worker {
                     Some(c) => c,
                     None => {
                         let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64);
-                        text::random_caption(&mut rng, &class_names[label.max(0) as usize % class_names.len()])
+                        let name = usize::try_from(label).ok().and_then(|l| class_names.get(l));
+                        text::random_caption(&mut rng, name.map(String::as_str).unwrap_or(&label.to_string()))
                     }
                 };
                 text::tokenize_into(&cap, &mut tokens[row * ctx..(row + 1) * ctx]);
@@ -276,8 +284,14 @@ impl Pipeline {
                 Input::Files { augment, .. } => Some(RgbAugmenter::new(augment.clone())),
                 Input::Idx { .. } => None,
             };
-            let mut worker =
-                Worker { input: input.clone(), rgb, bad: bad.clone(), sampler: sampler.clone(), cfg: cfg.clone(), perm: None };
+            let mut worker = Worker {
+                input: input.clone(),
+                rgb,
+                bad: bad.clone(),
+                sampler: sampler.clone(),
+                cfg: cfg.clone(),
+                perm: None,
+            };
             let (rx, tx) = (ticket_rx.clone(), result_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("data-{w}"))
@@ -465,8 +479,8 @@ mod tests {
 
     #[test]
     fn worker_panic_becomes_an_error() {
-        // Labels beyond the class list are fine; an empty class list panics (modulo by zero).
-        let mode = Mode::ImageText { context: 8, class_names: vec![] };
+        // Images whose pixel buffer is shorter than their size says: the worker panics slicing it.
+        let broken = Arc::new(Images { pixels: vec![0; 10], labels: vec![0; 50], height: 8, width: 8 });
         let cfg = PipelineConfig {
             seed: 0,
             rank: 0,
@@ -476,9 +490,9 @@ mod tests {
             prefetch: 1,
             start_step: 0,
             end_step: 3,
-            mode,
+            mode: Mode::TwoViews,
         };
-        let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
+        let mut p = Pipeline::start(broken, aug(), cfg).unwrap();
         let err = p.next_batch().unwrap().unwrap_err().to_string();
         assert!(err.contains("panicked"), "{err}");
     }
@@ -493,7 +507,9 @@ mod tests {
             if corrupt.contains(&i) {
                 std::fs::write(path, b"this is not a png").unwrap();
             } else {
-                let img = image::RgbImage::from_fn(20 + i as u32 % 7, 16, |x, y| image::Rgb([(x * 9) as u8, (y * 13) as u8, i as u8]));
+                let img = image::RgbImage::from_fn(20 + i as u32 % 7, 16, |x, y| {
+                    image::Rgb([(x * 9) as u8, (y * 13) as u8, i as u8])
+                });
                 img.save(path).unwrap();
             }
         }
@@ -501,7 +517,12 @@ mod tests {
         (dir, src)
     }
 
-    fn run_files(src: &Arc<dyn Source>, world: usize, workers: usize, max_bad: f64) -> Vec<Vec<Result<HostBatch, DataError>>> {
+    fn run_files(
+        src: &Arc<dyn Source>,
+        world: usize,
+        workers: usize,
+        max_bad: f64,
+    ) -> Vec<Vec<Result<HostBatch, DataError>>> {
         (0..world)
             .map(|rank| {
                 let cfg = PipelineConfig {
@@ -515,7 +536,8 @@ mod tests {
                     end_step: 4,
                     mode: Mode::TwoViews,
                 };
-                let input = Input::Files { source: src.clone(), augment: RgbAugParams::simclr(12), max_bad_fraction: max_bad };
+                let input =
+                    Input::Files { source: src.clone(), augment: RgbAugParams::simclr(12), max_bad_fraction: max_bad };
                 Pipeline::start_input(input, cfg).unwrap().collect()
             })
             .collect()
@@ -546,7 +568,11 @@ mod tests {
             assert_eq!(joined, a[0][s].as_ref().unwrap().views[0], "replacement depends on the layout");
         }
         let strict = run_files(&src, 1, 1, 0.05);
-        let err = strict[0].iter().find_map(|b| b.as_ref().err()).expect("a bad fraction above the limit stops the run").to_string();
+        let err = strict[0]
+            .iter()
+            .find_map(|b| b.as_ref().err())
+            .expect("a bad fraction above the limit stops the run")
+            .to_string();
         assert!(err.contains("unreadable") && err.contains("max_bad_fraction"), "{err}");
     }
 }

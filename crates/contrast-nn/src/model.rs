@@ -1,6 +1,6 @@
 //! Encoders and heads. Nothing here knows about ranks or collectives.
 //!
-//! - [`ConvBackbone`]: a small CNN for 28×28 grayscale inputs (four 3×3
+//! - [`ConvBackbone`]: a small CNN for small images (28×28 grayscale, or RGB crops) (four 3×3
 //!   convolutions with w, 2w, 2w and embed_dim/16 channels, two of stride 2,
 //!   each followed by the chosen normalisation and ReLU), average-pooled to a
 //!   4×4 grid and flattened, so the representation keeps coarse layout (on
@@ -57,8 +57,8 @@ pub struct ConvBackbone {
 }
 
 impl ConvBackbone {
-    /// Build under `p` with `width` channels in the first stage.
-    pub fn new(p: &nn::Path, width: i64, embed_dim: i64, norm: Norm) -> Self {
+    /// Build under `p` for `in_channels`-channel images, with `width` channels in the first stage.
+    pub fn new(p: &nn::Path, in_channels: i64, width: i64, embed_dim: i64, norm: Norm) -> Self {
         let last = embed_dim / (POOL_GRID * POOL_GRID);
         assert_eq!(
             last * POOL_GRID * POOL_GRID,
@@ -66,7 +66,7 @@ impl ConvBackbone {
             "embed_dim must be a multiple of {}",
             POOL_GRID * POOL_GRID
         );
-        let spec = [(1, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, last, 2)];
+        let spec = [(in_channels, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, last, 2)];
         let layers = spec
             .iter()
             .enumerate()
@@ -222,10 +222,17 @@ pub enum Model {
 pub const LOGIT_SCALE: &str = "loss.logit_scale";
 
 impl Model {
-    /// Build the model of `loss` under the var store's root.
-    pub fn new(vs: &nn::VarStore, loss: LossKind, m: &ModelConfig, norm: Norm, l: &LossConfig) -> Self {
+    /// Build the model of `loss` for `in_channels`-channel images under the var store's root.
+    pub fn new(
+        vs: &nn::VarStore,
+        loss: LossKind,
+        m: &ModelConfig,
+        norm: Norm,
+        l: &LossConfig,
+        in_channels: i64,
+    ) -> Self {
         let root = vs.root();
-        let backbone = ConvBackbone::new(&(&root / "backbone"), m.width, m.embed_dim, norm);
+        let backbone = ConvBackbone::new(&(&root / "backbone"), in_channels, m.width, m.embed_dim, norm);
         let hidden = m.proj_hidden;
         match loss {
             k if !k.is_image_text() => {

@@ -45,7 +45,7 @@ type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
 fn build(loss: LossKind, norm: Norm, kind: Kind) -> (VarStore, Model) {
     let mut vs = VarStore::new(Device::Cpu);
     let model =
-        Model::new(&vs, loss, &model_config(), norm, &LossConfig { temperature: Some(0.07), ..Default::default() });
+        Model::new(&vs, loss, &model_config(), norm, &LossConfig { temperature: Some(0.07), ..Default::default() }, 1);
     if kind == Kind::Double {
         vs.double();
     }

@@ -14,6 +14,9 @@ use anyhow::{bail, Context, Result};
 use contrast_comm::{Collective, Comm};
 use contrast_config::{Config, Plan, Topology};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
+use contrast_data::pipeline::Input;
+use contrast_data::rgb::RgbAugParams;
+use contrast_data::source::{CsvSource, ImageFolder, Source, WebDataset};
 use contrast_data::{AugParams, Augmenter, Mode, Pipeline, PipelineConfig};
 use contrast_nn::model::Model;
 use contrast_nn::optim::{named_params, Optimizer, OptimizerKind, Schedule};
@@ -138,13 +141,69 @@ fn augmenter(plan: &Plan, images: &Images) -> Augmenter {
     Augmenter { params, height: images.height, width: images.width }
 }
 
+/// Image channels the encoder sees: 1 for IDX, 3 for decoded files.
+pub fn in_channels(plan: &Plan) -> i64 {
+    if plan.config.data.dataset == "fashion_mnist" {
+        1
+    } else {
+        3
+    }
+}
+
+/// The RGB augmentation of `data.augment` with the `data.aug` parameters.
+fn rgb_augment(plan: &Plan) -> RgbAugParams {
+    let (d, a) = (&plan.config.data, &plan.config.data.aug);
+    match d.augment.as_str() {
+        "simclr" => RgbAugParams {
+            size: d.image_size,
+            crop_scale: Some(a.crop_scale),
+            crop_ratio: a.crop_ratio,
+            flip_prob: a.flip_prob,
+            jitter_prob: a.jitter_prob,
+            jitter: [a.brightness, a.contrast, a.saturation, a.hue],
+            gray_prob: a.gray_prob,
+            blur_prob: a.blur_prob,
+            blur_sigma: a.blur_sigma,
+            solarize_prob: a.solarize_prob,
+            ..RgbAugParams::simclr(d.image_size)
+        },
+        _ => RgbAugParams::clip(d.image_size),
+    }
+}
+
+/// The training input of the plan and its class names.
+fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
+    let d = &plan.config.data;
+    let files = |source: Box<dyn Source>| {
+        let names = source.class_names();
+        let input =
+            Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
+        (input, names)
+    };
+    Ok(match d.dataset.as_str() {
+        "fashion_mnist" => {
+            let images = Images::load_split(&d.root, "train")
+                .with_context(|| format!("loading data.root {}", d.root.display()))?;
+            let augment = augmenter(plan, &images);
+            let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+            (Input::Idx { images: std::sync::Arc::new(images), augment }, names)
+        }
+        "image_folder" => files(Box::new(ImageFolder::open(&d.root)?)),
+        "csv" => {
+            let sep = d.csv_separator.as_bytes()[0];
+            files(Box::new(CsvSource::open(&d.root, &d.csv_img_key, &d.csv_caption_key, sep)?))
+        }
+        _ => files(Box::new(WebDataset::open(&d.root.to_string_lossy())?)),
+    })
+}
+
 /// The model and its var store, identical on every rank (rank 0's initial
 /// weights are broadcast).
 pub fn build_model<C: Collective>(comm: &C, plan: &Plan, device: Device) -> (VarStore, Model) {
     let c = &plan.config;
     tch::manual_seed(c.seed as i64);
     let vs = VarStore::new(device);
-    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, &c.loss);
+    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, &c.loss, in_channels(plan));
     if comm.world_size() > 1 {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -285,11 +344,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             tch::get_num_threads()
         );
     }
-    let train_images = std::sync::Arc::new(
-        Images::load_split(&c.data.root, "train")
-            .with_context(|| format!("loading data.root {}", c.data.root.display()))?,
-    );
-    let sampler_check = contrast_data::Sampler::new(train_images.len(), plan.global_batch, c.seed)?;
+    let (input, class_names) = training_input(&plan)?;
+    let view_len = input.view_len() as i64;
+    let sampler_check = contrast_data::Sampler::new(input.len(), plan.global_batch, c.seed)?;
     let run_dir = c.checkpoint.dir.clone();
     let (vs, model) = build_model(comm, &plan, device);
     let params = named_params(&vs);
@@ -350,7 +407,14 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     comm.barrier();
 
     // Baselines before training: raw pixels and the untrained encoder.
-    let eval_splits = if c.eval.at_end || c.eval.every > 0 { Some(load_eval_splits(&plan)?) } else { None };
+    let wants_eval = c.eval.at_end || c.eval.every > 0;
+    let eval_splits =
+        if wants_eval && c.data.dataset == "fashion_mnist" { Some(load_eval_splits(&plan)?) } else { None };
+    if wants_eval && eval_splits.is_none() && lead {
+        tracing::info!(
+            "evaluation skipped: kNN and zero-shot need a labelled test split (data.dataset=fashion_mnist for now)"
+        );
+    }
     if let (Some((tr, te)), 0) = (&eval_splits, start_step) {
         if c.eval.at_end {
             let t0 = Instant::now();
@@ -370,16 +434,12 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     }
 
     let mode = if plan.loss.is_image_text() {
-        Mode::ImageText {
-            context: c.model.text.context as usize,
-            class_names: FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect(),
-        }
+        Mode::ImageText { context: c.model.text.context as usize, class_names }
     } else {
         Mode::TwoViews
     };
-    let pipeline = Pipeline::start(
-        train_images.clone(),
-        augmenter(&plan, &train_images),
+    let pipeline = Pipeline::start_input(
+        input,
         PipelineConfig {
             seed: c.seed,
             rank,
@@ -428,17 +488,19 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let mut train_time = 0.0f64;
     let mut trained_steps = 0usize;
     let mut window = (Instant::now(), 0usize);
-    let pix = (train_images.height * train_images.width) as i64;
-    let side = (train_images.height as i64, train_images.width as i64);
+    let channels = in_channels(&plan);
+    let side = ((view_len / channels) as f64).sqrt().round() as i64;
     for batch in pipeline {
         let batch = batch?;
         let t0 = Instant::now();
         let step = batch.step;
         let lr = schedule.lr(step);
         let b = plan.local_batch as i64;
-        let views: Vec<Tensor> =
-            batch.views.iter().map(|v| Tensor::from_slice(v).view([b, 1, side.0, side.1]).to_device(device)).collect();
-        debug_assert_eq!(views[0].numel() as i64, b * pix);
+        let views: Vec<Tensor> = batch
+            .views
+            .iter()
+            .map(|v| Tensor::from_slice(v).view([b, channels, side, side]).to_device(device))
+            .collect();
         let tokens =
             (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
         // Supervised losses see the labels of the whole global batch.
@@ -475,7 +537,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             writeln!(
                 f,
                 "{}",
-                serde_json::json!({"step": done, "loss": loss, "lr": lr, "samples_per_s": sps, "data_wait_s": batch.wait.as_secs_f64()})
+                serde_json::json!({"step": done, "loss": loss, "lr": lr, "samples_per_s": sps, "data_wait_s": batch.wait.as_secs_f64(), "bad_files": batch.bad_files})
             )?;
         }
         if lead && (done % c.train.log_every as usize == 0 || done == plan.steps || done == start_step + 1) {

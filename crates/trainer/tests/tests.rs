@@ -373,3 +373,155 @@ fn every_loss_family_is_exact_through_real_mpi() {
         assert!(text.contains(&format!("P={np}")));
     }
 }
+
+/// Coloured shapes with captions that name them: learnable image–text pairs.
+fn caption_dataset(dir: &Path, n: usize) -> Vec<(String, String)> {
+    let colours =
+        [("red", [220u8, 30, 30]), ("green", [30, 200, 40]), ("blue", [40, 60, 220]), ("yellow", [230, 220, 40])];
+    let shapes = ["square", "stripe"];
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let (cname, rgb) = colours[i % 4];
+        let shape = shapes[(i / 4) % 2];
+        let img = image::RgbImage::from_fn(24 + (i % 5) as u32, 20, |x, y| {
+            let inside =
+                if shape == "square" { (6..16).contains(&x) && (5..15).contains(&y) } else { (y / 3) % 2 == 0 };
+            let noise = ((i * 31 + x as usize * 7 + y as usize * 13) % 23) as u8;
+            if inside {
+                image::Rgb([rgb[0].saturating_sub(noise), rgb[1].saturating_sub(noise), rgb[2].saturating_sub(noise)])
+            } else {
+                image::Rgb([noise, noise, noise])
+            }
+        });
+        let name = format!("img{i:03}.{}", if i % 3 == 0 { "jpg" } else { "png" });
+        img.save(dir.join(&name)).unwrap();
+        rows.push((name, format!("a {cname} {shape}")));
+    }
+    rows
+}
+
+fn mean_loss(run: &Path, steps: std::ops::Range<usize>) -> f64 {
+    let text = std::fs::read_to_string(run.join("steps.jsonl")).unwrap();
+    let losses: Vec<f64> =
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    let picked = &losses[steps];
+    picked.iter().sum::<f64>() / picked.len() as f64
+}
+
+fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize) -> Output {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/clip.yaml");
+    let sets = [
+        format!("data.dataset={dataset}"),
+        format!("data.root={}", root.display()),
+        "data.image_size=16".into(),
+        "data.workers=1".into(),
+        "model.width=8".into(),
+        "model.embed_dim=64".into(),
+        "model.proj_dim=16".into(),
+        "model.text.width=32".into(),
+        "model.text.layers=1".into(),
+        "train.global_batch=16".into(),
+        "train.steps=60".into(),
+        "train.threads=1".into(),
+        "train.schedule.warmup_steps=5".into(),
+        "train.optimizer.lr=0.003".into(),
+        format!("checkpoint.dir={}", run_dir.display()),
+        "checkpoint.every=0".into(),
+    ];
+    let mut args = vec!["--config".to_string(), config.display().to_string()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(run(np, &args, &[]))
+}
+
+#[test]
+fn clip_config_trains_on_a_csv_and_on_webdataset_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("images").tap_mkdir();
+    let rows = caption_dataset(&imgs, 64);
+    // open_clip's CSV layout (TSV, filepath + title), paths relative to the file.
+    let mut tsv = String::from("filepath\ttitle\n");
+    for (f, cap) in &rows {
+        tsv.push_str(&format!("images/{f}\t{cap}\n"));
+    }
+    std::fs::write(dir.path().join("train.tsv"), tsv).unwrap();
+    // The same pairs as two WebDataset shards.
+    let shards = dir.path().join("shards").tap_mkdir();
+    for (k, chunk) in rows.chunks(32).enumerate() {
+        let mut b = tar::Builder::new(std::fs::File::create(shards.join(format!("{k:06}.tar"))).unwrap());
+        for (f, cap) in chunk {
+            let (stem, ext) = f.split_once('.').unwrap();
+            b.append_path_with_name(imgs.join(f), format!("{stem}.{ext}")).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(cap.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("{stem}.txt"), cap.as_bytes()).unwrap();
+        }
+        b.finish().unwrap();
+    }
+    let csv_run = dir.path().join("run-csv");
+    clip_on("csv", &dir.path().join("train.tsv"), &csv_run, 0);
+    let wds_run = dir.path().join("run-wds");
+    let out = clip_on("webdataset", &shards.join("{000000..000001}.tar"), &wds_run, 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("world_size=2"));
+    assert!(shards.join("000000.tar.contrast-index").is_file());
+    for run in [&csv_run, &wds_run] {
+        let (first, last) = (mean_loss(run, 0..10), mean_loss(run, 50..60));
+        assert!(
+            last < first - 0.3,
+            "{}: loss did not fall: first 10 steps {first:.3}, last 10 {last:.3}",
+            run.display()
+        );
+    }
+}
+
+#[test]
+fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder").tap_mkdir();
+    for class in ["cats", "dogs"] {
+        caption_dataset(&root.join(class).tap_mkdir(), 24);
+    }
+    std::fs::write(root.join("dogs").join("broken.png"), b"not a png at all").unwrap();
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/simclr.yaml");
+    let run_dir = dir.path().join("run");
+    let out = ok(run(
+        0,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "data.dataset=image_folder",
+            "--set",
+            &format!("data.root={}", root.display()),
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "data.max_bad_fraction=0.05",
+            "--set",
+            "model.width=8",
+            "--set",
+            "model.embed_dim=64",
+            "--set",
+            "train.global_batch=16",
+            "--set",
+            "train.steps=6",
+            "--set",
+            &format!("checkpoint.dir={}", run_dir.display()),
+        ],
+        &[],
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.png"), "the bad file is logged with its path: {err}");
+    assert_eq!(err.matches("broken.png").count(), 1, "logged once: {err}");
+    assert!(err.contains("evaluation skipped"));
+    let last: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(run_dir.join("steps.jsonl")).unwrap().lines().last().unwrap())
+            .unwrap();
+    assert_eq!(last["bad_files"], 1);
+    assert!(run_dir.join("step-6/model.safetensors").is_file());
+}
