@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up contrast on a Debian machine, idempotently:
 #   1. Debian packages: Open MPI (+ libclang for the MPI bindings), Fashion-MNIST;
-#   2. a venv with torch==2.13.0 (only for its libtorch), cached outside the
+#   2. a venv with torch==2.13.0 (for its libtorch; torchvision==0.28.0 only as
+#      the data benchmark's baseline), cached outside the
 #      clone in ~/.cache/contrast (override: CONTRAST_VENV) and linked as .venv;
 #   3. a release build of the workspace (binaries find libtorch by rpath).
 # Re-running it does only what is missing.
@@ -28,7 +29,11 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.s
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
+fi
+# torchvision is only the baseline of benches/data.rs (small; torch stays pinned).
+if ! "$venv/bin/python" -c "import torchvision, sys; sys.exit(0 if torchvision.__version__.split('+')[0] == '0.28.0' else 1)" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
 fi
 ln -sfn "$venv" "$root/.venv"
 

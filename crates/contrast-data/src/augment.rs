@@ -131,31 +131,50 @@ pub fn resize_window(src: &[f32], src_w: usize, win: Window, out: &mut [f32], oh
 }
 
 /// Separable Gaussian blur with reflected borders, radius ⌈3σ⌉, in place.
+///
+/// Each pass accumulates whole shifted rows (`out += k_j · shifted`), which the
+/// compiler vectorises; only the border samples go through the reflection.
 pub fn gaussian_blur(img: &mut [f32], h: usize, w: usize, sigma: f32) {
-    let r = (3.0 * sigma).ceil().max(1.0) as isize;
-    let mut k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let r = (3.0 * sigma).ceil().max(1.0) as usize;
+    let mut k: Vec<f32> =
+        (0..=2 * r).map(|i| (-((i as f32 - r as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
     let s: f32 = k.iter().sum();
     k.iter_mut().for_each(|v| *v /= s);
     let reflect = |i: isize, n: usize| -> usize {
         let n = n as isize;
+        if n == 1 {
+            return 0;
+        }
         let mut i = i;
         while i < 0 || i >= n {
             i = if i < 0 { -i } else { 2 * (n - 1) - i };
-            if n == 1 {
-                return 0;
-            }
         }
         i as usize
     };
+    // Horizontal pass into `tmp`: a padded copy of each row, then shifted multiply-adds.
     let mut tmp = vec![0f32; h * w];
+    let mut padded = vec![0f32; w + 2 * r];
     for y in 0..h {
-        for x in 0..w {
-            tmp[y * w + x] = (-r..=r).map(|d| k[(d + r) as usize] * img[y * w + reflect(x as isize + d, w)]).sum();
+        let row = &img[y * w..(y + 1) * w];
+        for (p, v) in padded.iter_mut().enumerate() {
+            *v = row[reflect(p as isize - r as isize, w)];
+        }
+        let out = &mut tmp[y * w..(y + 1) * w];
+        for (j, &kj) in k.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&padded[j..j + w]) {
+                *o += kj * v;
+            }
         }
     }
+    // Vertical pass: each output row is a weighted sum of whole (reflected) input rows.
+    img.iter_mut().for_each(|v| *v = 0.0);
     for y in 0..h {
-        for x in 0..w {
-            img[y * w + x] = (-r..=r).map(|d| k[(d + r) as usize] * tmp[reflect(y as isize + d, h) * w + x]).sum();
+        let out = &mut img[y * w..(y + 1) * w];
+        for (j, &kj) in k.iter().enumerate() {
+            let src = reflect(y as isize + j as isize - r as isize, h);
+            for (o, v) in out.iter_mut().zip(&tmp[src * w..(src + 1) * w]) {
+                *o += kj * v;
+            }
         }
     }
 }
