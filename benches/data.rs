@@ -55,6 +55,7 @@ fn contrast_rate(source: &Arc<dyn Source>, workers: usize) -> f64 {
         start_step: 0,
         end_step: steps,
         mode: Mode::TwoViews,
+        mix: None,
     };
     let augment = RgbAugParams { jitter: [0.4, 0.4, 0.4, 0.1], ..RgbAugParams::simclr(224) };
     let mut p =

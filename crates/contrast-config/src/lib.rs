@@ -93,6 +93,12 @@ pub struct DataConfig {
     pub csv_separator: String,
     /// Stop when more than this fraction of the samples cannot be read or decoded.
     pub max_bad_fraction: f64,
+    /// Batch-level mixing: `none`, `mixup` or `cutmix` (soft targets for ntxent — i-Mix on the first view — and supcon).
+    pub mix: String,
+    /// Mixing: λ ~ Beta(α, α).
+    pub mix_alpha: f64,
+    /// Mixing: partners are drawn within groups of this many consecutive rows of the global batch (must divide the local batch).
+    pub mix_group: usize,
     /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`.
     pub augment: String,
     /// Worker threads that decode and augment (0 = one per core, at most 4).
@@ -113,6 +119,9 @@ impl Default for DataConfig {
             csv_caption_key: "title".into(),
             csv_separator: "\t".into(),
             max_bad_fraction: 0.01,
+            mix: "none".into(),
+            mix_alpha: 1.0,
+            mix_group: 16,
             augment: "simclr".into(),
             workers: 0,
             prefetch: 4,
@@ -875,6 +884,28 @@ impl Plan {
             return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
         }
 
+        match c.data.mix.as_str() {
+            "none" => {}
+            "mixup" | "cutmix" => {
+                if !matches!(loss, LossKind::NtXent | LossKind::SupCon) {
+                    return Err(invalid("data.mix", format!("soft targets exist for ntxent and supcon, not {loss:?}")));
+                }
+                if !(c.data.mix_alpha > 0.0) {
+                    return Err(invalid("data.mix_alpha", format!("must be > 0, got {}", c.data.mix_alpha)));
+                }
+                let b = global_batch / p;
+                if c.data.mix_group == 0 || b % c.data.mix_group != 0 {
+                    return Err(invalid(
+                        "data.mix_group",
+                        format!(
+                            "{} does not divide the local batch {b} (global {global_batch} over {p} ranks)",
+                            c.data.mix_group
+                        ),
+                    ));
+                }
+            }
+            other => return Err(invalid("data.mix", format!("`{other}` is not none, mixup or cutmix"))),
+        }
         let local_size = topo.local_size.max(1);
         let (threads, threads_source) = if t.threads > 0 {
             (t.threads, "train.threads".to_string())

@@ -8,6 +8,7 @@
 
 pub mod augment;
 pub mod idx;
+pub mod mix;
 pub mod pipeline;
 pub mod rgb;
 pub mod rng;

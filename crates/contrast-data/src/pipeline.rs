@@ -10,6 +10,7 @@
 
 use crate::augment::Augmenter;
 use crate::idx::Images;
+use crate::mix::{apply_mix, mix_plan, MixConfig};
 use crate::rgb::{decode, RgbAugParams, RgbAugmenter};
 use crate::rng::{key, sample_rng, Stream};
 use crate::sampler::Sampler;
@@ -55,6 +56,8 @@ pub struct HostBatch {
     pub wait: Duration,
     /// Distinct unreadable or undecodable samples met so far by this rank's pipeline.
     pub bad_files: usize,
+    /// The mixing of the whole global batch, when mixing is on: partner π(i) and λ_i of every global row.
+    pub mix: Option<(Vec<i64>, Vec<f64>)>,
 }
 
 /// Where samples come from and how they are augmented.
@@ -93,9 +96,15 @@ impl Input {
 
     /// Floats per view of one sample (channels × height × width).
     pub fn view_len(&self) -> usize {
+        let (c, h, w) = self.view_shape();
+        c * h * w
+    }
+
+    /// Shape of one view: channels, height, width.
+    pub fn view_shape(&self) -> (usize, usize, usize) {
         match self {
-            Input::Idx { images, .. } => images.height * images.width,
-            Input::Files { augment, .. } => 3 * (augment.size * augment.size) as usize,
+            Input::Idx { images, .. } => (1, images.height, images.width),
+            Input::Files { augment, .. } => (3, augment.size as usize, augment.size as usize),
         }
     }
 }
@@ -142,6 +151,8 @@ pub struct PipelineConfig {
     pub end_step: usize,
     /// Batch contents.
     pub mode: Mode,
+    /// Batch-level Mixup/CutMix of the first `views` views (None: no mixing).
+    pub mix: Option<(MixConfig, usize)>,
 }
 
 type Produced = (usize, Result<HostBatch, String>);
@@ -254,7 +265,25 @@ impl Worker {
                 text::tokenize_into(&cap, &mut tokens[row * ctx..(row + 1) * ctx]);
             }
         }
-        Ok(HostBatch { step, epoch, indices, views, labels, tokens, wait: Duration::ZERO, bad_files: self.bad.count() })
+        let mix = self.cfg.mix.map(|(mc, mixed_views)| {
+            let (c, h, w) = self.input.view_shape();
+            let plan = mix_plan(&mc, self.cfg.seed, step, self.cfg.global_batch, h, w);
+            for v in views.iter_mut().take(mixed_views) {
+                apply_mix(&plan, v, self.cfg.rank * b, c, h, w);
+            }
+            (plan.partner, plan.lambda)
+        });
+        Ok(HostBatch {
+            step,
+            epoch,
+            indices,
+            views,
+            labels,
+            tokens,
+            wait: Duration::ZERO,
+            bad_files: self.bad.count(),
+            mix,
+        })
     }
 }
 
@@ -266,6 +295,15 @@ impl Pipeline {
 
     /// Start `cfg.workers` worker threads over any input.
     pub fn start_input(input: Input, cfg: PipelineConfig) -> Result<Self, DataError> {
+        if let Some((m, _)) = &cfg.mix {
+            let b = cfg.global_batch / cfg.world_size.max(1);
+            if m.group == 0 || b % m.group != 0 || !(m.alpha > 0.0) {
+                return Err(DataError::Size(format!(
+                    "mixing groups of {} rows must divide the local batch {b} (and alpha {} must be > 0)",
+                    m.group, m.alpha
+                )));
+            }
+        }
         if cfg.world_size == 0 || cfg.global_batch % cfg.world_size != 0 {
             return Err(DataError::Size(format!(
                 "global batch {} is not divisible by world size {}",
@@ -419,6 +457,7 @@ mod tests {
                     start_step: 2,
                     end_step: 9,
                     mode: mode.clone(),
+                    mix: None,
                 };
                 Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
             })
@@ -471,6 +510,7 @@ mod tests {
             start_step: 0,
             end_step: 1000,
             mode: Mode::TwoViews,
+            mix: None,
         };
         let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
         assert!(p.next_batch().unwrap().is_ok());
@@ -491,6 +531,7 @@ mod tests {
             start_step: 0,
             end_step: 3,
             mode: Mode::TwoViews,
+            mix: None,
         };
         let mut p = Pipeline::start(broken, aug(), cfg).unwrap();
         let err = p.next_batch().unwrap().unwrap_err().to_string();
@@ -535,6 +576,7 @@ mod tests {
                     start_step: 0,
                     end_step: 4,
                     mode: Mode::TwoViews,
+                    mix: None,
                 };
                 let input =
                     Input::Files { source: src.clone(), augment: RgbAugParams::simclr(12), max_bad_fraction: max_bad };
@@ -574,5 +616,53 @@ mod tests {
             .expect("a bad fraction above the limit stops the run")
             .to_string();
         assert!(err.contains("unreadable") && err.contains("max_bad_fraction"), "{err}");
+    }
+
+    #[test]
+    fn mixed_batches_are_identical_whatever_world_size() {
+        use crate::mix::{MixConfig, MixKind};
+        let run_mix = |world: usize, kind: MixKind| -> Vec<Vec<HostBatch>> {
+            (0..world)
+                .map(|rank| {
+                    let cfg = PipelineConfig {
+                        seed: 2,
+                        rank,
+                        world_size: world,
+                        global_batch: 12,
+                        workers: 2,
+                        prefetch: 2,
+                        start_step: 0,
+                        end_step: 3,
+                        mode: Mode::TwoViews,
+                        mix: Some((MixConfig { kind, alpha: 1.0, group: 3 }, 1)),
+                    };
+                    Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
+                })
+                .collect()
+        };
+        for kind in [MixKind::Mixup, MixKind::CutMix] {
+            let one = run_mix(1, kind);
+            let four = run_mix(4, kind);
+            for s in 0..3 {
+                let joined: Vec<f32> = four.iter().flat_map(|r| r[s].views[0].clone()).collect();
+                assert_eq!(joined, one[0][s].views[0]);
+                assert_eq!(four[3][s].mix, one[0][s].mix);
+            }
+        }
+        // A group that does not divide the local batch is refused before any work.
+        let cfg = PipelineConfig {
+            seed: 2,
+            rank: 0,
+            world_size: 2,
+            global_batch: 12,
+            workers: 1,
+            prefetch: 1,
+            start_step: 0,
+            end_step: 1,
+            mode: Mode::TwoViews,
+            mix: Some((MixConfig { kind: MixKind::Mixup, alpha: 1.0, group: 4 }, 1)),
+        };
+        let err = Pipeline::start(images(50), aug(), cfg).err().unwrap().to_string();
+        assert!(err.contains("must divide the local batch 6"), "{err}");
     }
 }

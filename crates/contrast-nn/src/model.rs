@@ -316,23 +316,39 @@ impl Model {
         kind: LossKind,
         l: &LossConfig,
         labels: Option<&Tensor>,
+        mix: Option<&crate::loss::Mix>,
     ) -> crate::Result<Tensor> {
         use crate::loss::*;
         let (a, shard, t) = (&gathered[0], ctx.shard, l.temperature_for(kind));
         let b = gathered.get(1).unwrap_or(a);
-        match (self, kind) {
-            (Model::SimClr { .. }, LossKind::NtXent) => ntxent_share(a, b, t, shard),
-            (Model::SimClr { .. }, LossKind::SupCon) => {
+        match (self, kind, mix) {
+            (Model::SimClr { .. }, LossKind::NtXent, Some(m)) => ntxent_soft_share(a, b, m, t, shard),
+            (Model::SimClr { .. }, LossKind::SupCon, Some(m)) => {
+                let y = crate::to_host::<i64>(
+                    labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?,
+                );
+                let classes = y.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
+                let mut q = vec![0f64; y.len() * classes];
+                for (i, &yi) in y.iter().enumerate() {
+                    q[i * classes + yi.max(0) as usize] += m.lambda[i];
+                    q[i * classes + y[m.partner[i] as usize].max(0) as usize] += 1.0 - m.lambda[i];
+                }
+                let probs = Tensor::from_slice(&q).view([y.len() as i64, classes as i64]).to_device(a.device());
+                supcon_soft_share(gathered, &probs, t, ctx)
+            }
+            (_, _, Some(_)) => Err(crate::NnError::Param(format!("loss {kind:?} takes no soft targets"))),
+            (Model::SimClr { .. }, LossKind::NtXent, None) => ntxent_share(a, b, t, shard),
+            (Model::SimClr { .. }, LossKind::SupCon, None) => {
                 let labels = labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?;
                 supcon_share(gathered, labels, t, ctx)
             }
-            (Model::SimClr { .. }, LossKind::Dcl) => dcl_share(a, b, t, None, shard),
-            (Model::SimClr { .. }, LossKind::Dclw) => dcl_share(a, b, t, Some(l.sigma), shard),
-            (Model::SimClr { .. }, LossKind::Debiased) => debiased_share(a, b, t, l.tau_plus, 0.0, shard),
-            (Model::SimClr { .. }, LossKind::HardNegative) => debiased_share(a, b, t, l.tau_plus, l.beta, shard),
-            (Model::SimClr { .. }, LossKind::BarlowTwins) => barlow_twins_share(a, b, l.lambda, shard),
-            (Model::SimClr { .. }, LossKind::Nce) => nce_share(a, b, t, l.noise_size, shard),
-            (Model::SimClr { .. }, k) if k.is_metric() => {
+            (Model::SimClr { .. }, LossKind::Dcl, None) => dcl_share(a, b, t, None, shard),
+            (Model::SimClr { .. }, LossKind::Dclw, None) => dcl_share(a, b, t, Some(l.sigma), shard),
+            (Model::SimClr { .. }, LossKind::Debiased, None) => debiased_share(a, b, t, l.tau_plus, 0.0, shard),
+            (Model::SimClr { .. }, LossKind::HardNegative, None) => debiased_share(a, b, t, l.tau_plus, l.beta, shard),
+            (Model::SimClr { .. }, LossKind::BarlowTwins, None) => barlow_twins_share(a, b, l.lambda, shard),
+            (Model::SimClr { .. }, LossKind::Nce, None) => nce_share(a, b, t, l.noise_size, shard),
+            (Model::SimClr { .. }, k, None) if k.is_metric() => {
                 let y = labels.ok_or_else(|| crate::NnError::Param(format!("{k:?} needs class labels")))?;
                 match k {
                     LossKind::Contrastive => contrastive_share(a, y, l.pos_margin, l.neg_margin, l.squared, ctx),
@@ -351,8 +367,8 @@ impl Model {
                     _ => snn_share(a, y, t, ctx),
                 }
             }
-            (Model::Clip { logit_scale, .. }, LossKind::Clip) => clip_share(a, b, logit_scale, shard),
-            (Model::Clip { logit_scale, logit_bias: Some(bias), .. }, LossKind::SigLip) => {
+            (Model::Clip { logit_scale, .. }, LossKind::Clip, None) => clip_share(a, b, logit_scale, shard),
+            (Model::Clip { logit_scale, logit_bias: Some(bias), .. }, LossKind::SigLip, None) => {
                 siglip_share(a, b, logit_scale, bias, shard)
             }
             _ => Err(crate::NnError::Param(format!("loss {kind:?} does not fit this model"))),

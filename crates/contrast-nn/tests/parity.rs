@@ -96,7 +96,8 @@ fn run_rank<C: Collective>(
     let towers = model.towers(&views, Some(&tokens), true);
     let lc = LossConfig { temperature: Some(0.2), ..Default::default() };
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
-    let out = engine.step(&towers, &tensors, |g, ctx| model.loss_share(g, ctx, loss, &lc, Some(&labels))).unwrap();
+    let out =
+        engine.step(&towers, &tensors, |g, ctx| model.loss_share(g, ctx, loss, &lc, Some(&labels), None)).unwrap();
     let grads = params
         .iter()
         .map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size()))
@@ -116,9 +117,12 @@ fn check(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, tol
             assert_eq!(gp.len(), g1.len());
             // A gradient that is zero in exact arithmetic (a bias in front of Barlow Twins'
             // standardisation) is compared at 1e-6 of the model's largest gradient, not at round-off.
+            // In f32 a parameter whose gradient is a sum with heavy cancellation (a norm weight)
+            // keeps only absolute precision, so f32 errors are relative to the largest gradient.
             let largest = g1.iter().flat_map(|(_, g, _)| g.iter()).fold(0f64, |m, v| m.max(v.abs()));
+            let floor = if kind == Kind::Float { largest } else { 1e-6 * largest };
             for ((name, a, _), (_, want, _)) in gp.iter().zip(&g1) {
-                let scale = want.iter().fold(1e-6 * largest, |m, v| m.max(v.abs()));
+                let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
                 let e = a.iter().zip(want).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale;
                 assert!(e <= tol, "{loss:?} {kind:?} P={p} rank {r}: gradient of {name} off by {e:e}");
             }

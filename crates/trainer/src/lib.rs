@@ -171,6 +171,20 @@ fn rgb_augment(plan: &Plan) -> RgbAugParams {
     }
 }
 
+/// Batch-level mixing of the plan: i-Mix mixes the first view for NT-Xent;
+/// SupCon's mixed labels apply to both views.
+fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)> {
+    use contrast_data::mix::{MixConfig, MixKind};
+    let d = &plan.config.data;
+    let kind = match d.mix.as_str() {
+        "mixup" => MixKind::Mixup,
+        "cutmix" => MixKind::CutMix,
+        _ => return None,
+    };
+    let views = if plan.loss == contrast_config::LossKind::SupCon { 2 } else { 1 };
+    Some((MixConfig { kind, alpha: d.mix_alpha, group: d.mix_group }, views))
+}
+
 /// The training input of the plan and its class names.
 fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     let d = &plan.config.data;
@@ -450,6 +464,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             start_step,
             end_step: plan.steps,
             mode,
+            mix: mix_config(&plan),
         },
     )?;
     let engine = GlobalBatch::new(comm, plan.local_batch);
@@ -506,12 +521,17 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         // Supervised losses see the labels of the whole global batch.
         let labels =
             plan.loss.is_supervised().then(|| Tensor::from_slice(&comm.all_gather(&batch.labels)).to_device(device));
+        let mix = batch
+            .mix
+            .as_ref()
+            .map(|(partner, lambda)| contrast_nn::loss::Mix { partner: partner.clone(), lambda: lambda.clone() });
         opt.zero_grad();
         // Metric-learning losses take one embedding per sample: the first view.
         let used = if plan.loss.is_metric() { &views[..1] } else { &views[..] };
         let towers = model.towers(used, tokens.as_ref(), true);
-        let out = engine
-            .step(&towers, &opt.tensors(), |g, ctx| model.loss_share(g, ctx, plan.loss, &c.loss, labels.as_ref()))?;
+        let out = engine.step(&towers, &opt.tensors(), |g, ctx| {
+            model.loss_share(g, ctx, plan.loss, &c.loss, labels.as_ref(), mix.as_ref())
+        })?;
         let loss = if fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         if !loss.is_finite() {
             let last = checkpoint::latest(&run_dir)

@@ -165,34 +165,45 @@ fn summary(run: &Path) -> serde_json::Value {
 #[test]
 fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
     let fx = Fixture::new();
-    // NT-Xent and CLIP at 2 and 4 ranks; one MPI run of each other loss family at 2 ranks.
-    let cases: [(&str, &[usize]); 9] = [
-        ("ntxent", &[2, 4]),
-        ("clip", &[2, 4]),
-        ("supcon", &[2]),
-        ("dclw", &[2]),
-        ("hard_negative", &[2]),
-        ("barlow_twins", &[2]),
-        ("siglip", &[2]),
-        ("triplet", &[2]),
-        ("nce", &[2]),
+    // NT-Xent and CLIP at 2 and 4 ranks; one MPI run of each other loss family at 2 ranks;
+    // mixed batches (soft targets) too, with groups that divide every local batch.
+    let mixup: &[&str] = &["--set", "data.mix=mixup", "--set", "data.mix_group=2"];
+    let cutmix: &[&str] = &["--set", "data.mix=cutmix", "--set", "data.mix_group=2"];
+    let cases: [(&str, &str, &[usize], &[&str]); 11] = [
+        ("ntxent", "ntxent", &[2, 4], &[]),
+        ("clip", "clip", &[2, 4], &[]),
+        ("supcon", "supcon", &[2], &[]),
+        ("dclw", "dclw", &[2], &[]),
+        ("hard_negative", "hard_negative", &[2], &[]),
+        ("barlow_twins", "barlow_twins", &[2], &[]),
+        ("siglip", "siglip", &[2], &[]),
+        ("triplet", "triplet", &[2], &[]),
+        ("nce", "nce", &[2], &[]),
+        ("imix", "ntxent", &[2, 4], mixup),
+        ("supcon-cutmix", "supcon", &[2], cutmix),
     ];
-    for (loss, worlds) in cases {
-        let solo = fx.config(&format!("{loss}-solo"), loss, "");
-        ok(run(0, &["--config", solo.to_str().unwrap()], &[]));
+    for (name, loss, worlds, extra) in cases {
+        let solo = fx.config(&format!("{name}-solo"), loss, "");
+        let mut args = vec!["--config", solo.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(run(0, &args, &[]));
         for &np in worlds {
-            let name = format!("{loss}-mpi{np}");
-            let cfg = fx.config(&name, loss, "");
-            let out = ok(run(np, &["--config", cfg.to_str().unwrap()], &[]));
+            let run_name = format!("{name}-mpi{np}");
+            let cfg = fx.config(&run_name, loss, "");
+            let mut args = vec!["--config", cfg.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            let out = ok(run(np, &args, &[]));
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.contains(&format!("world_size={np}")), "plan line missing: {err}");
-            let d = max_rel_diff(&fx.path(&format!("{name}/step-3")), &fx.path(&format!("{loss}-solo/step-3")));
-            assert!(d < 1e-4, "{loss}: {np} MPI ranks differ from 1 rank by {d:e}");
-            let s = summary(&fx.path(&name));
+            let d = max_rel_diff(&fx.path(&format!("{run_name}/step-3")), &fx.path(&format!("{name}-solo/step-3")));
+            assert!(d < 1e-4, "{name}: {np} MPI ranks differ from 1 rank by {d:e}");
+            let s = summary(&fx.path(&run_name));
             assert_eq!(s["world_size"], np);
             assert_eq!(s["steps"], 3);
         }
     }
+    // Mixing changes the run (the comparison above would see a lost mix).
+    assert!(max_rel_diff(&fx.path("imix-solo/step-3"), &fx.path("ntxent-solo/step-3")) > 1e-4);
 }
 
 #[test]
@@ -262,6 +273,12 @@ fn bad_input_fails_before_training_and_names_the_problem() {
         (2, vec!["--set".into(), "train.global_batch=9".into()], "not divisible by the world size 2"),
         (0, vec!["--set".into(), "data.root=/no/such/dir".into()], "/no/such/dir"),
         (0, vec!["--set".into(), "model.norm=batchy".into()], "model.norm"),
+        (
+            2,
+            vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "data.mix_group=3".into()],
+            "does not divide the local batch 4",
+        ),
+        (0, vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "loss.name=clip".into()], "data.mix"),
     ];
     for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
         let name = format!("bad{i}");
