@@ -107,6 +107,28 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// Parameters of the augmentation preset.
     pub aug: AugConfig,
+    /// Caption augmentation (image–text losses).
+    pub text: TextAugConfig,
+}
+
+/// `data.text.*`: caption augmentation for image–text losses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextAugConfig {
+    /// EDA strength α (fraction of words changed; 0 = off).
+    pub eda_alpha: f64,
+    /// EDA synonym file: one `word<TAB>syn1,syn2,…` per line (required when eda_alpha > 0).
+    pub synonyms: Option<PathBuf>,
+    /// Cutoff: `none`, `token` or `span`.
+    pub cutoff: String,
+    /// Cutoff ratio of content tokens.
+    pub cutoff_ratio: f64,
+}
+
+impl Default for TextAugConfig {
+    fn default() -> Self {
+        Self { eda_alpha: 0.0, synonyms: None, cutoff: "none".into(), cutoff_ratio: 0.1 }
+    }
 }
 
 impl Default for DataConfig {
@@ -126,6 +148,7 @@ impl Default for DataConfig {
             workers: 0,
             prefetch: 4,
             aug: AugConfig::default(),
+            text: TextAugConfig::default(),
         }
     }
 }
@@ -884,6 +907,22 @@ impl Plan {
             return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
         }
 
+        let ta = &c.data.text;
+        if !(0.0..1.0).contains(&ta.eda_alpha) {
+            return Err(invalid("data.text.eda_alpha", format!("must lie in [0, 1), got {}", ta.eda_alpha)));
+        }
+        if ta.eda_alpha > 0.0 && !ta.synonyms.as_ref().is_some_and(|p| p.is_file()) {
+            return Err(invalid(
+                "data.text.synonyms",
+                format!("EDA needs a synonym file; {:?} is not a file", ta.synonyms),
+            ));
+        }
+        if !matches!(ta.cutoff.as_str(), "none" | "token" | "span") {
+            return Err(invalid("data.text.cutoff", format!("`{}` is not none, token or span", ta.cutoff)));
+        }
+        if !(0.0..=1.0).contains(&ta.cutoff_ratio) {
+            return Err(invalid("data.text.cutoff_ratio", format!("must lie in [0, 1], got {}", ta.cutoff_ratio)));
+        }
         match c.data.mix.as_str() {
             "none" => {}
             "mixup" | "cutmix" => {

@@ -15,6 +15,7 @@ pub mod rng;
 pub mod sampler;
 pub mod source;
 pub mod text;
+pub mod textaug;
 
 pub use augment::{AugParams, Augmenter};
 pub use idx::Images;

@@ -24,17 +24,28 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// What a batch holds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Mode {
     /// Two augmented views of each image (SimCLR).
     TwoViews,
-    /// One view of each image and a caption from its class name (CLIP).
+    /// One view of each image and a caption (the sample's own, or from its class name) (CLIP).
     ImageText {
         /// Tokens per caption.
         context: usize,
         /// Class names, indexed by label.
         class_names: Vec<String>,
+        /// Caption augmentation.
+        text: TextAug,
     },
+}
+
+/// Caption augmentation of [`Mode::ImageText`], keyed on (seed, epoch, global index).
+#[derive(Debug, Clone, Default)]
+pub struct TextAug {
+    /// EDA with this synonym table and strength α.
+    pub eda: Option<(Arc<crate::textaug::Synonyms>, f64)>,
+    /// Cutoff of this kind and ratio, on the tokens.
+    pub cutoff: Option<(crate::textaug::Cutoff, f64)>,
 }
 
 /// One rank's share of one global batch, on the host.
@@ -253,7 +264,7 @@ impl Worker {
                 }
             };
             labels.push(label);
-            if let Mode::ImageText { class_names, .. } = &self.cfg.mode {
+            if let Mode::ImageText { class_names, text: aug, .. } = &self.cfg.mode {
                 let cap = match caption {
                     Some(c) => c,
                     None => {
@@ -262,7 +273,16 @@ impl Worker {
                         text::random_caption(&mut rng, name.map(String::as_str).unwrap_or(&label.to_string()))
                     }
                 };
-                text::tokenize_into(&cap, &mut tokens[row * ctx..(row + 1) * ctx]);
+                let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64 + 1);
+                let cap = match &aug.eda {
+                    Some((syn, alpha)) => crate::textaug::eda(&cap, syn, *alpha, &mut rng),
+                    None => cap,
+                };
+                let row_tokens = &mut tokens[row * ctx..(row + 1) * ctx];
+                text::tokenize_into(&cap, row_tokens);
+                if let Some((kind, ratio)) = aug.cutoff {
+                    crate::textaug::cutoff(row_tokens, kind, ratio, &mut rng);
+                }
             }
         }
         let mix = self.cfg.mix.map(|(mc, mixed_views)| {
@@ -488,7 +508,11 @@ mod tests {
 
     #[test]
     fn captions_follow_labels() {
-        let mode = Mode::ImageText { context: 48, class_names: (0..10).map(|c| format!("class{c}")).collect() };
+        let mode = Mode::ImageText {
+            context: 48,
+            class_names: (0..10).map(|c| format!("class{c}")).collect(),
+            text: TextAug::default(),
+        };
         let b = &run(1, 2, mode)[0][0];
         assert_eq!(b.views.len(), 1);
         for (row, &label) in b.labels.iter().enumerate() {

@@ -448,7 +448,20 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     }
 
     let mode = if plan.loss.is_image_text() {
-        Mode::ImageText { context: c.model.text.context as usize, class_names }
+        let t = &c.data.text;
+        let eda = match (&t.synonyms, t.eda_alpha > 0.0) {
+            (Some(path), true) => {
+                Some((std::sync::Arc::new(contrast_data::textaug::Synonyms::load(path)?), t.eda_alpha))
+            }
+            _ => None,
+        };
+        let cutoff = match t.cutoff.as_str() {
+            "token" => Some((contrast_data::textaug::Cutoff::Token, t.cutoff_ratio)),
+            "span" => Some((contrast_data::textaug::Cutoff::Span, t.cutoff_ratio)),
+            _ => None,
+        };
+        let text = contrast_data::pipeline::TextAug { eda, cutoff };
+        Mode::ImageText { context: c.model.text.context as usize, class_names, text }
     } else {
         Mode::TwoViews
     };

@@ -279,6 +279,7 @@ fn bad_input_fails_before_training_and_names_the_problem() {
             "does not divide the local batch 4",
         ),
         (0, vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "loss.name=clip".into()], "data.mix"),
+        (0, vec!["--set".into(), "data.text.eda_alpha=0.1".into()], "data.text.synonyms"),
     ];
     for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
         let name = format!("bad{i}");
@@ -425,7 +426,7 @@ fn mean_loss(run: &Path, steps: std::ops::Range<usize>) -> f64 {
     picked.iter().sum::<f64>() / picked.len() as f64
 }
 
-fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize) -> Output {
+fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize, extra: &[String]) -> Output {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/clip.yaml");
     let sets = [
         format!("data.dataset={dataset}"),
@@ -446,7 +447,7 @@ fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize) -> Output {
         "checkpoint.every=0".into(),
     ];
     let mut args = vec!["--config".to_string(), config.display().to_string()];
-    for s in sets {
+    for s in sets.into_iter().chain(extra.iter().cloned()) {
         args.push("--set".into());
         args.push(s);
     }
@@ -481,9 +482,17 @@ fn clip_config_trains_on_a_csv_and_on_webdataset_shards() {
         b.finish().unwrap();
     }
     let csv_run = dir.path().join("run-csv");
-    clip_on("csv", &dir.path().join("train.tsv"), &csv_run, 0);
+    // Captions augmented with EDA (a synonym file) and span cutoff on the CSV run.
+    std::fs::write(dir.path().join("synonyms.tsv"), "red\tcrimson,scarlet\nsquare\tbox\nstripe\tband\n").unwrap();
+    let text_aug = [
+        "data.text.eda_alpha=0.1".to_string(),
+        format!("data.text.synonyms={}", dir.path().join("synonyms.tsv").display()),
+        "data.text.cutoff=span".to_string(),
+        "data.text.cutoff_ratio=0.1".to_string(),
+    ];
+    clip_on("csv", &dir.path().join("train.tsv"), &csv_run, 0, &text_aug);
     let wds_run = dir.path().join("run-wds");
-    let out = clip_on("webdataset", &shards.join("{000000..000001}.tar"), &wds_run, 2);
+    let out = clip_on("webdataset", &shards.join("{000000..000001}.tar"), &wds_run, 2, &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("world_size=2"));
     assert!(shards.join("000000.tar.contrast-index").is_file());
     for run in [&csv_run, &wds_run] {
