@@ -995,3 +995,29 @@ fn soft_target_losses_are_exact_across_ranks() {
         supcon_soft_share(g, &probs_tensor(&soft_labels(n, &mix(n), 3)), 0.1, ctx)
     });
 }
+
+#[test]
+fn remaining_losses_match_finite_differences() {
+    let (a, b, c3) = (randn(6, 4, 140), randn(6, 4, 141), randn(6, 4, 142));
+    let m = mix(6);
+    let lab = labels9(6);
+    let ctx = Ctx::solo(6);
+    let checks: Vec<(&str, Box<dyn Fn(&Tensor) -> Tensor>)> = vec![
+        (
+            "multi NT-Xent",
+            Box::new(|x| {
+                ntxent_multi_share(&[x.shallow_clone(), b.shallow_clone(), c3.shallow_clone()], 0.3, &ctx).unwrap()
+            }),
+        ),
+        ("InfoNCE", Box::new(|x| infonce_share(x, &b, 0.3, true, Shard::solo(6)).unwrap())),
+        ("i-Mix InfoNCE", Box::new(|x| infonce_soft_share(x, &b, &m, 0.3, true, Shard::solo(6)).unwrap())),
+        ("negative cosine", Box::new(|x| negative_cosine_share(x, &b, Shard::solo(6)).unwrap())),
+        ("normalised MSE", Box::new(|x| normalized_mse_share(x, &b, Shard::solo(6)).unwrap())),
+        ("contrastive squared", Box::new(|x| contrastive_share(x, &lab, 0.1, 1.0, true, &ctx).unwrap())),
+        ("triplet semi-hard", Box::new(|x| triplet_share(x, &lab, 0.5, Mining::SemiHard, &ctx).unwrap())),
+    ];
+    for (name, f) in &checks {
+        let e = rel_err(&autograd(&a, f), &finite_diff(&a, |x| f(x).double_value(&[]), 1e-6));
+        assert!(e < 1e-6, "{name}: autograd vs finite differences {e:e}");
+    }
+}
