@@ -54,12 +54,15 @@ fn contrast_rate(source: &Arc<dyn Source>, workers: usize) -> f64 {
         prefetch: 2 * workers,
         start_step: 0,
         end_step: steps,
-        mode: Mode::TwoViews,
+        mode: Mode::Views,
         mix: None,
     };
     let augment = RgbAugParams { jitter: [0.4, 0.4, 0.4, 0.1], ..RgbAugParams::simclr(224) };
-    let mut p =
-        Pipeline::start_input(Input::Files { source: source.clone(), augment, max_bad_fraction: 0.0 }, cfg).unwrap();
+    let mut p = Pipeline::start_input(
+        Input::Files { source: source.clone(), augment: vec![augment; 2], max_bad_fraction: 0.0 },
+        cfg,
+    )
+    .unwrap();
     p.next_batch().unwrap().unwrap(); // warm-up, as the baseline does
     let start = Instant::now();
     let mut n = 0;

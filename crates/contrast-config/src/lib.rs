@@ -93,13 +93,18 @@ pub struct DataConfig {
     pub csv_separator: String,
     /// Stop when more than this fraction of the samples cannot be read or decoded.
     pub max_bad_fraction: f64,
+    /// Multi-crop (`swav` preset): number of small crops.
+    pub small_crops: usize,
+    /// Multi-crop: side of the small crops (0 = image_size · 96 / 224).
+    pub small_size: u32,
     /// Batch-level mixing: `none`, `mixup` or `cutmix` (soft targets for ntxent — i-Mix on the first view — and supcon).
     pub mix: String,
     /// Mixing: λ ~ Beta(α, α).
     pub mix_alpha: f64,
     /// Mixing: partners are drawn within groups of this many consecutive rows of the global batch (must divide the local batch).
     pub mix_group: usize,
-    /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`.
+    /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`;
+    /// for file datasets also `mocov2`, `byol` (asymmetric views) and `swav` (multi-crop).
     pub augment: String,
     /// Worker threads that decode and augment (0 = one per core, at most 4).
     pub workers: usize,
@@ -141,6 +146,8 @@ impl Default for DataConfig {
             csv_caption_key: "title".into(),
             csv_separator: "\t".into(),
             max_bad_fraction: 0.01,
+            small_crops: 6,
+            small_size: 0,
             mix: "none".into(),
             mix_alpha: 1.0,
             mix_group: 16,
@@ -795,7 +802,30 @@ impl Plan {
         }
         match c.data.augment.as_str() {
             "simclr" | "clip" | "none" => {}
-            other => return Err(invalid("data.augment", format!("`{other}` is not a preset (simclr, clip, none)"))),
+            "mocov2" | "byol" | "swav" if c.data.dataset != "fashion_mnist" => {}
+            "mocov2" | "byol" | "swav" => {
+                return Err(invalid(
+                    "data.augment",
+                    format!("`{}` is an RGB preset: use a file dataset", c.data.augment),
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "data.augment",
+                    format!("`{other}` is not a preset (simclr, mocov2, byol, swav, clip, none)"),
+                ))
+            }
+        }
+        if c.data.augment == "swav" {
+            if loss != LossKind::NtXent {
+                return Err(invalid(
+                    "data.augment",
+                    format!("multi-crop (swav) views train with ntxent (multi-positive), not {loss:?}"),
+                ));
+            }
+            if c.data.mix != "none" {
+                return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
+            }
         }
         let root_ok = match c.data.dataset.as_str() {
             "csv" => c.data.root.is_file(),

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 /// What a batch holds.
 #[derive(Debug, Clone)]
 pub enum Mode {
-    /// Two augmented views of each image (SimCLR).
-    TwoViews,
+    /// Augmented views of each image: two for IDX input; one per augmentation
+    /// of the preset for file input (two for SimCLR, 2 + N for multi-crop).
+    Views,
     /// One view of each image and a caption (the sample's own, or from its class name) (CLIP).
     ImageText {
         /// Tokens per caption.
@@ -84,8 +85,8 @@ pub enum Input {
     Files {
         /// The files.
         source: Arc<dyn Source>,
-        /// Augmentation (output `3 × size × size`).
-        augment: RgbAugParams,
+        /// One augmentation per view (output `3 × size × size`, sizes may differ: multi-crop).
+        augment: Vec<RgbAugParams>,
         /// Stop with an error when more than this fraction of the samples is bad.
         max_bad_fraction: f64,
     },
@@ -105,17 +106,28 @@ impl Input {
         self.len() == 0
     }
 
-    /// Floats per view of one sample (channels × height × width).
-    pub fn view_len(&self) -> usize {
-        let (c, h, w) = self.view_shape();
+    /// Views per sample in [`Mode::Views`].
+    pub fn views(&self) -> usize {
+        match self {
+            Input::Idx { .. } => 2,
+            Input::Files { augment, .. } => augment.len(),
+        }
+    }
+
+    /// Floats of view `k` of one sample (channels × height × width).
+    pub fn view_len(&self, k: usize) -> usize {
+        let (c, h, w) = self.view_shape(k);
         c * h * w
     }
 
-    /// Shape of one view: channels, height, width.
-    pub fn view_shape(&self) -> (usize, usize, usize) {
+    /// Shape of view `k`: channels, height, width.
+    pub fn view_shape(&self, k: usize) -> (usize, usize, usize) {
         match self {
             Input::Idx { images, .. } => (1, images.height, images.width),
-            Input::Files { augment, .. } => (3, augment.size as usize, augment.size as usize),
+            Input::Files { augment, .. } => {
+                let s = augment[k.min(augment.len() - 1)].size as usize;
+                (3, s, s)
+            }
         }
     }
 }
@@ -181,7 +193,7 @@ pub struct Pipeline {
 
 struct Worker {
     input: Arc<Input>,
-    rgb: Option<RgbAugmenter>,
+    rgb: Vec<RgbAugmenter>,
     bad: Arc<BadFiles>,
     sampler: Sampler,
     cfg: PipelineConfig,
@@ -207,8 +219,9 @@ impl Worker {
             Input::Files { source, .. } => {
                 let raw = source.fetch(idx)?;
                 let img = decode(&raw.bytes).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
-                let aug = self.rgb.as_mut().expect("RGB augmenter");
                 for (v, buf) in views.iter_mut().enumerate() {
+                    let last = self.rgb.len() - 1;
+                    let aug = &mut self.rgb[v.min(last)];
                     aug.apply(&img, &mut view_rng(v), buf).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
                 }
                 Ok((raw.label, raw.caption))
@@ -225,16 +238,16 @@ impl Worker {
         let global = self.sampler.global_batch_of(step, perm);
         let indices = Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size).to_vec();
         let b = indices.len();
-        let pix = self.input.view_len();
         let n_views = match self.cfg.mode {
-            Mode::TwoViews => 2,
+            Mode::Views => self.input.views(),
             Mode::ImageText { .. } => 1,
         };
-        let mut views = vec![vec![0f32; b * pix]; n_views];
+        let lens: Vec<usize> = (0..n_views).map(|k| self.input.view_len(k)).collect();
+        let mut views: Vec<Vec<f32>> = lens.iter().map(|l| vec![0f32; b * l]).collect();
         let mut labels = Vec::with_capacity(b);
         let ctx = match &self.cfg.mode {
             Mode::ImageText { context, .. } => *context,
-            Mode::TwoViews => 0,
+            Mode::Views => 0,
         };
         let mut tokens = vec![0i64; b * ctx];
         let n = self.input.len();
@@ -244,7 +257,7 @@ impl Worker {
             let mut attempt = 0u64;
             let (label, caption) = loop {
                 let mut slices: Vec<&mut [f32]> =
-                    views.iter_mut().map(|v| &mut v[row * pix..(row + 1) * pix]).collect();
+                    views.iter_mut().zip(&lens).map(|(v, &l)| &mut v[row * l..(row + 1) * l]).collect();
                 match self.sample(source_idx, epoch, &mut slices) {
                     Ok(x) => break x,
                     Err(what) => {
@@ -286,9 +299,11 @@ impl Worker {
             }
         }
         let mix = self.cfg.mix.map(|(mc, mixed_views)| {
-            let (c, h, w) = self.input.view_shape();
+            let (_, h, w) = self.input.view_shape(0);
             let plan = mix_plan(&mc, self.cfg.seed, step, self.cfg.global_batch, h, w);
-            for v in views.iter_mut().take(mixed_views) {
+            for (k, v) in views.iter_mut().enumerate().take(mixed_views) {
+                let (c, vh, vw) = self.input.view_shape(k);
+                assert_eq!((vh, vw), (h, w), "mixed views must share one size");
                 apply_mix(&plan, v, self.cfg.rank * b, c, h, w);
             }
             (plan.partner, plan.lambda)
@@ -339,8 +354,8 @@ impl Pipeline {
         let mut workers = Vec::new();
         for w in 0..cfg.workers.max(1) {
             let rgb = match &*input {
-                Input::Files { augment, .. } => Some(RgbAugmenter::new(augment.clone())),
-                Input::Idx { .. } => None,
+                Input::Files { augment, .. } => augment.iter().cloned().map(RgbAugmenter::new).collect(),
+                Input::Idx { .. } => Vec::new(),
             };
             let mut worker = Worker {
                 input: input.clone(),
@@ -486,9 +501,9 @@ mod tests {
 
     #[test]
     fn batches_are_identical_whatever_world_size_and_workers() {
-        let one = run(1, 1, Mode::TwoViews);
+        let one = run(1, 1, Mode::Views);
         for (world, workers) in [(2, 1), (3, 3), (4, 2)] {
-            let many = run(world, workers, Mode::TwoViews);
+            let many = run(world, workers, Mode::Views);
             for (s, b1) in one[0].iter().enumerate() {
                 let mut idx: Vec<usize> = Vec::new();
                 let mut v0: Vec<f32> = Vec::new();
@@ -533,7 +548,7 @@ mod tests {
             prefetch: 2,
             start_step: 0,
             end_step: 1000,
-            mode: Mode::TwoViews,
+            mode: Mode::Views,
             mix: None,
         };
         let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
@@ -554,7 +569,7 @@ mod tests {
             prefetch: 1,
             start_step: 0,
             end_step: 3,
-            mode: Mode::TwoViews,
+            mode: Mode::Views,
             mix: None,
         };
         let mut p = Pipeline::start(broken, aug(), cfg).unwrap();
@@ -599,11 +614,14 @@ mod tests {
                     prefetch: 2,
                     start_step: 0,
                     end_step: 4,
-                    mode: Mode::TwoViews,
+                    mode: Mode::Views,
                     mix: None,
                 };
-                let input =
-                    Input::Files { source: src.clone(), augment: RgbAugParams::simclr(12), max_bad_fraction: max_bad };
+                let input = Input::Files {
+                    source: src.clone(),
+                    augment: vec![RgbAugParams::simclr(12); 2],
+                    max_bad_fraction: max_bad,
+                };
                 Pipeline::start_input(input, cfg).unwrap().collect()
             })
             .collect()
@@ -657,7 +675,7 @@ mod tests {
                         prefetch: 2,
                         start_step: 0,
                         end_step: 3,
-                        mode: Mode::TwoViews,
+                        mode: Mode::Views,
                         mix: Some((MixConfig { kind, alpha: 1.0, group: 3 }, 1)),
                     };
                     Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
@@ -683,10 +701,33 @@ mod tests {
             prefetch: 1,
             start_step: 0,
             end_step: 1,
-            mode: Mode::TwoViews,
+            mode: Mode::Views,
             mix: Some((MixConfig { kind: MixKind::Mixup, alpha: 1.0, group: 4 }, 1)),
         };
         let err = Pipeline::start(images(50), aug(), cfg).err().unwrap().to_string();
         assert!(err.contains("must divide the local batch 6"), "{err}");
+    }
+
+    #[test]
+    fn multi_crop_views_have_their_own_sizes() {
+        let (_dir, src) = folder(16, &[]);
+        let cfg = PipelineConfig {
+            seed: 1,
+            rank: 0,
+            world_size: 1,
+            global_batch: 4,
+            workers: 2,
+            prefetch: 2,
+            start_step: 0,
+            end_step: 2,
+            mode: Mode::Views,
+            mix: None,
+        };
+        let augment = RgbAugParams::preset("swav", 16, 8, 3).unwrap();
+        let input = Input::Files { source: src, augment, max_bad_fraction: 0.0 };
+        let b = Pipeline::start_input(input, cfg).unwrap().next().unwrap().unwrap();
+        let lens: Vec<usize> = b.views.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![4 * 3 * 256, 4 * 3 * 256, 4 * 3 * 64, 4 * 3 * 64, 4 * 3 * 64]);
+        assert_ne!(b.views[2], b.views[3]);
     }
 }

@@ -88,6 +88,44 @@ impl RgbAugParams {
         }
     }
 
+    /// MoCo v2's augmentation (`aug_plus` of the MoCo reference): crops 0.2–1,
+    /// jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur p 0.5, flip.
+    pub fn mocov2(size: u32) -> Self {
+        Self { crop_scale: Some([0.2, 1.0]), jitter: [0.4, 0.4, 0.4, 0.1], ..Self::simclr(size) }
+    }
+
+    /// BYOL's two asymmetric views (Grill et al. 2020, table 6): jitter
+    /// (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2; blur p 1.0 / 0.1, solarise p 0 / 0.2.
+    pub fn byol(size: u32) -> [Self; 2] {
+        let base = Self { jitter: [0.4, 0.4, 0.2, 0.1], ..Self::simclr(size) };
+        [
+            Self { blur_prob: 1.0, solarize_prob: 0.0, ..base.clone() },
+            Self { blur_prob: 0.1, solarize_prob: 0.2, ..base },
+        ]
+    }
+
+    /// SwAV's multi-crop: 2 views at `size` (crops 0.14–1) and `small` views at
+    /// `small_size` (crops 0.05–0.14), SimCLR colour distortion on all.
+    pub fn swav(size: u32, small_size: u32, small: usize) -> Vec<Self> {
+        let large = Self { crop_scale: Some([0.14, 1.0]), ..Self::simclr(size) };
+        let little = Self { crop_scale: Some([0.05, 0.14]), ..Self::simclr(small_size) };
+        let mut v = vec![large.clone(), large];
+        v.extend(std::iter::repeat_n(little, small));
+        v
+    }
+
+    /// The views of a named preset: `simclr`, `mocov2`, `byol`, `swav`, `clip`.
+    pub fn preset(name: &str, size: u32, small_size: u32, small: usize) -> Option<Vec<Self>> {
+        Some(match name {
+            "simclr" => vec![Self::simclr(size); 2],
+            "mocov2" => vec![Self::mocov2(size); 2],
+            "byol" => Self::byol(size).to_vec(),
+            "swav" => Self::swav(size, small_size, small),
+            "clip" => vec![Self::clip(size)],
+            _ => return None,
+        })
+    }
+
     /// CLIP's evaluation transform: resize the shorter side, centre crop, normalise (OpenAI CLIP statistics).
     pub fn clip(size: u32) -> Self {
         Self {
@@ -323,6 +361,20 @@ mod tests {
         assert!((px[0] - 0.9).abs() < 1e-6 && (px[1] - 0.2).abs() < 1e-6);
         let px = rotate_hue([1.0, 0.0, 0.0], 1.0 / 3.0);
         assert!((px[1] - 1.0).abs() < 1e-5 && px[0].abs() < 1e-5);
+    }
+
+    #[test]
+    fn presets_follow_their_papers() {
+        let byol = RgbAugParams::byol(32);
+        assert_eq!(
+            (byol[0].blur_prob, byol[0].solarize_prob, byol[1].blur_prob, byol[1].solarize_prob),
+            (1.0, 0.0, 0.1, 0.2)
+        );
+        let swav = RgbAugParams::preset("swav", 32, 16, 4).unwrap();
+        assert_eq!(swav.iter().map(|p| p.size).collect::<Vec<_>>(), vec![32, 32, 16, 16, 16, 16]);
+        assert_eq!(swav[2].crop_scale, Some([0.05, 0.14]));
+        assert_eq!(RgbAugParams::preset("mocov2", 32, 16, 0).unwrap()[0].crop_scale, Some([0.2, 1.0]));
+        assert!(RgbAugParams::preset("nope", 32, 16, 0).is_none());
     }
 
     #[test]

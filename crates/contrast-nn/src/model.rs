@@ -337,6 +337,9 @@ impl Model {
                 supcon_soft_share(gathered, &probs, t, ctx)
             }
             (_, _, Some(_)) => Err(crate::NnError::Param(format!("loss {kind:?} takes no soft targets"))),
+            (Model::SimClr { .. }, LossKind::NtXent, None) if gathered.len() > 2 => {
+                ntxent_multi_share(gathered, t, ctx)
+            }
             (Model::SimClr { .. }, LossKind::NtXent, None) => ntxent_share(a, b, t, shard),
             (Model::SimClr { .. }, LossKind::SupCon, None) => {
                 let labels = labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?;

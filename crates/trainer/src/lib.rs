@@ -150,24 +150,33 @@ pub fn in_channels(plan: &Plan) -> i64 {
     }
 }
 
-/// The RGB augmentation of `data.augment` with the `data.aug` parameters.
-fn rgb_augment(plan: &Plan) -> RgbAugParams {
+/// The RGB augmentation of each view of `data.augment` (`simclr` takes the `data.aug` parameters).
+fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
     let (d, a) = (&plan.config.data, &plan.config.data.aug);
+    let small = if d.small_size > 0 { d.small_size } else { (d.image_size * 96).div_ceil(224).max(8) };
     match d.augment.as_str() {
-        "simclr" => RgbAugParams {
-            size: d.image_size,
-            crop_scale: Some(a.crop_scale),
-            crop_ratio: a.crop_ratio,
-            flip_prob: a.flip_prob,
-            jitter_prob: a.jitter_prob,
-            jitter: [a.brightness, a.contrast, a.saturation, a.hue],
-            gray_prob: a.gray_prob,
-            blur_prob: a.blur_prob,
-            blur_sigma: a.blur_sigma,
-            solarize_prob: a.solarize_prob,
-            ..RgbAugParams::simclr(d.image_size)
+        "simclr" => vec![
+            RgbAugParams {
+                size: d.image_size,
+                crop_scale: Some(a.crop_scale),
+                crop_ratio: a.crop_ratio,
+                flip_prob: a.flip_prob,
+                jitter_prob: a.jitter_prob,
+                jitter: [a.brightness, a.contrast, a.saturation, a.hue],
+                gray_prob: a.gray_prob,
+                blur_prob: a.blur_prob,
+                blur_sigma: a.blur_sigma,
+                solarize_prob: a.solarize_prob,
+                ..RgbAugParams::simclr(d.image_size)
+            };
+            2
+        ],
+        "none" => vec![RgbAugParams::clip(d.image_size); 2],
+        // A one-view preset (clip) still gives the two-view losses two views.
+        name => match RgbAugParams::preset(name, d.image_size, small, d.small_crops).expect("validated preset") {
+            one if one.len() == 1 => vec![one[0].clone(); 2],
+            views => views,
         },
-        _ => RgbAugParams::clip(d.image_size),
     }
 }
 
@@ -359,7 +368,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         );
     }
     let (input, class_names) = training_input(&plan)?;
-    let view_len = input.view_len() as i64;
+    let view_shapes: Vec<(usize, usize, usize)> = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler_check = contrast_data::Sampler::new(input.len(), plan.global_batch, c.seed)?;
     let run_dir = c.checkpoint.dir.clone();
     let (vs, model) = build_model(comm, &plan, device);
@@ -463,7 +472,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let text = contrast_data::pipeline::TextAug { eda, cutoff };
         Mode::ImageText { context: c.model.text.context as usize, class_names, text }
     } else {
-        Mode::TwoViews
+        Mode::Views
     };
     let pipeline = Pipeline::start_input(
         input,
@@ -516,8 +525,6 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let mut train_time = 0.0f64;
     let mut trained_steps = 0usize;
     let mut window = (Instant::now(), 0usize);
-    let channels = in_channels(&plan);
-    let side = ((view_len / channels) as f64).sqrt().round() as i64;
     for batch in pipeline {
         let batch = batch?;
         let t0 = Instant::now();
@@ -527,7 +534,8 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let views: Vec<Tensor> = batch
             .views
             .iter()
-            .map(|v| Tensor::from_slice(v).view([b, channels, side, side]).to_device(device))
+            .zip(&view_shapes)
+            .map(|(v, &(ch, h, w))| Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]).to_device(device))
             .collect();
         let tokens =
             (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));

@@ -280,6 +280,7 @@ fn bad_input_fails_before_training_and_names_the_problem() {
         ),
         (0, vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "loss.name=clip".into()], "data.mix"),
         (0, vec!["--set".into(), "data.text.eda_alpha=0.1".into()], "data.text.synonyms"),
+        (0, vec!["--set".into(), "data.augment=swav".into()], "RGB preset"),
     ];
     for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
         let name = format!("bad{i}");
@@ -550,4 +551,48 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
             .unwrap();
     assert_eq!(last["bad_files"], 1);
     assert!(run_dir.join("step-6/model.safetensors").is_file());
+}
+
+#[test]
+fn multi_crop_and_asymmetric_presets_train_and_stay_exact_across_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder").tap_mkdir();
+    for class in ["a", "b"] {
+        caption_dataset(&root.join(class).tap_mkdir(), 16);
+    }
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/simclr.yaml");
+    let train = |preset: &str, np: usize, name: &str| {
+        let run_dir = dir.path().join(name);
+        let sets = [
+            "data.dataset=image_folder".to_string(),
+            format!("data.root={}", root.display()),
+            format!("data.augment={preset}"),
+            "data.image_size=16".into(),
+            "data.small_size=8".into(),
+            "data.small_crops=2".into(),
+            "model.width=4".into(),
+            "model.embed_dim=32".into(),
+            "train.global_batch=8".into(),
+            "train.steps=3".into(),
+            "train.threads=1".into(),
+            "train.optimizer.name=sgd".into(),
+            "train.optimizer.lr=0.1".into(),
+            format!("checkpoint.dir={}", run_dir.display()),
+        ];
+        let mut args = vec!["--config".to_string(), cfg.display().to_string()];
+        for s in sets {
+            args.extend(["--set".to_string(), s]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(run(np, &args, &[]));
+        run_dir.join("step-3")
+    };
+    for preset in ["swav", "byol", "mocov2"] {
+        let one = train(preset, 0, &format!("{preset}-1"));
+        let two = train(preset, 2, &format!("{preset}-2"));
+        let d = max_rel_diff(&two, &one);
+        assert!(d < 1e-4, "{preset}: 2 ranks differ from 1 by {d:e}");
+    }
+    // The presets really differ (multi-crop changes the run).
+    assert!(max_rel_diff(&dir.path().join("swav-1/step-3"), &dir.path().join("mocov2-1/step-3")) > 1e-4);
 }
