@@ -188,6 +188,10 @@ pub struct AugConfig {
     pub gray_prob: f32,
     /// RGB datasets: probability of solarisation.
     pub solarize_prob: f32,
+    /// RGB datasets: RandAugment ops per image (0 = off).
+    pub randaugment_n: usize,
+    /// RGB datasets: RandAugment magnitude (0–30).
+    pub randaugment_m: u32,
 }
 
 impl Default for AugConfig {
@@ -205,6 +209,8 @@ impl Default for AugConfig {
             hue: 0.1,
             gray_prob: 0.2,
             solarize_prob: 0.0,
+            randaugment_n: 0,
+            randaugment_m: 9,
         }
     }
 }
@@ -796,6 +802,12 @@ impl Plan {
         }
         if c.data.image_size < 8 {
             return Err(invalid("data.image_size", format!("must be ≥ 8, got {}", c.data.image_size)));
+        }
+        if c.data.aug.randaugment_m > 30 {
+            return Err(invalid(
+                "data.aug.randaugment_m",
+                format!("must lie in 0..=30, got {}", c.data.aug.randaugment_m),
+            ));
         }
         if !(0.0..=0.5).contains(&c.data.aug.hue) {
             return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));

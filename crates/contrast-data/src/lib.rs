@@ -10,6 +10,7 @@ pub mod augment;
 pub mod idx;
 pub mod mix;
 pub mod pipeline;
+pub mod randaug;
 pub mod rgb;
 pub mod rng;
 pub mod sampler;

@@ -58,6 +58,8 @@ pub struct RgbAugParams {
     pub blur_sigma: [f32; 2],
     /// Solarisation probability.
     pub solarize_prob: f32,
+    /// RandAugment (N ops, magnitude M of 30) after the crop and flip; `None` = off.
+    pub randaugment: Option<(usize, u32)>,
     /// Per-channel mean and std.
     pub mean: [f32; 3],
     /// Per-channel standard deviation.
@@ -83,6 +85,7 @@ impl RgbAugParams {
             blur_prob: 0.5,
             blur_sigma: [0.1, 2.0],
             solarize_prob: 0.0,
+            randaugment: None,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
         }
@@ -139,6 +142,7 @@ impl RgbAugParams {
             blur_prob: 0.0,
             blur_sigma: [0.1, 2.0],
             solarize_prob: 0.0,
+            randaugment: None,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
@@ -238,6 +242,9 @@ impl RgbAugmenter {
                     out[c * plane + y * size + x] = bytes[s + c] as f32 / 255.0;
                 }
             }
+        }
+        if let Some((n, m)) = p.randaugment {
+            crate::randaug::rand_augment(out, size, size, n, m, rng);
         }
         if p.jitter_prob > 0.0 && rng.gen::<f32>() < p.jitter_prob {
             let [bs, cs, ss, hs] = p.jitter;

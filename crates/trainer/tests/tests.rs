@@ -530,6 +530,8 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
             "--set",
             "data.max_bad_fraction=0.05",
             "--set",
+            "data.aug.randaugment_n=2",
+            "--set",
             "model.width=8",
             "--set",
             "model.embed_dim=64",
