@@ -192,6 +192,8 @@ pub struct AugConfig {
     pub randaugment_n: usize,
     /// RGB datasets: RandAugment magnitude (0–30).
     pub randaugment_m: u32,
+    /// RGB datasets: apply the ImageNet AutoAugment policy.
+    pub autoaugment: bool,
 }
 
 impl Default for AugConfig {
@@ -211,6 +213,7 @@ impl Default for AugConfig {
             solarize_prob: 0.0,
             randaugment_n: 0,
             randaugment_m: 9,
+            autoaugment: false,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! RandAugment (Cubuk et al. 2020) on CHW `f32` images in [0, 1], following
+//! RandAugment (Cubuk et al. 2020) and an AutoAugment-style fixed policy
+//! (Cubuk et al. 2019, torchvision's ImageNet policy) on CHW `f32` images in [0, 1]; RandAugment follows
 //! torchvision's `RandAugment(num_ops, magnitude, num_magnitude_bins=31)`:
 //! N ops drawn uniformly (with replacement) from Identity, ShearX/Y,
 //! TranslateX/Y, Rotate, Brightness, Color, Contrast, Sharpness, Posterize,
@@ -121,6 +122,7 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
                 }
             } // AutoContrast
         }
+        14 => img.iter_mut().for_each(|v| *v = 1.0 - *v), // Invert (AutoAugment only)
         _ => {
             for c in 0..3 {
                 let ch = &mut img[c * plane..(c + 1) * plane];
@@ -153,6 +155,60 @@ pub fn rand_augment<R: Rng>(img: &mut [f32], h: usize, w: usize, n: usize, m: u3
         let op = rng.gen_range(0..OPS);
         let sign = if rng.gen::<bool>() { -1.0 } else { 1.0 };
         apply_op(img, h, w, op, m.min(30) as f32, sign);
+    }
+}
+
+// Op indices of `apply_op`.
+const SHEAR_X: usize = 1;
+const ROTATE: usize = 5;
+const COLOR: usize = 7;
+const CONTRAST: usize = 8;
+const SHARPNESS: usize = 9;
+const POSTERIZE: usize = 10;
+const SOLARIZE: usize = 11;
+const AUTOCONTRAST: usize = 12;
+const EQUALIZE: usize = 13;
+const INVERT: usize = 14;
+
+/// torchvision's `AutoAugmentPolicy.IMAGENET`: 25 sub-policies of two
+/// (op, probability, magnitude bin of 10) steps.
+const IMAGENET_POLICY: [[(usize, f32, u32); 2]; 25] = [
+    [(POSTERIZE, 0.4, 8), (ROTATE, 0.6, 9)],
+    [(SOLARIZE, 0.6, 5), (AUTOCONTRAST, 0.6, 0)],
+    [(EQUALIZE, 0.8, 0), (EQUALIZE, 0.6, 0)],
+    [(POSTERIZE, 0.6, 7), (POSTERIZE, 0.6, 6)],
+    [(EQUALIZE, 0.4, 0), (SOLARIZE, 0.2, 4)],
+    [(EQUALIZE, 0.4, 0), (ROTATE, 0.8, 8)],
+    [(SOLARIZE, 0.6, 3), (EQUALIZE, 0.6, 0)],
+    [(POSTERIZE, 0.8, 5), (EQUALIZE, 1.0, 0)],
+    [(ROTATE, 0.2, 3), (SOLARIZE, 0.6, 8)],
+    [(EQUALIZE, 0.6, 0), (POSTERIZE, 0.4, 6)],
+    [(ROTATE, 0.8, 8), (COLOR, 0.4, 0)],
+    [(ROTATE, 0.4, 9), (EQUALIZE, 0.6, 0)],
+    [(EQUALIZE, 0.0, 0), (EQUALIZE, 0.8, 0)],
+    [(INVERT, 0.6, 0), (EQUALIZE, 1.0, 0)],
+    [(COLOR, 0.6, 4), (CONTRAST, 1.0, 8)],
+    [(ROTATE, 0.8, 8), (COLOR, 1.0, 2)],
+    [(COLOR, 0.8, 8), (SOLARIZE, 0.8, 7)],
+    [(SHARPNESS, 0.4, 7), (INVERT, 0.6, 0)],
+    [(SHEAR_X, 0.6, 5), (EQUALIZE, 1.0, 0)],
+    [(COLOR, 0.4, 0), (EQUALIZE, 0.6, 0)],
+    [(EQUALIZE, 0.4, 0), (SOLARIZE, 0.2, 4)],
+    [(SOLARIZE, 0.6, 5), (AUTOCONTRAST, 0.6, 0)],
+    [(INVERT, 0.6, 0), (EQUALIZE, 1.0, 0)],
+    [(COLOR, 0.4, 0), (CONTRAST, 1.0, 8)],
+    [(EQUALIZE, 0.8, 0), (EQUALIZE, 0.6, 0)],
+];
+
+/// Apply one random sub-policy of the ImageNet AutoAugment policy. A bin b of
+/// 10 is magnitude 30·b/9 on RandAugment's scale (the same linspace end points).
+pub fn auto_augment<R: Rng>(img: &mut [f32], h: usize, w: usize, rng: &mut R) {
+    let policy = &IMAGENET_POLICY[rng.gen_range(0..IMAGENET_POLICY.len())];
+    for &(op, p, bin) in policy {
+        let sign = if rng.gen::<bool>() { -1.0 } else { 1.0 };
+        if rng.gen::<f32>() < p {
+            apply_op(img, h, w, op, 30.0 * bin as f32 / 9.0, sign);
+        }
     }
 }
 
@@ -203,6 +259,22 @@ mod tests {
         let mut e: Vec<f32> = vec![0.4, 0.4, 0.6, 0.6].repeat(3);
         apply_op(&mut e, 2, 2, 13, 0.0, 1.0);
         assert_eq!(&e[..4], &[0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn auto_augment_applies_policy_ops_and_invert() {
+        let img = ramp(8, 8);
+        let mut inv = img.clone();
+        apply_op(&mut inv, 8, 8, INVERT, 0.0, 1.0);
+        assert!(inv.iter().zip(&img).all(|(a, b)| (a + b - 1.0).abs() < 1e-6));
+        let mut changed = 0;
+        for seed in 0..20 {
+            let mut x = img.clone();
+            auto_augment(&mut x, 8, 8, &mut crate::rng::sample_rng(seed, 0, 0, 9));
+            assert!(x.iter().all(|v| (0.0..=1.0).contains(v)));
+            changed += usize::from(x != img);
+        }
+        assert!(changed > 10, "most draws change the image ({changed}/20)");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct RgbAugParams {
     pub solarize_prob: f32,
     /// RandAugment (N ops, magnitude M of 30) after the crop and flip; `None` = off.
     pub randaugment: Option<(usize, u32)>,
+    /// The ImageNet AutoAugment policy after the crop and flip.
+    pub autoaugment: bool,
     /// Per-channel mean and std.
     pub mean: [f32; 3],
     /// Per-channel standard deviation.
@@ -86,6 +88,7 @@ impl RgbAugParams {
             blur_sigma: [0.1, 2.0],
             solarize_prob: 0.0,
             randaugment: None,
+            autoaugment: false,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
         }
@@ -143,6 +146,7 @@ impl RgbAugParams {
             blur_sigma: [0.1, 2.0],
             solarize_prob: 0.0,
             randaugment: None,
+            autoaugment: false,
             mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
             std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
@@ -242,6 +246,9 @@ impl RgbAugmenter {
                     out[c * plane + y * size + x] = bytes[s + c] as f32 / 255.0;
                 }
             }
+        }
+        if p.autoaugment {
+            crate::randaug::auto_augment(out, size, size, rng);
         }
         if let Some((n, m)) = p.randaugment {
             crate::randaug::rand_augment(out, size, size, n, m, rng);

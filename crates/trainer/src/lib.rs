@@ -168,6 +168,7 @@ fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
                 blur_sigma: a.blur_sigma,
                 solarize_prob: a.solarize_prob,
                 randaugment: (a.randaugment_n > 0).then_some((a.randaugment_n, a.randaugment_m)),
+                autoaugment: a.autoaugment,
                 ..RgbAugParams::simclr(d.image_size)
             };
             2

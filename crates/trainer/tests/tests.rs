@@ -532,6 +532,8 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
             "--set",
             "data.aug.randaugment_n=2",
             "--set",
+            "data.aug.autoaugment=true",
+            "--set",
             "model.width=8",
             "--set",
             "model.embed_dim=64",
