@@ -457,6 +457,23 @@ impl Drop for Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test pipeline layout; tests override the fields they care about.
+    fn layout(rank: usize, world_size: usize, global_batch: usize, workers: usize, end_step: usize) -> PipelineConfig {
+        PipelineConfig {
+            seed: 0,
+            rank,
+            world_size,
+            global_batch,
+            workers,
+            prefetch: 2,
+            start_step: 0,
+            end_step,
+            mode: Mode::Views,
+            mix: None,
+        }
+    }
+
     use crate::augment::AugParams;
 
     fn images(n: usize) -> Arc<Images> {
@@ -539,18 +556,7 @@ mod tests {
 
     #[test]
     fn early_drop_does_not_hang() {
-        let cfg = PipelineConfig {
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-            global_batch: 4,
-            workers: 2,
-            prefetch: 2,
-            start_step: 0,
-            end_step: 1000,
-            mode: Mode::Views,
-            mix: None,
-        };
+        let cfg = layout(0, 1, 4, 2, 1000);
         let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
         assert!(p.next_batch().unwrap().is_ok());
         drop(p);
@@ -560,18 +566,7 @@ mod tests {
     fn worker_panic_becomes_an_error() {
         // Images whose pixel buffer is shorter than their size says: the worker panics slicing it.
         let broken = Arc::new(Images { pixels: vec![0; 10], labels: vec![0; 50], height: 8, width: 8 });
-        let cfg = PipelineConfig {
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-            global_batch: 4,
-            workers: 1,
-            prefetch: 1,
-            start_step: 0,
-            end_step: 3,
-            mode: Mode::Views,
-            mix: None,
-        };
+        let cfg = PipelineConfig { prefetch: 1, ..layout(0, 1, 4, 1, 3) };
         let mut p = Pipeline::start(broken, aug(), cfg).unwrap();
         let err = p.next_batch().unwrap().unwrap_err().to_string();
         assert!(err.contains("panicked"), "{err}");
@@ -694,15 +689,9 @@ mod tests {
         // A group that does not divide the local batch is refused before any work.
         let cfg = PipelineConfig {
             seed: 2,
-            rank: 0,
-            world_size: 2,
-            global_batch: 12,
-            workers: 1,
             prefetch: 1,
-            start_step: 0,
-            end_step: 1,
-            mode: Mode::Views,
             mix: Some((MixConfig { kind: MixKind::Mixup, alpha: 1.0, group: 4 }, 1)),
+            ..layout(0, 2, 12, 1, 1)
         };
         let err = Pipeline::start(images(50), aug(), cfg).err().unwrap().to_string();
         assert!(err.contains("must divide the local batch 6"), "{err}");
@@ -711,18 +700,7 @@ mod tests {
     #[test]
     fn multi_crop_views_have_their_own_sizes() {
         let (_dir, src) = folder(16, &[]);
-        let cfg = PipelineConfig {
-            seed: 1,
-            rank: 0,
-            world_size: 1,
-            global_batch: 4,
-            workers: 2,
-            prefetch: 2,
-            start_step: 0,
-            end_step: 2,
-            mode: Mode::Views,
-            mix: None,
-        };
+        let cfg = PipelineConfig { seed: 1, ..layout(0, 1, 4, 2, 2) };
         let augment = RgbAugParams::preset("swav", 16, 8, 3).unwrap();
         let input = Input::Files { source: src, augment, max_bad_fraction: 0.0 };
         let b = Pipeline::start_input(input, cfg).unwrap().next().unwrap().unwrap();

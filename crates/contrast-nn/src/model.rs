@@ -218,9 +218,6 @@ pub enum Model {
     },
 }
 
-/// Name of the CLIP logit-scale variable in the var store (and checkpoints).
-pub const LOGIT_SCALE: &str = "loss.logit_scale";
-
 impl Model {
     /// Build the model of `loss` for `in_channels`-channel images under the var store's root.
     pub fn new(
