@@ -95,7 +95,7 @@ pub struct DataConfig {
     pub max_bad_fraction: f64,
     /// Multi-crop (`swav` preset): number of small crops.
     pub small_crops: usize,
-    /// Multi-crop: side of the small crops (0 = image_size · 96 / 224).
+    /// Multi-crop: side of the small crops (0 = image_size · 96 / 224; IDX: ⌈28 · 96 / 224⌉ = 12).
     pub small_size: u32,
     /// Batch-level mixing: `none`, `mixup` or `cutmix` (soft targets for ntxent — i-Mix on the first view — and supcon).
     pub mix: String,
@@ -103,8 +103,8 @@ pub struct DataConfig {
     pub mix_alpha: f64,
     /// Mixing: partners are drawn within groups of this many consecutive rows of the global batch (must divide the local batch).
     pub mix_group: usize,
-    /// Augmentation preset: `simclr` (two random views), `clip` (light crop) or `none`;
-    /// for file datasets also `mocov2`, `byol` (asymmetric views) and `swav` (multi-crop).
+    /// Augmentation preset: `simclr` (two random views), `clip` (light crop), `swav` (multi-crop) or `none`;
+    /// for file datasets also `mocov2` and `byol` (asymmetric views).
     pub augment: String,
     /// Worker threads that decode and augment (0 = one per core, at most 4).
     pub workers: usize,
@@ -816,9 +816,9 @@ impl Plan {
             return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));
         }
         match c.data.augment.as_str() {
-            "simclr" | "clip" | "none" => {}
-            "mocov2" | "byol" | "swav" if c.data.dataset != "fashion_mnist" => {}
-            "mocov2" | "byol" | "swav" => {
+            "simclr" | "clip" | "none" | "swav" => {}
+            "mocov2" | "byol" if c.data.dataset != "fashion_mnist" => {}
+            "mocov2" | "byol" => {
                 return Err(invalid(
                     "data.augment",
                     format!("`{}` is an RGB preset: use a file dataset", c.data.augment),

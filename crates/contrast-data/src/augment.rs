@@ -55,10 +55,14 @@ impl AugParams {
 pub struct Augmenter {
     /// The parameters.
     pub params: AugParams,
-    /// Input (and output) height.
+    /// Input height.
     pub height: usize,
-    /// Input (and output) width.
+    /// Input width.
     pub width: usize,
+    /// Output height (the crop is resized to it; a multi-crop small view is smaller than the input).
+    pub out_height: usize,
+    /// Output width.
+    pub out_width: usize,
 }
 
 /// A crop window: top, left, height, width.
@@ -180,18 +184,31 @@ pub fn gaussian_blur(img: &mut [f32], h: usize, w: usize, sigma: f32) {
 }
 
 impl Augmenter {
-    /// Write one augmented, normalised view of `src` into `out` (`height × width`).
+    /// An augmenter of `height × width` images whose output has the input's size.
+    pub fn new(params: AugParams, height: usize, width: usize) -> Self {
+        Self { params, height, width, out_height: height, out_width: width }
+    }
+
+    /// The same augmenter with output `height × width` (the crop, or the whole image, is resized).
+    pub fn resized(self, height: usize, width: usize) -> Self {
+        Self { out_height: height, out_width: width, ..self }
+    }
+
+    /// Write one augmented, normalised view of `src` into `out` (`out_height × out_width`).
     pub fn apply<R: Rng>(&self, src: &[u8], rng: &mut R, out: &mut [f32]) {
         let (h, w) = (self.height, self.width);
+        let (oh, ow) = (self.out_height, self.out_width);
         let p = &self.params;
         let img: Vec<f32> = src.iter().map(|&v| v as f32 / 255.0).collect();
         match p.crop_scale {
             Some(scale) => {
                 let win = random_resized_crop(rng, h, w, scale, p.crop_ratio);
-                resize_window(&img, w, win, out, h, w);
+                resize_window(&img, w, win, out, oh, ow);
             }
-            None => out.copy_from_slice(&img),
+            None if (oh, ow) == (h, w) => out.copy_from_slice(&img),
+            None => resize_window(&img, w, Window { top: 0, left: 0, h, w }, out, oh, ow),
         }
+        let (h, w) = (oh, ow);
         if p.flip_prob > 0.0 && rng.gen::<f32>() < p.flip_prob {
             for row in out.chunks_mut(w) {
                 row.reverse();
@@ -231,12 +248,23 @@ mod tests {
 
     #[test]
     fn flip_mirrors_rows_of_a_known_image() {
-        let aug = Augmenter { params: AugParams { flip_prob: 1.0, ..plain() }, height: 2, width: 3 };
+        let aug = Augmenter::new(AugParams { flip_prob: 1.0, ..plain() }, 2, 3);
         let src = [0u8, 51, 102, 153, 204, 255];
         let mut out = [0f32; 6];
         aug.apply(&src, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0), &mut out);
         let want = [102u8, 51, 0, 255, 204, 153].map(|v| v as f32 / 255.0);
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn a_smaller_output_resizes_the_whole_image() {
+        // No crop, output 2×2 from 4×4: bilinear with half-pixel centres averages 2×2 blocks.
+        let aug = Augmenter::new(plain(), 4, 4).resized(2, 2);
+        let src: Vec<u8> = (0..16).map(|v| v * 10).collect();
+        let mut out = [0f32; 4];
+        aug.apply(&src, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0), &mut out);
+        let want = [25.0f32, 45.0, 105.0, 125.0].map(|v| v / 255.0);
+        assert!(out.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{out:?}");
     }
 
     #[test]
@@ -292,7 +320,7 @@ mod tests {
             blur_sigma: [0.1, 1.0],
             mean_std: (0.0, 1.0),
         };
-        let aug = Augmenter { params, height: 28, width: 28 };
+        let aug = Augmenter::new(params, 28, 28);
         let src: Vec<u8> = (0..784).map(|i| (i * 7 % 256) as u8).collect();
         let run = |seed| {
             let mut out = vec![0f32; 784];

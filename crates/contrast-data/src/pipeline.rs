@@ -7,6 +7,11 @@
 //! stays bounded; batches are returned in step order whatever the timing. A
 //! panicking worker becomes an error on the trainer's side; dropping the
 //! pipeline stops and joins the workers.
+//!
+//! Batch buffers are recycled: the trainer hands a consumed batch back with
+//! [`Pipeline::recycle`] and a worker fills the same allocations for a later
+//! step, so a steady-state run allocates no batch memory (every element is
+//! overwritten, so a recycled buffer cannot leak old values).
 
 use crate::augment::Augmenter;
 use crate::idx::Images;
@@ -19,6 +24,7 @@ use crate::text;
 use crate::DataError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -78,8 +84,8 @@ pub enum Input {
     Idx {
         /// The images.
         images: Arc<Images>,
-        /// Augmentation.
-        augment: Augmenter,
+        /// One augmentation per view (output sizes may differ: multi-crop).
+        augment: Vec<Augmenter>,
     },
     /// Encoded image files (folder, CSV, WebDataset) decoded to RGB.
     Files {
@@ -109,7 +115,7 @@ impl Input {
     /// Views per sample in [`Mode::Views`].
     pub fn views(&self) -> usize {
         match self {
-            Input::Idx { .. } => 2,
+            Input::Idx { augment, .. } => augment.len(),
             Input::Files { augment, .. } => augment.len(),
         }
     }
@@ -123,7 +129,10 @@ impl Input {
     /// Shape of view `k`: channels, height, width.
     pub fn view_shape(&self, k: usize) -> (usize, usize, usize) {
         match self {
-            Input::Idx { images, .. } => (1, images.height, images.width),
+            Input::Idx { augment, .. } => {
+                let a = &augment[k.min(augment.len() - 1)];
+                (1, a.out_height, a.out_width)
+            }
             Input::Files { augment, .. } => {
                 let s = augment[k.min(augment.len() - 1)].size as usize;
                 (3, s, s)
@@ -180,6 +189,15 @@ pub struct PipelineConfig {
 
 type Produced = (usize, Result<HostBatch, String>);
 
+/// The allocations of one batch, handed back by the trainer for reuse.
+#[derive(Default)]
+struct Buffers {
+    indices: Vec<usize>,
+    views: Vec<Vec<f32>>,
+    labels: Vec<i64>,
+    tokens: Vec<i64>,
+}
+
 /// The running pipeline; iterate it for batches in step order.
 pub struct Pipeline {
     tickets: Option<Sender<usize>>,
@@ -189,6 +207,8 @@ pub struct Pipeline {
     next_ticket: usize,
     end_step: usize,
     workers: Vec<JoinHandle<()>>,
+    pool: Sender<Buffers>,
+    allocated: Arc<AtomicUsize>,
 }
 
 struct Worker {
@@ -198,6 +218,8 @@ struct Worker {
     sampler: Sampler,
     cfg: PipelineConfig,
     perm: Option<(usize, Vec<usize>)>,
+    pool: Receiver<Buffers>,
+    allocated: Arc<AtomicUsize>,
 }
 
 /// Replacements tried for a bad sample before giving up.
@@ -212,7 +234,7 @@ impl Worker {
             Input::Idx { images, augment } => {
                 let src = images.image(idx);
                 for (v, buf) in views.iter_mut().enumerate() {
-                    augment.apply(src, &mut view_rng(v), buf);
+                    augment[v.min(augment.len() - 1)].apply(src, &mut view_rng(v), buf);
                 }
                 Ok((images.labels[idx] as i64, None))
             }
@@ -236,20 +258,30 @@ impl Worker {
         }
         let perm = &self.perm.as_ref().unwrap().1;
         let global = self.sampler.global_batch_of(step, perm);
-        let indices = Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size).to_vec();
+        let Buffers { mut indices, mut views, mut labels, mut tokens } = self.pool.try_recv().unwrap_or_else(|_| {
+            self.allocated.fetch_add(1, Ordering::Relaxed);
+            Buffers::default()
+        });
+        indices.clear();
+        indices.extend_from_slice(Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size));
         let b = indices.len();
         let n_views = match self.cfg.mode {
             Mode::Views => self.input.views(),
             Mode::ImageText { .. } => 1,
         };
         let lens: Vec<usize> = (0..n_views).map(|k| self.input.view_len(k)).collect();
-        let mut views: Vec<Vec<f32>> = lens.iter().map(|l| vec![0f32; b * l]).collect();
-        let mut labels = Vec::with_capacity(b);
+        // Every element of a view is written below, so a recycled buffer keeps no stale values.
+        views.resize_with(n_views, Vec::new);
+        for (v, l) in views.iter_mut().zip(&lens) {
+            v.resize(b * l, 0.0);
+        }
+        labels.clear();
         let ctx = match &self.cfg.mode {
             Mode::ImageText { context, .. } => *context,
             Mode::Views => 0,
         };
-        let mut tokens = vec![0i64; b * ctx];
+        // Each caption row is rewritten whole by the tokenizer.
+        tokens.resize(b * ctx, 0);
         let n = self.input.len();
         for (row, &idx) in indices.iter().enumerate() {
             // A bad sample is replaced by another, chosen from (seed, epoch, index, attempt) only.
@@ -323,9 +355,9 @@ impl Worker {
 }
 
 impl Pipeline {
-    /// Start `cfg.workers` worker threads over `images` (IDX input).
+    /// Start `cfg.workers` worker threads over `images` (IDX input), two views with `augment`.
     pub fn start(images: Arc<Images>, augment: Augmenter, cfg: PipelineConfig) -> Result<Self, DataError> {
-        Self::start_input(Input::Idx { images, augment }, cfg)
+        Self::start_input(Input::Idx { images, augment: vec![augment; 2] }, cfg)
     }
 
     /// Start `cfg.workers` worker threads over any input.
@@ -351,6 +383,9 @@ impl Pipeline {
         let prefetch = cfg.prefetch.max(1);
         let (ticket_tx, ticket_rx) = unbounded::<usize>();
         let (result_tx, result_rx) = bounded::<Produced>(prefetch);
+        // Room for every batch that can be alive at once: ready, being built, and held by the trainer.
+        let (pool_tx, pool_rx) = bounded::<Buffers>(prefetch + cfg.workers.max(1) + 1);
+        let allocated = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::new();
         for w in 0..cfg.workers.max(1) {
             let rgb = match &*input {
@@ -364,6 +399,8 @@ impl Pipeline {
                 sampler: sampler.clone(),
                 cfg: cfg.clone(),
                 perm: None,
+                pool: pool_rx.clone(),
+                allocated: allocated.clone(),
             };
             let (rx, tx) = (ticket_rx.clone(), result_tx.clone());
             let handle = std::thread::Builder::new()
@@ -395,6 +432,8 @@ impl Pipeline {
             next_ticket: cfg.start_step,
             end_step: cfg.end_step,
             workers,
+            pool: pool_tx,
+            allocated,
         };
         for _ in 0..prefetch {
             p.issue();
@@ -409,6 +448,18 @@ impl Pipeline {
             }
             self.next_ticket += 1;
         }
+    }
+
+    /// Hand a consumed batch back: a worker refills its buffers for a later step.
+    pub fn recycle(&self, batch: HostBatch) {
+        let HostBatch { indices, views, labels, tokens, .. } = batch;
+        let _ = self.pool.try_send(Buffers { indices, views, labels, tokens });
+    }
+
+    /// Batch buffer sets allocated so far (not recycled ones); bounded by
+    /// `prefetch + workers + 1` when every batch is recycled.
+    pub fn allocated_batches(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
     }
 
     /// The next batch in step order, `None` after the last step.
@@ -493,7 +544,7 @@ mod tests {
             blur_sigma: [0.1, 1.0],
             mean_std: (0.5, 0.5),
         };
-        Augmenter { params, height: 8, width: 8 }
+        Augmenter::new(params, 8, 8)
     }
 
     fn run(world: usize, workers: usize, mode: Mode) -> Vec<Vec<HostBatch>> {
@@ -695,6 +746,68 @@ mod tests {
         };
         let err = Pipeline::start(images(50), aug(), cfg).err().unwrap().to_string();
         assert!(err.contains("must divide the local batch 6"), "{err}");
+    }
+
+    #[test]
+    fn recycled_buffers_give_the_same_bytes_and_bound_allocations() {
+        let cfg = || PipelineConfig { seed: 4, ..layout(0, 1, 12, 2, 20) };
+        let fresh: Vec<HostBatch> = Pipeline::start(images(50), aug(), cfg()).unwrap().map(|b| b.unwrap()).collect();
+        let mut p = Pipeline::start(images(50), aug(), cfg()).unwrap();
+        let mut n = 0;
+        while let Some(b) = p.next_batch() {
+            let b = b.unwrap();
+            assert_eq!(b.views, fresh[n].views, "step {n}: a recycled buffer changed the bytes");
+            assert_eq!((&b.indices, &b.labels), (&fresh[n].indices, &fresh[n].labels));
+            p.recycle(b);
+            n += 1;
+        }
+        assert_eq!(n, 20);
+        // prefetch 2 + workers 2 + the one the trainer holds.
+        assert!(p.allocated_batches() <= 5, "{} allocations for 20 steps", p.allocated_batches());
+        // Captions too: a recycled token buffer holding longer captions is rewritten whole.
+        let mode = Mode::ImageText {
+            context: 32,
+            class_names: (0..10)
+                .map(|c| {
+                    if c % 2 == 0 {
+                        format!("class {c} with a name longer than the context {c}")
+                    } else {
+                        format!("c{c}")
+                    }
+                })
+                .collect(),
+            text: TextAug::default(),
+        };
+        let text_cfg = || PipelineConfig { mode: mode.clone(), ..cfg() };
+        let fresh: Vec<HostBatch> =
+            Pipeline::start(images(50), aug(), text_cfg()).unwrap().map(|b| b.unwrap()).collect();
+        let mut p = Pipeline::start(images(50), aug(), text_cfg()).unwrap();
+        for want in &fresh {
+            let b = p.next_batch().unwrap().unwrap();
+            assert_eq!(b.tokens, want.tokens);
+            p.recycle(b);
+        }
+    }
+
+    #[test]
+    fn idx_multi_crop_views_have_their_own_sizes() {
+        let small = Augmenter::new(AugParams { crop_scale: Some([0.05, 0.3]), ..aug().params }, 8, 8).resized(4, 4);
+        let augment = vec![aug(), aug(), small.clone(), small];
+        let run = |world: usize| -> Vec<HostBatch> {
+            (0..world)
+                .flat_map(|rank| {
+                    let input = Input::Idx { images: images(50), augment: augment.clone() };
+                    Pipeline::start_input(input, layout(rank, world, 6, 2, 1)).unwrap().map(|b| b.unwrap())
+                })
+                .collect()
+        };
+        let one = run(1);
+        let lens: Vec<usize> = one[0].views.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![6 * 64, 6 * 64, 6 * 16, 6 * 16]);
+        assert_ne!(one[0].views[2], one[0].views[3]);
+        let two = run(2);
+        let joined: Vec<f32> = two.iter().flat_map(|b| b.views[3].clone()).collect();
+        assert_eq!(joined, one[0].views[3]);
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct RgbAugmenter {
     /// The parameters.
     pub params: RgbAugParams,
     resizer: fir::Resizer,
+    /// The resized crop (`size × size × 3` bytes), reused from view to view.
+    crop: Vec<u8>,
 }
 
 impl Clone for RgbAugmenter {
@@ -210,7 +212,8 @@ fn rotate_hue(px: [f32; 3], shift: f32) -> [f32; 3] {
 impl RgbAugmenter {
     /// An augmenter for `params`.
     pub fn new(params: RgbAugParams) -> Self {
-        Self { params, resizer: fir::Resizer::new() }
+        let side = params.size as usize;
+        Self { params, resizer: fir::Resizer::new(), crop: vec![0; side * side * 3] }
     }
 
     /// Write one augmented CHW view of `src` into `out` (`3 × size × size`).
@@ -227,7 +230,8 @@ impl RgbAugmenter {
         };
         let src_img = fir::images::ImageRef::new(src.width, src.height, &src.data, fir::PixelType::U8x3)
             .map_err(|e| format!("image buffer: {e:?}"))?;
-        let mut dst = fir::images::Image::new(p.size, p.size, fir::PixelType::U8x3);
+        let mut dst = fir::images::Image::from_slice_u8(p.size, p.size, &mut self.crop, fir::PixelType::U8x3)
+            .map_err(|e| format!("crop buffer: {e:?}"))?;
         let opts = fir::ResizeOptions::new().resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear)).crop(
             win.left as f64,
             win.top as f64,

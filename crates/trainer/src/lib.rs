@@ -116,29 +116,44 @@ pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> 
     Ok(Plan::resolve(config, topo)?)
 }
 
-fn augmenter(plan: &Plan, images: &Images) -> Augmenter {
-    let a = &plan.config.data.aug;
-    let params = match plan.config.data.augment.as_str() {
-        "simclr" => AugParams {
-            crop_scale: Some(a.crop_scale),
-            crop_ratio: a.crop_ratio,
-            flip_prob: a.flip_prob,
-            jitter_prob: a.jitter_prob,
-            brightness: a.brightness,
-            contrast: a.contrast,
-            blur_prob: a.blur_prob,
-            blur_sigma: a.blur_sigma,
-            mean_std: FASHION_MNIST_MEAN_STD,
-        },
-        // CLIP's preset: a mild random resized crop, nothing else.
-        "clip" => AugParams {
-            crop_scale: Some([0.8, 1.0]),
-            crop_ratio: [0.9, 1.1],
-            ..AugParams::identity(FASHION_MNIST_MEAN_STD)
-        },
-        _ => AugParams::identity(FASHION_MNIST_MEAN_STD),
+/// The grayscale augmentation of each view of `data.augment` for IDX input:
+/// two views for `simclr`, `clip` and `none`; 2 + `data.small_crops` for `swav`
+/// (SwAV's crop scales, small views at `data.small_size`, default ⌈28 · 96 / 224⌉ = 12).
+fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
+    let (d, a) = (&plan.config.data, &plan.config.data.aug);
+    let simclr = AugParams {
+        crop_scale: Some(a.crop_scale),
+        crop_ratio: a.crop_ratio,
+        flip_prob: a.flip_prob,
+        jitter_prob: a.jitter_prob,
+        brightness: a.brightness,
+        contrast: a.contrast,
+        blur_prob: a.blur_prob,
+        blur_sigma: a.blur_sigma,
+        mean_std: FASHION_MNIST_MEAN_STD,
     };
-    Augmenter { params, height: images.height, width: images.width }
+    let view = |params: AugParams| Augmenter::new(params, images.height, images.width);
+    match d.augment.as_str() {
+        "simclr" => vec![view(simclr); 2],
+        // CLIP's preset: a mild random resized crop, nothing else.
+        "clip" => vec![
+            view(AugParams {
+                crop_scale: Some([0.8, 1.0]),
+                crop_ratio: [0.9, 1.1],
+                ..AugParams::identity(FASHION_MNIST_MEAN_STD)
+            });
+            2
+        ],
+        "swav" => {
+            let small = if d.small_size > 0 { d.small_size as usize } else { (images.height * 96).div_ceil(224) };
+            let large = view(AugParams { crop_scale: Some([0.14, 1.0]), ..simclr.clone() });
+            let little = view(AugParams { crop_scale: Some([0.05, 0.14]), ..simclr }).resized(small, small);
+            let mut v = vec![large.clone(), large];
+            v.extend(std::iter::repeat_n(little, d.small_crops));
+            v
+        }
+        _ => vec![view(AugParams::identity(FASHION_MNIST_MEAN_STD)); 2],
+    }
 }
 
 /// Image channels the encoder sees: 1 for IDX, 3 for decoded files.
@@ -527,8 +542,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let mut train_time = 0.0f64;
     let mut trained_steps = 0usize;
     let mut window = (Instant::now(), 0usize);
-    for batch in pipeline {
-        let batch = batch?;
+    let mut pipeline = pipeline;
+    while let Some(batch) = pipeline.next_batch() {
+        let mut batch = batch?;
         let t0 = Instant::now();
         let step = batch.step;
         let lr = schedule.lr(step);
@@ -544,10 +560,10 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         // Supervised losses see the labels of the whole global batch.
         let labels =
             plan.loss.is_supervised().then(|| Tensor::from_slice(&comm.all_gather(&batch.labels)).to_device(device));
-        let mix = batch
-            .mix
-            .as_ref()
-            .map(|(partner, lambda)| contrast_nn::loss::Mix { partner: partner.clone(), lambda: lambda.clone() });
+        let mix = batch.mix.take().map(|(partner, lambda)| contrast_nn::loss::Mix { partner, lambda });
+        let (wait, bad_files) = (batch.wait, batch.bad_files);
+        // The tensors own copies: the host buffers go back to the pipeline for a later step.
+        pipeline.recycle(batch);
         opt.zero_grad();
         // Metric-learning losses take one embedding per sample: the first view.
         let used = if plan.loss.is_metric() { &views[..1] } else { &views[..] };
@@ -580,7 +596,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             writeln!(
                 f,
                 "{}",
-                serde_json::json!({"step": done, "loss": loss, "lr": lr, "samples_per_s": sps, "data_wait_s": batch.wait.as_secs_f64(), "bad_files": batch.bad_files})
+                serde_json::json!({"step": done, "loss": loss, "lr": lr, "samples_per_s": sps, "data_wait_s": wait.as_secs_f64(), "bad_files": bad_files})
             )?;
         }
         if lead && (done % c.train.log_every as usize == 0 || done == plan.steps || done == start_step + 1) {
@@ -589,7 +605,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
                 "step {done}/{} loss {loss:.4} lr {lr:.5} {:.0} samples/s data-wait {:.1}ms{}",
                 plan.steps,
                 window.1 as f64 * plan.global_batch as f64 / el,
-                batch.wait.as_secs_f64() * 1e3,
+                wait.as_secs_f64() * 1e3,
                 model.logit_scale().map(|s| format!(" logit-scale {s:.2}")).unwrap_or_default()
             );
             window = (Instant::now(), 0);

@@ -169,7 +169,8 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
     // mixed batches (soft targets) too, with groups that divide every local batch.
     let mixup: &[&str] = &["--set", "data.mix=mixup", "--set", "data.mix_group=2"];
     let cutmix: &[&str] = &["--set", "data.mix=cutmix", "--set", "data.mix_group=2"];
-    let cases: [(&str, &str, &[usize], &[&str]); 11] = [
+    let multi_crop: &[&str] = &["--set", "data.augment=swav", "--set", "data.small_crops=2"];
+    let cases: [(&str, &str, &[usize], &[&str]); 12] = [
         ("ntxent", "ntxent", &[2, 4], &[]),
         ("clip", "clip", &[2, 4], &[]),
         ("supcon", "supcon", &[2], &[]),
@@ -181,6 +182,7 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
         ("nce", "nce", &[2], &[]),
         ("imix", "ntxent", &[2, 4], mixup),
         ("supcon-cutmix", "supcon", &[2], cutmix),
+        ("multi-crop", "ntxent", &[2], multi_crop),
     ];
     for (name, loss, worlds, extra) in cases {
         let solo = fx.config(&format!("{name}-solo"), loss, "");
@@ -204,6 +206,7 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
     }
     // Mixing changes the run (the comparison above would see a lost mix).
     assert!(max_rel_diff(&fx.path("imix-solo/step-3"), &fx.path("ntxent-solo/step-3")) > 1e-4);
+    assert!(max_rel_diff(&fx.path("multi-crop-solo/step-3"), &fx.path("ntxent-solo/step-3")) > 1e-4);
 }
 
 #[test]
@@ -280,7 +283,7 @@ fn bad_input_fails_before_training_and_names_the_problem() {
         ),
         (0, vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "loss.name=clip".into()], "data.mix"),
         (0, vec!["--set".into(), "data.text.eda_alpha=0.1".into()], "data.text.synonyms"),
-        (0, vec!["--set".into(), "data.augment=swav".into()], "RGB preset"),
+        (0, vec!["--set".into(), "data.augment=byol".into()], "RGB preset"),
     ];
     for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
         let name = format!("bad{i}");
