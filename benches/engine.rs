@@ -24,7 +24,7 @@ fn main() {
     for n in [64i64, 128, 256] {
         let vs = VarStore::new(Device::Cpu);
         let cfg = ModelConfig { width: 32, embed_dim: 1024, proj_dim: 64, proj_hidden: 512, ..Default::default() };
-        let model = Model::new(&vs, LossKind::NtXent, &cfg, Norm::Group, &Default::default(), 1);
+        let model = Model::new(&vs, LossKind::NtXent, &cfg, Norm::Group, &Default::default(), 1, 0);
         let params: Vec<Tensor> = named_params(&vs).into_iter().map(|p| p.tensor).collect();
         let views = [
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),

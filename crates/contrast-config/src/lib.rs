@@ -116,10 +116,12 @@ pub struct DataConfig {
     pub text: TextAugConfig,
 }
 
-/// `data.text.*`: caption augmentation for image–text losses.
+/// `data.text.*`: tokenizer and caption augmentation for image–text losses.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TextAugConfig {
+    /// `bytes` (byte-level tokens, nothing to load) or the path of a Hugging Face `tokenizer.json`.
+    pub tokenizer: String,
     /// EDA strength α (fraction of words changed; 0 = off).
     pub eda_alpha: f64,
     /// EDA synonym file: one `word<TAB>syn1,syn2,…` per line (required when eda_alpha > 0).
@@ -132,7 +134,7 @@ pub struct TextAugConfig {
 
 impl Default for TextAugConfig {
     fn default() -> Self {
-        Self { eda_alpha: 0.0, synonyms: None, cutoff: "none".into(), cutoff_ratio: 0.1 }
+        Self { tokenizer: "bytes".into(), eda_alpha: 0.0, synonyms: None, cutoff: "none".into(), cutoff_ratio: 0.1 }
     }
 }
 
@@ -457,11 +459,25 @@ pub struct EvalConfig {
     pub max_train: usize,
     /// Use at most this many test images (0 = all).
     pub max_test: usize,
+    /// File datasets: the labelled test split (an image folder, a shard pattern or a CSV);
+    /// unset = no evaluation. Fashion-MNIST uses its `t10k` files in `data.root`.
+    pub root: Option<PathBuf>,
+    /// Format of `eval.root`: `image_folder`, `webdataset` or `csv` (empty = `data.dataset`).
+    pub dataset: String,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { every: 0, at_end: true, knn_k: 200, knn_t: 0.1, max_train: 0, max_test: 0 }
+        Self {
+            every: 0,
+            at_end: true,
+            knn_k: 200,
+            knn_t: 0.1,
+            max_train: 0,
+            max_test: 0,
+            root: None,
+            dataset: String::new(),
+        }
     }
 }
 
@@ -698,6 +714,16 @@ pub struct Plan {
     pub temperature: f64,
 }
 
+/// Whether the data of a `dataset` kind at `root` is there: a CSV file, the
+/// directory of a shard pattern (the shards are checked when indexed), or a directory.
+fn root_exists(dataset: &str, root: &Path) -> bool {
+    match dataset {
+        "csv" => root.is_file(),
+        "webdataset" => root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
+        _ => root.is_dir(),
+    }
+}
+
 impl Plan {
     /// Validate `config` for the given topology and derive every size.
     pub fn resolve(config: Config, topo: Topology) -> Result<Self, ConfigError> {
@@ -842,13 +868,7 @@ impl Plan {
                 return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
             }
         }
-        let root_ok = match c.data.dataset.as_str() {
-            "csv" => c.data.root.is_file(),
-            // A shard pattern: its directory must exist (the shards are checked when indexed).
-            "webdataset" => c.data.root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
-            _ => c.data.root.is_dir(),
-        };
-        if !root_ok {
+        if !root_exists(&c.data.dataset, &c.data.root) {
             return Err(invalid(
                 "data.root",
                 format!(
@@ -951,8 +971,32 @@ impl Plan {
         if !(c.eval.knn_t > 0.0) {
             return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
         }
+        let eval_dataset = if c.eval.dataset.is_empty() { c.data.dataset.as_str() } else { c.eval.dataset.as_str() };
+        if !matches!(eval_dataset, "fashion_mnist" | "image_folder" | "csv" | "webdataset") {
+            return Err(invalid(
+                "eval.dataset",
+                format!("`{eval_dataset}` is not image_folder, webdataset or csv (or empty for data.dataset)"),
+            ));
+        }
+        if (c.data.dataset == "fashion_mnist") != (eval_dataset == "fashion_mnist") {
+            return Err(invalid(
+                "eval.dataset",
+                format!("`{eval_dataset}` images do not fit an encoder trained on {}", c.data.dataset),
+            ));
+        }
+        if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset != "fashion_mnist") {
+            if !root_exists(eval_dataset, root) {
+                return Err(invalid("eval.root", format!("{} does not exist", root.display())));
+            }
+        }
 
         let ta = &c.data.text;
+        if ta.tokenizer != "bytes" && !Path::new(&ta.tokenizer).is_file() {
+            return Err(invalid(
+                "data.text.tokenizer",
+                format!("`{}` is neither `bytes` nor a tokenizer.json file", ta.tokenizer),
+            ));
+        }
         if !(0.0..1.0).contains(&ta.eda_alpha) {
             return Err(invalid("data.text.eda_alpha", format!("must lie in [0, 1), got {}", ta.eda_alpha)));
         }

@@ -39,6 +39,8 @@ pub enum Mode {
     ImageText {
         /// Tokens per caption.
         context: usize,
+        /// Byte-level or Hugging Face tokenizer.
+        tokenizer: Arc<text::Tokenizer>,
         /// Class names, indexed by label.
         class_names: Vec<String>,
         /// Caption augmentation.
@@ -70,6 +72,8 @@ pub struct HostBatch {
     pub labels: Vec<i64>,
     /// Caption tokens `[B, context]` (empty unless [`Mode::ImageText`]).
     pub tokens: Vec<i64>,
+    /// Position of each caption's last token, where the text tower pools (empty unless [`Mode::ImageText`]).
+    pub text_end: Vec<i64>,
     /// Time the trainer waited for this batch.
     pub wait: Duration,
     /// Distinct unreadable or undecodable samples met so far by this rank's pipeline.
@@ -196,6 +200,7 @@ struct Buffers {
     views: Vec<Vec<f32>>,
     labels: Vec<i64>,
     tokens: Vec<i64>,
+    text_end: Vec<i64>,
 }
 
 /// The running pipeline; iterate it for batches in step order.
@@ -258,10 +263,11 @@ impl Worker {
         }
         let perm = &self.perm.as_ref().unwrap().1;
         let global = self.sampler.global_batch_of(step, perm);
-        let Buffers { mut indices, mut views, mut labels, mut tokens } = self.pool.try_recv().unwrap_or_else(|_| {
-            self.allocated.fetch_add(1, Ordering::Relaxed);
-            Buffers::default()
-        });
+        let Buffers { mut indices, mut views, mut labels, mut tokens, mut text_end } =
+            self.pool.try_recv().unwrap_or_else(|_| {
+                self.allocated.fetch_add(1, Ordering::Relaxed);
+                Buffers::default()
+            });
         indices.clear();
         indices.extend_from_slice(Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size));
         let b = indices.len();
@@ -276,6 +282,7 @@ impl Worker {
             v.resize(b * l, 0.0);
         }
         labels.clear();
+        text_end.clear();
         let ctx = match &self.cfg.mode {
             Mode::ImageText { context, .. } => *context,
             Mode::Views => 0,
@@ -309,7 +316,7 @@ impl Worker {
                 }
             };
             labels.push(label);
-            if let Mode::ImageText { class_names, text: aug, .. } = &self.cfg.mode {
+            if let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode {
                 let cap = match caption {
                     Some(c) => c,
                     None => {
@@ -324,10 +331,11 @@ impl Worker {
                     None => cap,
                 };
                 let row_tokens = &mut tokens[row * ctx..(row + 1) * ctx];
-                text::tokenize_into(&cap, row_tokens);
+                let end = tokenizer.encode_into(&cap, row_tokens)?;
                 if let Some((kind, ratio)) = aug.cutoff {
-                    crate::textaug::cutoff(row_tokens, kind, ratio, &mut rng);
+                    crate::textaug::cutoff(row_tokens, end, tokenizer.pad_id(), kind, ratio, &mut rng);
                 }
+                text_end.push(end as i64);
             }
         }
         let mix = self.cfg.mix.map(|(mc, mixed_views)| {
@@ -347,6 +355,7 @@ impl Worker {
             views,
             labels,
             tokens,
+            text_end,
             wait: Duration::ZERO,
             bad_files: self.bad.count(),
             mix,
@@ -452,8 +461,8 @@ impl Pipeline {
 
     /// Hand a consumed batch back: a worker refills its buffers for a later step.
     pub fn recycle(&self, batch: HostBatch) {
-        let HostBatch { indices, views, labels, tokens, .. } = batch;
-        let _ = self.pool.try_send(Buffers { indices, views, labels, tokens });
+        let HostBatch { indices, views, labels, tokens, text_end, .. } = batch;
+        let _ = self.pool.try_send(Buffers { indices, views, labels, tokens, text_end });
     }
 
     /// Batch buffer sets allocated so far (not recycled ones); bounded by
@@ -593,6 +602,7 @@ mod tests {
     fn captions_follow_labels() {
         let mode = Mode::ImageText {
             context: 48,
+            tokenizer: Arc::new(text::Tokenizer::Bytes),
             class_names: (0..10).map(|c| format!("class{c}")).collect(),
             text: TextAug::default(),
         };
@@ -600,6 +610,7 @@ mod tests {
         assert_eq!(b.views.len(), 1);
         for (row, &label) in b.labels.iter().enumerate() {
             let toks = &b.tokens[row * 48..(row + 1) * 48];
+            assert_eq!(toks[b.text_end[row] as usize], text::EOT, "the text ends at its EOT");
             let text: String = toks[1..].iter().take_while(|&&t| t < 256 && t > 0).map(|&t| t as u8 as char).collect();
             assert!(text.contains(&format!("class{label}")), "{text}");
         }
@@ -767,6 +778,7 @@ mod tests {
         // Captions too: a recycled token buffer holding longer captions is rewritten whole.
         let mode = Mode::ImageText {
             context: 32,
+            tokenizer: Arc::new(text::Tokenizer::Bytes),
             class_names: (0..10)
                 .map(|c| {
                     if c % 2 == 0 {

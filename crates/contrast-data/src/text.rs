@@ -1,16 +1,26 @@
-//! Byte-level tokenizer and class-name captions for CLIP.
+//! Tokenizers and class-name captions for image–text training.
 //!
-//! Token ids: bytes 1..=255 map to themselves, 0 pads, [`SOT`] starts and
-//! [`EOT`] ends a text. EOT is the largest id, so its position is the argmax of
-//! a row, as in open_clip; the text tower pools there.
+//! Two tokenizers behind one type, [`Tokenizer`]:
+//! - **bytes** (the default, nothing to load): bytes 1..=255 map to themselves,
+//!   0 pads, [`SOT`] starts and [`EOT`] ends a text; vocabulary [`VOCAB`].
+//! - **Hugging Face** `tokenizer.json` (BPE, WordPiece, Unigram, WordLevel),
+//!   loaded from a path with the `tokenizers` crate: the file's normaliser,
+//!   pre-tokeniser and post-processor (its special tokens) apply; texts are
+//!   truncated to the context by the library (special tokens kept) and padded
+//!   with the file's pad token.
+//!
+//! Both report where each text ends: the text tower pools at that last token
+//! (the EOT of byte tokens and of CLIP's BPE, `[SEP]` of BERT-style files).
 
+use crate::DataError;
 use rand::Rng;
+use std::path::{Path, PathBuf};
 
-/// Vocabulary size (bytes, start, end).
+/// Vocabulary size of the byte tokenizer (bytes, start, end).
 pub const VOCAB: i64 = 258;
-/// Start-of-text token.
+/// Start-of-text token of the byte tokenizer.
 pub const SOT: i64 = 256;
-/// End-of-text token.
+/// End-of-text token of the byte tokenizer.
 pub const EOT: i64 = 257;
 
 /// Prompt templates for captions and for zero-shot classifiers (`{}` = class name).
@@ -25,18 +35,137 @@ pub const TEMPLATES: [&str; 8] = [
     "an item of clothing: {}.",
 ];
 
-/// Tokenise `text` into `out` (length = context): SOT, bytes (truncated), EOT, zeros.
-pub fn tokenize_into(text: &str, out: &mut [i64]) {
+/// Pad tokens looked up, in order, when a `tokenizer.json` sets no padding.
+const PAD_TOKENS: [&str; 5] = ["<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|endoftext|>"];
+
+/// A tokenizer of captions and prompts; cheap to share between workers (`Arc`).
+pub enum Tokenizer {
+    /// Byte-level tokens ([`VOCAB`] ids).
+    Bytes,
+    /// A Hugging Face `tokenizer.json`.
+    HuggingFace {
+        /// The loaded tokenizer (truncation set to the context).
+        inner: Box<tokenizers::Tokenizer>,
+        /// The file it came from.
+        path: PathBuf,
+        /// Pad id.
+        pad: i64,
+        /// Vocabulary size, added tokens included.
+        vocab: usize,
+        /// Tokens per text.
+        context: usize,
+    },
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Bytes => write!(f, "Tokenizer::Bytes"),
+            Tokenizer::HuggingFace { path, vocab, pad, .. } => {
+                write!(f, "Tokenizer::HuggingFace({}, vocab {vocab}, pad {pad})", path.display())
+            }
+        }
+    }
+}
+
+impl Tokenizer {
+    /// `data.text.tokenizer`: `bytes`, or the path of a `tokenizer.json` (texts of `context` tokens).
+    pub fn from_spec(spec: &str, context: usize) -> Result<Self, DataError> {
+        if spec == "bytes" {
+            Ok(Tokenizer::Bytes)
+        } else {
+            Self::from_file(Path::new(spec), context)
+        }
+    }
+
+    /// Load a Hugging Face `tokenizer.json` for texts of `context` tokens.
+    pub fn from_file(path: &Path, context: usize) -> Result<Self, DataError> {
+        let format = |message: String| DataError::Format { path: path.to_path_buf(), message };
+        if !path.is_file() {
+            return Err(DataError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such tokenizer.json"),
+            });
+        }
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let pad = match inner.get_padding() {
+            Some(p) => p.pad_id as i64,
+            None => PAD_TOKENS.iter().find_map(|t| inner.token_to_id(t)).unwrap_or(0) as i64,
+        };
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: context, ..Default::default() }))
+            .map_err(|e| format(format!("cannot truncate to the context {context}: {e}")))?;
+        let vocab = inner.get_vocab_size(true);
+        // Ids index the embedding table: the largest id must be inside it.
+        let max_id = inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+        let vocab = vocab.max(max_id + 1);
+        if context < 2 {
+            return Err(format(format!("context {context} is too short")));
+        }
+        Ok(Tokenizer::HuggingFace { inner: Box::new(inner), path: path.to_path_buf(), pad, vocab, context })
+    }
+
+    /// Embedding rows the text tower needs.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Tokenizer::Bytes => VOCAB,
+            Tokenizer::HuggingFace { vocab, .. } => *vocab as i64,
+        }
+    }
+
+    /// The id written after the end of a text (and over cut-off tokens).
+    pub fn pad_id(&self) -> i64 {
+        match self {
+            Tokenizer::Bytes => 0,
+            Tokenizer::HuggingFace { pad, .. } => *pad,
+        }
+    }
+
+    /// Tokenise `text` into `out` (its length is the context) and return the
+    /// position of the text's last token, where the text tower pools.
+    pub fn encode_into(&self, text: &str, out: &mut [i64]) -> Result<usize, String> {
+        match self {
+            Tokenizer::Bytes => Ok(tokenize_into(text, out)),
+            Tokenizer::HuggingFace { inner, pad, context, path, .. } => {
+                let enc =
+                    inner.encode(text, true).map_err(|e| format!("{}: cannot encode {text:?}: {e}", path.display()))?;
+                let ids = enc.get_ids();
+                // The library truncates to `context`; a shorter `out` (an explicit context) truncates again.
+                let n = ids.len().min(out.len()).min(*context);
+                out.iter_mut().for_each(|v| *v = *pad);
+                out[..n].iter_mut().zip(ids).for_each(|(o, &i)| *o = i as i64);
+                Ok(n.max(1) - 1)
+            }
+        }
+    }
+
+    /// Tokenise into a new vector of `ctx` ids; also the end position.
+    pub fn encode(&self, text: &str, ctx: usize) -> Result<(Vec<i64>, usize), String> {
+        let mut v = vec![0; ctx];
+        let end = self.encode_into(text, &mut v)?;
+        Ok((v, end))
+    }
+}
+
+/// Byte tokens of `text` into `out` (length = context): SOT, bytes (truncated), EOT, zeros.
+/// Returns the position of EOT.
+pub fn tokenize_into(text: &str, out: &mut [i64]) -> usize {
     let ctx = out.len();
     assert!(ctx >= 2, "context must hold SOT and EOT");
     out.iter_mut().for_each(|v| *v = 0);
     out[0] = SOT;
-    let bytes: Vec<i64> = text.bytes().filter(|&b| b != 0).map(i64::from).take(ctx - 2).collect();
-    out[1..1 + bytes.len()].copy_from_slice(&bytes);
-    out[1 + bytes.len()] = EOT;
+    let mut n = 0;
+    for b in text.bytes().filter(|&b| b != 0).take(ctx - 2) {
+        n += 1;
+        out[n] = i64::from(b);
+    }
+    out[n + 1] = EOT;
+    n + 1
 }
 
-/// Tokenise into a new vector of length `ctx`.
+/// Byte tokens in a new vector of length `ctx`.
 pub fn tokenize(text: &str, ctx: usize) -> Vec<i64> {
     let mut v = vec![0; ctx];
     tokenize_into(text, &mut v);
@@ -53,6 +182,46 @@ pub fn random_caption<R: Rng>(rng: &mut R, name: &str) -> String {
     caption(rng.gen_range(0..TEMPLATES.len()), name)
 }
 
+/// A small `tokenizer.json` (word-level model, BERT-style
+/// `[CLS] … [SEP]` post-processor, lower-casing) over `words`: ids 0–3 are
+/// `[UNK] [PAD] [CLS] [SEP]`, then the words in order. For tests and examples
+/// that need a Hugging Face file without a download.
+pub fn word_level_tokenizer_json(words: &[&str]) -> String {
+    let mut vocab = vec![("[UNK]".to_string(), 0usize), ("[PAD]".into(), 1), ("[CLS]".into(), 2), ("[SEP]".into(), 3)];
+    vocab.extend(words.iter().enumerate().map(|(i, w)| (w.to_string(), i + 4)));
+    let vocab: String = vocab.iter().map(|(w, i)| format!("{w:?}: {i}")).collect::<Vec<_>>().join(", ");
+    let special = |content: &str, id: usize| {
+        format!(
+            r#"{{"id": {id}, "content": "{content}", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}}"#
+        )
+    };
+    format!(
+        r#"{{
+  "version": "1.0",
+  "truncation": null,
+  "padding": null,
+  "added_tokens": [{}, {}, {}, {}],
+  "normalizer": {{"type": "Lowercase"}},
+  "pre_tokenizer": {{"type": "Whitespace"}},
+  "post_processor": {{
+    "type": "TemplateProcessing",
+    "single": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}}],
+    "pair": [{{"SpecialToken": {{"id": "[CLS]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 0}}}}, {{"Sequence": {{"id": "B", "type_id": 1}}}}, {{"SpecialToken": {{"id": "[SEP]", "type_id": 1}}}}],
+    "special_tokens": {{
+      "[CLS]": {{"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]}},
+      "[SEP]": {{"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}
+    }}
+  }},
+  "decoder": null,
+  "model": {{"type": "WordLevel", "vocab": {{{vocab}}}, "unk_token": "[UNK]"}}
+}}"#,
+        special("[UNK]", 0),
+        special("[PAD]", 1),
+        special("[CLS]", 2),
+        special("[SEP]", 3)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +232,31 @@ mod tests {
         let t = tokenize("abcdef", 5);
         assert_eq!(t, vec![SOT, 97, 98, 99, EOT]);
         assert_eq!(caption(0, "bag"), "a photo of a bag.");
+        let (t, end) = Tokenizer::Bytes.encode("ab", 6).unwrap();
+        assert_eq!((t[end], end), (EOT, 3));
+    }
+
+    #[test]
+    fn hugging_face_tokenizer_json_frames_truncates_and_pads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, word_level_tokenizer_json(&["a", "photo", "of", "bag", "shirt"])).unwrap();
+        let tok = Tokenizer::from_spec(path.to_str().unwrap(), 6).unwrap();
+        assert_eq!((tok.vocab_size(), tok.pad_id()), (9, 1));
+        // Lower-cased, whitespace-split, [CLS] … [SEP], unknown words → [UNK], padded with [PAD].
+        let (ids, end) = tok.encode("A photo hat", 6).unwrap();
+        assert_eq!(ids, vec![2, 4, 5, 0, 3, 1]);
+        assert_eq!(end, 4);
+        // Truncation keeps the special tokens: [CLS] + 4 words + [SEP] = 6.
+        let (ids, end) = tok.encode("a photo of a bag of a shirt", 6).unwrap();
+        assert_eq!(ids, vec![2, 4, 5, 6, 4, 3]);
+        assert_eq!(end, 5);
+        // Errors name the file.
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"model\": 3}").unwrap();
+        let err = Tokenizer::from_spec(bad.to_str().unwrap(), 6).unwrap_err().to_string();
+        assert!(err.contains("bad.json") && err.contains("tokenizer.json"), "{err}");
+        let err = Tokenizer::from_spec("/no/such/tokenizer.json", 6).unwrap_err().to_string();
+        assert!(err.contains("/no/such/tokenizer.json"), "{err}");
     }
 }

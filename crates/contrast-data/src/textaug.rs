@@ -99,10 +99,11 @@ pub enum Cutoff {
     Span,
 }
 
-/// Apply cutoff with ratio r to one tokenised row (`SOT … EOT 0 …`): content
-/// tokens (those strictly between the first token and the largest-id EOT) become 0.
-pub fn cutoff<R: Rng>(tokens: &mut [i64], kind: Cutoff, ratio: f64, rng: &mut R) {
-    let Some(eot) = tokens.iter().enumerate().max_by_key(|(_, t)| **t).map(|(i, _)| i) else { return };
+/// Apply cutoff with ratio r to one tokenised row whose text ends at `end`
+/// (`start … end pad …`): content tokens, strictly between the first token and
+/// `end`, become `pad`; the start and end markers stay.
+pub fn cutoff<R: Rng>(tokens: &mut [i64], end: usize, pad: i64, kind: Cutoff, ratio: f64, rng: &mut R) {
+    let eot = end.min(tokens.len().saturating_sub(1));
     if eot <= 1 || ratio <= 0.0 {
         return;
     }
@@ -111,7 +112,7 @@ pub fn cutoff<R: Rng>(tokens: &mut [i64], kind: Cutoff, ratio: f64, rng: &mut R)
         Cutoff::Token => {
             for t in &mut tokens[content] {
                 if rng.gen::<f64>() < ratio {
-                    *t = 0;
+                    *t = pad;
                 }
             }
         }
@@ -119,7 +120,7 @@ pub fn cutoff<R: Rng>(tokens: &mut [i64], kind: Cutoff, ratio: f64, rng: &mut R)
             let len = content.len();
             let span = ((ratio * len as f64).ceil() as usize).min(len);
             let start = 1 + rng.gen_range(0..=len - span);
-            tokens[start..start + span].iter_mut().for_each(|t| *t = 0);
+            tokens[start..start + span].iter_mut().for_each(|t| *t = pad);
         }
     }
 }
@@ -153,16 +154,23 @@ mod tests {
     fn cutoff_pads_content_only() {
         let base = tokenize("abcdefghij", 16);
         let mut t = base.clone();
-        cutoff(&mut t, Cutoff::Span, 0.3, &mut rng(2));
+        cutoff(&mut t, 11, 0, Cutoff::Span, 0.3, &mut rng(2));
         assert_eq!((t[0], t[11]), (SOT, EOT));
         let zeros: Vec<usize> = (1..11).filter(|&i| t[i] == 0).collect();
         assert_eq!(zeros.len(), 3);
         assert!(zeros.windows(2).all(|w| w[1] == w[0] + 1), "one contiguous span: {zeros:?}");
         let mut t = base.clone();
-        cutoff(&mut t, Cutoff::Token, 1.0, &mut rng(2));
+        cutoff(&mut t, 11, 0, Cutoff::Token, 1.0, &mut rng(2));
         assert!(t[1..11].iter().all(|&v| v == 0) && t[11] == EOT);
         let mut t = base.clone();
-        cutoff(&mut t, Cutoff::Token, 0.0, &mut rng(2));
+        cutoff(&mut t, 11, 0, Cutoff::Token, 0.0, &mut rng(2));
+        assert_eq!(t, base);
+        // Another pad id (a Hugging Face file's) fills the cut tokens.
+        let mut t = base.clone();
+        cutoff(&mut t, 11, 7, Cutoff::Token, 1.0, &mut rng(2));
+        assert!(t[1..11].iter().all(|&v| v == 7) && t[11] == EOT);
+        let mut t = base.clone();
+        cutoff(&mut t, 11, 7, Cutoff::Token, 0.0, &mut rng(2));
         assert_eq!(t, base);
     }
 }

@@ -7,9 +7,11 @@
 //!   Fashion-MNIST this beats global pooling by several kNN points)
 //!   → `[B, embed_dim]`.
 //! - [`Mlp`]: the SimCLR projection head, Linear → ReLU → Linear.
-//! - [`TextTower`]: byte-level token and position embeddings, pre-LN causal
-//!   transformer blocks, final LayerNorm, pooling at the end-of-text token
-//!   (the argmax of the token ids, as open_clip) and a linear projection.
+//! - [`TextTower`]: token and position embeddings (byte-level or a Hugging
+//!   Face vocabulary), pre-LN causal transformer blocks, final LayerNorm,
+//!   pooling at each text's last token (its end-of-text token: the position
+//!   open_clip finds with an argmax over CLIP's ids, given explicitly so any
+//!   vocabulary works) and a linear projection.
 //! - [`Model`]: the whole trainable model of a run (SimCLR or CLIP).
 
 use contrast_config::{LossConfig, LossKind, ModelConfig, Norm};
@@ -150,7 +152,26 @@ impl Block {
     }
 }
 
-/// The CLIP text tower over byte-level tokens.
+/// Tokenised captions: ids `[B, T]` and the position of each text's last token `[B]`.
+pub struct Captions {
+    /// Token ids `[B, T]`.
+    pub tokens: Tensor,
+    /// Position of each row's last token (where the tower pools) `[B]`, int64.
+    pub ends: Tensor,
+}
+
+impl Captions {
+    /// Captions from host buffers: `tokens` row-major `[b, T]`, `ends` `[b]`.
+    pub fn from_host(tokens: &[i64], ends: &[i64], device: tch::Device) -> Self {
+        let b = ends.len() as i64;
+        Self {
+            tokens: Tensor::from_slice(tokens).view([b, -1]).to_device(device),
+            ends: Tensor::from_slice(ends).to_device(device),
+        }
+    }
+}
+
+/// The CLIP text tower.
 pub struct TextTower {
     tokens: nn::Embedding,
     positions: Tensor,
@@ -178,8 +199,9 @@ impl TextTower {
         }
     }
 
-    /// `[B, T]` token ids (T ≤ context) → `[B, out]`.
-    pub fn forward(&self, tokens: &Tensor) -> Tensor {
+    /// Captions of `[B, T]` token ids (T ≤ context) → `[B, out]`, pooled at each text's end.
+    pub fn forward(&self, captions: &Captions) -> Tensor {
+        let tokens = &captions.tokens;
         let (b, t) = tokens.size2().unwrap();
         assert!(t <= self.context, "text of {t} tokens exceeds the context {}", self.context);
         let mut x = tokens.apply(&self.tokens) + self.positions.narrow(0, 0, t);
@@ -188,9 +210,8 @@ impl TextTower {
             x = blk.forward(&x, &causal);
         }
         let x = x.apply(&self.ln_final);
-        let eot = tokens.argmax(-1, false);
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
-        x.index(&[Some(rows), Some(eot)]).apply(&self.proj)
+        x.index(&[Some(rows), Some(captions.ends.shallow_clone())]).apply(&self.proj)
     }
 }
 
@@ -219,7 +240,8 @@ pub enum Model {
 }
 
 impl Model {
-    /// Build the model of `loss` for `in_channels`-channel images under the var store's root.
+    /// Build the model of `loss` for `in_channels`-channel images under the var
+    /// store's root; a CLIP text tower embeds `text_vocab` token ids.
     pub fn new(
         vs: &nn::VarStore,
         loss: LossKind,
@@ -227,6 +249,7 @@ impl Model {
         norm: Norm,
         l: &LossConfig,
         in_channels: i64,
+        text_vocab: i64,
     ) -> Self {
         let root = vs.root();
         let backbone = ConvBackbone::new(&(&root / "backbone"), in_channels, m.width, m.embed_dim, norm);
@@ -237,15 +260,8 @@ impl Model {
             }
             _ => {
                 let t = &m.text;
-                let text = TextTower::new(
-                    &(&root / "text"),
-                    contrast_data::text::VOCAB,
-                    t.context,
-                    t.width,
-                    t.layers,
-                    t.heads,
-                    m.proj_dim,
-                );
+                let text =
+                    TextTower::new(&(&root / "text"), text_vocab, t.context, t.width, t.layers, t.heads, m.proj_dim);
                 let image_proj = nn::linear(
                     &root / "image_proj",
                     m.embed_dim,
@@ -274,24 +290,24 @@ impl Model {
     }
 
     /// The towers the loss sees: SimCLR `[z_A, z_B]` from two views (one tower
-    /// per view given); CLIP `[image, text]` from one view and the caption tokens.
-    pub fn towers(&self, views: &[Tensor], tokens: Option<&Tensor>, train: bool) -> Vec<Tensor> {
+    /// per view given); CLIP `[image, text]` from one view and the captions.
+    pub fn towers(&self, views: &[Tensor], captions: Option<&Captions>, train: bool) -> Vec<Tensor> {
         match self {
             Model::SimClr { backbone, head } => {
                 views.iter().map(|v| backbone.forward_t(v, train).apply(head)).collect()
             }
             Model::Clip { backbone, image_proj, text, .. } => {
                 let img = backbone.forward_t(&views[0], train).apply(image_proj);
-                let txt = text.forward(tokens.expect("CLIP needs caption tokens"));
+                let txt = text.forward(captions.expect("CLIP needs captions"));
                 vec![img, txt]
             }
         }
     }
 
     /// Text embeddings in the shared space (CLIP only).
-    pub fn encode_text(&self, tokens: &Tensor) -> Option<Tensor> {
+    pub fn encode_text(&self, captions: &Captions) -> Option<Tensor> {
         match self {
-            Model::Clip { text, .. } => Some(text.forward(tokens)),
+            Model::Clip { text, .. } => Some(text.forward(captions)),
             Model::SimClr { .. } => None,
         }
     }

@@ -4,7 +4,7 @@
 use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
 use contrast_config::{LossConfig, LossKind, ModelConfig, Norm, TextConfig};
-use contrast_nn::model::Model;
+use contrast_nn::model::{Captions, Model};
 use contrast_nn::optim::named_params;
 use contrast_nn::GlobalBatch;
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -26,26 +26,35 @@ fn model_config() -> ModelConfig {
 struct Inputs {
     views: Vec<Vec<f64>>, // each [N, 1, SIDE, SIDE]
     tokens: Vec<i64>,     // [N, CTX]
+    ends: Vec<i64>,       // [N]
 }
 
 fn inputs(n: usize, seed: u64) -> Inputs {
     let pix = (SIDE * SIDE) as usize;
     let views = (0..2).map(|v| randn_vec(n * pix, seed * 10 + v)).collect();
-    let tokens = (0..n)
-        .flat_map(|i| {
-            let text = format!("caption number {} of {}", i * 7 % 13, seed);
-            contrast_data::text::tokenize(&text, CTX as usize)
-        })
-        .collect();
-    Inputs { views, tokens }
+    let (mut tokens, mut ends) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let text = format!("caption number {} of {}", i * 7 % 13, seed);
+        let (t, end) = contrast_data::text::Tokenizer::Bytes.encode(&text, CTX as usize).unwrap();
+        tokens.extend(t);
+        ends.push(end as i64);
+    }
+    Inputs { views, tokens, ends }
 }
 
 type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
 
 fn build(loss: LossKind, norm: Norm, kind: Kind) -> (VarStore, Model) {
     let mut vs = VarStore::new(Device::Cpu);
-    let model =
-        Model::new(&vs, loss, &model_config(), norm, &LossConfig { temperature: Some(0.07), ..Default::default() }, 1);
+    let model = Model::new(
+        &vs,
+        loss,
+        &model_config(),
+        norm,
+        &LossConfig { temperature: Some(0.07), ..Default::default() },
+        1,
+        258,
+    );
     if kind == Kind::Double {
         vs.double();
     }
@@ -88,12 +97,15 @@ fn run_rank<C: Collective>(
         .iter()
         .map(|v| Tensor::from_slice(&v[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE]).to_kind(kind))
         .collect();
-    let tokens =
-        Tensor::from_slice(&data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize]).view([b as i64, CTX]);
+    let captions = Captions::from_host(
+        &data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize],
+        &data.ends[r * b..(r + 1) * b],
+        Device::Cpu,
+    );
     let params = named_params(&vs);
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
-    let towers = model.towers(&views, Some(&tokens), true);
+    let towers = model.towers(&views, Some(&captions), true);
     let lc = LossConfig { temperature: Some(0.2), ..Default::default() };
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
     let out =

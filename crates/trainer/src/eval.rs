@@ -5,25 +5,133 @@
 //! images vote for their class with weight exp(sim / t); top-1 accuracy on the
 //! test split. Work is split over the ranks (features by slices of images,
 //! kNN by slices of the test set) and joined with collectives, so no rank idles.
+//!
+//! An [`EvalSet`] is either IDX images or encoded files (image folder,
+//! WebDataset, CSV) seen through the evaluation transform: resize the shorter
+//! side, centre crop, normalise as in training. A file that cannot be read is
+//! logged, left out of the memory and of the test count.
 
 use contrast_comm::Collective;
 use contrast_data::idx::{Images, FASHION_MNIST_MEAN_STD};
-use contrast_data::text;
+use contrast_data::rgb::{decode, RgbAugParams, RgbAugmenter};
+use contrast_data::source::Source;
+use contrast_data::text::{self, Tokenizer};
 use contrast_nn::loss::l2_normalize;
-use contrast_nn::model::Model;
+use contrast_nn::model::{Captions, Model};
+use rand::SeedableRng;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// Images per forward pass during evaluation.
-const CHUNK: usize = 1000;
+const CHUNK: usize = 500;
 
-/// Normalised input tensor `[n, 1, H, W]` of images `start..end`.
-pub fn image_tensor(images: &Images, start: usize, end: usize, device: Device) -> Tensor {
-    let (m, s) = FASHION_MNIST_MEAN_STD;
-    let pix = images.height * images.width;
-    let data: Vec<f32> = images.pixels[start * pix..end * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s).collect();
-    Tensor::from_slice(&data)
-        .view([(end - start) as i64, 1, images.height as i64, images.width as i64])
-        .to_device(device)
+/// Images to evaluate and their labels (−1: unlabelled or unreadable, left out).
+pub enum EvalSet {
+    /// IDX images, normalised with the dataset statistics.
+    Idx(Images),
+    /// Encoded files at `transform.size`, a strided subset `indices` of `source`.
+    Files {
+        /// The files.
+        source: Arc<dyn Source>,
+        /// Which samples, in order.
+        indices: Vec<usize>,
+        /// The deterministic evaluation transform (no random op).
+        transform: RgbAugParams,
+        /// Decoding threads.
+        threads: usize,
+    },
+}
+
+impl EvalSet {
+    /// The files of `source`, at most `max` of them (0 = all) taken at an even stride, so every class stays.
+    pub fn files(source: Arc<dyn Source>, max: usize, transform: RgbAugParams, threads: usize) -> Self {
+        let n = source.len();
+        let m = if max == 0 { n } else { max.min(n) };
+        let indices = (0..m).map(|i| i * n / m.max(1)).collect();
+        EvalSet::Files { source, indices, transform, threads: threads.max(1) }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match self {
+            EvalSet::Idx(images) => images.len(),
+            EvalSet::Files { indices, .. } => indices.len(),
+        }
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Floats of one input image (channels × height × width).
+    pub fn pixels(&self) -> usize {
+        match self {
+            EvalSet::Idx(images) => images.height * images.width,
+            EvalSet::Files { transform, .. } => 3 * (transform.size as usize).pow(2),
+        }
+    }
+
+    /// Normalised input tensor `[n, C, H, W]` of images `start..end` and their labels.
+    pub fn batch(&self, start: usize, end: usize, device: Device) -> (Tensor, Vec<i64>) {
+        match self {
+            EvalSet::Idx(images) => {
+                let (m, s) = FASHION_MNIST_MEAN_STD;
+                let pix = images.height * images.width;
+                let data: Vec<f32> =
+                    images.pixels[start * pix..end * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s).collect();
+                let x = Tensor::from_slice(&data)
+                    .view([(end - start) as i64, 1, images.height as i64, images.width as i64])
+                    .to_device(device);
+                (x, images.labels[start..end].iter().map(|&l| l as i64).collect())
+            }
+            EvalSet::Files { source, indices, transform, threads } => {
+                let pix = self.pixels();
+                let n = end - start;
+                let mut data = vec![0f32; n * pix];
+                let mut labels = vec![-1i64; n];
+                let per = n.div_ceil(*threads).max(1);
+                std::thread::scope(|scope| {
+                    for (k, (out, lab)) in data.chunks_mut(per * pix).zip(labels.chunks_mut(per)).enumerate() {
+                        let transform = transform.clone();
+                        scope.spawn(move || {
+                            let mut aug = RgbAugmenter::new(transform);
+                            // The transform has no random op; the generator is never drawn from.
+                            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                            for (j, (img, label)) in out.chunks_mut(pix).zip(lab.iter_mut()).enumerate() {
+                                let i = indices[start + k * per + j];
+                                let got = source.fetch(i).and_then(|raw| {
+                                    let rgb = decode(&raw.bytes)?;
+                                    aug.apply(&rgb, &mut rng, img)?;
+                                    Ok(raw.label)
+                                });
+                                match got {
+                                    Ok(l) => *label = l,
+                                    Err(e) => {
+                                        tracing::warn!("evaluation skips {}: {e}", source.locate(i));
+                                        img.iter_mut().for_each(|v| *v = 0.0);
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                let s = transform.size as i64;
+                (Tensor::from_slice(&data).view([n as i64, 3, s, s]).to_device(device), labels)
+            }
+        }
+    }
+}
+
+/// What evaluation runs on: the kNN memory (the training set, when it has
+/// labels), the labelled test set, and the class names zero-shot prompts use.
+pub struct EvalData {
+    /// kNN memory; `None` when the training set has no labels (a caption CSV).
+    pub memory: Option<EvalSet>,
+    /// The test set.
+    pub test: EvalSet,
+    /// Class names by label (empty: no zero-shot).
+    pub class_names: Vec<String>,
 }
 
 /// Rows `[lo, hi)` of `n` that rank r handles when n is split in P near-equal slices.
@@ -33,23 +141,28 @@ fn slice_of<C: Collective>(comm: &C, n: usize) -> (usize, usize, usize) {
     (lo, (lo + per).min(n), per)
 }
 
-/// Features of every image, computed in slices across ranks and all-gathered;
-/// `f` maps an input batch to `[b, D]`. Returns L2-normalised `[n, D]` on `device`.
+/// Features and labels of every image, computed in slices across ranks and
+/// all-gathered; `f` maps an input batch to `[b, D]`. Returns L2-normalised
+/// `[n, D]` on `device` (zero rows for unreadable images) and the labels.
 pub fn features<C: Collective>(
     comm: &C,
-    images: &Images,
+    set: &EvalSet,
     device: Device,
     dim: i64,
     f: impl Fn(&Tensor) -> Tensor,
-) -> Tensor {
-    let n = images.len();
+) -> (Tensor, Vec<i64>) {
+    let n = set.len();
     let (lo, hi, per) = slice_of(comm, n);
     let mut parts = Vec::new();
+    let mut labels = Vec::with_capacity(per);
     tch::no_grad(|| {
         let mut s = lo;
         while s < hi {
             let e = (s + CHUNK).min(hi);
-            parts.push(l2_normalize(&f(&image_tensor(images, s, e, device)).to_kind(Kind::Float)));
+            let (x, l) = set.batch(s, e, device);
+            let valid = Tensor::from_slice(&l.iter().map(|&v| f32::from(v >= 0)).collect::<Vec<_>>()).to_device(device);
+            parts.push(l2_normalize(&f(&x).to_kind(Kind::Float)) * valid.unsqueeze(1));
+            labels.extend(l);
             s = e;
         }
     });
@@ -58,25 +171,30 @@ pub fn features<C: Collective>(
     let pad = per - (hi - lo);
     if pad > 0 {
         local = Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0);
+        labels.extend(std::iter::repeat_n(-1, pad));
     }
     let all = comm.all_gather(&contrast_nn::to_host::<f32>(&local));
-    let mut rows = Vec::with_capacity(n * dim as usize);
+    let all_labels = comm.all_gather(&labels);
+    let (mut rows, mut out_labels) = (Vec::with_capacity(n * dim as usize), Vec::with_capacity(n));
     for r in 0..comm.world_size() {
         let lo = (r * per).min(n);
         let hi = (lo + per).min(n);
         let base = r * per * dim as usize;
         rows.extend_from_slice(&all[base..base + (hi - lo) * dim as usize]);
+        out_labels.extend_from_slice(&all_labels[r * per..r * per + (hi - lo)]);
     }
-    Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device)
+    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), out_labels)
 }
 
-/// Weighted kNN top-1 accuracy; each rank scores a slice of the test set.
+/// Weighted kNN top-1 accuracy over the labelled test rows; each rank scores a
+/// slice of the test set. Memory rows labelled −1 vote for no class.
+#[allow(clippy::too_many_arguments)]
 pub fn knn_top1<C: Collective>(
     comm: &C,
     train: &Tensor,
-    train_labels: &[u8],
+    train_labels: &[i64],
     test: &Tensor,
-    test_labels: &[u8],
+    test_labels: &[i64],
     k: i64,
     t: f64,
     classes: i64,
@@ -84,9 +202,11 @@ pub fn knn_top1<C: Collective>(
     let device = train.device();
     let n = test_labels.len();
     let (lo, hi, _) = slice_of(comm, n);
-    let labels = Tensor::from_slice(&train_labels.iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
+    // Column `classes` collects the votes of unlabelled memory rows and never wins.
+    let voters: Vec<i64> = train_labels.iter().map(|&l| if l < 0 { classes } else { l }).collect();
+    let labels = Tensor::from_slice(&voters).to_device(device);
     let k = k.min(train.size()[0]);
-    let mut correct = 0i64;
+    let mut counts = [0i64, 0];
     tch::no_grad(|| {
         let mut s = lo;
         while s < hi {
@@ -95,79 +215,99 @@ pub fn knn_top1<C: Collective>(
             let (vals, idx) = sim.topk(k, 1, true, true);
             let votes = labels.index_select(0, &idx.view([-1])).view([(e - s) as i64, k]);
             let w = (vals / t).exp();
-            let scores = Tensor::zeros([(e - s) as i64, classes], (Kind::Float, device)).scatter_add(1, &votes, &w);
-            let pred = scores.argmax(1, false);
-            let truth =
-                Tensor::from_slice(&test_labels[s..e].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
-            correct += pred.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
+            let scores = Tensor::zeros([(e - s) as i64, classes + 1], (Kind::Float, device)).scatter_add(1, &votes, &w);
+            let pred = scores.narrow(1, 0, classes).argmax(1, false);
+            let truth = Tensor::from_slice(&test_labels[s..e]).to_device(device);
+            let labelled = truth.ge(0);
+            counts[0] += pred.eq_tensor(&truth).logical_and(&labelled).sum(Kind::Int64).int64_value(&[]);
+            counts[1] += labelled.sum(Kind::Int64).int64_value(&[]);
             s = e;
         }
     });
-    let mut c = [correct];
-    comm.all_reduce_sum(&mut c);
-    c[0] as f64 / n as f64
+    comm.all_reduce_sum(&mut counts);
+    counts[0] as f64 / counts[1].max(1) as f64
 }
 
-/// kNN top-1 of a feature extractor.
+/// Number of classes seen in label lists (largest label + 1).
+fn classes_of(a: &[i64], b: &[i64]) -> i64 {
+    a.iter().chain(b).copied().max().unwrap_or(-1).max(0) + 1
+}
+
+/// kNN top-1 of a feature extractor with `memory` as the neighbours; `None`
+/// when the memory or the test set has no labelled image (e.g. WebDataset shards without `.cls`).
+#[allow(clippy::too_many_arguments)]
 pub fn knn_of<C: Collective>(
     comm: &C,
-    train: &Images,
-    test: &Images,
+    memory: &EvalSet,
+    test: &EvalSet,
     device: Device,
     dim: i64,
     k: i64,
     t: f64,
     f: impl Fn(&Tensor) -> Tensor,
-) -> f64 {
-    let ftrain = features(comm, train, device, dim, &f);
-    let ftest = features(comm, test, device, dim, &f);
-    knn_top1(comm, &ftrain, &train.labels, &ftest, &test.labels, k, t, 10)
+) -> Option<f64> {
+    let (ftrain, ltrain) = features(comm, memory, device, dim, &f);
+    let (ftest, ltest) = features(comm, test, device, dim, &f);
+    if !ltrain.iter().any(|&l| l >= 0) || !ltest.iter().any(|&l| l >= 0) {
+        return None;
+    }
+    Some(knn_top1(comm, &ftrain, &ltrain, &ftest, &ltest, k, t, classes_of(&ltrain, &ltest)))
 }
 
 /// kNN top-1 on raw pixels (normalised inputs, flattened).
-pub fn raw_pixels_knn<C: Collective>(comm: &C, train: &Images, test: &Images, device: Device, k: i64, t: f64) -> f64 {
-    let dim = (train.height * train.width) as i64;
-    knn_of(comm, train, test, device, dim, k, t, |x| x.flatten(1, -1))
+pub fn raw_pixels_knn<C: Collective>(
+    comm: &C,
+    memory: &EvalSet,
+    test: &EvalSet,
+    device: Device,
+    k: i64,
+    t: f64,
+) -> Option<f64> {
+    let dim = memory.pixels() as i64;
+    knn_of(comm, memory, test, device, dim, k, t, |x| x.flatten(1, -1))
 }
 
 /// Zero-shot top-1 of a CLIP model: each class is the mean of its normalised
 /// prompt embeddings over all templates; an image takes the most similar class.
+/// `None` for a model without a text tower.
+#[allow(clippy::too_many_arguments)]
 pub fn zero_shot_top1<C: Collective>(
     comm: &C,
     model: &Model,
-    test: &Images,
+    test: &EvalSet,
     device: Device,
-    class_names: &[&str],
+    class_names: &[String],
+    tokenizer: &Tokenizer,
     context: usize,
     dim: i64,
-) -> Option<f64> {
-    let classifier = tch::no_grad(|| -> Option<Tensor> {
-        let protos: Vec<Tensor> = class_names
-            .iter()
-            .map(|name| {
-                let toks: Vec<i64> =
-                    (0..text::TEMPLATES.len()).flat_map(|t| text::tokenize(&text::caption(t, name), context)).collect();
-                let toks =
-                    Tensor::from_slice(&toks).view([text::TEMPLATES.len() as i64, context as i64]).to_device(device);
-                model
-                    .encode_text(&toks)
-                    .map(|e| l2_normalize(&l2_normalize(&e).mean_dim([0i64].as_slice(), true, Kind::Float)))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Tensor::cat(&protos, 0))
+) -> anyhow::Result<Option<f64>> {
+    let classifier = tch::no_grad(|| -> anyhow::Result<Option<Tensor>> {
+        let mut protos = Vec::new();
+        for name in class_names {
+            let (mut toks, mut ends) = (Vec::new(), Vec::new());
+            for t in 0..text::TEMPLATES.len() {
+                let (ids, end) = tokenizer.encode(&text::caption(t, name), context).map_err(anyhow::Error::msg)?;
+                toks.extend(ids);
+                ends.push(end as i64);
+            }
+            let Some(e) = model.encode_text(&Captions::from_host(&toks, &ends, device)) else { return Ok(None) };
+            protos.push(l2_normalize(&l2_normalize(&e).mean_dim([0i64].as_slice(), true, Kind::Float)));
+        }
+        Ok(Some(Tensor::cat(&protos, 0)))
     })?;
-    let img = features(comm, test, device, dim, |x| model.encode_image(x).expect("CLIP model"));
+    let Some(classifier) = classifier else { return Ok(None) };
+    let (img, labels) = features(comm, test, device, dim, |x| model.encode_image(x).expect("CLIP model"));
     let n = test.len();
     let (lo, hi, _) = slice_of(comm, n);
-    let mut correct = 0i64;
+    let mut counts = [0i64, 0];
     if hi > lo {
         let pred =
             tch::no_grad(|| img.narrow(0, lo as i64, (hi - lo) as i64).matmul(&classifier.tr()).argmax(1, false));
-        let truth =
-            Tensor::from_slice(&test.labels[lo..hi].iter().map(|&l| l as i64).collect::<Vec<_>>()).to_device(device);
-        correct = pred.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
+        let truth = Tensor::from_slice(&labels[lo..hi]).to_device(device);
+        let labelled = truth.ge(0);
+        counts[0] = pred.eq_tensor(&truth).logical_and(&labelled).sum(Kind::Int64).int64_value(&[]);
+        counts[1] = labelled.sum(Kind::Int64).int64_value(&[]);
     }
-    let mut c = [correct];
-    comm.all_reduce_sum(&mut c);
-    Some(c[0] as f64 / n as f64)
+    comm.all_reduce_sum(&mut counts);
+    Ok(Some(counts[0] as f64 / counts[1].max(1) as f64))
 }

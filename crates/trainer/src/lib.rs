@@ -17,13 +17,16 @@ use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::pipeline::Input;
 use contrast_data::rgb::RgbAugParams;
 use contrast_data::source::{CsvSource, ImageFolder, Source, WebDataset};
+use contrast_data::text::Tokenizer;
 use contrast_data::{AugParams, Augmenter, Mode, Pipeline, PipelineConfig};
-use contrast_nn::model::Model;
+use contrast_nn::model::{Captions, Model};
 use contrast_nn::optim::{named_params, Optimizer, OptimizerKind, Schedule};
 use contrast_nn::GlobalBatch;
+use eval::{EvalData, EvalSet};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Tensor};
 
@@ -214,36 +217,34 @@ fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)> {
 /// The training input of the plan and its class names.
 fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     let d = &plan.config.data;
-    let files = |source: Box<dyn Source>| {
-        let names = source.class_names();
-        let input =
-            Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
-        (input, names)
-    };
-    Ok(match d.dataset.as_str() {
-        "fashion_mnist" => {
-            let images = Images::load_split(&d.root, "train")
-                .with_context(|| format!("loading data.root {}", d.root.display()))?;
-            let augment = augmenter(plan, &images);
-            let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
-            (Input::Idx { images: std::sync::Arc::new(images), augment }, names)
-        }
-        "image_folder" => files(Box::new(ImageFolder::open(&d.root)?)),
-        "csv" => {
-            let sep = d.csv_separator.as_bytes()[0];
-            files(Box::new(CsvSource::open(&d.root, &d.csv_img_key, &d.csv_caption_key, sep)?))
-        }
-        _ => files(Box::new(WebDataset::open(&d.root.to_string_lossy())?)),
-    })
+    if d.dataset == "fashion_mnist" {
+        let images =
+            Images::load_split(&d.root, "train").with_context(|| format!("loading data.root {}", d.root.display()))?;
+        let augment = augmenter(plan, &images);
+        let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        return Ok((Input::Idx { images: Arc::new(images), augment }, names));
+    }
+    let source = open_source(plan, &d.dataset, &d.root)?;
+    let names = source.class_names();
+    let input =
+        Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
+    Ok((input, names))
+}
+
+/// The caption tokenizer of the plan (`data.text.tokenizer`), for texts of `model.text.context` tokens.
+pub fn tokenizer(plan: &Plan) -> Result<Arc<Tokenizer>> {
+    let c = &plan.config;
+    Ok(Arc::new(Tokenizer::from_spec(&c.data.text.tokenizer, c.model.text.context as usize)?))
 }
 
 /// The model and its var store, identical on every rank (rank 0's initial
-/// weights are broadcast).
-pub fn build_model<C: Collective>(comm: &C, plan: &Plan, device: Device) -> (VarStore, Model) {
+/// weights are broadcast); a CLIP text tower embeds `tokenizer`'s vocabulary.
+pub fn build_model<C: Collective>(comm: &C, plan: &Plan, device: Device, tokenizer: &Tokenizer) -> (VarStore, Model) {
     let c = &plan.config;
     tch::manual_seed(c.seed as i64);
     let vs = VarStore::new(device);
-    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, &c.loss, in_channels(plan));
+    let vocab = tokenizer.vocab_size();
+    let model = Model::new(&vs, plan.loss, &c.model, plan.norm, &c.loss, in_channels(plan), vocab);
     if comm.world_size() > 1 {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -285,48 +286,87 @@ fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
 /// Evaluation figures of a model.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct EvalFigures {
-    /// kNN top-1 of the backbone.
-    pub knn_top1: f64,
+    /// kNN top-1 of the backbone (`None` when the training set has no labels).
+    pub knn_top1: Option<f64>,
     /// CLIP zero-shot top-1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top1: Option<f64>,
 }
 
-/// kNN (and zero-shot for CLIP) of `model` on the test split with the training split as memory.
+/// kNN of `model`'s backbone (the training set as memory) and, for image–text
+/// models, zero-shot from class-name prompts, on the test set.
 pub fn evaluate<C: Collective>(
     comm: &C,
     plan: &Plan,
     model: &Model,
-    train: &Images,
-    test: &Images,
+    data: &EvalData,
+    tokenizer: &Tokenizer,
     device: Device,
-) -> EvalFigures {
+) -> Result<EvalFigures> {
     let c = &plan.config;
-    let knn = eval::knn_of(comm, train, test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| {
-        model.features(x, false)
+    let knn = data.memory.as_ref().and_then(|memory| {
+        eval::knn_of(comm, memory, &data.test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| {
+            model.features(x, false)
+        })
     });
-    let zs = match plan.loss {
-        k if k.is_image_text() => eval::zero_shot_top1(
-            comm,
-            model,
-            test,
-            device,
-            &FASHION_MNIST_CLASSES,
-            c.model.text.context as usize,
-            c.model.proj_dim,
-        ),
-        _ => None,
+    let zs = if plan.loss.is_image_text() && !data.class_names.is_empty() {
+        let (context, dim) = (c.model.text.context as usize, c.model.proj_dim);
+        eval::zero_shot_top1(comm, model, &data.test, device, &data.class_names, tokenizer, context, dim)?
+    } else {
+        None
     };
-    EvalFigures { knn_top1: knn, zero_shot_top1: zs }
+    Ok(EvalFigures { knn_top1: knn, zero_shot_top1: zs })
 }
 
-fn load_eval_splits(plan: &Plan) -> Result<(Images, Images)> {
-    let root = &plan.config.data.root;
-    let mut train = Images::load_split(root, "train")?;
-    let mut test = Images::load_split(root, "t10k")?;
-    train.truncate(plan.config.eval.max_train);
-    test.truncate(plan.config.eval.max_test);
-    Ok((train, test))
+/// Open a file dataset of kind `dataset` at `root` (image folder, CSV, WebDataset).
+fn open_source(plan: &Plan, dataset: &str, root: &Path) -> Result<Box<dyn Source>> {
+    let d = &plan.config.data;
+    Ok(match dataset {
+        "image_folder" => Box::new(ImageFolder::open(root)?),
+        "csv" => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, d.csv_separator.as_bytes()[0])?),
+        "webdataset" => Box::new(WebDataset::open(&root.to_string_lossy())?),
+        other => bail!("{other} is not a file dataset"),
+    })
+}
+
+/// The evaluation data of the plan, or `None` (with the reason) when there is no labelled test split.
+fn load_eval(plan: &Plan) -> Result<std::result::Result<EvalData, &'static str>> {
+    let (d, e) = (&plan.config.data, &plan.config.eval);
+    if d.dataset == "fashion_mnist" {
+        let mut train = Images::load_split(&d.root, "train")?;
+        let mut test = Images::load_split(&d.root, "t10k")?;
+        train.truncate(e.max_train);
+        test.truncate(e.max_test);
+        let class_names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names }));
+    }
+    let Some(root) = &e.root else { return Ok(Err("set eval.root to a labelled test split")) };
+    let kind = if e.dataset.is_empty() { d.dataset.as_str() } else { e.dataset.as_str() };
+    let test: Arc<dyn Source> =
+        open_source(plan, kind, root).with_context(|| format!("eval.root {}", root.display()))?.into();
+    // Evaluation sees what training normalised: the first view's statistics, no random op.
+    let first = &rgb_augment(plan)[0];
+    let transform = RgbAugParams { mean: first.mean, std: first.std, ..RgbAugParams::clip(d.image_size) };
+    let threads = plan.workers.max(1);
+    let mut class_names = test.class_names();
+    let memory = if d.dataset == "csv" {
+        None
+    } else {
+        let train: Arc<dyn Source> = open_source(plan, &d.dataset, &d.root)?.into();
+        if class_names.is_empty() {
+            class_names = train.class_names();
+        }
+        Some(EvalSet::files(train, e.max_train, transform.clone(), threads))
+    };
+    Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names }))
+}
+
+fn log_figures(what: &str, f: &EvalFigures, extra: &str) {
+    tracing::info!(
+        "{what}: kNN top-1 {}{}{extra}",
+        f.knn_top1.map(|v| format!("{v:.4}")).unwrap_or_else(|| "- (no labels)".into()),
+        f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
+    );
 }
 
 /// Drop the lines of `steps.jsonl` past `keep_through` (steps logged after the
@@ -388,7 +428,8 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let view_shapes: Vec<(usize, usize, usize)> = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler_check = contrast_data::Sampler::new(input.len(), plan.global_batch, c.seed)?;
     let run_dir = c.checkpoint.dir.clone();
-    let (vs, model) = build_model(comm, &plan, device);
+    let tokenizer = tokenizer(&plan)?;
+    let (vs, model) = build_model(comm, &plan, device, &tokenizer);
     let params = named_params(&vs);
     let kind = match c.train.optimizer.name.as_str() {
         "sgd" => OptimizerKind::Sgd { momentum: c.train.optimizer.momentum, nesterov: c.train.optimizer.nesterov },
@@ -448,28 +489,34 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
 
     // Baselines before training: raw pixels and the untrained encoder.
     let wants_eval = c.eval.at_end || c.eval.every > 0;
-    let eval_splits =
-        if wants_eval && c.data.dataset == "fashion_mnist" { Some(load_eval_splits(&plan)?) } else { None };
-    if wants_eval && eval_splits.is_none() && lead {
-        tracing::info!(
-            "evaluation skipped: kNN and zero-shot need a labelled test split (data.dataset=fashion_mnist for now)"
-        );
-    }
-    if let (Some((tr, te)), 0) = (&eval_splits, start_step) {
-        if c.eval.at_end {
-            let t0 = Instant::now();
-            let raw = eval::raw_pixels_knn(comm, tr, te, device, c.eval.knn_k, c.eval.knn_t);
-            let init = evaluate(comm, &plan, &model, tr, te, device);
-            init_figures = (Some(init.knn_top1), Some(raw));
-            if lead {
-                tracing::info!(
-                    "before training: kNN top-1 raw pixels {:.4}, untrained encoder {:.4}{} ({:.1}s)",
-                    raw,
-                    init.knn_top1,
-                    init.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default(),
-                    t0.elapsed().as_secs_f64()
-                );
+    let eval_data = if wants_eval {
+        match load_eval(&plan)? {
+            Ok(d) => Some(d),
+            Err(why) => {
+                if lead {
+                    tracing::info!("evaluation skipped: {why}");
+                }
+                None
             }
+        }
+    } else {
+        None
+    };
+    if let (Some(data), 0, true) = (&eval_data, start_step, c.eval.at_end) {
+        let t0 = Instant::now();
+        let raw = data
+            .memory
+            .as_ref()
+            .and_then(|m| eval::raw_pixels_knn(comm, m, &data.test, device, c.eval.knn_k, c.eval.knn_t));
+        let init = evaluate(comm, &plan, &model, data, &tokenizer, device)?;
+        init_figures = (init.knn_top1, raw);
+        if lead {
+            let raw = raw.map(|r| format!(", raw pixels {r:.4}")).unwrap_or_default();
+            log_figures(
+                "before training (untrained encoder)",
+                &init,
+                &format!("{raw} ({:.1}s)", t0.elapsed().as_secs_f64()),
+            );
         }
     }
 
@@ -487,7 +534,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             _ => None,
         };
         let text = contrast_data::pipeline::TextAug { eda, cutoff };
-        Mode::ImageText { context: c.model.text.context as usize, class_names, text }
+        Mode::ImageText { context: c.model.text.context as usize, tokenizer: tokenizer.clone(), class_names, text }
     } else {
         Mode::Views
     };
@@ -555,8 +602,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
             .zip(&view_shapes)
             .map(|(v, &(ch, h, w))| Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]).to_device(device))
             .collect();
-        let tokens =
-            (!batch.tokens.is_empty()).then(|| Tensor::from_slice(&batch.tokens).view([b, -1]).to_device(device));
+        let captions = (!batch.tokens.is_empty()).then(|| Captions::from_host(&batch.tokens, &batch.text_end, device));
         // Supervised losses see the labels of the whole global batch.
         let labels =
             plan.loss.is_supervised().then(|| Tensor::from_slice(&comm.all_gather(&batch.labels)).to_device(device));
@@ -567,7 +613,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         opt.zero_grad();
         // Metric-learning losses take one embedding per sample: the first view.
         let used = if plan.loss.is_metric() { &views[..1] } else { &views[..] };
-        let towers = model.towers(used, tokens.as_ref(), true);
+        let towers = model.towers(used, captions.as_ref(), true);
         let out = engine.step(&towers, &opt.tensors(), |g, ctx| {
             model.loss_share(g, ctx, plan.loss, &c.loss, labels.as_ref(), mix.as_ref())
         })?;
@@ -613,16 +659,12 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         if c.checkpoint.every > 0 && done % c.checkpoint.every as usize == 0 && done < plan.steps {
             save(done, loss, &opt, init_figures)?;
         }
-        if let (Some((tr, te)), true) =
-            (&eval_splits, c.eval.every > 0 && done % c.eval.every as usize == 0 && done < plan.steps)
+        if let (Some(data), true) =
+            (&eval_data, c.eval.every > 0 && done % c.eval.every as usize == 0 && done < plan.steps)
         {
-            let f = evaluate(comm, &plan, &model, tr, te, device);
+            let f = evaluate(comm, &plan, &model, data, &tokenizer, device)?;
             if lead {
-                tracing::info!(
-                    "step {done}: kNN top-1 {:.4}{}",
-                    f.knn_top1,
-                    f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
-                );
+                log_figures(&format!("step {done}"), &f, "");
             }
         }
     }
@@ -640,9 +682,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         global_batch: plan.global_batch,
         ..Default::default()
     };
-    if let (Some((tr, te)), true) = (&eval_splits, c.eval.at_end) {
-        let f = evaluate(comm, &plan, &model, tr, te, device);
-        summary.knn_top1 = Some(f.knn_top1);
+    if let (Some(data), true) = (&eval_data, c.eval.at_end) {
+        let f = evaluate(comm, &plan, &model, data, &tokenizer, device)?;
+        summary.knn_top1 = f.knn_top1;
         summary.zero_shot_top1 = f.zero_shot_top1;
     }
     if lead {
@@ -672,11 +714,12 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
     tch::set_num_threads(plan.threads as i32);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
     let ckpt = checkpoint::resolve(ckpt)?;
-    let (vs, model) = build_model(&comm, &plan, device);
+    let tokenizer = tokenizer(&plan)?;
+    let (vs, model) = build_model(&comm, &plan, device, &tokenizer);
     checkpoint::load_into(&vs, &checkpoint::read_tensors(&ckpt, "model.safetensors")?, &ckpt)?;
     let state = checkpoint::read_state(&ckpt)?;
-    let (tr, te) = load_eval_splits(&plan)?;
-    let f = evaluate(&comm, &plan, &model, &tr, &te, device);
+    let data = load_eval(&plan)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
+    let f = evaluate(&comm, &plan, &model, &data, &tokenizer, device)?;
     if comm.rank() == 0 {
         let out = serde_json::json!({
             "checkpoint": ckpt.display().to_string(),

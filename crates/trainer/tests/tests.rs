@@ -158,6 +158,11 @@ fn max_rel_diff(a: &Path, b: &Path) -> f64 {
         .fold(0.0, f64::max)
 }
 
+fn checkpoint_tensor_shape(ckpt: &Path, name: &str) -> Vec<i64> {
+    let t = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+    t.into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not in {}", ckpt.display())).1.size()
+}
+
 fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
 }
@@ -284,6 +289,8 @@ fn bad_input_fails_before_training_and_names_the_problem() {
         (0, vec!["--set".into(), "data.mix=mixup".into(), "--set".into(), "loss.name=clip".into()], "data.mix"),
         (0, vec!["--set".into(), "data.text.eda_alpha=0.1".into()], "data.text.synonyms"),
         (0, vec!["--set".into(), "data.augment=byol".into()], "RGB preset"),
+        (0, vec!["--set".into(), "data.text.tokenizer=/no/tokenizer.json".into()], "data.text.tokenizer"),
+        (0, vec!["--set".into(), "eval.dataset=image_folder".into()], "eval.dataset"),
     ];
     for (i, (np, extra, needle)) in cases.into_iter().enumerate() {
         let name = format!("bad{i}");
@@ -499,7 +506,44 @@ fn clip_config_trains_on_a_csv_and_on_webdataset_shards() {
     let out = clip_on("webdataset", &shards.join("{000000..000001}.tar"), &wds_run, 2, &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("world_size=2"));
     assert!(shards.join("000000.tar.contrast-index").is_file());
-    for run in [&csv_run, &wds_run] {
+    // A Hugging Face tokenizer.json (word level, [CLS] … [SEP]) instead of bytes, and zero-shot
+    // on a labelled image folder (classes = colours) given as eval.root.
+    let words = ["a", "photo", "picture", "of", "the", "red", "green", "blue", "yellow", "square", "stripe"];
+    let tok = dir.path().join("tokenizer.json");
+    std::fs::write(&tok, contrast_data::text::word_level_tokenizer_json(&words)).unwrap();
+    let test = dir.path().join("test").tap_mkdir();
+    // caption_dataset colours image i with colour i % 4 (red, green, blue, yellow): keep one colour per class.
+    for (k, colour) in ["red", "green", "blue", "yellow"].iter().enumerate() {
+        let class = test.join(colour).tap_mkdir();
+        for (i, (f, _)) in caption_dataset(&class, 24).into_iter().enumerate() {
+            if i % 4 != k {
+                std::fs::remove_file(class.join(f)).unwrap();
+            }
+        }
+    }
+    let hf_run = dir.path().join("run-hf");
+    let out = clip_on(
+        "csv",
+        &dir.path().join("train.tsv"),
+        &hf_run,
+        0,
+        &[
+            format!("data.text.tokenizer={}", tok.display()),
+            "eval.at_end=true".into(),
+            format!("eval.root={}", test.display()),
+            "eval.dataset=image_folder".into(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let s = summary(&hf_run);
+    let zs = s["zero_shot_top1"].as_f64().unwrap_or_else(|| panic!("no zero-shot figure: {s}\n{err}"));
+    // Chance is 0.25; pooling at a wrong token (e.g. the constant [CLS]) gives exactly that.
+    assert!((0.5..=1.0).contains(&zs), "zero-shot {zs} is no better than chance");
+    eprintln!("CLIP with a Hugging Face tokenizer: zero-shot top-1 {zs:.3} over 4 colour classes");
+    assert!(s.get("knn_top1").is_none(), "a caption CSV has no labels for kNN: {s}");
+    let model = checkpoint_tensor_shape(&hf_run.join("step-60"), "text.token_embedding.weight");
+    assert_eq!(model[0], 4 + words.len() as i64, "the text tower embeds the tokenizer's vocabulary");
+    for run in [&csv_run, &wds_run, &hf_run] {
         let (first, last) = (mean_loss(run, 0..10), mean_loss(run, 50..60));
         assert!(
             last < first - 0.3,
@@ -517,6 +561,12 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
         caption_dataset(&root.join(class).tap_mkdir(), 24);
     }
     std::fs::write(root.join("dogs").join("broken.png"), b"not a png at all").unwrap();
+    // A labelled test split (eval.root) with its own unreadable file.
+    let test = dir.path().join("test").tap_mkdir();
+    for class in ["cats", "dogs"] {
+        caption_dataset(&test.join(class).tap_mkdir(), 6);
+    }
+    std::fs::write(test.join("cats").join("corrupt-test.jpg"), b"\xff\xd8 truncated").unwrap();
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/simclr.yaml");
     let run_dir = dir.path().join("run");
     let out = ok(run(
@@ -546,13 +596,39 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
             "train.steps=6",
             "--set",
             &format!("checkpoint.dir={}", run_dir.display()),
+            "--set",
+            &format!("eval.root={}", test.display()),
+            "--set",
+            "eval.knn_k=5",
         ],
         &[],
     ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.png"), "the bad file is logged with its path: {err}");
-    assert_eq!(err.matches("broken.png").count(), 1, "logged once: {err}");
-    assert!(err.contains("evaluation skipped"));
+    assert_eq!(err.matches("skipping unreadable").count(), 1, "logged once: {err}");
+    assert!(err.contains("evaluation skips") && err.contains("corrupt-test.jpg"), "{err}");
+    let s = summary(&run_dir);
+    for key in ["knn_top1", "knn_top1_init", "knn_top1_raw_pixels"] {
+        let v = s[key].as_f64().unwrap_or_else(|| panic!("summary.json lacks {key}: {s}"));
+        assert!((0.0..=1.0).contains(&v), "{key}={v}");
+    }
+    // `trainer eval` on the checkpoint gives the same kNN figure.
+    let mut args: Vec<String> = vec!["eval".into(), "--config".into(), cfg.display().to_string()];
+    for set in [
+        "data.dataset=image_folder".to_string(),
+        format!("data.root={}", root.display()),
+        "data.image_size=16".into(),
+        "model.width=8".into(),
+        "model.embed_dim=64".into(),
+        format!("eval.root={}", test.display()),
+        "eval.knn_k=5".into(),
+    ] {
+        args.extend(["--set".into(), set]);
+    }
+    args.extend(["--checkpoint".into(), run_dir.display().to_string()]);
+    let out = ok(run(0, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9, "{e} vs {s}");
     let last: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(run_dir.join("steps.jsonl")).unwrap().lines().last().unwrap())
             .unwrap();
