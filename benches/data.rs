@@ -66,8 +66,10 @@ fn contrast_rate(source: &Arc<dyn Source>, workers: usize) -> f64 {
     p.next_batch().unwrap().unwrap(); // warm-up, as the baseline does
     let start = Instant::now();
     let mut n = 0;
-    for b in p {
-        n += b.unwrap().indices.len();
+    while let Some(b) = p.next_batch() {
+        let b = b.unwrap();
+        n += b.indices.len();
+        p.recycle(b); // as the trainer does
     }
     n as f64 / start.elapsed().as_secs_f64()
 }

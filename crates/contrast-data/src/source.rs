@@ -188,11 +188,27 @@ struct Member {
     image: Span,
     text: Option<Span>,
     cls: Option<i64>,
+    json: Option<Span>,
 }
 
-/// WebDataset tar shards: members grouped by key (`<key>.jpg|png|webp` with
-/// `.txt` caption and/or `.cls` label). Each shard's member index is cached in
-/// `<shard>.contrast-index` and rebuilt when the shard's size or mtime changes.
+/// Caption keys looked up in a sample's `.json`, in order (LAION/img2dataset write `caption`).
+const JSON_CAPTION_KEYS: [&str; 3] = ["caption", "text", "txt"];
+/// Label keys looked up in a sample's `.json`, in order.
+const JSON_LABEL_KEYS: [&str; 3] = ["label", "cls", "class"];
+
+/// Caption and label of a sample's `.json` metadata (`None` where a key is absent).
+fn json_fields(raw: &[u8]) -> Result<(Option<String>, Option<i64>), String> {
+    let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| format!("bad .json: {e}"))?;
+    let caption = JSON_CAPTION_KEYS.iter().find_map(|k| v.get(*k)?.as_str().map(str::to_string));
+    let label = JSON_LABEL_KEYS.iter().find_map(|k| v.get(*k)?.as_i64());
+    Ok((caption, label))
+}
+
+/// WebDataset tar shards: members grouped by key (`<key>.jpg|png|webp` with a
+/// `.txt` caption, a `.cls` label and/or `.json` metadata whose `caption`/`text`
+/// and `label`/`cls`/`class` fields fill what `.txt` and `.cls` leave unset).
+/// Each shard's member index is cached in `<shard>.contrast-index` and rebuilt
+/// when the shard's size or mtime changes.
 #[derive(Debug)]
 pub struct WebDataset {
     shards: Vec<PathBuf>,
@@ -203,14 +219,14 @@ fn stamp(path: &Path) -> Result<String, DataError> {
     let m = std::fs::metadata(path).map_err(io_err(path))?;
     let mtime =
         m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
-    Ok(format!("contrast-index v1 size={} mtime={mtime}", m.len()))
+    Ok(format!("contrast-index v2 size={} mtime={mtime}", m.len()))
 }
 
 fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
     let bad = |message: String| DataError::Format { path: path.into(), message };
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut archive = tar::Archive::new(file);
-    let mut groups: std::collections::BTreeMap<String, (Option<Span>, Option<Span>, Option<Span>)> = Default::default();
+    let mut groups: std::collections::BTreeMap<String, [Option<Span>; 4]> = Default::default();
     let mut order = Vec::new();
     for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
         let entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
@@ -225,19 +241,20 @@ fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
         let span = Span { offset: entry.raw_file_position(), len: entry.size() };
         let slot = groups.entry(key.clone()).or_insert_with(|| {
             order.push(key.clone());
-            (None, None, None)
+            [None; 4]
         });
         match ext.as_str() {
-            "jpg" | "jpeg" | "png" | "webp" => slot.0 = Some(span),
-            "txt" => slot.1 = Some(span),
-            "cls" => slot.2 = Some(span),
+            "jpg" | "jpeg" | "png" | "webp" => slot[0] = Some(span),
+            "txt" => slot[1] = Some(span),
+            "cls" => slot[2] = Some(span),
+            "json" => slot[3] = Some(span),
             _ => {}
         }
     }
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
     for key in order {
-        let (image, text, cls) = groups[&key];
+        let [image, text, cls, json] = groups[&key];
         let Some(image) = image else { continue };
         let cls = match cls {
             Some(s) => {
@@ -251,7 +268,7 @@ fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
             }
             None => None,
         };
-        out.push(Member { key, image, text, cls });
+        out.push(Member { key, image, text, cls, json });
     }
     Ok(out)
 }
@@ -287,6 +304,10 @@ fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError> {
                             _ => None,
                         },
                         cls: f.get(5).and_then(|v| v.parse().ok()),
+                        json: match (num(6), num(7)) {
+                            (Some(o), Some(l)) => Some(Span { offset: o, len: l }),
+                            _ => None,
+                        },
                     })
                 })
                 .collect();
@@ -300,7 +321,8 @@ fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError> {
     for m in &members {
         let t = m.text.map(|s| format!("{}\t{}", s.offset, s.len)).unwrap_or_else(|| "-\t-".into());
         let c = m.cls.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        text.push_str(&format!("\n{}\t{}\t{}\t{t}\t{c}", m.key, m.image.offset, m.image.len));
+        let j = m.json.map(|s| format!("{}\t{}", s.offset, s.len)).unwrap_or_else(|| "-\t-".into());
+        text.push_str(&format!("\n{}\t{}\t{}\t{t}\t{c}\t{j}", m.key, m.image.offset, m.image.len));
     }
     // Best effort: a read-only shard directory only costs a re-index next time.
     let tmp = idx.with_extension("contrast-index.tmp");
@@ -339,15 +361,18 @@ impl Source for WebDataset {
         let path = &self.shards[*k];
         let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let bytes = read_span(&mut file, m.image).map_err(|e| format!("{} ({}): {e}", path.display(), m.key))?;
-        let caption = match m.text {
-            Some(s) => Some(
-                String::from_utf8_lossy(&read_span(&mut file, s).map_err(|e| format!("{}: {e}", path.display()))?)
-                    .trim()
-                    .to_string(),
-            ),
+        let mut read = |s: Span| read_span(&mut file, s).map_err(|e| format!("{} ({}): {e}", path.display(), m.key));
+        let mut caption = match m.text {
+            Some(s) => Some(String::from_utf8_lossy(&read(s)?).trim().to_string()),
             None => None,
         };
-        Ok(RawSample { bytes, label: m.cls.unwrap_or(-1), caption })
+        let mut label = m.cls;
+        if let (Some(s), true) = (m.json, caption.is_none() || label.is_none()) {
+            let (c, l) = json_fields(&read(s)?).map_err(|e| format!("{} ({}.json): {e}", path.display(), m.key))?;
+            caption = caption.or(c);
+            label = label.or(l);
+        }
+        Ok(RawSample { bytes, label: label.unwrap_or(-1), caption })
     }
     fn locate(&self, i: usize) -> String {
         let (k, m) = &self.samples[i];
@@ -416,6 +441,38 @@ mod tests {
             }
         }
         b.finish().unwrap();
+    }
+
+    #[test]
+    fn webdataset_json_metadata_fills_caption_and_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j-0.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("x/a.jpg", &png_bytes(4));
+        add("x/a.json", br#"{"caption": "from json", "label": 5, "width": 6}"#);
+        add("x/b.png", &png_bytes(5));
+        add("x/b.txt", b"from txt");
+        add("x/b.json", br#"{"caption": "ignored: .txt wins", "cls": 2}"#);
+        add("x/c.png", &png_bytes(6));
+        add("x/c.json", b"{not json");
+        b.finish().unwrap();
+        let ds = WebDataset::open(path.to_str().unwrap()).unwrap();
+        let a = ds.fetch(0).unwrap();
+        assert_eq!((a.caption.as_deref(), a.label), (Some("from json"), 5));
+        let b = ds.fetch(1).unwrap();
+        assert_eq!((b.caption.as_deref(), b.label), (Some("from txt"), 2));
+        // A bad .json makes the sample unreadable (skipped and counted by the pipeline), naming it.
+        let err = ds.fetch(2).unwrap_err();
+        assert!(err.contains("c.json") && err.contains("j-0.tar"), "{err}");
+        // The cached index keeps the .json spans.
+        assert_eq!(WebDataset::open(path.to_str().unwrap()).unwrap().samples, ds.samples);
     }
 
     #[test]
