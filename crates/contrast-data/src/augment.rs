@@ -238,7 +238,7 @@ impl Augmenter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::SeedableRng;
 
@@ -307,9 +307,9 @@ mod tests {
         assert!(img[112] < 1.0 && img[112] > img[111] && (img[111] - img[113]).abs() < 1e-7);
     }
 
-    #[test]
-    fn full_preset_is_deterministic_and_in_range() {
-        let params = AugParams {
+    /// Every op on (crop, flip, jitter, blur), unnormalised; the pipeline tests use it too.
+    pub(crate) fn all_ops() -> AugParams {
+        AugParams {
             crop_scale: Some([0.3, 1.0]),
             crop_ratio: [0.75, 1.333],
             flip_prob: 0.5,
@@ -319,8 +319,12 @@ mod tests {
             blur_prob: 0.5,
             blur_sigma: [0.1, 1.0],
             mean_std: (0.0, 1.0),
-        };
-        let aug = Augmenter::new(params, 28, 28);
+        }
+    }
+
+    #[test]
+    fn full_preset_is_deterministic_and_in_range() {
+        let aug = Augmenter::new(all_ops(), 28, 28);
         let src: Vec<u8> = (0..784).map(|i| (i * 7 % 256) as u8).collect();
         let run = |seed| {
             let mut out = vec![0f32; 784];

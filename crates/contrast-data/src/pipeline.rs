@@ -542,17 +542,7 @@ mod tests {
     }
 
     fn aug() -> Augmenter {
-        let params = AugParams {
-            crop_scale: Some([0.3, 1.0]),
-            crop_ratio: [0.75, 1.33],
-            flip_prob: 0.5,
-            jitter_prob: 0.8,
-            brightness: 0.4,
-            contrast: 0.4,
-            blur_prob: 0.5,
-            blur_sigma: [0.1, 1.0],
-            mean_std: (0.5, 0.5),
-        };
+        let params = AugParams { jitter_prob: 0.8, mean_std: (0.5, 0.5), ..crate::augment::tests::all_ops() };
         Augmenter::new(params, 8, 8)
     }
 

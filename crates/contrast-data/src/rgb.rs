@@ -73,6 +73,17 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet standard deviations.
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// SwAV's crop-area range of the two large views.
+pub const SWAV_LARGE_SCALE: [f32; 2] = [0.14, 1.0];
+/// SwAV's crop-area range of the small views.
+pub const SWAV_SMALL_SCALE: [f32; 2] = [0.05, 0.14];
+
+/// Default side of multi-crop small views for views of side `size`: SwAV's
+/// 96 px at 224, i.e. ⌈size · 96 / 224⌉, at least 8.
+pub fn small_crop_side(size: u32) -> u32 {
+    (size * 96).div_ceil(224).max(8)
+}
+
 impl RgbAugParams {
     /// SimCLR's augmentation (Chen et al. 2020, appendix A) at `size`.
     pub fn simclr(size: u32) -> Self {
@@ -110,11 +121,11 @@ impl RgbAugParams {
         ]
     }
 
-    /// SwAV's multi-crop: 2 views at `size` (crops 0.14–1) and `small` views at
-    /// `small_size` (crops 0.05–0.14), SimCLR colour distortion on all.
+    /// SwAV's multi-crop: 2 views at `size` (crops [`SWAV_LARGE_SCALE`]) and `small` views at
+    /// `small_size` (crops [`SWAV_SMALL_SCALE`]), SimCLR colour distortion on all.
     pub fn swav(size: u32, small_size: u32, small: usize) -> Vec<Self> {
-        let large = Self { crop_scale: Some([0.14, 1.0]), ..Self::simclr(size) };
-        let little = Self { crop_scale: Some([0.05, 0.14]), ..Self::simclr(small_size) };
+        let large = Self { crop_scale: Some(SWAV_LARGE_SCALE), ..Self::simclr(size) };
+        let little = Self { crop_scale: Some(SWAV_SMALL_SCALE), ..Self::simclr(small_size) };
         let mut v = vec![large.clone(), large];
         v.extend(std::iter::repeat_n(little, small));
         v

@@ -52,8 +52,6 @@ pub enum Tokenizer {
         pad: i64,
         /// Vocabulary size, added tokens included.
         vocab: usize,
-        /// Tokens per text.
-        context: usize,
     },
 }
 
@@ -81,6 +79,9 @@ impl Tokenizer {
     /// Load a Hugging Face `tokenizer.json` for texts of `context` tokens.
     pub fn from_file(path: &Path, context: usize) -> Result<Self, DataError> {
         let format = |message: String| DataError::Format { path: path.to_path_buf(), message };
+        if context < 2 {
+            return Err(format(format!("context {context} cannot hold a text")));
+        }
         if !path.is_file() {
             return Err(DataError::Io {
                 path: path.to_path_buf(),
@@ -101,10 +102,7 @@ impl Tokenizer {
         // Ids index the embedding table: the largest id must be inside it.
         let max_id = inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
         let vocab = vocab.max(max_id + 1);
-        if context < 2 {
-            return Err(format(format!("context {context} is too short")));
-        }
-        Ok(Tokenizer::HuggingFace { inner: Box::new(inner), path: path.to_path_buf(), pad, vocab, context })
+        Ok(Tokenizer::HuggingFace { inner: Box::new(inner), path: path.to_path_buf(), pad, vocab })
     }
 
     /// Embedding rows the text tower needs.
@@ -128,12 +126,12 @@ impl Tokenizer {
     pub fn encode_into(&self, text: &str, out: &mut [i64]) -> Result<usize, String> {
         match self {
             Tokenizer::Bytes => Ok(tokenize_into(text, out)),
-            Tokenizer::HuggingFace { inner, pad, context, path, .. } => {
+            Tokenizer::HuggingFace { inner, pad, path, .. } => {
                 let enc =
                     inner.encode(text, true).map_err(|e| format!("{}: cannot encode {text:?}: {e}", path.display()))?;
                 let ids = enc.get_ids();
-                // The library truncates to `context`; a shorter `out` (an explicit context) truncates again.
-                let n = ids.len().min(out.len()).min(*context);
+                // The library truncated to the context it was loaded for; a shorter `out` cuts again.
+                let n = ids.len().min(out.len());
                 out.iter_mut().for_each(|v| *v = *pad);
                 out[..n].iter_mut().zip(ids).for_each(|(o, &i)| *o = i as i64);
                 Ok(n.max(1) - 1)

@@ -159,18 +159,14 @@ mod tests {
         let zeros: Vec<usize> = (1..11).filter(|&i| t[i] == 0).collect();
         assert_eq!(zeros.len(), 3);
         assert!(zeros.windows(2).all(|w| w[1] == w[0] + 1), "one contiguous span: {zeros:?}");
-        let mut t = base.clone();
-        cutoff(&mut t, 11, 0, Cutoff::Token, 1.0, &mut rng(2));
-        assert!(t[1..11].iter().all(|&v| v == 0) && t[11] == EOT);
-        let mut t = base.clone();
-        cutoff(&mut t, 11, 0, Cutoff::Token, 0.0, &mut rng(2));
-        assert_eq!(t, base);
-        // Another pad id (a Hugging Face file's) fills the cut tokens.
-        let mut t = base.clone();
-        cutoff(&mut t, 11, 7, Cutoff::Token, 1.0, &mut rng(2));
-        assert!(t[1..11].iter().all(|&v| v == 7) && t[11] == EOT);
-        let mut t = base.clone();
-        cutoff(&mut t, 11, 7, Cutoff::Token, 0.0, &mut rng(2));
-        assert_eq!(t, base);
+        // The byte tokenizer's pad (0) and another (a Hugging Face file's) fill the cut tokens.
+        for pad in [0, 7] {
+            let mut t = base.clone();
+            cutoff(&mut t, 11, pad, Cutoff::Token, 1.0, &mut rng(2));
+            assert!(t[1..11].iter().all(|&v| v == pad) && t[11] == EOT);
+            let mut t = base.clone();
+            cutoff(&mut t, 11, pad, Cutoff::Token, 0.0, &mut rng(2));
+            assert_eq!(t, base);
+        }
     }
 }

@@ -15,7 +15,7 @@ use contrast_comm::{Collective, Comm};
 use contrast_config::{Config, Plan, Topology};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::pipeline::Input;
-use contrast_data::rgb::RgbAugParams;
+use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
 use contrast_data::source::{CsvSource, ImageFolder, Source, WebDataset};
 use contrast_data::text::Tokenizer;
 use contrast_data::{AugParams, Augmenter, Mode, Pipeline, PipelineConfig};
@@ -148,9 +148,9 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
             2
         ],
         "swav" => {
-            let small = if d.small_size > 0 { d.small_size as usize } else { (images.height * 96).div_ceil(224) };
-            let large = view(AugParams { crop_scale: Some([0.14, 1.0]), ..simclr.clone() });
-            let little = view(AugParams { crop_scale: Some([0.05, 0.14]), ..simclr }).resized(small, small);
+            let small = if d.small_size > 0 { d.small_size } else { small_crop_side(images.height as u32) } as usize;
+            let large = view(AugParams { crop_scale: Some(SWAV_LARGE_SCALE), ..simclr.clone() });
+            let little = view(AugParams { crop_scale: Some(SWAV_SMALL_SCALE), ..simclr }).resized(small, small);
             let mut v = vec![large.clone(), large];
             v.extend(std::iter::repeat_n(little, d.small_crops));
             v
@@ -171,7 +171,7 @@ pub fn in_channels(plan: &Plan) -> i64 {
 /// The RGB augmentation of each view of `data.augment` (`simclr` takes the `data.aug` parameters).
 fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
     let (d, a) = (&plan.config.data, &plan.config.data.aug);
-    let small = if d.small_size > 0 { d.small_size } else { (d.image_size * 96).div_ceil(224).max(8) };
+    let small = if d.small_size > 0 { d.small_size } else { small_crop_side(d.image_size) };
     match d.augment.as_str() {
         "simclr" => vec![
             RgbAugParams {
@@ -329,8 +329,9 @@ fn open_source(plan: &Plan, dataset: &str, root: &Path) -> Result<Box<dyn Source
     })
 }
 
-/// The evaluation data of the plan, or `None` (with the reason) when there is no labelled test split.
-fn load_eval(plan: &Plan) -> Result<std::result::Result<EvalData, &'static str>> {
+/// The evaluation data of the plan, or the reason there is none (no labelled
+/// test split). `opened` is the training set's source when the caller already has it.
+fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::result::Result<EvalData, &'static str>> {
     let (d, e) = (&plan.config.data, &plan.config.eval);
     if d.dataset == "fashion_mnist" {
         let mut train = Images::load_split(&d.root, "train")?;
@@ -352,7 +353,10 @@ fn load_eval(plan: &Plan) -> Result<std::result::Result<EvalData, &'static str>>
     let memory = if d.dataset == "csv" {
         None
     } else {
-        let train: Arc<dyn Source> = open_source(plan, &d.dataset, &d.root)?.into();
+        let train = match opened {
+            Some(source) => source,
+            None => open_source(plan, &d.dataset, &d.root)?.into(),
+        };
         if class_names.is_empty() {
             class_names = train.class_names();
         }
@@ -490,7 +494,11 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     // Baselines before training: raw pixels and the untrained encoder.
     let wants_eval = c.eval.at_end || c.eval.every > 0;
     let eval_data = if wants_eval {
-        match load_eval(&plan)? {
+        let opened = match &input {
+            Input::Files { source, .. } => Some(source.clone()),
+            Input::Idx { .. } => None,
+        };
+        match load_eval(&plan, opened)? {
             Ok(d) => Some(d),
             Err(why) => {
                 if lead {
@@ -718,7 +726,7 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
     let (vs, model) = build_model(&comm, &plan, device, &tokenizer);
     checkpoint::load_into(&vs, &checkpoint::read_tensors(&ckpt, "model.safetensors")?, &ckpt)?;
     let state = checkpoint::read_state(&ckpt)?;
-    let data = load_eval(&plan)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
+    let data = load_eval(&plan, None)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
     let f = evaluate(&comm, &plan, &model, &data, &tokenizer, device)?;
     if comm.rank() == 0 {
         let out = serde_json::json!({

@@ -437,6 +437,17 @@ fn mean_loss(run: &Path, steps: std::ops::Range<usize>) -> f64 {
     picked.iter().sum::<f64>() / picked.len() as f64
 }
 
+/// Run the binary (`subcommand` first, if any) on `config` with each of `sets` as a `--set`, then `tail` args.
+fn run_with_sets(np: usize, subcommand: &[&str], config: &Path, sets: &[String], tail: &[&str]) -> Output {
+    let mut args: Vec<String> = subcommand.iter().map(|s| s.to_string()).collect();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    for s in sets {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    args.extend(tail.iter().map(|s| s.to_string()));
+    ok(run(np, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
+}
+
 fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize, extra: &[String]) -> Output {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/clip.yaml");
     let sets = [
@@ -457,13 +468,8 @@ fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize, extra: &[Strin
         format!("checkpoint.dir={}", run_dir.display()),
         "checkpoint.every=0".into(),
     ];
-    let mut args = vec!["--config".to_string(), config.display().to_string()];
-    for s in sets.into_iter().chain(extra.iter().cloned()) {
-        args.push("--set".into());
-        args.push(s);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(run(np, &args, &[]))
+    let sets: Vec<String> = sets.into_iter().chain(extra.iter().cloned()).collect();
+    run_with_sets(np, &[], &config, &sets, &[])
 }
 
 #[test]
@@ -569,40 +575,25 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
     std::fs::write(test.join("cats").join("corrupt-test.jpg"), b"\xff\xd8 truncated").unwrap();
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/simclr.yaml");
     let run_dir = dir.path().join("run");
-    let out = ok(run(
-        0,
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--set",
-            "data.dataset=image_folder",
-            "--set",
-            &format!("data.root={}", root.display()),
-            "--set",
-            "data.image_size=16",
-            "--set",
-            "data.max_bad_fraction=0.05",
-            "--set",
-            "data.aug.randaugment_n=2",
-            "--set",
-            "data.aug.autoaugment=true",
-            "--set",
-            "model.width=8",
-            "--set",
-            "model.embed_dim=64",
-            "--set",
-            "train.global_batch=16",
-            "--set",
-            "train.steps=6",
-            "--set",
-            &format!("checkpoint.dir={}", run_dir.display()),
-            "--set",
-            &format!("eval.root={}", test.display()),
-            "--set",
-            "eval.knn_k=5",
-        ],
-        &[],
-    ));
+    // What `trainer eval` must see too: the data, the model and the test split.
+    let shared = [
+        "data.dataset=image_folder".to_string(),
+        format!("data.root={}", root.display()),
+        "data.image_size=16".into(),
+        "model.width=8".into(),
+        "model.embed_dim=64".into(),
+        format!("eval.root={}", test.display()),
+        "eval.knn_k=5".into(),
+    ];
+    let training = [
+        "data.max_bad_fraction=0.05".to_string(),
+        "data.aug.randaugment_n=2".into(),
+        "data.aug.autoaugment=true".into(),
+        "train.global_batch=16".into(),
+        "train.steps=6".into(),
+        format!("checkpoint.dir={}", run_dir.display()),
+    ];
+    let out = run_with_sets(0, &[], &cfg, &[&shared[..], &training[..]].concat(), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken.png"), "the bad file is logged with its path: {err}");
     assert_eq!(err.matches("skipping unreadable").count(), 1, "logged once: {err}");
@@ -613,20 +604,7 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
         assert!((0.0..=1.0).contains(&v), "{key}={v}");
     }
     // `trainer eval` on the checkpoint gives the same kNN figure.
-    let mut args: Vec<String> = vec!["eval".into(), "--config".into(), cfg.display().to_string()];
-    for set in [
-        "data.dataset=image_folder".to_string(),
-        format!("data.root={}", root.display()),
-        "data.image_size=16".into(),
-        "model.width=8".into(),
-        "model.embed_dim=64".into(),
-        format!("eval.root={}", test.display()),
-        "eval.knn_k=5".into(),
-    ] {
-        args.extend(["--set".into(), set]);
-    }
-    args.extend(["--checkpoint".into(), run_dir.display().to_string()]);
-    let out = ok(run(0, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    let out = run_with_sets(0, &["eval"], &cfg, &shared, &["--checkpoint", run_dir.to_str().unwrap()]);
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9, "{e} vs {s}");
     let last: serde_json::Value =
@@ -662,12 +640,7 @@ fn multi_crop_and_asymmetric_presets_train_and_stay_exact_across_ranks() {
             "train.optimizer.lr=0.1".into(),
             format!("checkpoint.dir={}", run_dir.display()),
         ];
-        let mut args = vec!["--config".to_string(), cfg.display().to_string()];
-        for s in sets {
-            args.extend(["--set".to_string(), s]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(run(np, &args, &[]));
+        run_with_sets(np, &[], &cfg, &sets, &[]);
         run_dir.join("step-3")
     };
     for preset in ["swav", "byol", "mocov2"] {
