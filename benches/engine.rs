@@ -8,12 +8,11 @@
 //! Prints milliseconds per step and the ratio engine / direct (1.00 = free).
 
 use contrast_comm::Solo;
-use contrast_config::{LossKind, ModelConfig, Norm};
+use contrast_config::{LossKind, MethodName, MethodPlan, ModelConfig, Norm};
 use contrast_nn::loss::{ntxent_share, Shard};
-use contrast_nn::model::Model;
-use contrast_nn::optim::named_params;
+use contrast_nn::method::{build, Batch, Spec};
 use contrast_nn::GlobalBatch;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn main() {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -22,14 +21,22 @@ fn main() {
     println!("engine overhead, SimCLR conv encoder (width 32, embed 1024, proj 64), 28×28 inputs, {threads} threads");
     println!("{:>6} {:>12} {:>12} {:>8}", "batch", "direct ms", "engine ms", "ratio");
     for n in [64i64, 128, 256] {
-        let vs = VarStore::new(Device::Cpu);
-        let cfg = ModelConfig { width: 32, embed_dim: 1024, proj_dim: 64, proj_hidden: 512, ..Default::default() };
-        let model = Model::new(&vs, LossKind::NtXent, &cfg, Norm::Group, &Default::default(), 1, 0);
-        let params: Vec<Tensor> = named_params(&vs).into_iter().map(|p| p.tensor).collect();
+        let mut spec = Spec::new(MethodPlan::of(MethodName::Simclr), LossKind::NtXent, n as usize);
+        spec.model = ModelConfig {
+            width: 32,
+            embed_dim: 1024,
+            proj_dim: 64,
+            proj_hidden: 512,
+            norm: Norm::Group,
+            ..Default::default()
+        };
+        let method = build(&spec).unwrap();
+        let params: Vec<Tensor> = method.params().into_iter().map(|p| p.tensor).collect();
         let views = [
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
         ];
+        let batch = Batch { views: &views, captions: None, labels: None, mix: None };
         let zero = |ps: &[Tensor]| {
             for p in ps {
                 p.shallow_clone().zero_grad();
@@ -37,13 +44,13 @@ fn main() {
         };
         let direct = contrast_benches::median_secs(2, 7, || {
             zero(&params);
-            let t = model.towers(&views, None, true);
+            let t = method.forward(&batch).unwrap().grad;
             ntxent_share(&t[0], &t[1], 0.2, Shard::solo(n as usize)).unwrap().backward();
         });
         let engine = GlobalBatch::new(&Solo, n as usize);
         let exact = contrast_benches::median_secs(2, 7, || {
             zero(&params);
-            let t = model.towers(&views, None, true);
+            let t = method.forward(&batch).unwrap().grad;
             engine.step(&t, &params, |g, ctx| ntxent_share(&g[0], &g[1], 0.2, ctx.shard)).unwrap();
         });
         println!("{n:>6} {:>12.2} {:>12.2} {:>8.3}", direct * 1e3, exact * 1e3, exact / direct);

@@ -40,6 +40,14 @@ pub enum ConfigError {
     /// A `--set` override that is not `a.b.c=value`.
     #[error("bad override `{0}`: expected KEY=VALUE with KEY like train.steps")]
     Override(String),
+    /// A key given in the config that the chosen loss or method does not read.
+    #[error("config key `{key}` does not apply to {what}: remove it (docs/config.md lists the keys of each)")]
+    NotApplicable {
+        /// Dotted key.
+        key: String,
+        /// The loss or method it does not apply to.
+        what: String,
+    },
     /// A value that parsed but is not allowed.
     #[error("config key `{key}`: {message}")]
     Invalid {
@@ -66,12 +74,17 @@ pub struct Config {
     pub model: ModelConfig,
     /// Loss head.
     pub loss: LossConfig,
+    /// Method: what is trained around the loss (momentum encoder, queue, predictor).
+    pub method: MethodConfig,
     /// Training loop.
     pub train: TrainConfig,
     /// Checkpoints and run outputs.
     pub checkpoint: CheckpointConfig,
     /// Evaluation (kNN, zero-shot).
     pub eval: EvalConfig,
+    /// Dotted keys the file and the overrides set (to reject keys that do not apply).
+    #[serde(skip)]
+    pub given: std::collections::BTreeSet<String>,
 }
 
 /// `data.*`
@@ -227,7 +240,7 @@ pub struct ModelConfig {
     /// Image encoder: `convnet` (small CNN for 28×28 inputs).
     pub encoder: String,
     /// Normalisation in the encoder: `batch`, `group`, `layer` or `none`.
-    pub norm: String,
+    pub norm: Norm,
     /// Channels of the first stage; later stages double it.
     pub width: i64,
     /// Dimension of the backbone's representation (what kNN evaluates): a 4×4 grid of embed_dim/16 channels.
@@ -244,7 +257,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             encoder: "convnet".into(),
-            norm: "group".into(),
+            norm: Norm::Group,
             width: 32,
             embed_dim: 1024,
             proj_dim: 64,
@@ -278,8 +291,10 @@ impl Default for TextConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
-    /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins` (two views) or `clip`, `siglip` (image–text).
-    pub name: String,
+    /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins`, `nce` (two views),
+    /// `clip`, `siglip` (image–text), the metric losses, or a method's own (`infonce` for moco_v2,
+    /// `normalized_mse` for byol, `negative_cosine` for simsiam). Unset: the method's loss (ntxent for simclr).
+    pub name: Option<LossKind>,
     /// Softmax temperature; for CLIP/SigLIP the initial temperature of the learnt logit scale (scale = 1/t).
     /// Unset: the default of the implementation the loss follows (see [`LossKind::default_temperature`]).
     pub temperature: Option<f64>,
@@ -304,7 +319,7 @@ pub struct LossConfig {
     /// Contrastive: the survey's squared form d², relu(m − d)².
     pub squared: bool,
     /// Triplet mining over the global batch: `all`, `batch_hard` or `semi_hard`.
-    pub mining: String,
+    pub mining: Mining,
     /// NCE: size of the uniform noise distribution (p_n = 1 / noise_size).
     pub noise_size: f64,
 }
@@ -312,7 +327,7 @@ pub struct LossConfig {
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
-            name: "ntxent".into(),
+            name: None,
             temperature: None,
             learn_scale: true,
             tau_plus: 0.1,
@@ -324,7 +339,7 @@ impl Default for LossConfig {
             pos_margin: 0.0,
             neg_margin: 1.0,
             squared: false,
-            mining: "all".into(),
+            mining: Mining::All,
             noise_size: 60000.0,
         }
     }
@@ -348,6 +363,9 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Print and log a line every this many steps.
     pub log_every: i64,
+    /// Collapse guard: warn when the batch standard deviation of the L2-normalised embeddings,
+    /// times √d (1 when healthy, 0 when collapsed), stays below this for 20 steps (0 = off).
+    pub collapse_threshold: f64,
     /// Optimiser.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -364,6 +382,7 @@ impl Default for TrainConfig {
             resume: false,
             grad_clip: 0.0,
             log_every: 20,
+            collapse_threshold: 0.2,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
         }
@@ -375,11 +394,15 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
     /// `sgd` (with momentum) or `adamw`.
-    pub name: String,
+    pub name: OptimizerName,
+    /// Wrap the optimiser in LARS (layer-wise trust ratio; biases and norm weights excluded, as in BYOL/SimCLR).
+    pub lars: bool,
+    /// LARS trust coefficient η.
+    pub trust_coefficient: f64,
     /// Peak learning rate; see `lr_scale`.
     pub lr: f64,
     /// `absolute` (lr as given) or `per_256` (lr × global_batch / 256, the linear scaling rule).
-    pub lr_scale: String,
+    pub lr_scale: LrScale,
     /// SGD momentum.
     pub momentum: f64,
     /// SGD: use Nesterov momentum.
@@ -395,9 +418,11 @@ pub struct OptimizerConfig {
 impl Default for OptimizerConfig {
     fn default() -> Self {
         Self {
-            name: "adamw".into(),
+            name: OptimizerName::Adamw,
+            lars: false,
+            trust_coefficient: 1e-3,
             lr: 1e-3,
-            lr_scale: "absolute".into(),
+            lr_scale: LrScale::Absolute,
             momentum: 0.9,
             nesterov: false,
             weight_decay: 1e-4,
@@ -412,7 +437,7 @@ impl Default for OptimizerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
     /// `cosine` (to `final_lr_frac` × lr) or `constant`, both after the warm-up.
-    pub name: String,
+    pub name: ScheduleName,
     /// Steps of linear warm-up from 0 to the peak learning rate.
     pub warmup_steps: i64,
     /// Cosine schedule ends at this fraction of the peak learning rate.
@@ -421,8 +446,110 @@ pub struct ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        Self { name: "cosine".into(), warmup_steps: 50, final_lr_frac: 0.0 }
+        Self { name: ScheduleName::Cosine, warmup_steps: 50, final_lr_frac: 0.0 }
     }
+}
+
+/// `method.*`: what is trained around the loss. Keys that do not apply to the
+/// chosen method are errors (see [`Plan::resolve`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodConfig {
+    /// `simclr`, `clip`, `moco_v2`, `byol` or `simsiam`; unset: `clip` for an image–text loss, else `simclr`.
+    pub name: Option<MethodName>,
+    /// MoCo: queue size K (a multiple of the global batch); each rank keeps K/P keys.
+    pub queue_size: usize,
+    /// MoCo/BYOL: momentum m of the EMA encoder (m₀ with the cosine schedule). Unset: 0.99
+    /// (short runs; MoCo's reference uses 0.999 and BYOL's 0.996 for long ones).
+    pub momentum: Option<f64>,
+    /// MoCo/BYOL: `constant` m or BYOL's `cosine` schedule from m₀ to 1. Unset: constant for MoCo, cosine for BYOL.
+    pub momentum_schedule: Option<MomentumSchedule>,
+    /// MoCo: shuffle the key encoder's batch across ranks (needs `model.norm: batch`).
+    pub shuffle_bn: bool,
+    /// BYOL/SimSiam: hidden width of the predictor MLP (required).
+    pub predictor_hidden: Option<i64>,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            queue_size: 4096,
+            momentum: None,
+            momentum_schedule: None,
+            shuffle_bn: false,
+            predictor_hidden: None,
+        }
+    }
+}
+
+/// The training methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodName {
+    /// Backbone + projection head, two (or more) views, any two-view or metric loss.
+    Simclr,
+    /// Image and text towers, CLIP or SigLIP.
+    Clip,
+    /// MoCo-v2: momentum key encoder and a sharded queue of negatives.
+    MocoV2,
+    /// BYOL: online network with a predictor, EMA target network.
+    Byol,
+    /// SimSiam: shared encoder, predictor, stop-gradient.
+    Simsiam,
+}
+
+/// How the EMA momentum moves over the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MomentumSchedule {
+    /// m throughout (MoCo).
+    Constant,
+    /// 1 − (1 − m₀)(cos(πk/K) + 1)/2 (BYOL).
+    Cosine,
+}
+
+/// `train.optimizer.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    /// SGD with momentum (`torch.optim.SGD`).
+    Sgd,
+    /// AdamW (`torch.optim.AdamW`).
+    Adamw,
+}
+
+/// `train.optimizer.lr_scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScale {
+    /// The learning rate as given.
+    Absolute,
+    /// lr × global_batch / 256 (the linear scaling rule).
+    #[serde(rename = "per_256")]
+    Per256,
+}
+
+/// `train.schedule.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleName {
+    /// Cosine decay after the warm-up.
+    Cosine,
+    /// Constant after the warm-up.
+    Constant,
+}
+
+/// `loss.mining`: which triplets of the global batch the triplet loss uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mining {
+    /// Every valid triplet.
+    All,
+    /// Hardest positive and hardest negative per anchor.
+    BatchHard,
+    /// Negatives farther than the positive but within the margin.
+    SemiHard,
 }
 
 /// `checkpoint.*`
@@ -491,7 +618,16 @@ impl Config {
 
     fn from_value(value: serde_yaml_ng::Value, origin: &str) -> Result<Self, ConfigError> {
         let value = if value.is_null() { serde_yaml_ng::Value::Mapping(Default::default()) } else { value };
-        serde_yaml_ng::from_value(value).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+        let mut given = std::collections::BTreeSet::new();
+        collect_keys(&value, "", &mut given);
+        // The path of the failing key (`model.norm: unknown variant ...`) comes with the message.
+        let mut c: Self = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
+            ConfigError::Parse { path: origin.into(), message }
+        })?;
+        c.given = given;
+        Ok(c)
     }
 
     /// Read a YAML file and apply `KEY=VALUE` overrides (values parsed as YAML).
@@ -510,6 +646,18 @@ impl Config {
             apply_override(&mut value, o)?;
         }
         Self::from_value(value, &format!("{origin} (with --set overrides)"))
+    }
+}
+
+/// Every dotted key of a YAML mapping (`loss`, `loss.margin`, ...).
+fn collect_keys(v: &serde_yaml_ng::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    if let Some(map) = v.as_mapping() {
+        for (k, child) in map {
+            let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
+            let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+            collect_keys(child, &key, out);
+            out.insert(key);
+        }
     }
 }
 
@@ -546,43 +694,69 @@ pub struct Topology {
     pub rank_cores: usize,
 }
 
-/// The losses the trainer can run end to end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The losses the trainer can run end to end (`loss.name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LossKind {
     /// NT-Xent over 2N views (SimCLR).
+    #[serde(rename = "ntxent", alias = "nt_xent", alias = "simclr")]
     NtXent,
     /// Supervised contrastive over two views and the class labels.
+    #[serde(rename = "supcon")]
     SupCon,
     /// Decoupled contrastive (positive out of the denominator).
+    #[serde(rename = "dcl")]
     Dcl,
     /// DCL with von Mises-Fisher positive weights.
+    #[serde(rename = "dclw")]
     Dclw,
     /// Debiased contrastive (Chuang et al.).
+    #[serde(rename = "debiased")]
     Debiased,
     /// Hard-negative contrastive (Robinson et al.).
+    #[serde(rename = "hard_negative")]
     HardNegative,
     /// Barlow Twins.
+    #[serde(rename = "barlow_twins")]
     BarlowTwins,
     /// Symmetric image–text cross-entropy with a logit scale (CLIP).
+    #[serde(rename = "clip")]
     Clip,
     /// Pairwise sigmoid image–text loss (SigLIP).
+    #[serde(rename = "siglip")]
     SigLip,
     /// Contrastive pair loss (Chopra et al.).
+    #[serde(rename = "contrastive")]
     Contrastive,
     /// Triplet margin loss.
+    #[serde(rename = "triplet")]
     Triplet,
     /// Lifted structured loss, smooth form.
+    #[serde(rename = "lifted")]
     Lifted,
     /// Lifted structured loss, hard (max) form of Song et al.
+    #[serde(rename = "lifted_hard")]
     LiftedHard,
     /// Generalized lifted structure loss.
+    #[serde(rename = "generalized_lifted")]
     GeneralizedLifted,
     /// Multi-class N-pair loss.
+    #[serde(rename = "npair")]
     NPair,
     /// Soft nearest neighbour loss.
+    #[serde(rename = "snn")]
     Snn,
     /// Binary NCE with uniform noise.
+    #[serde(rename = "nce")]
     Nce,
+    /// InfoNCE of queries against their key and a queue of negatives (MoCo).
+    #[serde(rename = "infonce")]
+    InfoNce,
+    /// BYOL's normalised MSE 2 − 2 cos(p, sg z), symmetrised.
+    #[serde(rename = "normalized_mse")]
+    NormalizedMse,
+    /// SimSiam's negative cosine −cos(p, sg z), symmetrised.
+    #[serde(rename = "negative_cosine")]
+    NegativeCosine,
 }
 
 impl LossConfig {
@@ -597,38 +771,39 @@ impl LossKind {
     /// `NTXentLoss` 0.5, pytorch-metric-learning `SupConLoss` 0.1, lightly
     /// `DCLLoss` 0.1, the debiased/hard-negative authors' scripts 0.5, open_clip's
     /// initial CLIP scale 1/0.07 and SigLIP scale 10, instance-discrimination
-    /// NCE 0.07; 1 where the loss has none.
+    /// NCE 0.07, MoCo-v2's InfoNCE 0.2; 1 where the loss has none.
     pub fn default_temperature(self) -> f64 {
         match self {
             LossKind::NtXent | LossKind::Debiased | LossKind::HardNegative => 0.5,
             LossKind::SupCon | LossKind::Dcl | LossKind::Dclw | LossKind::SigLip => 0.1,
             LossKind::Clip | LossKind::Nce => 0.07,
+            LossKind::InfoNce => 0.2,
             _ => 1.0,
         }
     }
 
-    /// Parse `loss.name`.
+    /// Parse a `loss.name` value.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "ntxent" | "nt_xent" | "simclr" => LossKind::NtXent,
-            "supcon" => LossKind::SupCon,
-            "dcl" => LossKind::Dcl,
-            "dclw" => LossKind::Dclw,
-            "debiased" => LossKind::Debiased,
-            "hard_negative" => LossKind::HardNegative,
-            "barlow_twins" => LossKind::BarlowTwins,
-            "clip" => LossKind::Clip,
-            "siglip" => LossKind::SigLip,
-            "contrastive" => LossKind::Contrastive,
-            "triplet" => LossKind::Triplet,
-            "lifted" => LossKind::Lifted,
-            "lifted_hard" => LossKind::LiftedHard,
-            "generalized_lifted" => LossKind::GeneralizedLifted,
-            "npair" => LossKind::NPair,
-            "snn" => LossKind::Snn,
-            "nce" => LossKind::Nce,
-            _ => return None,
-        })
+        serde_yaml_ng::from_value(serde_yaml_ng::Value::String(s.into())).ok()
+    }
+
+    /// The `loss.*` keys (besides `name`) that this loss reads.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            LossKind::NtXent | LossKind::SupCon | LossKind::Dcl | LossKind::Snn | LossKind::InfoNce => &["temperature"],
+            LossKind::Dclw => &["temperature", "sigma"],
+            LossKind::Debiased => &["temperature", "tau_plus"],
+            LossKind::HardNegative => &["temperature", "tau_plus", "beta"],
+            LossKind::BarlowTwins => &["lambda"],
+            LossKind::Clip => &["temperature", "learn_scale"],
+            LossKind::SigLip => &["temperature", "learn_scale", "init_bias"],
+            LossKind::Contrastive => &["pos_margin", "neg_margin", "squared"],
+            LossKind::Triplet => &["margin", "mining"],
+            LossKind::Lifted | LossKind::GeneralizedLifted => &["pos_margin", "neg_margin"],
+            LossKind::LiftedHard => &["neg_margin"],
+            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine => &[],
+            LossKind::Nce => &["temperature", "noise_size"],
+        }
     }
 
     /// True for the image–text losses (CLIP model, captions).
@@ -650,14 +825,29 @@ impl LossKind {
         )
     }
 
+    /// True for the losses that belong to one method (MoCo's InfoNCE, BYOL's and SimSiam's regressions).
+    pub fn is_method_own(self) -> bool {
+        matches!(self, LossKind::InfoNce | LossKind::NormalizedMse | LossKind::NegativeCosine)
+    }
+
+    /// True when the loss contrasts against other samples of the batch (needs N ≥ 2).
+    pub fn needs_negatives(self) -> bool {
+        !self.is_image_text()
+            && !matches!(
+                self,
+                LossKind::BarlowTwins | LossKind::InfoNce | LossKind::NormalizedMse | LossKind::NegativeCosine
+            )
+    }
+
     /// True when the loss needs class labels.
     pub fn is_supervised(self) -> bool {
         self == LossKind::SupCon || self.is_metric()
     }
 }
 
-/// Normalisation layer choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Normalisation layer choice (`model.norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Norm {
     /// BatchNorm (has batch statistics: breaks exact parity across layouts).
     Batch,
@@ -669,16 +859,50 @@ pub enum Norm {
     None,
 }
 
-impl Norm {
-    /// Parse `model.norm`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        Ok(match s {
-            "batch" => Norm::Batch,
-            "group" => Norm::Group,
-            "layer" => Norm::Layer,
-            "none" => Norm::None,
-            _ => return Err(invalid("model.norm", format!("`{s}` is not one of batch, group, layer, none"))),
-        })
+/// A method's resolved settings (defaults filled in, checked).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MethodPlan {
+    /// The method.
+    pub name: MethodName,
+    /// EMA momentum m (m₀ with the cosine schedule).
+    pub momentum: f64,
+    /// Constant or cosine momentum.
+    pub momentum_schedule: MomentumSchedule,
+    /// MoCo: queue size K (0 otherwise).
+    pub queue_size: usize,
+    /// MoCo: keys each rank holds, K/P (0 otherwise).
+    pub queue_shard: usize,
+    /// MoCo: shuffle-BN in the key encoder.
+    pub shuffle_bn: bool,
+    /// BYOL/SimSiam: predictor hidden width (0 otherwise).
+    pub predictor_hidden: i64,
+}
+
+impl MethodPlan {
+    /// The defaults of `name` (momentum 0.99, its schedule; no queue, no predictor).
+    pub fn of(name: MethodName) -> Self {
+        let schedule = if name == MethodName::Byol { MomentumSchedule::Cosine } else { MomentumSchedule::Constant };
+        Self {
+            name,
+            momentum: 0.99,
+            momentum_schedule: schedule,
+            queue_size: 0,
+            queue_shard: 0,
+            shuffle_bn: false,
+            predictor_hidden: 0,
+        }
+    }
+}
+
+impl MethodName {
+    /// The `method.*` keys (besides `name`) that this method reads.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            MethodName::Simclr | MethodName::Clip => &[],
+            MethodName::MocoV2 => &["queue_size", "momentum", "momentum_schedule", "shuffle_bn"],
+            MethodName::Byol => &["momentum", "momentum_schedule", "predictor_hidden"],
+            MethodName::Simsiam => &["predictor_hidden"],
+        }
     }
 }
 
@@ -688,6 +912,8 @@ pub struct Plan {
     /// The configuration it was made from (with overrides applied).
     #[serde(skip)]
     pub config: Config,
+    /// The method and its resolved settings.
+    pub method: MethodPlan,
     /// Loss family.
     pub loss: LossKind,
     /// Encoder normalisation.
@@ -728,341 +954,42 @@ impl Plan {
     /// Validate `config` for the given topology and derive every size.
     pub fn resolve(config: Config, topo: Topology) -> Result<Self, ConfigError> {
         let c = &config;
-        let loss = LossKind::parse(&c.loss.name).ok_or_else(|| {
-            invalid(
-                "loss.name",
-                format!(
-                    "`{}` is not a known loss (ntxent, supcon, dcl, dclw, debiased, hard_negative, barlow_twins, \
-                     clip, siglip, contrastive, triplet, lifted, lifted_hard, generalized_lifted, npair, snn, nce)",
-                    c.loss.name
-                ),
-            )
-        })?;
-        if !(0.0..1.0).contains(&c.loss.tau_plus) {
-            return Err(invalid("loss.tau_plus", format!("must lie in [0, 1), got {}", c.loss.tau_plus)));
-        }
-        if !(c.loss.beta >= 0.0) {
-            return Err(invalid("loss.beta", format!("must be ≥ 0, got {}", c.loss.beta)));
-        }
-        if !(c.loss.lambda >= 0.0) {
-            return Err(invalid("loss.lambda", format!("must be ≥ 0, got {}", c.loss.lambda)));
-        }
-        if !(c.loss.sigma > 0.0) {
-            return Err(invalid("loss.sigma", format!("must be > 0, got {}", c.loss.sigma)));
-        }
-        for (key, v) in [
-            ("loss.margin", c.loss.margin),
-            ("loss.pos_margin", c.loss.pos_margin),
-            ("loss.neg_margin", c.loss.neg_margin),
-        ] {
-            if !(v >= 0.0) {
-                return Err(invalid(key, format!("a margin must be ≥ 0, got {v}")));
-            }
-        }
-        if !matches!(c.loss.mining.as_str(), "all" | "batch_hard" | "semi_hard") {
-            return Err(invalid("loss.mining", format!("`{}` is not all, batch_hard or semi_hard", c.loss.mining)));
-        }
-        if !(c.loss.noise_size >= 1.0) {
-            return Err(invalid("loss.noise_size", format!("must be ≥ 1, got {}", c.loss.noise_size)));
-        }
-        if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
-            return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
-        }
+        let (method, loss) = resolve_method(c)?;
+        check_loss(c, loss)?;
+        check_given_keys(c, method, loss)?;
         let temperature = c.loss.temperature_for(loss);
         if !(temperature > 0.0) || !temperature.is_finite() {
             return Err(invalid("loss.temperature", format!("must be > 0, got {temperature}")));
         }
-        let norm = Norm::parse(&c.model.norm)?;
-        if c.model.encoder != "convnet" {
-            return Err(invalid("model.encoder", format!("`{}` is not a known encoder (convnet)", c.model.encoder)));
-        }
-        for (key, v) in [
-            ("model.width", c.model.width),
-            ("model.embed_dim", c.model.embed_dim),
-            ("model.proj_dim", c.model.proj_dim),
-            ("model.proj_hidden", c.model.proj_hidden),
-            ("model.text.width", c.model.text.width),
-            ("model.text.layers", c.model.text.layers),
-            ("model.text.heads", c.model.text.heads),
-        ] {
-            if v <= 0 {
-                return Err(invalid(key, format!("must be positive, got {v}")));
-            }
-        }
-        if c.model.embed_dim % (POOL_GRID * POOL_GRID) != 0 {
-            return Err(invalid(
-                "model.embed_dim",
-                format!(
-                    "{} is not a multiple of {} (a {POOL_GRID}×{POOL_GRID} grid of channels)",
-                    c.model.embed_dim,
-                    POOL_GRID * POOL_GRID
-                ),
-            ));
-        }
-        if c.model.text.width % c.model.text.heads != 0 {
-            return Err(invalid(
-                "model.text.heads",
-                format!("{} heads do not divide model.text.width {}", c.model.text.heads, c.model.text.width),
-            ));
-        }
-        if c.model.text.context < 8 {
-            return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", c.model.text.context)));
-        }
-        match c.data.dataset.as_str() {
-            "fashion_mnist" | "image_folder" | "csv" | "webdataset" => {}
-            other => {
-                return Err(invalid(
-                    "data.dataset",
-                    format!("`{other}` is not a known dataset (fashion_mnist, image_folder, csv, webdataset)"),
-                ))
-            }
-        }
-        if c.data.dataset == "csv" && c.data.csv_separator.len() != 1 {
-            return Err(invalid(
-                "data.csv_separator",
-                format!("must be one character, got {:?}", c.data.csv_separator),
-            ));
-        }
-        if !(0.0..=1.0).contains(&c.data.max_bad_fraction) {
-            return Err(invalid(
-                "data.max_bad_fraction",
-                format!("must lie in [0, 1], got {}", c.data.max_bad_fraction),
-            ));
-        }
-        if c.data.image_size < 8 {
-            return Err(invalid("data.image_size", format!("must be ≥ 8, got {}", c.data.image_size)));
-        }
-        if c.data.aug.randaugment_m > 30 {
-            return Err(invalid(
-                "data.aug.randaugment_m",
-                format!("must lie in 0..=30, got {}", c.data.aug.randaugment_m),
-            ));
-        }
-        if !(0.0..=0.5).contains(&c.data.aug.hue) {
-            return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));
-        }
-        match c.data.augment.as_str() {
-            "simclr" | "clip" | "none" | "swav" => {}
-            "mocov2" | "byol" if c.data.dataset != "fashion_mnist" => {}
-            "mocov2" | "byol" => {
-                return Err(invalid(
-                    "data.augment",
-                    format!("`{}` is an RGB preset: use a file dataset", c.data.augment),
-                ))
-            }
-            other => {
-                return Err(invalid(
-                    "data.augment",
-                    format!("`{other}` is not a preset (simclr, mocov2, byol, swav, clip, none)"),
-                ))
-            }
-        }
-        if c.data.augment == "swav" {
-            if loss != LossKind::NtXent {
-                return Err(invalid(
-                    "data.augment",
-                    format!("multi-crop (swav) views train with ntxent (multi-positive), not {loss:?}"),
-                ));
-            }
-            if c.data.mix != "none" {
-                return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
-            }
-        }
-        if !root_exists(&c.data.dataset, &c.data.root) {
-            return Err(invalid(
-                "data.root",
-                format!(
-                    "{} does not exist (for fashion_mnist install Debian's dataset-fashion-mnist or point data.root at IDX files)",
-                    c.data.root.display()
-                ),
-            ));
-        }
-        if c.data.prefetch == 0 {
-            return Err(invalid("data.prefetch", "must be ≥ 1"));
-        }
-        let a = &c.data.aug;
-        if !(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0) {
-            return Err(invalid("data.aug.crop_scale", format!("need 0 < lo ≤ hi ≤ 1, got {:?}", a.crop_scale)));
-        }
-        if !(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1]) {
-            return Err(invalid("data.aug.crop_ratio", format!("need 0 < lo ≤ hi, got {:?}", a.crop_ratio)));
-        }
-        for (key, p) in [
-            ("data.aug.flip_prob", a.flip_prob),
-            ("data.aug.jitter_prob", a.jitter_prob),
-            ("data.aug.blur_prob", a.blur_prob),
-        ] {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
-            }
-        }
-        if !(0.0 < a.blur_sigma[0] && a.blur_sigma[0] <= a.blur_sigma[1]) {
-            return Err(invalid("data.aug.blur_sigma", format!("need 0 < lo ≤ hi, got {:?}", a.blur_sigma)));
-        }
-
-        let t = &c.train;
-        if t.global_batch <= 0 {
-            return Err(invalid("train.global_batch", format!("must be positive, got {}", t.global_batch)));
-        }
-        let global_batch = t.global_batch as usize;
+        check_model(c)?;
+        check_data(c, loss)?;
         let p = topo.world_size.max(1);
-        if global_batch % p != 0 {
-            return Err(invalid(
-                "train.global_batch",
-                format!(
-                    "{global_batch} is not divisible by the world size {p} (local batch would be {:.2})",
-                    global_batch as f64 / p as f64
-                ),
-            ));
-        }
-        if !loss.is_image_text() && loss != LossKind::BarlowTwins && global_batch < 2 {
-            return Err(invalid("train.global_batch", "NT-Xent needs at least 2 samples for a negative"));
-        }
-        if t.steps <= 0 {
-            return Err(invalid("train.steps", format!("must be positive, got {}", t.steps)));
-        }
-        if t.log_every <= 0 {
-            return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
-        }
-        if t.grad_clip < 0.0 {
-            return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));
-        }
-        match t.device.as_str() {
-            "cpu" | "cuda" | "auto" => {}
-            d if d.strip_prefix("cuda:").is_some_and(|k| k.parse::<usize>().is_ok()) => {}
-            d => return Err(invalid("train.device", format!("`{d}` is not cpu, cuda, cuda:K or auto"))),
-        }
-        let o = &t.optimizer;
-        match o.name.as_str() {
-            "sgd" | "adamw" => {}
-            other => return Err(invalid("train.optimizer.name", format!("`{other}` is not sgd or adamw"))),
-        }
-        if !(o.lr > 0.0) {
-            return Err(invalid("train.optimizer.lr", format!("must be > 0, got {}", o.lr)));
-        }
-        if o.weight_decay < 0.0 {
-            return Err(invalid("train.optimizer.weight_decay", format!("must be ≥ 0, got {}", o.weight_decay)));
-        }
-        if !(0.0..1.0).contains(&o.momentum) {
-            return Err(invalid("train.optimizer.momentum", format!("must lie in [0, 1), got {}", o.momentum)));
-        }
-        let peak_lr = match o.lr_scale.as_str() {
-            "absolute" => o.lr,
-            "per_256" => o.lr * global_batch as f64 / 256.0,
-            other => return Err(invalid("train.optimizer.lr_scale", format!("`{other}` is not absolute or per_256"))),
+        let global_batch = check_train(c, loss, p)?;
+        let peak_lr = match c.train.optimizer.lr_scale {
+            LrScale::Absolute => c.train.optimizer.lr,
+            LrScale::Per256 => c.train.optimizer.lr * global_batch as f64 / 256.0,
         };
-        let s = &t.schedule;
-        match s.name.as_str() {
-            "cosine" | "constant" => {}
-            other => return Err(invalid("train.schedule.name", format!("`{other}` is not cosine or constant"))),
-        }
-        if s.warmup_steps < 0 {
-            return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
-        }
-        if c.checkpoint.every < 0 {
-            return Err(invalid("checkpoint.every", format!("must be ≥ 0, got {}", c.checkpoint.every)));
-        }
-        if c.eval.every < 0 {
-            return Err(invalid("eval.every", format!("must be ≥ 0, got {}", c.eval.every)));
-        }
-        if c.eval.knn_k <= 0 {
-            return Err(invalid("eval.knn_k", format!("must be positive, got {}", c.eval.knn_k)));
-        }
-        if !(c.eval.knn_t > 0.0) {
-            return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
-        }
-        let eval_dataset = if c.eval.dataset.is_empty() { c.data.dataset.as_str() } else { c.eval.dataset.as_str() };
-        if !matches!(eval_dataset, "fashion_mnist" | "image_folder" | "csv" | "webdataset") {
-            return Err(invalid(
-                "eval.dataset",
-                format!("`{eval_dataset}` is not image_folder, webdataset or csv (or empty for data.dataset)"),
-            ));
-        }
-        if (c.data.dataset == "fashion_mnist") != (eval_dataset == "fashion_mnist") {
-            return Err(invalid(
-                "eval.dataset",
-                format!("`{eval_dataset}` images do not fit an encoder trained on {}", c.data.dataset),
-            ));
-        }
-        if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset != "fashion_mnist") {
-            if !root_exists(eval_dataset, root) {
-                return Err(invalid("eval.root", format!("{} does not exist", root.display())));
-            }
-        }
-
-        let ta = &c.data.text;
-        if ta.tokenizer != "bytes" && !Path::new(&ta.tokenizer).is_file() {
-            return Err(invalid(
-                "data.text.tokenizer",
-                format!("`{}` is neither `bytes` nor a tokenizer.json file", ta.tokenizer),
-            ));
-        }
-        if !(0.0..1.0).contains(&ta.eda_alpha) {
-            return Err(invalid("data.text.eda_alpha", format!("must lie in [0, 1), got {}", ta.eda_alpha)));
-        }
-        if ta.eda_alpha > 0.0 && !ta.synonyms.as_ref().is_some_and(|p| p.is_file()) {
-            return Err(invalid(
-                "data.text.synonyms",
-                format!("EDA needs a synonym file; {:?} is not a file", ta.synonyms),
-            ));
-        }
-        if !matches!(ta.cutoff.as_str(), "none" | "token" | "span") {
-            return Err(invalid("data.text.cutoff", format!("`{}` is not none, token or span", ta.cutoff)));
-        }
-        if !(0.0..=1.0).contains(&ta.cutoff_ratio) {
-            return Err(invalid("data.text.cutoff_ratio", format!("must lie in [0, 1], got {}", ta.cutoff_ratio)));
-        }
-        match c.data.mix.as_str() {
-            "none" => {}
-            "mixup" | "cutmix" => {
-                if !matches!(loss, LossKind::NtXent | LossKind::SupCon) {
-                    return Err(invalid("data.mix", format!("soft targets exist for ntxent and supcon, not {loss:?}")));
-                }
-                if !(c.data.mix_alpha > 0.0) {
-                    return Err(invalid("data.mix_alpha", format!("must be > 0, got {}", c.data.mix_alpha)));
-                }
-                let b = global_batch / p;
-                if c.data.mix_group == 0 || b % c.data.mix_group != 0 {
-                    return Err(invalid(
-                        "data.mix_group",
-                        format!(
-                            "{} does not divide the local batch {b} (global {global_batch} over {p} ranks)",
-                            c.data.mix_group
-                        ),
-                    ));
-                }
-            }
-            other => return Err(invalid("data.mix", format!("`{other}` is not none, mixup or cutmix"))),
-        }
-        let local_size = topo.local_size.max(1);
-        let (threads, threads_source) = if t.threads > 0 {
-            (t.threads, "train.threads".to_string())
-        } else {
-            let share = (topo.host_cores / local_size).max(1);
-            let n = share.min(topo.rank_cores.max(1));
-            (
-                n,
-                format!(
-                    "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
-                    topo.host_cores, local_size, topo.rank_cores
-                ),
-            )
-        };
+        check_eval(c)?;
+        check_text_and_mix(c, loss, global_batch, p)?;
+        let m = resolve_method_plan(c, method, global_batch, p)?;
+        let (threads, threads_source) = threads_of(c, topo);
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor = match loss {
             LossKind::Clip | LossKind::SigLip => global_batch - 1,
-            LossKind::BarlowTwins => 0,
+            LossKind::BarlowTwins | LossKind::NormalizedMse | LossKind::NegativeCosine => 0,
+            LossKind::InfoNce => m.queue_size,
             k if k.is_metric() => global_batch - 1,
             _ => 2 * global_batch - 2,
         };
         Ok(Plan {
+            method: m,
             loss,
-            norm,
+            norm: c.model.norm,
             world_size: p,
             local_batch: global_batch / p,
             global_batch,
             negatives_per_anchor,
-            steps: t.steps as usize,
+            steps: c.train.steps as usize,
             threads,
             threads_source,
             workers,
@@ -1089,8 +1016,427 @@ impl Plan {
             self.workers,
             self.peak_lr,
             self.norm
+        ) + &self.describe_method()
+    }
+
+    /// The method's part of the plan line: its settings, and the queue shard each rank holds.
+    fn describe_method(&self) -> String {
+        let m = &self.method;
+        let momentum = format!(" momentum={} ({:?})", m.momentum, m.momentum_schedule);
+        match m.name {
+            MethodName::Simclr | MethodName::Clip => format!(" method={:?}", m.name),
+            MethodName::MocoV2 => format!(
+                " method=MocoV2 queue_size={} queue_shard={}{momentum} shuffle_bn={}",
+                m.queue_size, m.queue_shard, m.shuffle_bn
+            ),
+            MethodName::Byol => format!(" method=Byol predictor_hidden={}{momentum}", m.predictor_hidden),
+            MethodName::Simsiam => format!(" method=Simsiam predictor_hidden={}", m.predictor_hidden),
+        }
+    }
+}
+
+/// The method and the loss: each defaults from the other (`clip` for an
+/// image–text loss, `simclr` otherwise; a method's own loss when unset).
+fn resolve_method(c: &Config) -> Result<(MethodName, LossKind), ConfigError> {
+    let loss = c.loss.name;
+    let method = c.method.name.unwrap_or(match loss {
+        Some(l) if l.is_image_text() => MethodName::Clip,
+        _ => MethodName::Simclr,
+    });
+    let own = match method {
+        MethodName::Simclr => LossKind::NtXent,
+        MethodName::Clip => LossKind::Clip,
+        MethodName::MocoV2 => LossKind::InfoNce,
+        MethodName::Byol => LossKind::NormalizedMse,
+        MethodName::Simsiam => LossKind::NegativeCosine,
+    };
+    let loss = loss.unwrap_or(own);
+    let fits = match method {
+        MethodName::Simclr => !loss.is_image_text() && !loss.is_method_own(),
+        MethodName::Clip => loss.is_image_text(),
+        _ => loss == own,
+    };
+    if !fits {
+        return Err(invalid("loss.name", format!("{loss:?} is not a loss of method {method:?} (its loss is {own:?})")));
+    }
+    Ok((method, loss))
+}
+
+/// A `loss.*` or `method.*` key set in the file or an override that the chosen loss or method does not read.
+fn check_given_keys(c: &Config, method: MethodName, loss: LossKind) -> Result<(), ConfigError> {
+    for key in &c.given {
+        let Some((section, leaf)) = key.split_once('.') else { continue };
+        let applies = match section {
+            "loss" => leaf == "name" || loss.keys().contains(&leaf),
+            "method" => leaf == "name" || method.keys().contains(&leaf),
+            _ => true,
+        };
+        if !applies {
+            return Err(ConfigError::NotApplicable {
+                key: key.clone(),
+                what: if section == "loss" { format!("loss {loss:?}") } else { format!("method {method:?}") },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_loss(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
+    if !(0.0..1.0).contains(&c.loss.tau_plus) {
+        return Err(invalid("loss.tau_plus", format!("must lie in [0, 1), got {}", c.loss.tau_plus)));
+    }
+    if !(c.loss.beta >= 0.0) {
+        return Err(invalid("loss.beta", format!("must be ≥ 0, got {}", c.loss.beta)));
+    }
+    if !(c.loss.lambda >= 0.0) {
+        return Err(invalid("loss.lambda", format!("must be ≥ 0, got {}", c.loss.lambda)));
+    }
+    if !(c.loss.sigma > 0.0) {
+        return Err(invalid("loss.sigma", format!("must be > 0, got {}", c.loss.sigma)));
+    }
+    for (key, v) in
+        [("loss.margin", c.loss.margin), ("loss.pos_margin", c.loss.pos_margin), ("loss.neg_margin", c.loss.neg_margin)]
+    {
+        if !(v >= 0.0) {
+            return Err(invalid(key, format!("a margin must be ≥ 0, got {v}")));
+        }
+    }
+    if !(c.loss.noise_size >= 1.0) {
+        return Err(invalid("loss.noise_size", format!("must be ≥ 1, got {}", c.loss.noise_size)));
+    }
+    if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
+        return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
+    }
+    if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
+        return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
+    }
+    Ok(())
+}
+
+fn check_model(c: &Config) -> Result<(), ConfigError> {
+    if c.model.encoder != "convnet" {
+        return Err(invalid("model.encoder", format!("`{}` is not a known encoder (convnet)", c.model.encoder)));
+    }
+    for (key, v) in [
+        ("model.width", c.model.width),
+        ("model.embed_dim", c.model.embed_dim),
+        ("model.proj_dim", c.model.proj_dim),
+        ("model.proj_hidden", c.model.proj_hidden),
+        ("model.text.width", c.model.text.width),
+        ("model.text.layers", c.model.text.layers),
+        ("model.text.heads", c.model.text.heads),
+    ] {
+        if v <= 0 {
+            return Err(invalid(key, format!("must be positive, got {v}")));
+        }
+    }
+    if c.model.embed_dim % (POOL_GRID * POOL_GRID) != 0 {
+        return Err(invalid(
+            "model.embed_dim",
+            format!(
+                "{} is not a multiple of {} (a {POOL_GRID}×{POOL_GRID} grid of channels)",
+                c.model.embed_dim,
+                POOL_GRID * POOL_GRID
+            ),
+        ));
+    }
+    if c.model.text.width % c.model.text.heads != 0 {
+        return Err(invalid(
+            "model.text.heads",
+            format!("{} heads do not divide model.text.width {}", c.model.text.heads, c.model.text.width),
+        ));
+    }
+    if c.model.text.context < 8 {
+        return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", c.model.text.context)));
+    }
+    Ok(())
+}
+
+fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
+    match c.data.dataset.as_str() {
+        "fashion_mnist" | "image_folder" | "csv" | "webdataset" => {}
+        other => {
+            return Err(invalid(
+                "data.dataset",
+                format!("`{other}` is not a known dataset (fashion_mnist, image_folder, csv, webdataset)"),
+            ))
+        }
+    }
+    if c.data.dataset == "csv" && c.data.csv_separator.len() != 1 {
+        return Err(invalid("data.csv_separator", format!("must be one character, got {:?}", c.data.csv_separator)));
+    }
+    if !(0.0..=1.0).contains(&c.data.max_bad_fraction) {
+        return Err(invalid("data.max_bad_fraction", format!("must lie in [0, 1], got {}", c.data.max_bad_fraction)));
+    }
+    if c.data.image_size < 8 {
+        return Err(invalid("data.image_size", format!("must be ≥ 8, got {}", c.data.image_size)));
+    }
+    if c.data.aug.randaugment_m > 30 {
+        return Err(invalid("data.aug.randaugment_m", format!("must lie in 0..=30, got {}", c.data.aug.randaugment_m)));
+    }
+    if !(0.0..=0.5).contains(&c.data.aug.hue) {
+        return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));
+    }
+    match c.data.augment.as_str() {
+        "simclr" | "clip" | "none" | "swav" => {}
+        "mocov2" | "byol" if c.data.dataset != "fashion_mnist" => {}
+        "mocov2" | "byol" => {
+            return Err(invalid("data.augment", format!("`{}` is an RGB preset: use a file dataset", c.data.augment)))
+        }
+        other => {
+            return Err(invalid(
+                "data.augment",
+                format!("`{other}` is not a preset (simclr, mocov2, byol, swav, clip, none)"),
+            ))
+        }
+    }
+    if c.data.augment == "swav" {
+        if loss != LossKind::NtXent {
+            return Err(invalid(
+                "data.augment",
+                format!("multi-crop (swav) views train with ntxent (multi-positive), not {loss:?}"),
+            ));
+        }
+        if c.data.mix != "none" {
+            return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
+        }
+    }
+    if !root_exists(&c.data.dataset, &c.data.root) {
+        return Err(invalid(
+                "data.root",
+                format!(
+                    "{} does not exist (for fashion_mnist install Debian's dataset-fashion-mnist or point data.root at IDX files)",
+                    c.data.root.display()
+                ),
+            ));
+    }
+    if c.data.prefetch == 0 {
+        return Err(invalid("data.prefetch", "must be ≥ 1"));
+    }
+    let a = &c.data.aug;
+    if !(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0) {
+        return Err(invalid("data.aug.crop_scale", format!("need 0 < lo ≤ hi ≤ 1, got {:?}", a.crop_scale)));
+    }
+    if !(0.0 < a.crop_ratio[0] && a.crop_ratio[0] <= a.crop_ratio[1]) {
+        return Err(invalid("data.aug.crop_ratio", format!("need 0 < lo ≤ hi, got {:?}", a.crop_ratio)));
+    }
+    for (key, p) in [
+        ("data.aug.flip_prob", a.flip_prob),
+        ("data.aug.jitter_prob", a.jitter_prob),
+        ("data.aug.blur_prob", a.blur_prob),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
+        }
+    }
+    if !(0.0 < a.blur_sigma[0] && a.blur_sigma[0] <= a.blur_sigma[1]) {
+        return Err(invalid("data.aug.blur_sigma", format!("need 0 < lo ≤ hi, got {:?}", a.blur_sigma)));
+    }
+
+    Ok(())
+}
+
+/// Train keys; returns the global batch.
+fn check_train(c: &Config, loss: LossKind, p: usize) -> Result<usize, ConfigError> {
+    let t = &c.train;
+    if t.global_batch <= 0 {
+        return Err(invalid("train.global_batch", format!("must be positive, got {}", t.global_batch)));
+    }
+    let global_batch = t.global_batch as usize;
+    if global_batch % p != 0 {
+        return Err(invalid(
+            "train.global_batch",
+            format!(
+                "{global_batch} is not divisible by the world size {p} (local batch would be {:.2})",
+                global_batch as f64 / p as f64
+            ),
+        ));
+    }
+    if loss.needs_negatives() && global_batch < 2 {
+        return Err(invalid("train.global_batch", format!("{loss:?} needs at least 2 samples for a negative")));
+    }
+    if t.steps <= 0 {
+        return Err(invalid("train.steps", format!("must be positive, got {}", t.steps)));
+    }
+    if t.log_every <= 0 {
+        return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
+    }
+    if t.grad_clip < 0.0 {
+        return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));
+    }
+    match t.device.as_str() {
+        "cpu" | "cuda" | "auto" => {}
+        d if d.strip_prefix("cuda:").is_some_and(|k| k.parse::<usize>().is_ok()) => {}
+        d => return Err(invalid("train.device", format!("`{d}` is not cpu, cuda, cuda:K or auto"))),
+    }
+    let o = &t.optimizer;
+    if !(o.lr > 0.0) {
+        return Err(invalid("train.optimizer.lr", format!("must be > 0, got {}", o.lr)));
+    }
+    if o.weight_decay < 0.0 {
+        return Err(invalid("train.optimizer.weight_decay", format!("must be ≥ 0, got {}", o.weight_decay)));
+    }
+    if !(0.0..1.0).contains(&o.momentum) {
+        return Err(invalid("train.optimizer.momentum", format!("must lie in [0, 1), got {}", o.momentum)));
+    }
+    if o.lars && !(o.trust_coefficient > 0.0) {
+        return Err(invalid("train.optimizer.trust_coefficient", format!("must be > 0, got {}", o.trust_coefficient)));
+    }
+    if !(t.collapse_threshold >= 0.0) {
+        return Err(invalid("train.collapse_threshold", format!("must be ≥ 0, got {}", t.collapse_threshold)));
+    }
+    let s = &t.schedule;
+    if s.warmup_steps < 0 {
+        return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
+    }
+    Ok(global_batch)
+}
+
+fn check_eval(c: &Config) -> Result<(), ConfigError> {
+    if c.checkpoint.every < 0 {
+        return Err(invalid("checkpoint.every", format!("must be ≥ 0, got {}", c.checkpoint.every)));
+    }
+    if c.eval.every < 0 {
+        return Err(invalid("eval.every", format!("must be ≥ 0, got {}", c.eval.every)));
+    }
+    if c.eval.knn_k <= 0 {
+        return Err(invalid("eval.knn_k", format!("must be positive, got {}", c.eval.knn_k)));
+    }
+    if !(c.eval.knn_t > 0.0) {
+        return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
+    }
+    let eval_dataset = if c.eval.dataset.is_empty() { c.data.dataset.as_str() } else { c.eval.dataset.as_str() };
+    if !matches!(eval_dataset, "fashion_mnist" | "image_folder" | "csv" | "webdataset") {
+        return Err(invalid(
+            "eval.dataset",
+            format!("`{eval_dataset}` is not image_folder, webdataset or csv (or empty for data.dataset)"),
+        ));
+    }
+    if (c.data.dataset == "fashion_mnist") != (eval_dataset == "fashion_mnist") {
+        return Err(invalid(
+            "eval.dataset",
+            format!("`{eval_dataset}` images do not fit an encoder trained on {}", c.data.dataset),
+        ));
+    }
+    if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset != "fashion_mnist") {
+        if !root_exists(eval_dataset, root) {
+            return Err(invalid("eval.root", format!("{} does not exist", root.display())));
+        }
+    }
+
+    Ok(())
+}
+
+fn check_text_and_mix(c: &Config, loss: LossKind, global_batch: usize, p: usize) -> Result<(), ConfigError> {
+    let ta = &c.data.text;
+    if ta.tokenizer != "bytes" && !Path::new(&ta.tokenizer).is_file() {
+        return Err(invalid(
+            "data.text.tokenizer",
+            format!("`{}` is neither `bytes` nor a tokenizer.json file", ta.tokenizer),
+        ));
+    }
+    if !(0.0..1.0).contains(&ta.eda_alpha) {
+        return Err(invalid("data.text.eda_alpha", format!("must lie in [0, 1), got {}", ta.eda_alpha)));
+    }
+    if ta.eda_alpha > 0.0 && !ta.synonyms.as_ref().is_some_and(|p| p.is_file()) {
+        return Err(invalid(
+            "data.text.synonyms",
+            format!("EDA needs a synonym file; {:?} is not a file", ta.synonyms),
+        ));
+    }
+    if !matches!(ta.cutoff.as_str(), "none" | "token" | "span") {
+        return Err(invalid("data.text.cutoff", format!("`{}` is not none, token or span", ta.cutoff)));
+    }
+    if !(0.0..=1.0).contains(&ta.cutoff_ratio) {
+        return Err(invalid("data.text.cutoff_ratio", format!("must lie in [0, 1], got {}", ta.cutoff_ratio)));
+    }
+    match c.data.mix.as_str() {
+        "none" => {}
+        "mixup" | "cutmix" => {
+            if !matches!(loss, LossKind::NtXent | LossKind::SupCon) {
+                return Err(invalid("data.mix", format!("soft targets exist for ntxent and supcon, not {loss:?}")));
+            }
+            if !(c.data.mix_alpha > 0.0) {
+                return Err(invalid("data.mix_alpha", format!("must be > 0, got {}", c.data.mix_alpha)));
+            }
+            let b = global_batch / p;
+            if c.data.mix_group == 0 || b % c.data.mix_group != 0 {
+                return Err(invalid(
+                    "data.mix_group",
+                    format!(
+                        "{} does not divide the local batch {b} (global {global_batch} over {p} ranks)",
+                        c.data.mix_group
+                    ),
+                ));
+            }
+        }
+        other => return Err(invalid("data.mix", format!("`{other}` is not none, mixup or cutmix"))),
+    }
+    Ok(())
+}
+
+/// libtorch threads per rank and where the number came from.
+fn threads_of(c: &Config, topo: Topology) -> (usize, String) {
+    let t = &c.train;
+    let local_size = topo.local_size.max(1);
+    if t.threads > 0 {
+        (t.threads, "train.threads".to_string())
+    } else {
+        let share = (topo.host_cores / local_size).max(1);
+        let n = share.min(topo.rank_cores.max(1));
+        (
+            n,
+            format!(
+                "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
+                topo.host_cores, local_size, topo.rank_cores
+            ),
         )
     }
+}
+
+/// The method's resolved settings, checked against the global batch and world size.
+fn resolve_method_plan(c: &Config, name: MethodName, n: usize, p: usize) -> Result<MethodPlan, ConfigError> {
+    let m = &c.method;
+    let momentum = m.momentum.unwrap_or(0.99);
+    if !(0.0..1.0).contains(&momentum) {
+        return Err(invalid("method.momentum", format!("must lie in [0, 1), got {momentum}")));
+    }
+    let defaults = MethodPlan::of(name);
+    let mut plan = MethodPlan {
+        momentum,
+        momentum_schedule: m.momentum_schedule.unwrap_or(defaults.momentum_schedule),
+        shuffle_bn: m.shuffle_bn,
+        predictor_hidden: m.predictor_hidden.unwrap_or(0),
+        ..defaults
+    };
+    match name {
+        MethodName::MocoV2 => {
+            if m.queue_size == 0 || m.queue_size % n != 0 {
+                return Err(invalid(
+                    "method.queue_size",
+                    format!("{} is not a positive multiple of the global batch {n}", m.queue_size),
+                ));
+            }
+            if m.shuffle_bn && c.model.norm != Norm::Batch {
+                return Err(invalid(
+                    "method.shuffle_bn",
+                    format!("shuffles batch statistics, but model.norm is {:?}: set model.norm: batch", c.model.norm),
+                ));
+            }
+            (plan.queue_size, plan.queue_shard) = (m.queue_size, m.queue_size / p);
+        }
+        MethodName::Byol | MethodName::Simsiam => match m.predictor_hidden {
+            Some(h) if h > 0 => {}
+            other => {
+                return Err(invalid(
+                    "method.predictor_hidden",
+                    format!("{name:?} needs the predictor's hidden width (a positive integer), got {other:?}"),
+                ))
+            }
+        },
+        MethodName::Simclr | MethodName::Clip => {}
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -1149,9 +1495,12 @@ mod tests {
         assert_eq!(p.threads, 1);
         let err = Config::load(&f, &["train.bogus=1".into()]).unwrap_err().to_string();
         assert!(err.contains("bogus") && err.contains("--set"), "{err}");
-        for (name, kind) in
-            [("supcon", LossKind::SupCon), ("siglip", LossKind::SigLip), ("hard_negative", LossKind::HardNegative)]
-        {
+        for (name, kind) in [
+            ("supcon", LossKind::SupCon),
+            ("siglip", LossKind::SigLip),
+            ("hard_negative", LossKind::HardNegative),
+            ("nt_xent", LossKind::NtXent),
+        ] {
             assert_eq!(LossKind::parse(name), Some(kind));
         }
         assert!(Config::load(&f, &["novalue".into()]).is_err());
@@ -1163,14 +1512,64 @@ mod tests {
             ("model: {norm: batchy}", "model.norm"),
             ("loss: {temperature: 0}", "loss.temperature"),
             ("loss: {name: foo}", "loss.name"),
-            ("loss: {tau_plus: 1.0}", "loss.tau_plus"),
-            ("loss: {sigma: 0}", "loss.sigma"),
-            ("loss: {margin: -0.1}", "loss.margin"),
-            ("loss: {mining: hardest}", "loss.mining"),
+            ("loss: {name: debiased, tau_plus: 1.0}", "loss.tau_plus"),
+            ("loss: {name: dclw, sigma: 0}", "loss.sigma"),
+            ("loss: {name: triplet, margin: -0.1}", "loss.margin"),
+            ("loss: {name: triplet, mining: hardest}", "loss.mining"),
             ("train: {optimizer: {lr_scale: x}}", "train.optimizer.lr_scale"),
+            ("train: {optimizer: {name: adam}}", "train.optimizer.name"),
+            ("method: {name: mocov3}", "method.name"),
         ] {
-            let c = with_root(Config::from_yaml(yaml, "f").unwrap());
-            let err = Plan::resolve(c, topo(1)).unwrap_err().to_string();
+            // A closed choice fails when parsed, a bad number when resolved; both name the key.
+            let err = match Config::from_yaml(yaml, "f") {
+                Err(e) => e.to_string(),
+                Ok(c) => Plan::resolve(with_root(c), topo(1)).unwrap_err().to_string(),
+            };
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    fn resolve(yaml: &str, p: usize) -> Result<Plan, ConfigError> {
+        Plan::resolve(with_root(Config::from_yaml(yaml, "f").unwrap()), topo(p))
+    }
+
+    #[test]
+    fn keys_that_do_not_apply_are_errors() {
+        for (yaml, key) in [
+            ("loss: {margin: 0.2}", "loss.margin"),
+            ("loss: {name: barlow_twins, temperature: 0.1}", "loss.temperature"),
+            ("method: {queue_size: 512}", "method.queue_size"),
+            ("method: {name: simsiam, predictor_hidden: 8, momentum: 0.9}", "method.momentum"),
+            ("method: {name: moco_v2, predictor_hidden: 8}", "method.predictor_hidden"),
+        ] {
+            let err = resolve(yaml, 1).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("does not apply"), "{yaml}: {err}");
+        }
+        // The same keys where they apply.
+        resolve("loss: {name: triplet, margin: 0.2}", 1).unwrap();
+        resolve("method: {name: moco_v2, queue_size: 512, momentum: 0.9}\ntrain: {global_batch: 256}", 1).unwrap();
+    }
+
+    #[test]
+    fn methods_resolve_their_loss_and_check_their_keys() {
+        let p = resolve("method: {name: moco_v2, queue_size: 1024}\ntrain: {global_batch: 256}", 4).unwrap();
+        assert_eq!((p.loss, p.method.queue_shard, p.temperature), (LossKind::InfoNce, 256, 0.2));
+        assert!(p.describe().contains("queue_shard=256"), "{}", p.describe());
+        assert_eq!(p.method.momentum_schedule, MomentumSchedule::Constant);
+        let p = resolve("method: {name: byol, predictor_hidden: 64}", 1).unwrap();
+        assert_eq!((p.loss, p.method.momentum_schedule), (LossKind::NormalizedMse, MomentumSchedule::Cosine));
+        assert_eq!(resolve("loss: {name: siglip}", 1).unwrap().method.name, MethodName::Clip);
+        for (yaml, p, key) in [
+            ("method: {name: moco_v2, queue_size: 1000}\ntrain: {global_batch: 256}", 1, "method.queue_size"),
+            ("method: {name: moco_v2, momentum: 1.0}", 1, "method.momentum"),
+            ("method: {name: moco_v2, momentum: -0.1}", 1, "method.momentum"),
+            ("method: {name: moco_v2, shuffle_bn: true}", 1, "method.shuffle_bn"),
+            ("method: {name: byol}", 1, "method.predictor_hidden"),
+            ("method: {name: simsiam, predictor_hidden: 0}", 1, "method.predictor_hidden"),
+            ("method: {name: moco_v2}\nloss: {name: ntxent}", 1, "loss.name"),
+            ("method: {name: simclr}\nloss: {name: clip}", 1, "loss.name"),
+        ] {
+            let err = resolve(yaml, p).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
     }

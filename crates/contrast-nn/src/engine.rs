@@ -25,12 +25,35 @@ pub struct GlobalBatch<'c, C: Collective> {
 }
 
 /// What one step produced.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepOutput {
     /// The global loss L = Σ_r L_r (identical on every rank).
     pub loss: f64,
     /// This rank's share L_r.
     pub share: f64,
+    /// The control vector summed over ranks (identical on every rank).
+    pub control: Vec<f64>,
+}
+
+/// What a method's forward pass hands the engine.
+#[derive(Default)]
+pub struct Towers {
+    /// Local `[B, d]` outputs that are gathered and back-propagated (embeddings, backbone features).
+    pub grad: Vec<Tensor>,
+    /// Local `[B, d]` outputs gathered without gradient (BYOL's target features).
+    pub aux: Vec<Tensor>,
+    /// Outputs that stay on this rank, without gradient (MoCo's keys).
+    pub local: Vec<Tensor>,
+}
+
+/// The towers after the gather, as the loss head sees them.
+pub struct Gathered<'a> {
+    /// Gathered `[N, d]` leaves that require grad, one per [`Towers::grad`].
+    pub towers: &'a [Tensor],
+    /// Gathered `[N, d]` without gradient, one per [`Towers::aux`].
+    pub aux: &'a [Tensor],
+    /// [`Towers::local`] as they are.
+    pub local: &'a [Tensor],
 }
 
 impl<'c, C: Collective> GlobalBatch<'c, C> {
@@ -46,6 +69,11 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
 
     /// Gather each tower's local embeddings `[B, d]` into a leaf `[P·B, d]` that requires grad.
     pub fn gather(&self, local: &Tensor) -> Result<Tensor> {
+        Ok(self.gather_data(local)?.set_requires_grad(true))
+    }
+
+    /// Gather local `[B, d]` rows into `[P·B, d]` (no gradient).
+    pub fn gather_data(&self, local: &Tensor) -> Result<Tensor> {
         let size = local.size();
         if size.len() != 2 || size[0] as usize != self.local_batch {
             return Err(NnError::Shape(format!("local embeddings must be [B={}, d], got {size:?}", self.local_batch)));
@@ -56,7 +84,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
             Kind::Double => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f64>(local))),
             _ => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f32>(local))),
         };
-        Ok(gathered.view([p * self.local_batch as i64, d]).to_device(local.device()).set_requires_grad(true))
+        Ok(gathered.view([p * self.local_batch as i64, d]).to_device(local.device()))
     }
 
     /// `∂L/∂z_r`: the reduce-scatter sum of every rank's `∂L_r/∂Z`.
@@ -79,13 +107,26 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     where
         F: FnOnce(&[Tensor], &Ctx) -> Result<Tensor>,
     {
-        let gathered = towers.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
+        let towers = Towers { grad: towers.iter().map(Tensor::shallow_clone).collect(), ..Default::default() };
+        self.step_towers(&towers, params, &[], |g, ctx| head(g.towers, ctx))
+    }
+
+    /// [`GlobalBatch::step`] for a method's towers (gradient, gathered auxiliary
+    /// and local outputs). `control` rides on the step's closing all-reduce of
+    /// the loss: its sum over ranks comes back in [`StepOutput::control`], so
+    /// every rank decides the same thing (stop, skip, warn) at the same step.
+    pub fn step_towers<F>(&self, towers: &Towers, params: &[Tensor], control: &[f64], head: F) -> Result<StepOutput>
+    where
+        F: FnOnce(&Gathered, &Ctx) -> Result<Tensor>,
+    {
+        let gathered = towers.grad.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
+        let aux = towers.aux.iter().map(|z| self.gather_data(z)).collect::<Result<Vec<_>>>()?;
         let ctx = Ctx { shard: self.shard(), reduce: self.comm };
-        let share_t = head(&gathered, &ctx)?;
+        let share_t = head(&Gathered { towers: &gathered, aux: &aux, local: &towers.local }, &ctx)?;
         let share = share_t.double_value(&[]);
         share_t.backward();
         let mut surrogate: Option<Tensor> = None;
-        for (z, zg) in towers.iter().zip(&gathered) {
+        for (z, zg) in towers.grad.iter().zip(&gathered) {
             let g = self.scatter_grad(zg, z);
             let term = (z * g).sum(z.kind());
             surrogate = Some(match surrogate {
@@ -99,9 +140,11 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
             }
         }
         self.all_reduce_grads(params);
-        let mut l = [share];
+        let mut l = Vec::with_capacity(1 + control.len());
+        l.push(share);
+        l.extend_from_slice(control);
         self.comm.all_reduce_sum(&mut l);
-        Ok(StepOutput { loss: l[0], share })
+        Ok(StepOutput { loss: l[0], share, control: l[1..].to_vec() })
     }
 
     /// Sum every parameter's gradient over ranks, in buckets of at most

@@ -5,12 +5,17 @@
 //! scatters the gradient back, as DESIGN.md invariant 1 describes.
 #![warn(missing_docs)]
 
+pub mod ema;
 pub mod engine;
 pub mod loss;
+pub mod method;
 pub mod model;
 pub mod optim;
+pub mod queue;
+pub mod state;
 
-pub use engine::{GlobalBatch, StepOutput};
+pub use engine::{Gathered, GlobalBatch, StepOutput, Towers};
+pub use method::Method;
 pub use tch;
 
 /// Errors of the nn crate.

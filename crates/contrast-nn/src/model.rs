@@ -12,9 +12,11 @@
 //!   pooling at each text's last token (its end-of-text token: the position
 //!   open_clip finds with an argmax over CLIP's ids, given explicitly so any
 //!   vocabulary works) and a linear projection.
-//! - [`Model`]: the whole trainable model of a run (SimCLR or CLIP).
+//! - [`BnMlp`]: the batch-normalised projector/predictor of BYOL and SimSiam.
+//!
+//! Methods (`crate::method`) assemble these into trainable models.
 
-use contrast_config::{LossConfig, LossKind, ModelConfig, Norm};
+use contrast_config::Norm;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -215,196 +217,36 @@ impl TextTower {
     }
 }
 
-/// The trainable model of a run.
-pub enum Model {
-    /// Backbone and projection head, two views (SimCLR and the other two-view losses).
-    SimClr {
-        /// Encoder whose features kNN evaluates.
-        backbone: ConvBackbone,
-        /// Projection head.
-        head: Mlp,
-    },
-    /// Image and text towers and the learnable logit scale (CLIP).
-    Clip {
-        /// Image backbone.
-        backbone: ConvBackbone,
-        /// Linear projection of image features into the shared space.
-        image_proj: nn::Linear,
-        /// Text tower.
-        text: TextTower,
-        /// log of the logit scale (a loss-head parameter).
-        logit_scale: Tensor,
-        /// SigLIP's logit bias (a loss-head parameter).
-        logit_bias: Option<Tensor>,
-    },
+/// MLP head with batch norm: Linear → BN → ReLU → Linear (→ BN without affine
+/// parameters when `out_bn`), the projector and predictor of BYOL and SimSiam.
+/// Run it on the gathered batch so that its statistics are the global batch's.
+#[derive(Debug)]
+pub struct BnMlp {
+    l1: nn::Linear,
+    bn: nn::BatchNorm,
+    l2: nn::Linear,
+    out_bn: Option<nn::BatchNorm>,
 }
 
-impl Model {
-    /// Build the model of `loss` for `in_channels`-channel images under the var
-    /// store's root; a CLIP text tower embeds `text_vocab` token ids.
-    pub fn new(
-        vs: &nn::VarStore,
-        loss: LossKind,
-        m: &ModelConfig,
-        norm: Norm,
-        l: &LossConfig,
-        in_channels: i64,
-        text_vocab: i64,
-    ) -> Self {
-        let root = vs.root();
-        let backbone = ConvBackbone::new(&(&root / "backbone"), in_channels, m.width, m.embed_dim, norm);
-        let hidden = m.proj_hidden;
-        match loss {
-            k if !k.is_image_text() => {
-                Model::SimClr { head: Mlp::new(&(&root / "head"), m.embed_dim, hidden, m.proj_dim), backbone }
-            }
-            _ => {
-                let t = &m.text;
-                let text =
-                    TextTower::new(&(&root / "text"), text_vocab, t.context, t.width, t.layers, t.heads, m.proj_dim);
-                let image_proj = nn::linear(
-                    &root / "image_proj",
-                    m.embed_dim,
-                    m.proj_dim,
-                    nn::LinearConfig { bias: false, ..Default::default() },
-                );
-                let init = (1.0 / l.temperature_for(loss)).ln();
-                let head = &root / "loss";
-                let logit_scale = if l.learn_scale {
-                    head.var("logit_scale", &[], nn::Init::Const(init))
-                } else {
-                    head.zeros_no_train("logit_scale", &[]).fill_(init)
-                };
-                let logit_bias =
-                    (loss == LossKind::SigLip).then(|| head.var("logit_bias", &[], nn::Init::Const(l.init_bias)));
-                Model::Clip { backbone, image_proj, text, logit_scale, logit_bias }
-            }
+impl BnMlp {
+    /// `input → hidden → output`.
+    pub fn new(p: &nn::Path, input: i64, hidden: i64, output: i64, out_bn: bool) -> Self {
+        let no_affine = nn::BatchNormConfig { affine: false, ..Default::default() };
+        Self {
+            l1: nn::linear(p / "fc1", input, hidden, Default::default()),
+            bn: nn::batch_norm1d(p / "bn1", hidden, Default::default()),
+            l2: nn::linear(p / "fc2", hidden, output, Default::default()),
+            out_bn: out_bn.then(|| nn::batch_norm1d(p / "bn2", output, no_affine)),
         }
     }
+}
 
-    /// Backbone features `[B, embed_dim]` (what kNN evaluates).
-    pub fn features(&self, images: &Tensor, train: bool) -> Tensor {
-        match self {
-            Model::SimClr { backbone, .. } | Model::Clip { backbone, .. } => backbone.forward_t(images, train),
-        }
-    }
-
-    /// The towers the loss sees: SimCLR `[z_A, z_B]` from two views (one tower
-    /// per view given); CLIP `[image, text]` from one view and the captions.
-    pub fn towers(&self, views: &[Tensor], captions: Option<&Captions>, train: bool) -> Vec<Tensor> {
-        match self {
-            Model::SimClr { backbone, head } => {
-                views.iter().map(|v| backbone.forward_t(v, train).apply(head)).collect()
-            }
-            Model::Clip { backbone, image_proj, text, .. } => {
-                let img = backbone.forward_t(&views[0], train).apply(image_proj);
-                let txt = text.forward(captions.expect("CLIP needs captions"));
-                vec![img, txt]
-            }
-        }
-    }
-
-    /// Text embeddings in the shared space (CLIP only).
-    pub fn encode_text(&self, captions: &Captions) -> Option<Tensor> {
-        match self {
-            Model::Clip { text, .. } => Some(text.forward(captions)),
-            Model::SimClr { .. } => None,
-        }
-    }
-
-    /// Image embeddings in the shared space (CLIP only).
-    pub fn encode_image(&self, images: &Tensor) -> Option<Tensor> {
-        match self {
-            Model::Clip { backbone, image_proj, .. } => Some(backbone.forward_t(images, false).apply(image_proj)),
-            Model::SimClr { .. } => None,
-        }
-    }
-
-    /// This rank's loss share on the gathered towers. `labels` are the gathered
-    /// class labels `[N]`, needed by supervised losses only.
-    pub fn loss_share(
-        &self,
-        gathered: &[Tensor],
-        ctx: &crate::loss::Ctx,
-        kind: LossKind,
-        l: &LossConfig,
-        labels: Option<&Tensor>,
-        mix: Option<&crate::loss::Mix>,
-    ) -> crate::Result<Tensor> {
-        use crate::loss::*;
-        let (a, shard, t) = (&gathered[0], ctx.shard, l.temperature_for(kind));
-        let b = gathered.get(1).unwrap_or(a);
-        match (self, kind, mix) {
-            (Model::SimClr { .. }, LossKind::NtXent, Some(m)) => ntxent_soft_share(a, b, m, t, shard),
-            (Model::SimClr { .. }, LossKind::SupCon, Some(m)) => {
-                let y = crate::to_host::<i64>(
-                    labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?,
-                );
-                let classes = y.iter().copied().max().unwrap_or(0).max(0) as usize + 1;
-                let mut q = vec![0f64; y.len() * classes];
-                for (i, &yi) in y.iter().enumerate() {
-                    q[i * classes + yi.max(0) as usize] += m.lambda[i];
-                    q[i * classes + y[m.partner[i] as usize].max(0) as usize] += 1.0 - m.lambda[i];
-                }
-                let probs = Tensor::from_slice(&q).view([y.len() as i64, classes as i64]).to_device(a.device());
-                supcon_soft_share(gathered, &probs, t, ctx)
-            }
-            (_, _, Some(_)) => Err(crate::NnError::Param(format!("loss {kind:?} takes no soft targets"))),
-            (Model::SimClr { .. }, LossKind::NtXent, None) if gathered.len() > 2 => {
-                ntxent_multi_share(gathered, t, ctx)
-            }
-            (Model::SimClr { .. }, LossKind::NtXent, None) => ntxent_share(a, b, t, shard),
-            (Model::SimClr { .. }, LossKind::SupCon, None) => {
-                let labels = labels.ok_or_else(|| crate::NnError::Param("SupCon needs class labels".into()))?;
-                supcon_share(gathered, labels, t, ctx)
-            }
-            (Model::SimClr { .. }, LossKind::Dcl, None) => dcl_share(a, b, t, None, shard),
-            (Model::SimClr { .. }, LossKind::Dclw, None) => dcl_share(a, b, t, Some(l.sigma), shard),
-            (Model::SimClr { .. }, LossKind::Debiased, None) => debiased_share(a, b, t, l.tau_plus, 0.0, shard),
-            (Model::SimClr { .. }, LossKind::HardNegative, None) => debiased_share(a, b, t, l.tau_plus, l.beta, shard),
-            (Model::SimClr { .. }, LossKind::BarlowTwins, None) => barlow_twins_share(a, b, l.lambda, shard),
-            (Model::SimClr { .. }, LossKind::Nce, None) => nce_share(a, b, t, l.noise_size, shard),
-            (Model::SimClr { .. }, k, None) if k.is_metric() => {
-                let y = labels.ok_or_else(|| crate::NnError::Param(format!("{k:?} needs class labels")))?;
-                match k {
-                    LossKind::Contrastive => contrastive_share(a, y, l.pos_margin, l.neg_margin, l.squared, ctx),
-                    LossKind::Triplet => {
-                        let mining = match l.mining.as_str() {
-                            "batch_hard" => Mining::BatchHard,
-                            "semi_hard" => Mining::SemiHard,
-                            _ => Mining::All,
-                        };
-                        triplet_share(a, y, l.margin, mining, ctx)
-                    }
-                    LossKind::Lifted => lifted_smooth_share(a, y, l.neg_margin, l.pos_margin, ctx),
-                    LossKind::LiftedHard => lifted_hard_share(a, y, l.neg_margin, ctx),
-                    LossKind::GeneralizedLifted => generalized_lifted_share(a, y, l.neg_margin, l.pos_margin, ctx),
-                    LossKind::NPair => npair_share(a, y, ctx),
-                    _ => snn_share(a, y, t, ctx),
-                }
-            }
-            (Model::Clip { logit_scale, .. }, LossKind::Clip, None) => clip_share(a, b, logit_scale, shard),
-            (Model::Clip { logit_scale, logit_bias: Some(bias), .. }, LossKind::SigLip, None) => {
-                siglip_share(a, b, logit_scale, bias, shard)
-            }
-            _ => Err(crate::NnError::Param(format!("loss {kind:?} does not fit this model"))),
-        }
-    }
-
-    /// After an optimiser step: clamp CLIP's log logit scale to [0, ln 100] (open_clip).
-    pub fn after_step(&self) {
-        if let Model::Clip { logit_scale, .. } = self {
-            tch::no_grad(|| {
-                let _ = logit_scale.shallow_clone().clamp_(0.0, 100f64.ln());
-            });
-        }
-    }
-
-    /// Current logit scale exp(s) (CLIP), for logs.
-    pub fn logit_scale(&self) -> Option<f64> {
-        match self {
-            Model::Clip { logit_scale, .. } => Some(logit_scale.exp().double_value(&[])),
-            Model::SimClr { .. } => None,
+impl ModuleT for BnMlp {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let h = x.apply(&self.l1).apply_t(&self.bn, train).relu().apply(&self.l2);
+        match &self.out_bn {
+            Some(bn) => h.apply_t(bn, train),
+            None => h,
         }
     }
 }

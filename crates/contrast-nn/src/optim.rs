@@ -7,6 +7,13 @@
 //! bias-corrected moments, `eps` added after the square root). Weight decay is
 //! applied only to parameters with two or more dimensions, so never to biases,
 //! norm weights or the logit scale (open_clip's rule).
+//!
+//! Each [`Param`] carries its group's settings: whether decay applies, a
+//! learning-rate factor and whether LARS adapts it. LARS wraps either
+//! optimiser as apex's `LARC` (which solo-learn's LARS follows) does: for an
+//! adapted parameter the gradient becomes (g + λw)·η‖w‖/(‖g‖ + λ‖w‖ + ε) and the
+//! base optimiser then applies no decay of its own; biases and norm weights
+//! are neither adapted nor decayed (the BYOL and SimCLR references' exclusion).
 
 use tch::{Kind, Tensor};
 
@@ -18,13 +25,32 @@ pub struct Param {
     pub tensor: Tensor,
     /// Whether weight decay applies.
     pub decay: bool,
+    /// The learning rate of this parameter is the schedule's times this factor.
+    pub lr_factor: f64,
+    /// Whether LARS adapts this parameter (when the optimiser is wrapped in LARS).
+    pub lars: bool,
 }
 
 impl Param {
-    /// Decay applies to tensors of 2 or more dimensions.
+    /// The default group: decay and LARS adaptation for tensors of 2 or more
+    /// dimensions (weights), neither for biases, norm weights and scalars.
     pub fn new(name: String, tensor: Tensor) -> Self {
-        let decay = tensor.dim() >= 2;
-        Self { name, tensor, decay }
+        let weight = tensor.dim() >= 2;
+        Self { name, tensor, decay: weight, lr_factor: 1.0, lars: weight }
+    }
+}
+
+/// LARC's ε.
+const LARS_EPS: f64 = 1e-8;
+
+/// The LARS-adapted gradient (g + λw)·η‖w‖/(‖g‖ + λ‖w‖ + ε); unchanged where ‖w‖ or ‖g‖ is 0.
+fn lars_grad(g: &Tensor, w: &Tensor, decay: f64, eta: f64) -> Tensor {
+    let (wn, gn) = (w.norm().double_value(&[]), g.norm().double_value(&[]));
+    let d = if decay > 0.0 { g + w * decay } else { g.shallow_clone() };
+    if wn > 0.0 && gn > 0.0 {
+        d * (eta * wn / (gn + decay * wn + LARS_EPS))
+    } else {
+        d
     }
 }
 
@@ -66,6 +92,8 @@ pub struct Optimizer {
     pub params: Vec<Param>,
     /// Per-parameter state tensors, named `<param>.<slot>` (`momentum`, `exp_avg`, `exp_avg_sq`).
     pub state: Vec<Vec<Tensor>>,
+    /// LARS trust coefficient η when the optimiser is wrapped in LARS.
+    pub lars: Option<f64>,
     /// Steps taken.
     pub steps: i64,
 }
@@ -78,7 +106,13 @@ impl Optimizer {
             OptimizerKind::AdamW { .. } => 2,
         };
         let state = params.iter().map(|p| (0..slots).map(|_| p.tensor.zeros_like().detach()).collect()).collect();
-        Self { kind, weight_decay, params, state, steps: 0 }
+        Self { kind, weight_decay, params, state, lars: None, steps: 0 }
+    }
+
+    /// Wrap in LARS with trust coefficient `eta` (parameters with `lars` set are adapted).
+    pub fn with_lars(mut self, eta: f64) -> Self {
+        self.lars = Some(eta);
+        self
     }
 
     fn slot_names(&self) -> &'static [&'static str] {
@@ -147,6 +181,11 @@ impl Optimizer {
                 }
                 let mut w = p.tensor.shallow_clone();
                 let decay = if p.decay { wd } else { 0.0 };
+                let (g, decay) = match self.lars {
+                    Some(eta) if p.lars => (lars_grad(&g, &w, decay, eta), 0.0),
+                    _ => (g, decay),
+                };
+                let lr = lr * p.lr_factor;
                 match self.kind {
                     OptimizerKind::Sgd { momentum, nesterov } => {
                         let d = if decay > 0.0 { &g + &w * decay } else { g.shallow_clone() };

@@ -3,9 +3,9 @@
 
 use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
-use contrast_config::{LossConfig, LossKind, ModelConfig, Norm, TextConfig};
-use contrast_nn::model::{Captions, Model};
-use contrast_nn::optim::named_params;
+use contrast_config::{LossConfig, LossKind, MethodName, MethodPlan, ModelConfig, Norm, TextConfig};
+use contrast_nn::method::{build as build_method, Batch, Method, Spec};
+use contrast_nn::model::Captions;
 use contrast_nn::GlobalBatch;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -44,21 +44,14 @@ fn inputs(n: usize, seed: u64) -> Inputs {
 
 type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
 
-fn build(loss: LossKind, norm: Norm, kind: Kind) -> (VarStore, Model) {
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = Model::new(
-        &vs,
-        loss,
-        &model_config(),
-        norm,
-        &LossConfig { temperature: Some(0.07), ..Default::default() },
-        1,
-        258,
-    );
-    if kind == Kind::Double {
-        vs.double();
-    }
-    (vs, model)
+fn build(loss: LossKind, norm: Norm, kind: Kind) -> Box<dyn Method> {
+    let name = if loss.is_image_text() { MethodName::Clip } else { MethodName::Simclr };
+    let mut spec = Spec::new(MethodPlan::of(name), loss, 1);
+    spec.model = ModelConfig { norm, ..model_config() };
+    spec.loss_cfg =
+        LossConfig { temperature: Some(if loss.is_image_text() { 0.07 } else { 0.2 }), ..Default::default() };
+    spec.kind = kind;
+    build_method(&spec).unwrap()
 }
 
 fn snapshot(vs: &VarStore) -> Snapshot {
@@ -88,8 +81,8 @@ fn run_rank<C: Collective>(
     data: &Inputs,
     b: usize,
 ) -> (f64, Snapshot) {
-    let (vs, model) = build(loss, norm, kind);
-    load(&vs, init);
+    let model = build(loss, norm, kind);
+    load(model.var_store(), init);
     let pix = (SIDE * SIDE) as usize;
     let r = comm.rank();
     let views: Vec<Tensor> = data
@@ -102,14 +95,13 @@ fn run_rank<C: Collective>(
         &data.ends[r * b..(r + 1) * b],
         Device::Cpu,
     );
-    let params = named_params(&vs);
+    let params = model.params();
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
-    let towers = model.towers(&views, Some(&captions), true);
-    let lc = LossConfig { temperature: Some(0.2), ..Default::default() };
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
-    let out =
-        engine.step(&towers, &tensors, |g, ctx| model.loss_share(g, ctx, loss, &lc, Some(&labels), None)).unwrap();
+    let batch = Batch { views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
+    let towers = model.forward(&batch).unwrap();
+    let out = engine.step_towers(&towers, &tensors, &[], |g, ctx| Ok(model.loss_share(g, &batch, ctx)?.loss)).unwrap();
     let grads = params
         .iter()
         .map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size()))
@@ -118,8 +110,7 @@ fn run_rank<C: Collective>(
 }
 
 fn check(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, tol: f64) {
-    let (vs, _) = build(loss, norm, kind);
-    let init = snapshot(&vs);
+    let init = snapshot(build(loss, norm, kind).var_store());
     for &p in worlds {
         let data = inputs(p * b, p as u64);
         let (l1, g1) = run_rank(&Solo, loss, norm, kind, &init, &data, p * b);
@@ -177,9 +168,9 @@ fn local_negatives_would_fail_parity() {
     // Guard that the parity check can fail: a loss over the local batch only
     // (what a naive data-parallel trainer computes) differs from the global loss.
     let data = inputs(8, 42);
-    let (vs, model) = build(LossKind::NtXent, Norm::Group, Kind::Double);
+    let model = build(LossKind::NtXent, Norm::Group, Kind::Double);
     let views: Vec<Tensor> = data.views.iter().map(|v| Tensor::from_slice(v).view([8, 1, SIDE, SIDE])).collect();
-    let t = model.towers(&views, None, true);
+    let t = model.forward(&Batch { views: &views, captions: None, labels: None, mix: None }).unwrap().grad;
     let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8))
         .unwrap()
         .double_value(&[]);
@@ -191,5 +182,4 @@ fn local_negatives_would_fail_parity() {
         })
         .sum();
     assert!((global - local).abs() > 1e-3, "{global} vs {local}");
-    drop(vs);
 }

@@ -7,6 +7,7 @@
 
 mod common;
 mod losses;
+mod methods;
 mod optim;
 mod parity;
 mod survey;

@@ -1,5 +1,13 @@
 //! Checkpoints: `dir/step-<N>/{model,optim}.safetensors` + `state.json`, and
-//! `dir/latest` naming the newest.
+//! `dir/latest` (a plain text file holding `step-<N>`) naming the newest.
+//!
+//! State is a registry of named items ([`contrast_nn::state`]): every rank
+//! turns its items into their canonical layout (sharded items are gathered,
+//! running statistics averaged, nothing else), and rank 0 writes them through
+//! [`commit`], the one function every write goes through. On load only rank 0
+//! reads the files; it checks every expected item and broadcasts them, and
+//! each rank keeps its part. So a node-local `checkpoint.dir` works, and any
+//! world size resumes any checkpoint.
 //!
 //! A checkpoint of several files is only atomic as a directory: it is written
 //! as `dir/.step-<N>.tmp` and renamed into place; `latest` is written to a
@@ -7,7 +15,10 @@
 //! checkpoint and `latest` intact.
 
 use anyhow::{bail, Context, Result};
+use contrast_comm::Collective;
+use contrast_nn::state::{broadcast_tensor, StateItem};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -26,6 +37,9 @@ pub struct State {
     pub global_batch: usize,
     /// Loss of the last step.
     pub loss: f64,
+    /// The method that wrote it (`simclr`, `moco_v2`, …).
+    #[serde(default)]
+    pub method: Option<String>,
     /// kNN top-1 of the untrained encoder, measured at step 0 (carried across resumes).
     #[serde(default)]
     pub knn_top1_init: Option<f64>,
@@ -39,14 +53,9 @@ pub fn step_dir_name(step: usize) -> String {
     format!("step-{step}")
 }
 
-/// Write a checkpoint atomically and point `latest` at it; keep the newest `keep` (0 = all).
-pub fn save(
-    dir: &Path,
-    state: &State,
-    model: &[(String, Tensor)],
-    optim: &[(String, Tensor)],
-    keep: usize,
-) -> Result<PathBuf> {
+/// Write a checkpoint's files atomically and point `latest` at it; keep the
+/// newest `keep` (0 = all). Every checkpoint write goes through here.
+pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let name = step_dir_name(state.step);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -55,11 +64,11 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let cpu = |v: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
-        v.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect()
-    };
-    Tensor::write_safetensors(&cpu(model), tmp.join("model.safetensors")).context("writing model.safetensors")?;
-    Tensor::write_safetensors(&cpu(optim), tmp.join("optim.safetensors")).context("writing optim.safetensors")?;
+    for (file, tensors) in files {
+        let cpu: Vec<(String, Tensor)> =
+            tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+        Tensor::write_safetensors(&cpu, tmp.join(file)).with_context(|| format!("writing {file}"))?;
+    }
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin)?;
@@ -72,6 +81,29 @@ pub fn save(
         prune(dir, keep)?;
     }
     Ok(fin)
+}
+
+/// Save the model's and the optimiser's items. Collective: every rank calls it;
+/// rank 0 writes and returns the directory.
+pub fn save<C: Collective>(
+    comm: &C,
+    dir: &Path,
+    state: &State,
+    model: &[StateItem],
+    optim: &[StateItem],
+    keep: usize,
+) -> Result<Option<PathBuf>> {
+    let canonical = |items: &[StateItem]| -> Vec<(String, Tensor)> {
+        items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
+    };
+    let (m, o) = (canonical(model), canonical(optim));
+    let out = if comm.rank() == 0 {
+        Some(commit(dir, state, &[("model.safetensors", &m), ("optim.safetensors", &o)], keep)?)
+    } else {
+        None
+    };
+    comm.barrier();
+    Ok(out)
 }
 
 fn prune(dir: &Path, keep: usize) -> Result<()> {
@@ -127,25 +159,120 @@ pub fn read_tensors(ckpt: &Path, file: &str) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(&f).with_context(|| format!("reading {}", f.display()))
 }
 
-/// Copy named tensors into a var store; every variable must be present with its shape.
-pub fn load_into(vs: &tch::nn::VarStore, tensors: &[(String, Tensor)], origin: &Path) -> Result<()> {
-    let map: std::collections::HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let vars = vs.variables();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in names {
-        let dst = &vars[name];
-        let src =
-            map.get(name.as_str()).with_context(|| format!("{}: variable `{name}` is missing", origin.display()))?;
-        if src.size() != dst.size() {
-            bail!(
-                "{}: variable `{name}` has shape {:?}, the model expects {:?}",
-                origin.display(),
-                src.size(),
-                dst.size()
-            );
-        }
-        tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device()).to_kind(dst.kind())));
+/// What [`load`] hands every rank: the state and the canonical tensors by name.
+pub struct Loaded {
+    /// The checkpoint directory (as rank 0 found it).
+    pub dir: PathBuf,
+    /// `state.json`.
+    pub state: State,
+    /// Canonical model items.
+    pub model: HashMap<String, Tensor>,
+    /// Canonical optimiser items.
+    pub optim: HashMap<String, Tensor>,
+}
+
+/// Rank 0 reads the checkpoint `find` returns (or none) and checks that it
+/// holds every item of `model` and `optim` with its canonical shape; then every
+/// rank receives the state and the tensors by broadcast. Collective.
+pub fn load<C: Collective>(
+    comm: &C,
+    find: impl FnOnce() -> Result<Option<PathBuf>>,
+    model: &[StateItem],
+    optim: Option<&[StateItem]>,
+) -> Result<Option<Loaded>> {
+    let p = comm.world_size();
+    // Rank 0's verdict: Ok(None) no checkpoint, Ok(Some) read and checked, Err why not.
+    let read = if comm.rank() == 0 { read_checked(find, model, optim, p) } else { Ok(None) };
+    let verdict = match &read {
+        Ok(None) => String::new(),
+        Ok(Some((dir, state, _, _))) => format!("ok\n{}\n{}", dir.display(), serde_json::to_string(state)?),
+        Err(e) => format!("error\n{e:#}"),
+    };
+    let verdict = broadcast_string(comm, verdict);
+    if verdict.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    let (head, rest) = verdict.split_once('\n').unwrap_or((verdict.as_str(), ""));
+    if head == "error" {
+        if let Err(e) = read {
+            return Err(e);
+        }
+        bail!("rank 0 could not load the checkpoint: {rest}");
+    }
+    let (dir, state) = rest.split_once('\n').context("checkpoint verdict")?;
+    let state: State = serde_json::from_str(state)?;
+    let (mut m0, mut o0) = match read {
+        Ok(Some((_, _, m, o))) => (m, o),
+        _ => (HashMap::new(), HashMap::new()),
+    };
+    let model = share_items(comm, model, &mut m0);
+    let optim = share_items(comm, optim.unwrap_or(&[]), &mut o0);
+    Ok(Some(Loaded { dir: PathBuf::from(dir), state, model, optim }))
+}
+
+type Read = (PathBuf, State, HashMap<String, Tensor>, HashMap<String, Tensor>);
+
+/// Rank 0: read a checkpoint and check every expected item's presence and canonical shape.
+fn read_checked(
+    find: impl FnOnce() -> Result<Option<PathBuf>>,
+    model: &[StateItem],
+    optim: Option<&[StateItem]>,
+    world_size: usize,
+) -> Result<Option<Read>> {
+    let Some(dir) = find()? else { return Ok(None) };
+    let state = read_state(&dir)?;
+    let check = |file: &str, items: &[StateItem]| -> Result<HashMap<String, Tensor>> {
+        let map: HashMap<String, Tensor> = read_tensors(&dir, file)?.into_iter().collect();
+        for item in items {
+            let t = map
+                .get(&item.name)
+                .with_context(|| format!("{}: `{}` is missing", dir.join(file).display(), item.name))?;
+            let want = item.canonical_shape(world_size);
+            if t.size() != want {
+                bail!(
+                    "{}: `{}` has shape {:?}, this run expects {want:?} (a different model, method or queue size?)",
+                    dir.join(file).display(),
+                    item.name,
+                    t.size()
+                );
+            }
+        }
+        Ok(map)
+    };
+    let m = check("model.safetensors", model)?;
+    let o = match optim {
+        Some(items) => check("optim.safetensors", items)?,
+        None => HashMap::new(),
+    };
+    Ok(Some((dir, state, m, o)))
+}
+
+/// Broadcast every item's canonical tensor from rank 0 (which holds them in `held`).
+fn share_items<C: Collective>(
+    comm: &C,
+    items: &[StateItem],
+    held: &mut HashMap<String, Tensor>,
+) -> HashMap<String, Tensor> {
+    let p = comm.world_size();
+    items
+        .iter()
+        .map(|item| {
+            let shape = item.canonical_shape(p);
+            let kind = item.tensor.kind();
+            let local = match held.remove(&item.name) {
+                Some(t) => t.to_kind(kind),
+                None => Tensor::zeros(shape.as_slice(), (kind, tch::Device::Cpu)),
+            };
+            (item.name.clone(), broadcast_tensor(comm, &local, 0))
+        })
+        .collect()
+}
+
+/// Broadcast a string from rank 0 (length first).
+fn broadcast_string<C: Collective>(comm: &C, s: String) -> String {
+    let mut len = [s.len() as i64];
+    comm.broadcast(&mut len, 0);
+    let mut bytes = if comm.rank() == 0 { s.into_bytes() } else { vec![0u8; len[0] as usize] };
+    comm.broadcast(&mut bytes, 0);
+    String::from_utf8_lossy(&bytes).into_owned()
 }

@@ -17,7 +17,8 @@ use contrast_data::rgb::{decode, RgbAugParams, RgbAugmenter};
 use contrast_data::source::Source;
 use contrast_data::text::{self, Tokenizer};
 use contrast_nn::loss::l2_normalize;
-use contrast_nn::model::{Captions, Model};
+use contrast_nn::model::Captions;
+use contrast_nn::Method;
 use rand::SeedableRng;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -273,7 +274,7 @@ pub fn raw_pixels_knn<C: Collective>(
 #[allow(clippy::too_many_arguments)]
 pub fn zero_shot_top1<C: Collective>(
     comm: &C,
-    model: &Model,
+    model: &dyn Method,
     test: &EvalSet,
     device: Device,
     class_names: &[String],

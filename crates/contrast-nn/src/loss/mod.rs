@@ -72,14 +72,21 @@ impl Shard {
 
 /// An all-reduce sum of small host vectors: how a loss counts over the
 /// *global* batch (averages over non-zero terms, anchor counts, Sinkhorn sums).
+/// It is object safe (the communicator's own trait is generic), so losses and
+/// methods take it as `&dyn GlobalSum`.
 pub trait GlobalSum {
     /// Sum `v` element-wise over all ranks, in place.
     fn sum(&self, v: &mut [f64]);
+    /// Element-wise maximum over all ranks, in place.
+    fn max(&self, v: &mut [f64]);
 }
 
 impl<C: contrast_comm::Collective> GlobalSum for C {
     fn sum(&self, v: &mut [f64]) {
         self.all_reduce_sum(v)
+    }
+    fn max(&self, v: &mut [f64]) {
+        self.all_reduce_max(v)
     }
 }
 

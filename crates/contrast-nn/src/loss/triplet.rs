@@ -26,16 +26,7 @@ use super::{owned_rows, Ctx};
 use crate::{NnError, Result};
 use tch::Tensor;
 
-/// Which triplets the loss uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mining {
-    /// Every valid triplet.
-    All,
-    /// Hardest positive and hardest negative per anchor.
-    BatchHard,
-    /// Negatives farther than the positive but within the margin.
-    SemiHard,
-}
+pub use contrast_config::Mining;
 
 /// This rank's share of the triplet margin loss.
 pub fn triplet_share(z: &Tensor, labels: &Tensor, margin: f64, mining: Mining, ctx: &Ctx) -> Result<Tensor> {

@@ -1,0 +1,72 @@
+//! SimSiam (Chen & He 2021): one encoder (backbone + projector) for both
+//! views, a predictor, and a stop-gradient on the other view's projection;
+//! the loss is −cos(p₁, sg z₂)/2 − cos(p₂, sg z₁)/2.
+//!
+//! Projector: Linear → BN → ReLU → Linear → BN (no affine), a 2-layer form of
+//! the reference's 3-layer projector (which ends in the same affine-free BN);
+//! predictor: Linear → BN → ReLU → Linear (the reference's bottleneck). Both
+//! run on the gathered backbone features, so their batch statistics are the
+//! global batch's and parity with one process is exact.
+
+use super::{set_kind, Batch, Method, Share, Spec};
+use crate::engine::{Gathered, Towers};
+use crate::loss::{negative_cosine_share, Ctx};
+use crate::model::{BnMlp, ConvBackbone};
+use crate::{NnError, Result};
+use contrast_config::MethodName;
+use tch::nn::{ModuleT, VarStore};
+use tch::Tensor;
+
+/// Shared encoder and predictor.
+pub struct SimSiam {
+    vs: VarStore,
+    backbone: ConvBackbone,
+    projector: BnMlp,
+    predictor: BnMlp,
+}
+
+impl SimSiam {
+    /// Build into `vs` (`backbone.*`, `projector.*`, `predictor.*`).
+    pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
+        let (m, root) = (&spec.model, vs.root());
+        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
+        let projector = BnMlp::new(&(&root / "projector"), m.embed_dim, m.proj_hidden, m.proj_dim, true);
+        let predictor = BnMlp::new(&(&root / "predictor"), m.proj_dim, spec.method.predictor_hidden, m.proj_dim, false);
+        set_kind(&mut vs, spec);
+        Ok(Self { vs, backbone, projector, predictor })
+    }
+}
+
+impl Method for SimSiam {
+    fn name(&self) -> MethodName {
+        MethodName::Simsiam
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn forward(&self, batch: &Batch) -> Result<Towers> {
+        if batch.views.len() != 2 {
+            return Err(NnError::Param(format!("SimSiam takes two views, got {}", batch.views.len())));
+        }
+        let grad = batch.views.iter().map(|v| self.backbone.forward_t(v, true)).collect();
+        Ok(Towers { grad, ..Default::default() })
+    }
+
+    fn loss_share(&self, g: &Gathered, batch: &Batch, ctx: &Ctx) -> Result<Share> {
+        if batch.mix.is_some() {
+            return Err(NnError::Param("SimSiam takes no soft targets".into()));
+        }
+        let z: Vec<Tensor> = g.towers.iter().map(|h| self.projector.forward_t(h, true)).collect();
+        let p: Vec<Tensor> = z.iter().map(|z| self.predictor.forward_t(z, true)).collect();
+        // negative_cosine_share detaches its target: the stop-gradient.
+        let loss =
+            (negative_cosine_share(&p[0], &z[1], ctx.shard)? + negative_cosine_share(&p[1], &z[0], ctx.shard)?) * 0.5;
+        Ok(Share { loss, monitor: Some(z[0].shallow_clone()) })
+    }
+
+    fn features(&self, images: &Tensor) -> Tensor {
+        self.backbone.forward_t(images, false)
+    }
+}

@@ -1,0 +1,184 @@
+//! MoCo's queue of negative keys, sharded over the ranks (DESIGN.md, "The
+//! sharded momentum queue").
+//!
+//! The queue holds K keys in K/N *blocks*, one per step, each block one step's
+//! global batch of N keys in global row order; the pointer names the oldest
+//! block, the one the next enqueue overwrites. Rank r of P keeps rows
+//! `[r·B, (r+1)·B)` of every block — K/P keys — and enqueues only its own B
+//! keys. That layout is the *canonical* one of checkpoints: any world size
+//! re-slices the same blocks and evicts them in the same order.
+//!
+//! The loss over the queue, [`ShardedQueue::infonce_share`], needs no gather of
+//! keys: every rank scores all N gathered queries against its shard, and the
+//! log-sum-exp over all shards comes from an all-reduce of `[N]` row maxima
+//! and one of `[N]` shifted exp-sums.
+
+use crate::loss::{l2_normalize, Ctx};
+use crate::{NnError, Result};
+use rand_chacha::rand_core::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use tch::{Device, Kind, Tensor};
+
+/// This rank's shard of a queue of `K` keys of dimension `d`.
+pub struct ShardedQueue {
+    /// `[K/P, d]`: block b's rows of this rank at `[b·B, (b+1)·B)`.
+    keys: Tensor,
+    /// Blocks K/N.
+    blocks: usize,
+    /// Rows per rank and block (local batch B).
+    local_batch: usize,
+    /// Ranks P.
+    world_size: usize,
+    /// Oldest block (the next to be overwritten).
+    ptr: usize,
+}
+
+impl ShardedQueue {
+    /// The canonical starting queue of the MoCo reference: K keys drawn from a
+    /// standard normal and L2-normalised, from `seed` alone (so every world size
+    /// starts from the same negatives). `[K, d]` f64.
+    pub fn initial_canonical(k: usize, d: usize, seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4D6F_436F_5175_6575);
+        let v: Vec<f64> = (0..k * d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        l2_normalize(&Tensor::from_slice(&v).view([k as i64, d as i64]))
+    }
+
+    /// This rank's shard of a canonical queue `[K, d]` of blocks of `global_batch`
+    /// keys; `ptr` names the oldest block.
+    pub fn from_canonical(
+        canonical: &Tensor,
+        ptr: usize,
+        global_batch: usize,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        let (k, d) = canonical.size2().map_err(|e| NnError::Shape(format!("queue: {e}")))?;
+        let (k, n) = (k as usize, global_batch);
+        if n == 0 || k % n != 0 || n % world_size != 0 {
+            return Err(NnError::Shape(format!(
+                "queue of {k} keys: not a multiple of the global batch {n}, or {n} not divisible by {world_size} ranks"
+            )));
+        }
+        let (blocks, b) = (k / n, n / world_size);
+        if ptr >= blocks {
+            return Err(NnError::Param(format!("queue pointer {ptr} is not below the {blocks} blocks")));
+        }
+        let keys = canonical
+            .view([blocks as i64, world_size as i64, b as i64, d])
+            .select(1, rank as i64)
+            .reshape([(blocks * b) as i64, d])
+            .detach()
+            .copy();
+        Ok(Self { keys, blocks, local_batch: b, world_size, ptr })
+    }
+
+    /// Convert to `kind` on `device`.
+    pub fn to(mut self, kind: Kind, device: Device) -> Self {
+        self.keys = self.keys.to_device(device).to_kind(kind);
+        self
+    }
+
+    /// The canonical queue `[K, d]` from every rank's shard, given the
+    /// all-gather of the flattened shards (rank order). Collective: every rank calls it.
+    pub fn to_canonical(&self, gathered: &Tensor) -> Tensor {
+        let d = self.dim() as i64;
+        gathered
+            .view([self.world_size as i64, self.blocks as i64, self.local_batch as i64, d])
+            .permute([1, 0, 2, 3])
+            .reshape([-1, d])
+    }
+
+    /// This rank's keys `[K/P, d]`.
+    pub fn shard(&self) -> &Tensor {
+        &self.keys
+    }
+
+    /// Key dimension d.
+    pub fn dim(&self) -> usize {
+        self.keys.size()[1] as usize
+    }
+
+    /// The oldest block.
+    pub fn ptr(&self) -> usize {
+        self.ptr
+    }
+
+    /// Blocks K/N.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Overwrite the oldest block's rows of this rank with this step's keys `[B, d]`.
+    pub fn enqueue(&mut self, keys: &Tensor) -> Result<()> {
+        let b = self.local_batch as i64;
+        if keys.size() != [b, self.dim() as i64] {
+            return Err(NnError::Shape(format!(
+                "enqueue: keys must be [B={b}, d={}], got {:?}",
+                self.dim(),
+                keys.size()
+            )));
+        }
+        tch::no_grad(|| {
+            self.keys.narrow(0, self.ptr as i64 * b, b).copy_(&keys.detach().to_kind(self.keys.kind()));
+        });
+        self.ptr = (self.ptr + 1) % self.blocks;
+        Ok(())
+    }
+
+    /// This rank's share of MoCo's InfoNCE over the gathered queries `q` `[N, d]`
+    /// (L2-normalised here), this rank's positive keys `k` `[B, d]` (unit
+    /// vectors, no gradient) and the whole queue, at temperature `t`.
+    ///
+    /// With s_ij = q_i·n_j / t over negatives j of every shard and s_i⁺ = q_i·k_i / t,
+    /// lse_i = log(exp s_i⁺ + Σ_j exp s_ij) comes from all-reduces of the row
+    /// maxima and shifted sums, and (sg = stop-gradient, e_ij = exp(s_ij − sg lse_i))
+    ///
+    /// L_r = (1/N) [ Σ_{i owned} (sg lse_i − s_i⁺) + Σ_i Σ_{j ∈ shard r ∪ pos(i ∈ r)} (e_ij − sg e_ij) ].
+    ///
+    /// The second sum is zero in value and carries the softmax gradient, so the
+    /// shares add up to the replicated-queue loss and, summed over ranks, to its
+    /// gradient with respect to q.
+    pub fn infonce_share(&self, q: &Tensor, k: &Tensor, t: f64, ctx: &Ctx) -> Result<Tensor> {
+        crate::loss::check_temperature("MoCo InfoNCE", t)?;
+        let shard = ctx.shard;
+        let (n, b, off) = (shard.global() as i64, shard.local_batch as i64, shard.offset() as i64);
+        let d = self.dim() as i64;
+        if q.size() != [n, d] || k.size() != [b, d] {
+            return Err(NnError::Shape(format!(
+                "MoCo InfoNCE: queries must be [N={n}, d={d}] and keys [B={b}, d], got {:?} and {:?}",
+                q.size(),
+                k.size()
+            )));
+        }
+        let qn = l2_normalize(q);
+        let kind = qn.kind();
+        let keys = self.keys.to_kind(kind);
+        let pos = (qn.narrow(0, off, b) * k.detach().to_kind(kind)).sum_dim_intlist([1i64].as_slice(), false, kind) / t;
+        let neg = qn.matmul(&keys.tr()) / t; // [N, K/P]
+        let lse = global_lse(&neg, &pos, off, ctx).to_kind(kind); // [N], no gradient
+        let own_lse = lse.narrow(0, off, b);
+        let value = (&own_lse - &pos).sum(kind);
+        let e_neg = (&neg - lse.unsqueeze(1)).exp();
+        let e_pos = (&pos - &own_lse).exp();
+        let carrier = (&e_neg - e_neg.detach()).sum(kind) + (&e_pos - e_pos.detach()).sum(kind);
+        Ok((value + carrier) / n as f64)
+    }
+}
+
+/// lse_i over the positive (held by the owner of row i) and every shard's negatives, in f64.
+fn global_lse(neg: &Tensor, pos: &Tensor, off: i64, ctx: &Ctx) -> Tensor {
+    let (neg, pos) = (neg.detach().to_kind(Kind::Double), pos.detach().to_kind(Kind::Double));
+    let b = pos.size()[0];
+    let row_max = neg.amax([1i64].as_slice(), false);
+    let own_max = row_max.narrow(0, off, b).maximum(&pos);
+    row_max.narrow(0, off, b).copy_(&own_max);
+    let mut m = crate::to_host::<f64>(&row_max);
+    ctx.reduce.max(&mut m);
+    let m = Tensor::from_slice(&m).to_device(neg.device());
+    let sums = (&neg - m.unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
+    let own = sums.narrow(0, off, b) + (&pos - m.narrow(0, off, b)).exp();
+    sums.narrow(0, off, b).copy_(&own);
+    let mut s = crate::to_host::<f64>(&sums);
+    ctx.reduce.sum(&mut s);
+    m + Tensor::from_slice(&s).to_device(neg.device()).log()
+}

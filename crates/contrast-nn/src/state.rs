@@ -1,0 +1,161 @@
+//! Checkpoint state as a registry of named items, each with its layout across ranks.
+//!
+//! - [`Layout::Replicated`]: identical on every rank (weights, optimiser state,
+//!   momentum encoders, the queue pointer); saved as rank 0 holds it.
+//! - [`Layout::Mean`]: differs per rank and is averaged on save (batch-norm
+//!   running statistics, which each rank accumulates over its own rows).
+//! - [`Layout::RowSharded`]: rank r holds rows `[r·B, (r+1)·B)` of every block of
+//!   `block` global rows (MoCo's queue); gathered into the canonical layout on
+//!   save and re-sliced on load, so any world size resumes it.
+//!
+//! Nothing is averaged unless its item says so: a queue shard must never be.
+
+use contrast_comm::Collective;
+use tch::{Kind, Tensor};
+
+/// How an item lies across ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The same on every rank.
+    Replicated,
+    /// Averaged over ranks on save.
+    Mean,
+    /// Blocks of `block` global rows, each rank holding its local rows of every block.
+    RowSharded {
+        /// Global rows per block (one step's global batch N).
+        block: usize,
+    },
+}
+
+/// One named piece of state (a tensor that shares storage with the live one).
+pub struct StateItem {
+    /// Name in the checkpoint file.
+    pub name: String,
+    /// The live tensor on this rank (a shard for [`Layout::RowSharded`]).
+    pub tensor: Tensor,
+    /// Its layout.
+    pub layout: Layout,
+}
+
+impl StateItem {
+    /// A replicated item.
+    pub fn replicated(name: impl Into<String>, tensor: Tensor) -> Self {
+        Self { name: name.into(), tensor, layout: Layout::Replicated }
+    }
+
+    /// Shape of the canonical (saved) tensor for `world_size` ranks.
+    pub fn canonical_shape(&self, world_size: usize) -> Vec<i64> {
+        let mut s = self.tensor.size();
+        if let Layout::RowSharded { .. } = self.layout {
+            s[0] *= world_size as i64;
+        }
+        s
+    }
+
+    /// The canonical tensor (on the CPU). Collective: every rank calls it for every item, in the same order.
+    pub fn to_canonical<C: Collective>(&self, comm: &C) -> Tensor {
+        let t = self.tensor.detach().to_device(tch::Device::Cpu);
+        let p = comm.world_size();
+        if p == 1 {
+            return t.copy();
+        }
+        match self.layout {
+            Layout::Replicated => t.copy(),
+            Layout::Mean => {
+                let mut host = crate::to_host::<f64>(&t);
+                comm.all_reduce_sum(&mut host);
+                host.iter_mut().for_each(|v| *v /= p as f64);
+                let mean = Tensor::from_slice(&host).view(t.size().as_slice()).to_kind(t.kind());
+                // Every rank continues with the mean, so evaluation sees one set of statistics.
+                self.load(&mean, 0, 1);
+                mean
+            }
+            Layout::RowSharded { block } => {
+                let gathered = all_gather_tensor(comm, &t);
+                let s = t.size();
+                let (rows, b) = (s[0], (block / p) as i64);
+                let rest: Vec<i64> = s[1..].to_vec();
+                let mut shape = vec![p as i64, rows / b, b];
+                shape.extend(&rest);
+                let mut out = vec![rows * p as i64];
+                out.extend(&rest);
+                gathered.view(shape.as_slice()).transpose(0, 1).reshape(out.as_slice())
+            }
+        }
+    }
+
+    /// This rank's part of a canonical tensor (the inverse of [`StateItem::to_canonical`]).
+    pub fn from_canonical(&self, canonical: &Tensor, rank: usize, world_size: usize) -> Tensor {
+        match self.layout {
+            Layout::Replicated | Layout::Mean => canonical.shallow_clone(),
+            Layout::RowSharded { block } => {
+                let s = canonical.size();
+                let b = (block / world_size) as i64;
+                let rest: Vec<i64> = s[1..].to_vec();
+                let mut shape = vec![s[0] / block as i64, world_size as i64, b];
+                shape.extend(&rest);
+                let mut out = vec![s[0] / world_size as i64];
+                out.extend(&rest);
+                canonical.view(shape.as_slice()).select(1, rank as i64).reshape(out.as_slice())
+            }
+        }
+    }
+
+    /// Overwrite the live tensor with this rank's part of `canonical`.
+    pub fn load(&self, canonical: &Tensor, rank: usize, world_size: usize) {
+        let part = self.from_canonical(canonical, rank, world_size);
+        tch::no_grad(|| {
+            self.tensor.shallow_clone().copy_(&part.to_device(self.tensor.device()).to_kind(self.tensor.kind()))
+        });
+    }
+}
+
+/// All-gather a tensor's elements in rank order (f64 and i64 exactly, other kinds through f32).
+pub fn all_gather_tensor<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
+    match t.kind() {
+        Kind::Double => Tensor::from_slice(&comm.all_gather(&crate::to_host::<f64>(t))),
+        Kind::Int64 => Tensor::from_slice(&comm.all_gather(&crate::to_host::<i64>(t))),
+        k => Tensor::from_slice(&comm.all_gather(&crate::to_host::<f32>(t))).to_kind(k),
+    }
+}
+
+/// Broadcast a tensor's elements from `root` into `t` (same shape on every rank).
+pub fn broadcast_tensor<C: Collective>(comm: &C, t: &Tensor, root: usize) -> Tensor {
+    let shape = t.size();
+    let out = match t.kind() {
+        Kind::Double => {
+            let mut v = crate::to_host::<f64>(t);
+            comm.broadcast(&mut v, root);
+            Tensor::from_slice(&v)
+        }
+        Kind::Int64 => {
+            let mut v = crate::to_host::<i64>(t);
+            comm.broadcast(&mut v, root);
+            Tensor::from_slice(&v)
+        }
+        k => {
+            let mut v = crate::to_host::<f32>(t);
+            comm.broadcast(&mut v, root);
+            Tensor::from_slice(&v).to_kind(k)
+        }
+    };
+    out.view(shape.as_slice())
+}
+
+/// Whether a var-store name is a batch-norm running statistic (averaged over ranks on save).
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// Every variable of a var store as a state item, sorted by name: running
+/// statistics are [`Layout::Mean`], the rest [`Layout::Replicated`].
+pub fn var_store_items(vs: &tch::nn::VarStore) -> Vec<StateItem> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.into_iter()
+        .map(|(name, tensor)| {
+            let layout = if is_running_stat(&name) { Layout::Mean } else { Layout::Replicated };
+            StateItem { name, tensor, layout }
+        })
+        .collect()
+}

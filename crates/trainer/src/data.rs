@@ -1,0 +1,200 @@
+//! From the plan to the data: the augmentation presets of each view (IDX and
+//! RGB), batch-level mixing, the training input, the caption tokenizer and
+//! mode, and the evaluation sets.
+
+use crate::eval::{EvalData, EvalSet};
+use anyhow::{bail, Context, Result};
+use contrast_config::Plan;
+use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
+use contrast_data::pipeline::Input;
+use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
+use contrast_data::source::{CsvSource, ImageFolder, Source, WebDataset};
+use contrast_data::text::Tokenizer;
+use contrast_data::{AugParams, Augmenter, Mode};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The grayscale augmentation of each view of `data.augment` for IDX input:
+/// two views for `simclr`, `clip` and `none`; 2 + `data.small_crops` for `swav`
+/// (SwAV's crop scales, small views at `data.small_size`, default ⌈28 · 96 / 224⌉ = 12).
+fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
+    let (d, a) = (&plan.config.data, &plan.config.data.aug);
+    let simclr = AugParams {
+        crop_scale: Some(a.crop_scale),
+        crop_ratio: a.crop_ratio,
+        flip_prob: a.flip_prob,
+        jitter_prob: a.jitter_prob,
+        brightness: a.brightness,
+        contrast: a.contrast,
+        blur_prob: a.blur_prob,
+        blur_sigma: a.blur_sigma,
+        mean_std: FASHION_MNIST_MEAN_STD,
+    };
+    let view = |params: AugParams| Augmenter::new(params, images.height, images.width);
+    match d.augment.as_str() {
+        "simclr" => vec![view(simclr); 2],
+        // CLIP's preset: a mild random resized crop, nothing else.
+        "clip" => vec![
+            view(AugParams {
+                crop_scale: Some([0.8, 1.0]),
+                crop_ratio: [0.9, 1.1],
+                ..AugParams::identity(FASHION_MNIST_MEAN_STD)
+            });
+            2
+        ],
+        "swav" => {
+            let small = if d.small_size > 0 { d.small_size } else { small_crop_side(images.height as u32) } as usize;
+            let large = view(AugParams { crop_scale: Some(SWAV_LARGE_SCALE), ..simclr.clone() });
+            let little = view(AugParams { crop_scale: Some(SWAV_SMALL_SCALE), ..simclr }).resized(small, small);
+            let mut v = vec![large.clone(), large];
+            v.extend(std::iter::repeat_n(little, d.small_crops));
+            v
+        }
+        _ => vec![view(AugParams::identity(FASHION_MNIST_MEAN_STD)); 2],
+    }
+}
+
+/// Image channels the encoder sees: 1 for IDX, 3 for decoded files.
+pub fn in_channels(plan: &Plan) -> i64 {
+    if plan.config.data.dataset == "fashion_mnist" {
+        1
+    } else {
+        3
+    }
+}
+
+/// The RGB augmentation of each view of `data.augment` (`simclr` takes the `data.aug` parameters).
+pub fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
+    let (d, a) = (&plan.config.data, &plan.config.data.aug);
+    let small = if d.small_size > 0 { d.small_size } else { small_crop_side(d.image_size) };
+    match d.augment.as_str() {
+        "simclr" => vec![
+            RgbAugParams {
+                size: d.image_size,
+                crop_scale: Some(a.crop_scale),
+                crop_ratio: a.crop_ratio,
+                flip_prob: a.flip_prob,
+                jitter_prob: a.jitter_prob,
+                jitter: [a.brightness, a.contrast, a.saturation, a.hue],
+                gray_prob: a.gray_prob,
+                blur_prob: a.blur_prob,
+                blur_sigma: a.blur_sigma,
+                solarize_prob: a.solarize_prob,
+                randaugment: (a.randaugment_n > 0).then_some((a.randaugment_n, a.randaugment_m)),
+                autoaugment: a.autoaugment,
+                ..RgbAugParams::simclr(d.image_size)
+            };
+            2
+        ],
+        "none" => vec![RgbAugParams::clip(d.image_size); 2],
+        // A one-view preset (clip) still gives the two-view losses two views.
+        name => match RgbAugParams::preset(name, d.image_size, small, d.small_crops).expect("validated preset") {
+            one if one.len() == 1 => vec![one[0].clone(); 2],
+            views => views,
+        },
+    }
+}
+
+/// Batch-level mixing of the plan: i-Mix mixes the first view for NT-Xent;
+/// SupCon's mixed labels apply to both views.
+pub fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)> {
+    use contrast_data::mix::{MixConfig, MixKind};
+    let d = &plan.config.data;
+    let kind = match d.mix.as_str() {
+        "mixup" => MixKind::Mixup,
+        "cutmix" => MixKind::CutMix,
+        _ => return None,
+    };
+    let views = if plan.loss == contrast_config::LossKind::SupCon { 2 } else { 1 };
+    Some((MixConfig { kind, alpha: d.mix_alpha, group: d.mix_group }, views))
+}
+
+/// The training input of the plan and its class names.
+pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
+    let d = &plan.config.data;
+    if d.dataset == "fashion_mnist" {
+        let images =
+            Images::load_split(&d.root, "train").with_context(|| format!("loading data.root {}", d.root.display()))?;
+        let augment = augmenter(plan, &images);
+        let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        return Ok((Input::Idx { images: Arc::new(images), augment }, names));
+    }
+    let source = open_source(plan, &d.dataset, &d.root)?;
+    let names = source.class_names();
+    let input =
+        Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
+    Ok((input, names))
+}
+
+/// The caption tokenizer of the plan (`data.text.tokenizer`), for texts of `model.text.context` tokens.
+pub fn tokenizer(plan: &Plan) -> Result<Arc<Tokenizer>> {
+    let c = &plan.config;
+    Ok(Arc::new(Tokenizer::from_spec(&c.data.text.tokenizer, c.model.text.context as usize)?))
+}
+
+/// Open a file dataset of kind `dataset` at `root` (image folder, CSV, WebDataset).
+fn open_source(plan: &Plan, dataset: &str, root: &Path) -> Result<Box<dyn Source>> {
+    let d = &plan.config.data;
+    Ok(match dataset {
+        "image_folder" => Box::new(ImageFolder::open(root)?),
+        "csv" => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, d.csv_separator.as_bytes()[0])?),
+        "webdataset" => Box::new(WebDataset::open(&root.to_string_lossy())?),
+        other => bail!("{other} is not a file dataset"),
+    })
+}
+
+/// The evaluation data of the plan, or the reason there is none (no labelled
+/// test split). `opened` is the training set's source when the caller already has it.
+pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::result::Result<EvalData, &'static str>> {
+    let (d, e) = (&plan.config.data, &plan.config.eval);
+    if d.dataset == "fashion_mnist" {
+        let mut train = Images::load_split(&d.root, "train")?;
+        let mut test = Images::load_split(&d.root, "t10k")?;
+        train.truncate(e.max_train);
+        test.truncate(e.max_test);
+        let class_names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names }));
+    }
+    let Some(root) = &e.root else { return Ok(Err("set eval.root to a labelled test split")) };
+    let kind = if e.dataset.is_empty() { d.dataset.as_str() } else { e.dataset.as_str() };
+    let test: Arc<dyn Source> =
+        open_source(plan, kind, root).with_context(|| format!("eval.root {}", root.display()))?.into();
+    // Evaluation sees what training normalised: the first view's statistics, no random op.
+    let first = &rgb_augment(plan)[0];
+    let transform = RgbAugParams { mean: first.mean, std: first.std, ..RgbAugParams::clip(d.image_size) };
+    let threads = plan.workers.max(1);
+    let mut class_names = test.class_names();
+    let memory = if d.dataset == "csv" {
+        None
+    } else {
+        let train = match opened {
+            Some(source) => source,
+            None => open_source(plan, &d.dataset, &d.root)?.into(),
+        };
+        if class_names.is_empty() {
+            class_names = train.class_names();
+        }
+        Some(EvalSet::files(train, e.max_train, transform.clone(), threads))
+    };
+    Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names }))
+}
+
+/// What a batch holds for the plan: captions for image–text methods (with
+/// their augmentation), views otherwise.
+pub fn mode(plan: &Plan, tokenizer: &Arc<Tokenizer>, class_names: Vec<String>) -> Result<Mode> {
+    if !plan.loss.is_image_text() {
+        return Ok(Mode::Views);
+    }
+    let (c, t) = (&plan.config, &plan.config.data.text);
+    let eda = match (&t.synonyms, t.eda_alpha > 0.0) {
+        (Some(path), true) => Some((Arc::new(contrast_data::textaug::Synonyms::load(path)?), t.eda_alpha)),
+        _ => None,
+    };
+    let cutoff = match t.cutoff.as_str() {
+        "token" => Some((contrast_data::textaug::Cutoff::Token, t.cutoff_ratio)),
+        "span" => Some((contrast_data::textaug::Cutoff::Span, t.cutoff_ratio)),
+        _ => None,
+    };
+    let text = contrast_data::pipeline::TextAug { eda, cutoff };
+    Ok(Mode::ImageText { context: c.model.text.context as usize, tokenizer: tokenizer.clone(), class_names, text })
+}

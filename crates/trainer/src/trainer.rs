@@ -1,0 +1,536 @@
+//! The training loop: a small struct whose parts each decide when they run
+//! (torchtitan's shape). [`Trainer::run`] takes host batches from the
+//! pipeline; each step runs the method through the exact engine, steps the
+//! optimiser, lets the method do its after-step work, and then asks each part
+//! whether it is due: the step log, the collapse guard, the checkpointer and
+//! the evaluator.
+//!
+//! Every rank takes the same decisions at the same step: the loss is the
+//! all-reduced sum, and the step's control vector (bad samples; later stop
+//! requests) rides on that same all-reduce.
+
+use crate::checkpoint::{self, State};
+use crate::eval::{self, EvalData};
+use crate::{EvalFigures, Summary};
+use anyhow::{bail, Context, Result};
+use contrast_comm::Collective;
+use contrast_config::{Plan, ScheduleName};
+use contrast_data::text::Tokenizer;
+use contrast_data::{HostBatch, Pipeline};
+use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
+use contrast_nn::model::Captions;
+use contrast_nn::optim::{Optimizer, OptimizerKind, Schedule};
+use contrast_nn::state::StateItem;
+use contrast_nn::GlobalBatch;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// Steps the collapse guard waits below its threshold before it warns.
+pub const COLLAPSE_PATIENCE: usize = 20;
+
+/// Indices of the control vector that rides on each step's loss all-reduce.
+mod control {
+    /// Samples this rank's pipeline could not read so far (summed: all ranks).
+    pub const BAD_SAMPLES: usize = 0;
+    /// Length of the vector.
+    pub const LEN: usize = 1;
+}
+
+/// The optimiser of the plan: SGD or AdamW, wrapped in LARS when asked, over
+/// the method's parameter groups.
+pub fn optimizer(plan: &Plan, method: &dyn Method) -> Optimizer {
+    let o = &plan.config.train.optimizer;
+    let kind = match o.name {
+        contrast_config::OptimizerName::Sgd => OptimizerKind::Sgd { momentum: o.momentum, nesterov: o.nesterov },
+        contrast_config::OptimizerName::Adamw => {
+            OptimizerKind::AdamW { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps }
+        }
+    };
+    let opt = Optimizer::new(kind, o.weight_decay, method.params());
+    if o.lars {
+        opt.with_lars(o.trust_coefficient)
+    } else {
+        opt
+    }
+}
+
+/// The learning-rate schedule of the plan.
+pub fn schedule(plan: &Plan) -> Schedule {
+    let s = &plan.config.train.schedule;
+    Schedule {
+        peak: plan.peak_lr,
+        warmup: s.warmup_steps as usize,
+        total: plan.steps,
+        final_frac: s.final_lr_frac,
+        cosine: s.name == ScheduleName::Cosine,
+    }
+}
+
+fn optim_items(opt: &Optimizer) -> Vec<StateItem> {
+    opt.named_state().into_iter().map(|(n, t)| StateItem::replicated(n, t)).collect()
+}
+
+/// Writes checkpoints every `checkpoint.every` steps and at the end.
+pub struct Checkpointer {
+    dir: PathBuf,
+    every: usize,
+    keep: usize,
+}
+
+impl Checkpointer {
+    fn due(&self, done: usize, total: usize) -> bool {
+        self.every > 0 && done % self.every == 0 && done < total
+    }
+
+    fn save<C: Collective>(&self, comm: &C, method: &dyn Method, opt: &Optimizer, state: &State) -> Result<()> {
+        let saved = checkpoint::save(comm, &self.dir, state, &method.state(), &optim_items(opt), self.keep)?;
+        if let Some(p) = saved {
+            tracing::info!("checkpoint {}", p.display());
+        }
+        Ok(())
+    }
+}
+
+/// kNN (and zero-shot) evaluation: baselines before training, every `eval.every` steps, at the end.
+pub struct Evaluator {
+    data: EvalData,
+    every: usize,
+    at_end: bool,
+}
+
+impl Evaluator {
+    fn due(&self, done: usize, total: usize) -> bool {
+        self.every > 0 && done % self.every == 0 && done < total
+    }
+}
+
+/// kNN of the method's features (the training set as memory) and, for
+/// image–text methods, zero-shot from class-name prompts, on the test set.
+pub fn evaluate<C: Collective>(
+    comm: &C,
+    plan: &Plan,
+    method: &dyn Method,
+    data: &EvalData,
+    tokenizer: &Tokenizer,
+    device: Device,
+) -> Result<EvalFigures> {
+    let c = &plan.config;
+    let knn = data.memory.as_ref().and_then(|memory| {
+        eval::knn_of(comm, memory, &data.test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| {
+            method.features(x)
+        })
+    });
+    let zs = if plan.loss.is_image_text() && !data.class_names.is_empty() {
+        let (context, dim) = (c.model.text.context as usize, c.model.proj_dim);
+        eval::zero_shot_top1(comm, method, &data.test, device, &data.class_names, tokenizer, context, dim)?
+    } else {
+        None
+    };
+    Ok(EvalFigures { knn_top1: knn, zero_shot_top1: zs })
+}
+
+fn log_figures(what: &str, f: &EvalFigures, extra: &str) {
+    tracing::info!(
+        "{what}: kNN top-1 {}{}{extra}",
+        f.knn_top1.map(|v| format!("{v:.4}")).unwrap_or_else(|| "- (no labels)".into()),
+        f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
+    );
+}
+
+/// `steps.jsonl` (rank 0) and the human log line every `train.log_every` steps.
+pub struct StepLog {
+    file: Option<std::fs::File>,
+    every: usize,
+    window: (Instant, usize),
+}
+
+/// What one step produced, for the parts.
+struct StepRecord {
+    done: usize,
+    loss: f64,
+    lr: f64,
+    seconds: f64,
+    wait: f64,
+    bad_samples: f64,
+    embedding_std: f64,
+}
+
+impl StepLog {
+    fn write(&mut self, r: &StepRecord, global_batch: usize) -> Result<()> {
+        if let Some(f) = self.file.as_mut() {
+            let line = serde_json::json!({
+                "step": r.done, "loss": r.loss, "lr": r.lr, "samples_per_s": global_batch as f64 / r.seconds,
+                "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "embedding_std": finite_or_null(r.embedding_std),
+            });
+            writeln!(f, "{line}")?;
+        }
+        self.window.1 += 1;
+        Ok(())
+    }
+
+    fn print(&mut self, r: &StepRecord, plan: &Plan, start: usize, status: &str) {
+        let done = r.done;
+        if self.file.is_none() || !(done % self.every == 0 || done == plan.steps || done == start + 1) {
+            return;
+        }
+        let el = self.window.0.elapsed().as_secs_f64();
+        tracing::info!(
+            "step {done}/{} loss {:.4} lr {:.5} {:.0} samples/s data-wait {:.1}ms emb-std {:.4}{status}",
+            plan.steps,
+            r.loss,
+            r.lr,
+            self.window.1 as f64 * plan.global_batch as f64 / el,
+            r.wait * 1e3,
+            r.embedding_std,
+        );
+        self.window = (Instant::now(), 0);
+    }
+}
+
+fn finite_or_null(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        serde_json::json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// Warns when the spread of the embeddings (std · √d: 1 healthy, 0 collapsed)
+/// stays below the threshold for [`COLLAPSE_PATIENCE`] steps.
+pub struct CollapseGuard {
+    threshold: f64,
+    dim: f64,
+    below: usize,
+}
+
+impl CollapseGuard {
+    fn observe(&mut self, std: f64, done: usize) {
+        if self.threshold <= 0.0 || !std.is_finite() {
+            return;
+        }
+        let spread = std * self.dim.sqrt();
+        self.below = if spread < self.threshold { self.below + 1 } else { 0 };
+        if self.below == COLLAPSE_PATIENCE {
+            tracing::warn!(
+                "step {done}: the embeddings may be collapsing: std·√d = {spread:.4} has stayed below \
+                 train.collapse_threshold = {} for {COLLAPSE_PATIENCE} steps (1 is healthy)",
+                self.threshold
+            );
+        }
+    }
+}
+
+/// Where the run stands.
+struct Progress {
+    start_step: usize,
+    last_loss: f64,
+    trained_steps: usize,
+    train_time: f64,
+    /// kNN of the untrained encoder and of raw pixels (measured at step 0, carried across resumes).
+    init: (Option<f64>, Option<f64>),
+    epoch: Option<usize>,
+}
+
+/// The training loop and its parts.
+pub struct Trainer<'c, C: Collective> {
+    comm: &'c C,
+    plan: Plan,
+    device: Device,
+    method: Box<dyn Method>,
+    opt: Optimizer,
+    schedule: Schedule,
+    tokenizer: Arc<Tokenizer>,
+    view_shapes: Vec<(usize, usize, usize)>,
+    checkpointer: Checkpointer,
+    evaluator: Option<Evaluator>,
+    log: StepLog,
+    guard: CollapseGuard,
+    progress: Progress,
+    sampler: contrast_data::Sampler,
+    fault_step: Option<usize>,
+}
+
+/// What [`Trainer::new`] needs besides the communicator and the plan.
+pub struct Parts {
+    /// The method, built and identical on every rank.
+    pub method: Box<dyn Method>,
+    /// Device of the run.
+    pub device: Device,
+    /// The caption tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Shape (channels, height, width) of each view.
+    pub view_shapes: Vec<(usize, usize, usize)>,
+    /// Evaluation data, when the run evaluates.
+    pub eval: Option<EvalData>,
+    /// The sampler of the training set (epochs of a step).
+    pub sampler: contrast_data::Sampler,
+}
+
+impl<'c, C: Collective> Trainer<'c, C> {
+    /// Assemble the loop, resuming from `checkpoint.dir/latest` when `train.resume` is set.
+    pub fn new(comm: &'c C, plan: Plan, parts: Parts) -> Result<Self> {
+        let c = &plan.config;
+        let opt = optimizer(&plan, parts.method.as_ref());
+        let (every, at_end) = (c.eval.every as usize, c.eval.at_end);
+        let mut t = Self {
+            comm,
+            device: parts.device,
+            schedule: schedule(&plan),
+            opt,
+            tokenizer: parts.tokenizer,
+            view_shapes: parts.view_shapes,
+            checkpointer: Checkpointer {
+                dir: c.checkpoint.dir.clone(),
+                every: c.checkpoint.every as usize,
+                keep: c.checkpoint.keep,
+            },
+            evaluator: parts.eval.map(|data| Evaluator { data, every, at_end }),
+            log: StepLog { file: None, every: c.train.log_every as usize, window: (Instant::now(), 0) },
+            guard: CollapseGuard { threshold: c.train.collapse_threshold, dim: c.model.proj_dim as f64, below: 0 },
+            progress: Progress {
+                start_step: 0,
+                last_loss: f64::NAN,
+                trained_steps: 0,
+                train_time: 0.0,
+                init: (None, None),
+                epoch: None,
+            },
+            fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
+            method: parts.method,
+            sampler: parts.sampler,
+            plan,
+        };
+        if t.plan.config.train.resume {
+            t.resume()?;
+        }
+        t.open_log()?;
+        Ok(t)
+    }
+
+    /// The step the run continues from.
+    pub fn start_step(&self) -> usize {
+        self.progress.start_step
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        let dir = self.plan.config.checkpoint.dir.clone();
+        let (model, optim) = (self.method.state(), optim_items(&self.opt));
+        let find = || checkpoint::latest(&dir);
+        let Some(loaded) = checkpoint::load(self.comm, find, &model, Some(&optim))? else {
+            if self.comm.rank() == 0 {
+                tracing::info!("train.resume=true but {} has no checkpoint yet: starting fresh", dir.display());
+            }
+            return Ok(());
+        };
+        let st = &loaded.state;
+        if st.global_batch != self.plan.global_batch {
+            bail!(
+                "{}: checkpoint has global batch {}, config has {}; a resume must keep the global batch",
+                loaded.dir.display(),
+                st.global_batch,
+                self.plan.global_batch
+            );
+        }
+        let (rank, p) = (self.comm.rank(), self.comm.world_size());
+        self.method.load_state(&loaded.model, rank, p).with_context(|| loaded.dir.display().to_string())?;
+        let optim: Vec<(String, Tensor)> = loaded.optim.into_iter().collect();
+        self.opt.load_state(&optim).map_err(|e| anyhow::anyhow!("{}: {e}", loaded.dir.display()))?;
+        self.progress.start_step = st.step;
+        self.progress.last_loss = st.loss;
+        self.progress.init = (st.knn_top1_init, st.knn_top1_raw_pixels);
+        if rank == 0 {
+            tracing::info!(
+                "resumed from {} at step {} (written by {} ranks, now {p})",
+                loaded.dir.display(),
+                st.step,
+                st.world_size
+            );
+        }
+        Ok(())
+    }
+
+    fn open_log(&mut self) -> Result<()> {
+        let dir = &self.plan.config.checkpoint.dir;
+        if self.comm.rank() == 0 {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint.dir {}", dir.display()))?;
+            let path = dir.join("steps.jsonl");
+            crate::truncate_step_log(&path, self.progress.start_step)?;
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).context("opening steps.jsonl")?;
+            self.log.file = Some(f);
+        }
+        self.comm.barrier();
+        Ok(())
+    }
+
+    /// Raw pixels and the untrained encoder, before the first step of a fresh run.
+    pub fn baselines(&mut self) -> Result<()> {
+        let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end && self.progress.start_step == 0) else {
+            return Ok(());
+        };
+        let (c, t0) = (&self.plan.config, Instant::now());
+        let raw =
+            ev.data.memory.as_ref().and_then(|m| {
+                eval::raw_pixels_knn(self.comm, m, &ev.data.test, self.device, c.eval.knn_k, c.eval.knn_t)
+            });
+        let init = evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
+        self.progress.init = (init.knn_top1, raw);
+        if self.comm.rank() == 0 {
+            let raw = raw.map(|r| format!(", raw pixels {r:.4}")).unwrap_or_default();
+            let extra = format!("{raw} ({:.1}s)", t0.elapsed().as_secs_f64());
+            log_figures("before training (untrained encoder)", &init, &extra);
+        }
+        Ok(())
+    }
+
+    fn state(&self, step: usize, loss: f64) -> State {
+        State {
+            step,
+            epoch: self.sampler.epoch_of(step),
+            seed: self.plan.config.seed,
+            world_size: self.plan.world_size,
+            global_batch: self.plan.global_batch,
+            loss,
+            method: Some(format!("{:?}", self.plan.method.name)),
+            knn_top1_init: self.progress.init.0,
+            knn_top1_raw_pixels: self.progress.init.1,
+        }
+    }
+
+    fn save(&self, step: usize, loss: f64) -> Result<()> {
+        self.checkpointer.save(self.comm, self.method.as_ref(), &self.opt, &self.state(step, loss))
+    }
+
+    /// Train on every batch of `pipeline`, then write the last checkpoint and
+    /// evaluate; returns the summary.
+    pub fn run(mut self, mut pipeline: Pipeline) -> Result<Summary> {
+        while let Some(batch) = pipeline.next_batch() {
+            let record = self.step(batch?, &mut pipeline)?;
+            self.after(&record)?;
+        }
+        let p = &self.progress;
+        if p.trained_steps > 0 || p.start_step < self.plan.steps {
+            self.save(self.plan.steps, p.last_loss)?;
+        }
+        self.finish()
+    }
+
+    /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
+    fn step(&mut self, mut batch: HostBatch, pipeline: &mut Pipeline) -> Result<StepRecord> {
+        let t0 = Instant::now();
+        let (step, device, b) = (batch.step, self.device, self.plan.local_batch as i64);
+        if self.progress.epoch != Some(batch.epoch) {
+            self.method.on_epoch(batch.epoch);
+            self.progress.epoch = Some(batch.epoch);
+        }
+        let lr = self.schedule.lr(step);
+        let views: Vec<Tensor> = batch
+            .views
+            .iter()
+            .zip(&self.view_shapes)
+            .map(|(v, &(ch, h, w))| Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]).to_device(device))
+            .collect();
+        let captions = (!batch.tokens.is_empty()).then(|| Captions::from_host(&batch.tokens, &batch.text_end, device));
+        // Supervised losses see the labels of the whole global batch.
+        let labels = self
+            .plan
+            .loss
+            .is_supervised()
+            .then(|| Tensor::from_slice(&self.comm.all_gather(&batch.labels)).to_device(device));
+        let mix = batch.mix.take().map(|(partner, lambda)| contrast_nn::loss::Mix { partner, lambda });
+        let (wait, bad_files) = (batch.wait, batch.bad_files);
+        // The tensors own copies: the host buffers go back to the pipeline for a later step.
+        pipeline.recycle(batch);
+        let batch = Batch { views: &views, captions: captions.as_ref(), labels: labels.as_ref(), mix: mix.as_ref() };
+        self.opt.zero_grad();
+        let towers = self.method.forward(&batch)?;
+        let mut monitor = None;
+        let mut ctl = [0.0; control::LEN];
+        ctl[control::BAD_SAMPLES] = bad_files as f64;
+        let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
+        let method = self.method.as_ref();
+        let out = engine.step_towers(&towers, &self.opt.tensors(), &ctl, |g, ctx| {
+            let share = method.loss_share(g, &batch, ctx)?;
+            monitor = share.monitor;
+            Ok(share.loss)
+        })?;
+        let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
+        self.check_finite(loss, step + 1)?;
+        if self.plan.config.train.grad_clip > 0.0 {
+            self.opt.clip_grad_norm(self.plan.config.train.grad_clip);
+        }
+        self.opt.step(lr);
+        let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
+        self.method.after_step(&info, self.comm)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok(StepRecord {
+            done: step + 1,
+            loss,
+            lr,
+            seconds,
+            wait: wait.as_secs_f64(),
+            bad_samples: out.control[control::BAD_SAMPLES],
+            embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
+        })
+    }
+
+    /// A non-finite loss stops every rank at the same step (the loss is the all-reduced sum).
+    fn check_finite(&self, loss: f64, done: usize) -> Result<()> {
+        if loss.is_finite() {
+            return Ok(());
+        }
+        let last = checkpoint::latest(&self.plan.config.checkpoint.dir)
+            .ok()
+            .flatten()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none yet".into());
+        bail!("loss is {loss} at step {done}: stopping; the last good checkpoint ({last}) is intact")
+    }
+
+    /// The parts that run after a step, each when it is due.
+    fn after(&mut self, r: &StepRecord) -> Result<()> {
+        self.progress.last_loss = r.loss;
+        self.progress.train_time += r.seconds;
+        self.progress.trained_steps += 1;
+        self.log.write(r, self.plan.global_batch)?;
+        self.log.print(r, &self.plan, self.progress.start_step, &self.method.status());
+        self.guard.observe(r.embedding_std, r.done);
+        if self.checkpointer.due(r.done, self.plan.steps) {
+            self.save(r.done, r.loss)?;
+        }
+        if let Some(ev) = self.evaluator.as_ref().filter(|e| e.due(r.done, self.plan.steps)) {
+            let f = evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
+            if self.comm.rank() == 0 {
+                log_figures(&format!("step {}", r.done), &f, "");
+            }
+        }
+        Ok(())
+    }
+
+    /// The summary (with the final evaluation), written by rank 0.
+    fn finish(self) -> Result<Summary> {
+        let (p, plan) = (&self.progress, &self.plan);
+        let samples = (p.trained_steps * plan.global_batch) as f64;
+        let mut summary = Summary {
+            steps: plan.steps,
+            final_loss: p.last_loss,
+            samples_per_s: if p.train_time > 0.0 { samples / p.train_time } else { 0.0 },
+            knn_top1_init: p.init.0,
+            knn_top1_raw_pixels: p.init.1,
+            world_size: plan.world_size,
+            global_batch: plan.global_batch,
+            ..Default::default()
+        };
+        if let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end) {
+            let f = evaluate(self.comm, plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
+            summary.knn_top1 = f.knn_top1;
+            summary.zero_shot_top1 = f.zero_shot_top1;
+        }
+        if self.comm.rank() == 0 {
+            crate::write_summary(&plan.config.checkpoint.dir, &summary)?;
+        }
+        Ok(summary)
+    }
+}
