@@ -36,7 +36,7 @@ fn main() {
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
         ];
-        let batch = Batch { views: &views, captions: None, labels: None, mix: None };
+        let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
         let zero = |ps: &[Tensor]| {
             for p in ps {
                 p.shallow_clone().zero_grad();
@@ -44,13 +44,13 @@ fn main() {
         };
         let direct = contrast_benches::median_secs(2, 7, || {
             zero(&params);
-            let t = method.forward(&batch).unwrap().grad;
+            let t = method.forward(&batch, &Solo).unwrap().grad;
             ntxent_share(&t[0], &t[1], 0.2, Shard::solo(n as usize)).unwrap().backward();
         });
         let engine = GlobalBatch::new(&Solo, n as usize);
         let exact = contrast_benches::median_secs(2, 7, || {
             zero(&params);
-            let t = method.forward(&batch).unwrap().grad;
+            let t = method.forward(&batch, &Solo).unwrap().grad;
             engine.step(&t, &params, |g, ctx| ntxent_share(&g[0], &g[1], 0.2, ctx.shard)).unwrap();
         });
         println!("{n:>6} {:>12.2} {:>12.2} {:>8.3}", direct * 1e3, exact * 1e3, exact / direct);

@@ -1213,6 +1213,11 @@ fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
     if c.data.prefetch == 0 {
         return Err(invalid("data.prefetch", "must be ≥ 1"));
     }
+    check_aug(c)
+}
+
+/// `data.aug.*`.
+fn check_aug(c: &Config) -> Result<(), ConfigError> {
     let a = &c.data.aug;
     if !(0.0 < a.crop_scale[0] && a.crop_scale[0] <= a.crop_scale[1] && a.crop_scale[1] <= 1.0) {
         return Err(invalid("data.aug.crop_scale", format!("need 0 < lo ≤ hi ≤ 1, got {:?}", a.crop_scale)));

@@ -189,6 +189,9 @@ pub struct PipelineConfig {
     pub mode: Mode,
     /// Batch-level Mixup/CutMix of the first `views` views (None: no mixing).
     pub mix: Option<(MixConfig, usize)>,
+    /// Shuffle-BN: this view's rows are those of [`Sampler::shuffle_order`]
+    /// (rank r gets the view of global rows `order[r·B..(r+1)·B]`); None: no shuffle.
+    pub shuffle_view: Option<usize>,
 }
 
 type Produced = (usize, Result<HostBatch, String>);
@@ -256,6 +259,63 @@ impl Worker {
         }
     }
 
+    /// Sample `idx`, or its replacements when it cannot be read (chosen from (seed,
+    /// epoch, index, attempt) only); `sample` fills the buffers of one source index.
+    fn with_replacement<T>(
+        &mut self,
+        idx: usize,
+        epoch: usize,
+        mut sample: impl FnMut(&mut Self, usize) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let n = self.input.len();
+        let (mut source_idx, mut attempt) = (idx, 0u64);
+        loop {
+            match sample(self, source_idx) {
+                Ok(x) => return Ok(x),
+                Err(what) => {
+                    let bad = self.bad.record(source_idx, &what);
+                    let limit = match &*self.input {
+                        Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
+                        Input::Idx { .. } => 0.0,
+                    };
+                    if bad as f64 > limit * n as f64 || attempt >= MAX_REPLACEMENTS {
+                        return Err(format!(
+                            "{bad} of {n} samples are unreadable (limit data.max_bad_fraction = {limit}); last: {what}"
+                        ));
+                    }
+                    attempt += 1;
+                    source_idx = (key(&[self.cfg.seed, epoch as u64, idx as u64, attempt]) % n as u64) as usize;
+                }
+            }
+        }
+    }
+
+    /// Shuffle-BN: overwrite view `k` with the view of the rows `order[r·B..(r+1)·B]`
+    /// of the global batch (each made from its own (seed, epoch, index) as its owner would).
+    fn shuffle_view(
+        &mut self,
+        k: usize,
+        step: usize,
+        epoch: usize,
+        global: &[usize],
+        view: &mut [f32],
+    ) -> Result<(), String> {
+        let (n, r) = (global.len(), self.cfg.rank);
+        let b = n / self.cfg.world_size;
+        let len = self.input.view_len(k);
+        let mut scratch: Vec<Vec<f32>> = (0..self.input.views()).map(|v| vec![0.0; self.input.view_len(v)]).collect();
+        let order = Sampler::shuffle_order(self.cfg.seed, step, n);
+        for row in 0..b {
+            let idx = global[order[r * b + row]];
+            self.with_replacement(idx, epoch, |w, src| {
+                let mut slices: Vec<&mut [f32]> = scratch.iter_mut().map(|v| v.as_mut_slice()).collect();
+                w.sample(src, epoch, &mut slices)
+            })?;
+            view[row * len..(row + 1) * len].copy_from_slice(&scratch[k]);
+        }
+        Ok(())
+    }
+
     fn build(&mut self, step: usize) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
         if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
@@ -289,32 +349,13 @@ impl Worker {
         };
         // Each caption row is rewritten whole by the tokenizer.
         tokens.resize(b * ctx, 0);
-        let n = self.input.len();
-        for (row, &idx) in indices.iter().enumerate() {
-            // A bad sample is replaced by another, chosen from (seed, epoch, index, attempt) only.
-            let mut source_idx = idx;
-            let mut attempt = 0u64;
-            let (label, caption) = loop {
+        for row in 0..b {
+            let idx = indices[row];
+            let (label, caption) = self.with_replacement(idx, epoch, |w, src| {
                 let mut slices: Vec<&mut [f32]> =
                     views.iter_mut().zip(&lens).map(|(v, &l)| &mut v[row * l..(row + 1) * l]).collect();
-                match self.sample(source_idx, epoch, &mut slices) {
-                    Ok(x) => break x,
-                    Err(what) => {
-                        let bad = self.bad.record(source_idx, &what);
-                        let limit = match &*self.input {
-                            Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
-                            Input::Idx { .. } => 0.0,
-                        };
-                        if bad as f64 > limit * n as f64 || attempt >= MAX_REPLACEMENTS {
-                            return Err(format!(
-                                "{bad} of {n} samples are unreadable (limit data.max_bad_fraction = {limit}); last: {what}"
-                            ));
-                        }
-                        attempt += 1;
-                        source_idx = (key(&[self.cfg.seed, epoch as u64, idx as u64, attempt]) % n as u64) as usize;
-                    }
-                }
-            };
+                w.sample(src, epoch, &mut slices)
+            })?;
             labels.push(label);
             if let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode {
                 let cap = match caption {
@@ -337,6 +378,9 @@ impl Worker {
                 }
                 text_end.push(end as i64);
             }
+        }
+        if let Some(k) = self.cfg.shuffle_view.filter(|&k| k < views.len()) {
+            self.shuffle_view(k, step, epoch, &global, &mut views[k])?;
         }
         let mix = self.cfg.mix.map(|(mc, mixed_views)| {
             let (_, h, w) = self.input.view_shape(0);
@@ -531,6 +575,7 @@ mod tests {
             end_step,
             mode: Mode::Views,
             mix: None,
+            shuffle_view: None,
         }
     }
 
@@ -560,10 +605,44 @@ mod tests {
                     end_step: 9,
                     mode: mode.clone(),
                     mix: None,
+                    shuffle_view: None,
                 };
                 Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn shuffle_bn_views_are_those_of_the_permuted_rows() {
+        let run_with = |world: usize, shuffle: Option<usize>| -> Vec<Vec<HostBatch>> {
+            (0..world)
+                .map(|rank| {
+                    let cfg = PipelineConfig { seed: 11, shuffle_view: shuffle, ..layout(rank, world, 12, 2, 3) };
+                    Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
+                })
+                .collect()
+        };
+        let plain = run_with(1, None);
+        let len = plain[0][0].views[1].len() / 12;
+        for world in [1usize, 3] {
+            let shuffled = run_with(world, Some(1));
+            for step in 0..3 {
+                let order = Sampler::shuffle_order(11, step, 12);
+                for (r, rank) in shuffled.iter().enumerate() {
+                    let b = 12 / world;
+                    let batch = &rank[step];
+                    // The other view and the rows' indices are unchanged.
+                    assert_eq!(batch.views[0], plain[0][step].views[0][r * b * len..(r + 1) * b * len]);
+                    for row in 0..b {
+                        let g = order[r * b + row];
+                        assert_eq!(
+                            batch.views[1][row * len..(row + 1) * len],
+                            plain[0][step].views[1][g * len..(g + 1) * len]
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -663,6 +742,7 @@ mod tests {
                     end_step: 4,
                     mode: Mode::Views,
                     mix: None,
+                    shuffle_view: None,
                 };
                 let input = Input::Files {
                     source: src.clone(),
@@ -724,6 +804,7 @@ mod tests {
                         end_step: 3,
                         mode: Mode::Views,
                         mix: Some((MixConfig { kind, alpha: 1.0, group: 3 }, 1)),
+                        shuffle_view: None,
                     };
                     Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
                 })

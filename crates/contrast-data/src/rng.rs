@@ -26,6 +26,8 @@ pub enum Stream {
     View = 100,
     /// Caption template choice.
     Caption = 2,
+    /// Shuffle-BN's permutation of a step's global batch.
+    ShuffleBn = 3,
 }
 
 /// The generator for (seed, epoch, index, stream).

@@ -51,6 +51,15 @@ impl Sampler {
         perm[j * self.global_batch..(j + 1) * self.global_batch].to_vec()
     }
 
+    /// Shuffle-BN's permutation of the `n` rows of step `step`'s global batch,
+    /// from (seed, step) alone: rank r encodes the key views of rows
+    /// `order[r·B..(r+1)·B]`, whatever the world size.
+    pub fn shuffle_order(seed: u64, step: usize, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut sample_rng(seed, step as u64, 0, Stream::ShuffleBn as u64));
+        order
+    }
+
     /// Rows of rank `rank` of `world` in a global batch.
     pub fn local_rows(global: &[usize], rank: usize, world: usize) -> &[usize] {
         let b = global.len() / world;

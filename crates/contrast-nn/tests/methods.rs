@@ -139,13 +139,16 @@ fn load_snapshot(m: &dyn Method, snap: &Snapshot) {
 
 /// Rank r's slice of two views of the global batch of `step` (depends on the step and global row only).
 fn views(step: usize, n: usize, r: usize, b: usize) -> Vec<Tensor> {
+    let rows: Vec<usize> = (r * b..(r + 1) * b).collect();
+    vec![view_rows(step, n, 0, &rows), view_rows(step, n, 1, &rows)]
+}
+
+/// View `v` of the given global rows of step `step`.
+fn view_rows(step: usize, n: usize, v: u64, rows: &[usize]) -> Tensor {
     let pix = (SIDE * SIDE) as usize;
-    (0..2)
-        .map(|v| {
-            let all = randn_vec(n * pix, 1000 + 10 * step as u64 + v);
-            Tensor::from_slice(&all[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE])
-        })
-        .collect()
+    let all = randn_vec(n * pix, 1000 + 10 * step as u64 + v);
+    let data: Vec<f64> = rows.iter().flat_map(|&g| all[g * pix..(g + 1) * pix].iter().copied()).collect();
+    Tensor::from_slice(&data).view([rows.len() as i64, 1, SIDE, SIDE])
 }
 
 /// One rank of `method` for steps `from..to` with SGD; the losses of those steps.
@@ -162,9 +165,9 @@ fn train<C: Collective>(
     range
         .map(|step| {
             let v = views(step, n, c.rank(), b);
-            let batch = Batch { views: &v, captions: None, labels: None, mix: None };
+            let batch = Batch { step, views: &v, captions: None, labels: None, mix: None };
             opt.zero_grad();
-            let towers = m.forward(&batch).unwrap();
+            let towers = m.forward(&batch, c).unwrap();
             let out = engine
                 .step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
                 .unwrap();
@@ -181,21 +184,78 @@ fn sgd(m: &dyn Method) -> Optimizer {
 
 /// Loss and gradient of every parameter after one step on P ranks (rank 0's view).
 fn one_step<C: Collective>(c: &C, name: MethodName, init: &Snapshot, b: usize) -> (f64, Vec<(String, Vec<f64>)>) {
+    one_step_with(c, name, init, b, false)
+}
+
+/// [`one_step`], optionally with shuffle-BN: the key views (view 1) of this rank
+/// are those of the rows the (seed, step) permutation gives it, as the pipeline makes them.
+fn one_step_with<C: Collective>(
+    c: &C,
+    name: MethodName,
+    init: &Snapshot,
+    b: usize,
+    shuffle: bool,
+) -> (f64, Vec<(String, Vec<f64>)>) {
     let mut s = spec(name, c.world_size(), b, Kind::Double);
     s.shard.rank = c.rank();
+    s.method.shuffle_bn = shuffle;
     let m = build(&s).unwrap();
     load_snapshot(m.as_ref(), init);
     let mut opt = sgd(m.as_ref());
     let engine = GlobalBatch::new(c, b);
-    let v = views(0, b * c.world_size(), c.rank(), b);
-    let batch = Batch { views: &v, captions: None, labels: None, mix: None };
+    let (n, r, step) = (b * c.world_size(), c.rank(), 3);
+    let mut v = views(step, n, r, b);
+    if shuffle {
+        let order = contrast_data::Sampler::shuffle_order(s.seed, step, n);
+        v[1] = view_rows(step, n, 1, &order[r * b..(r + 1) * b]);
+    }
+    let batch = Batch { step, views: &v, captions: None, labels: None, mix: None };
     opt.zero_grad();
-    let towers = m.forward(&batch).unwrap();
+    let towers = m.forward(&batch, c).unwrap();
     let out =
         engine.step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss)).unwrap();
     let grads =
         m.params().iter().map(|p: &Param| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()))).collect();
     (out.loss, grads)
+}
+
+#[test]
+fn shuffle_bn_returns_each_key_to_its_row() {
+    // Without batch statistics, shuffling which rank encodes which key view must change nothing:
+    // every key comes back to the rank that owns its row.
+    let (p, b) = (3usize, 2usize);
+    let init = snapshot(build(&spec(MethodName::MocoV2, p, b, Kind::Double)).unwrap().as_ref());
+    let (l1, g1) = one_step(&Solo, MethodName::MocoV2, &init, p * b);
+    for shuffled in [
+        vec![one_step_with(&Solo, MethodName::MocoV2, &init, p * b, true)],
+        Threads::run(p, |c| one_step_with(&c, MethodName::MocoV2, &init, b, true)),
+    ] {
+        for (lp, gp) in &shuffled {
+            assert!((lp - l1).abs() <= 1e-9 * l1.abs(), "{lp} vs {l1}");
+            for ((name, a), (_, w)) in gp.iter().zip(&g1) {
+                assert!(rel_err(a, w) <= 1e-9, "{name}: {:e}", rel_err(a, w));
+            }
+        }
+    }
+    // The check can fail: keys of the wrong rows give another loss.
+    let wrong = Threads::run(p, |c| {
+        let mut s = spec(MethodName::MocoV2, p, b, Kind::Double);
+        s.shard.rank = c.rank();
+        let m = build(&s).unwrap();
+        load_snapshot(m.as_ref(), &init);
+        let n = p * b;
+        let order = contrast_data::Sampler::shuffle_order(s.seed, 3, n);
+        let mut v = views(3, n, c.rank(), b);
+        v[1] = view_rows(3, n, 1, &order[c.rank() * b..(c.rank() + 1) * b]);
+        let batch = Batch { step: 3, views: &v, captions: None, labels: None, mix: None };
+        let towers = m.forward(&batch, &c).unwrap();
+        let opt = sgd(m.as_ref());
+        GlobalBatch::new(&c, b)
+            .step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
+            .unwrap()
+            .loss
+    });
+    assert!((wrong[0] - l1).abs() > 1e-6, "{} vs {l1}", wrong[0]);
 }
 
 #[test]

@@ -99,8 +99,8 @@ fn run_rank<C: Collective>(
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
     let engine = GlobalBatch::new(comm, b);
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
-    let batch = Batch { views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
-    let towers = model.forward(&batch).unwrap();
+    let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
+    let towers = model.forward(&batch, comm).unwrap();
     let out = engine.step_towers(&towers, &tensors, &[], |g, ctx| Ok(model.loss_share(g, &batch, ctx)?.loss)).unwrap();
     let grads = params
         .iter()
@@ -170,7 +170,8 @@ fn local_negatives_would_fail_parity() {
     let data = inputs(8, 42);
     let model = build(LossKind::NtXent, Norm::Group, Kind::Double);
     let views: Vec<Tensor> = data.views.iter().map(|v| Tensor::from_slice(v).view([8, 1, SIDE, SIDE])).collect();
-    let t = model.forward(&Batch { views: &views, captions: None, labels: None, mix: None }).unwrap().grad;
+    let t =
+        model.forward(&Batch { step: 0, views: &views, captions: None, labels: None, mix: None }, &Solo).unwrap().grad;
     let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8))
         .unwrap()
         .double_value(&[]);

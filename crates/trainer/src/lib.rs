@@ -253,6 +253,8 @@ fn pipeline_config<C: Collective>(comm: &C, plan: &Plan, start_step: usize, mode
         end_step: plan.steps,
         mode,
         mix: data::mix_config(plan),
+        // Shuffle-BN: this rank's key views (view 1) are those of the rows the permutation of (seed, step) gives it.
+        shuffle_view: plan.method.shuffle_bn.then_some(1),
     }
 }
 

@@ -443,9 +443,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let (wait, bad_files) = (batch.wait, batch.bad_files);
         // The tensors own copies: the host buffers go back to the pipeline for a later step.
         pipeline.recycle(batch);
-        let batch = Batch { views: &views, captions: captions.as_ref(), labels: labels.as_ref(), mix: mix.as_ref() };
+        let batch =
+            Batch { step, views: &views, captions: captions.as_ref(), labels: labels.as_ref(), mix: mix.as_ref() };
         self.opt.zero_grad();
-        let towers = self.method.forward(&batch)?;
+        let towers = self.method.forward(&batch, self.comm)?;
         let mut monitor = None;
         let mut ctl = [0.0; control::LEN];
         ctl[control::BAD_SAMPLES] = bad_files as f64;

@@ -307,6 +307,28 @@ fn bad_input_fails_before_training_and_names_the_problem() {
         assert!(err.contains(needle), "case {i}: `{needle}` not in:\n{err}");
         assert!(!fx.path(&format!("{name}/steps.jsonl")).exists(), "case {i} started training");
     }
+    // Method keys: each fails before training, naming the key.
+    let method_cases = [
+        ("infonce", "method: {name: moco_v2, queue_size: 12}", "", "method.queue_size"),
+        ("infonce", "method: {name: moco_v2, momentum: 1.5}", "", "method.momentum"),
+        ("normalized_mse", "method: {name: byol}", "", "method.predictor_hidden"),
+        ("ntxent", "method: {bogus: 1}", "", "bogus"),
+        ("ntxent", "method: {queue_size: 64}", "", "method.queue_size"),
+        ("ntxent", "", "loss.margin=0.3", "loss.margin"),
+    ];
+    for (i, (loss, yaml, set, needle)) in method_cases.into_iter().enumerate() {
+        let name = format!("bad-method{i}");
+        let cfg = fx.config(&name, loss, &format!("{yaml}\n"));
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        if !set.is_empty() {
+            args.extend(["--set", set]);
+        }
+        let out = run(0, &args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "method case {i} succeeded");
+        assert!(err.contains(needle), "method case {i}: `{needle}` not in:\n{err}");
+        assert!(!fx.path(&format!("{name}/steps.jsonl")).exists(), "method case {i} started training");
+    }
     // An unknown key in the file itself names the file.
     let f = fx.path("typo.yaml");
     std::fs::write(&f, "train:\n  stepz: 3\n").unwrap();
@@ -404,6 +426,136 @@ fn shipped_configs_reproduce_the_recorded_losses() {
         let want = losses(&root.join(format!("crates/trainer/tests/assets/losses/{name}.jsonl")));
         let got = losses(&run_dir.join("steps.jsonl"));
         assert_eq!(got, want, "{name}: the losses of 30 steps changed");
+    }
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn tensor_of(ckpt: &Path, name: &str) -> Vec<f64> {
+    weights(ckpt).into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not in {}", ckpt.display())).1
+}
+
+const MOCO: &str = "method: {name: moco_v2, queue_size: 16, momentum: 0.9}\n";
+
+/// MoCo's sharded queue through real MPI: 2 and 4 ranks hold K/P keys each and
+/// give the weights (query, momentum encoder and the canonical queue) and the
+/// losses of one rank, over K/N + 3 steps so that every block is evicted.
+#[test]
+fn moco_sharded_queue_is_exact_through_real_mpi() {
+    let fx = Fixture::new();
+    let solo = fx.config("moco-solo", "infonce", MOCO);
+    ok(run(0, &["--config", solo.to_str().unwrap(), "--set", "train.steps=5"], &[]));
+    assert_eq!(checkpoint_tensor_shape(&fx.path("moco-solo/step-5"), "method.queue"), vec![16, 8]);
+    for np in [2usize, 4] {
+        let name = format!("moco-mpi{np}");
+        let cfg = fx.config(&name, "infonce", MOCO);
+        let out = ok(run(np, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=5"], &[]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("queue_size=16 queue_shard={}", 16 / np)), "plan line: {err}");
+        let d = max_rel_diff(&fx.path(&format!("{name}/step-5")), &fx.path("moco-solo/step-5"));
+        assert!(d < 1e-4, "MoCo on {np} MPI ranks differs from 1 rank by {d:e}");
+        let (a, w) = (losses(&fx.path(&name)), losses(&fx.path("moco-solo")));
+        assert_eq!(a.len(), 5);
+        for (x, y) in a.iter().zip(&w) {
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "{np} ranks: loss {x} vs {y}");
+        }
+    }
+    // Shuffle-BN (batch norm in the encoders): on one rank it permutes rows inside one batch,
+    // which changes no statistic; on two ranks each key encoder sees another half of the batch.
+    let bn = ["--set", "train.steps=3", "--set", "model.norm=batch"];
+    for (name, np, shuffle) in
+        [("bn-solo", 0usize, false), ("bn-solo-shuffle", 0, true), ("bn-mpi2", 2, false), ("bn-mpi2-shuffle", 2, true)]
+    {
+        let cfg = fx.config(name, "infonce", MOCO);
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        args.extend(bn);
+        if shuffle {
+            args.extend(["--set", "method.shuffle_bn=true"]);
+        }
+        ok(run(np, &args, &[]));
+    }
+    let d = max_rel_diff(&fx.path("bn-solo-shuffle/step-3"), &fx.path("bn-solo/step-3"));
+    assert!(d < 1e-4, "shuffle-BN on one rank changed the run by {d:e}");
+    let d = max_rel_diff(&fx.path("bn-mpi2-shuffle/step-3"), &fx.path("bn-mpi2/step-3"));
+    assert!(d > 1e-6, "shuffle-BN on two ranks changed nothing ({d:e})");
+    // The queue moved: it is not the initial one of a 1-step run.
+    let first = fx.config("moco-first", "infonce", MOCO);
+    ok(run(0, &["--config", first.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    let (q1, q5) = (
+        tensor_of(&fx.path("moco-first/step-1"), "method.queue"),
+        tensor_of(&fx.path("moco-solo/step-5"), "method.queue"),
+    );
+    assert!(q1.iter().zip(&q5).any(|(a, b)| (a - b).abs() > 1e-3));
+}
+
+/// A MoCo run stopped at step 4 and resumed on another world size (2 → 1, 1 → 4)
+/// logs the losses of the uninterrupted run for the next 20 steps and ends with
+/// its queue, block by block.
+#[test]
+fn moco_resumes_onto_another_world_size_through_real_mpi() {
+    let fx = Fixture::new();
+    let steps = ["--set", "train.steps=24", "--set", "checkpoint.every=4"];
+    let straight = fx.config("straight", "infonce", MOCO);
+    let mut args = vec!["--config", straight.to_str().unwrap()];
+    args.extend(steps);
+    ok(run(0, &args, &[]));
+    let want = losses(&fx.path("straight"));
+    for (before, after) in [(2usize, 0usize), (0, 4)] {
+        let name = format!("moved-{before}-{after}");
+        let cfg = fx.config(&name, "infonce", MOCO);
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        args.extend(steps);
+        let out = run(before, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "5")]);
+        assert!(!out.status.success());
+        assert_eq!(std::fs::read_to_string(fx.path(&format!("{name}/latest"))).unwrap().trim(), "step-4");
+        args.extend(["--set", "train.resume=true"]);
+        ok(run(after, &args, &[]));
+        let got = losses(&fx.path(&name));
+        assert_eq!(got.len(), 24, "{name}");
+        for (k, (x, y)) in got.iter().zip(&want).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * y.abs(), "{name} step {}: {x} vs {y}", k + 1);
+        }
+        let (q, w) = (
+            tensor_of(&fx.path(&format!("{name}/step-24")), "method.queue"),
+            tensor_of(&fx.path("straight/step-24"), "method.queue"),
+        );
+        let e = q.iter().zip(&w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e < 1e-4, "{name}: queue differs by {e:e}");
+        assert_eq!(
+            tensor_of(&fx.path(&format!("{name}/step-24")), "method.queue_ptr"),
+            tensor_of(&fx.path("straight/step-24"), "method.queue_ptr")
+        );
+    }
+}
+
+/// The shipped method configs train as written (a few steps on 2 ranks).
+#[test]
+fn shipped_method_configs_train() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    for (config, state) in
+        [("mocov2", "method.queue"), ("byol", "momentum.projector.fc1.weight"), ("simsiam", "predictor.fc1.weight")]
+    {
+        let run_dir = dir.path().join(config);
+        let cfg = root.join(format!("configs/{config}.yaml"));
+        let sets = [
+            "train.steps=3".to_string(),
+            "train.global_batch=32".into(),
+            "eval.at_end=false".into(),
+            format!("checkpoint.dir={}", run_dir.display()),
+        ];
+        let mut args = vec!["--config".to_string(), cfg.to_str().unwrap().to_string()];
+        args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
+        let out = ok(run(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("method="), "{config}: no method in the plan line");
+        assert!(summary(&run_dir)["final_loss"].as_f64().unwrap().is_finite(), "{config}");
+        assert!(!tensor_of(&run_dir.join("step-3"), state).is_empty());
     }
 }
 

@@ -57,7 +57,7 @@ impl Method for Byol {
         &self.vs
     }
 
-    fn forward(&self, batch: &Batch) -> Result<Towers> {
+    fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
         if batch.views.len() != 2 {
             return Err(NnError::Param(format!("BYOL takes two views, got {}", batch.views.len())));
         }

@@ -58,7 +58,7 @@ impl Method for Clip {
         &self.vs
     }
 
-    fn forward(&self, batch: &Batch) -> Result<Towers> {
+    fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
         let captions = batch.captions.ok_or_else(|| NnError::Param("CLIP needs captions".into()))?;
         let img = self.backbone.forward_t(&batch.views[0], true).apply(&self.image_proj);
         Ok(Towers { grad: vec![img, self.text.forward(captions)], ..Default::default() })

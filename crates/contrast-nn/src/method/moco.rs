@@ -5,7 +5,11 @@
 //! rank r holds K/P keys and enqueues only its own.
 //!
 //! The key encoder runs in training mode on the second view and its output is
-//! L2-normalised, as in the reference. The reference updates the key encoder
+//! L2-normalised, as in the reference. With shuffle-BN (`model.norm: batch`)
+//! rank r encodes the key views of a permuted slice of the global batch, the
+//! permutation coming from (seed, step): the pipeline produces those rows'
+//! key views itself (no images move), and one all-gather of the `[N, d]` keys
+//! returns each key to the rank that owns its row; the queue keeps global row order. The reference updates the key encoder
 //! at the start of each forward pass; updating it after each optimiser step is
 //! the same sequence of weights (they first differ at step 0, where the
 //! reference's update is a no-op since θ_k = θ_q).
@@ -39,6 +43,9 @@ pub struct MocoV2 {
     queue: ShardedQueue,
     temperature: f64,
     global_batch: usize,
+    shard: crate::loss::Shard,
+    shuffle_bn: bool,
+    seed: u64,
 }
 
 impl MocoV2 {
@@ -64,12 +71,45 @@ impl MocoV2 {
         let queue =
             ShardedQueue::from_canonical(&canonical, 0, n, shard.rank, shard.world_size)?.to(spec.kind, spec.device);
         let temperature = spec.temperature();
-        Ok(Self { vs, backbone, head, key_backbone, key_head, ema, queue, temperature, global_batch: n })
+        Ok(Self {
+            vs,
+            backbone,
+            head,
+            key_backbone,
+            key_head,
+            ema,
+            queue,
+            temperature,
+            global_batch: n,
+            shard,
+            shuffle_bn: spec.method.shuffle_bn,
+            seed: spec.seed,
+        })
     }
 
     /// This rank's queue shard.
     pub fn queue(&self) -> &ShardedQueue {
         &self.queue
+    }
+
+    /// Shuffle-BN: this rank encoded the key views of the global rows
+    /// `order[r·B..(r+1)·B]` (the pipeline made them from (seed, step)); gather
+    /// the keys and keep those of this rank's own rows.
+    fn unshuffle(&self, k: &Tensor, step: usize, comm: &dyn GlobalSum) -> Tensor {
+        let (n, shard) = (self.global_batch, self.shard);
+        let d = k.size()[1];
+        let all = match k.kind() {
+            tch::Kind::Double => Tensor::from_slice(&comm.gather_f64(&crate::to_host::<f64>(k))),
+            _ => Tensor::from_slice(&comm.gather_f32(&crate::to_host::<f32>(k))),
+        };
+        let all = all.view([n as i64, d]).to_device(k.device()).to_kind(k.kind());
+        let order = contrast_data::Sampler::shuffle_order(self.seed, step, n);
+        let mut position = vec![0i64; n];
+        for (j, &g) in order.iter().enumerate() {
+            position[g] = j as i64;
+        }
+        let own = &position[shard.offset()..shard.offset() + shard.local_batch];
+        all.index_select(0, &Tensor::from_slice(own).to_device(k.device()))
     }
 }
 
@@ -82,13 +122,14 @@ impl Method for MocoV2 {
         &self.vs
     }
 
-    fn forward(&self, batch: &Batch) -> Result<Towers> {
+    fn forward(&self, batch: &Batch, comm: &dyn GlobalSum) -> Result<Towers> {
         if batch.views.len() < 2 {
             return Err(NnError::Param("MoCo needs two views (query and key)".into()));
         }
         let q = self.backbone.forward_t(&batch.views[0], true).apply(&self.head);
         let k =
             tch::no_grad(|| l2_normalize(&self.key_backbone.forward_t(&batch.views[1], true).apply(&self.key_head)));
+        let k = if self.shuffle_bn { self.unshuffle(&k, batch.step, comm) } else { k };
         Ok(Towers { grad: vec![q], aux: vec![], local: vec![k] })
     }
 

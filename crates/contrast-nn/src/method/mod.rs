@@ -38,6 +38,8 @@ use tch::{Device, Kind, Tensor};
 
 /// One rank's batch, as tensors.
 pub struct Batch<'a> {
+    /// Global step (0-based): keys the method's own randomness (shuffle-BN's permutation).
+    pub step: usize,
     /// Image views `[B, C, H, W]` (sizes may differ between views: multi-crop).
     pub views: &'a [Tensor],
     /// Captions (image–text methods).
@@ -129,8 +131,9 @@ pub trait Method {
     /// The var store that holds every module (trainable and momentum).
     fn var_store(&self) -> &VarStore;
 
-    /// The forward pass of this rank's batch (training mode).
-    fn forward(&self, batch: &Batch) -> Result<Towers>;
+    /// The forward pass of this rank's batch (training mode); `comm` for methods
+    /// that exchange outputs before the loss (shuffle-BN's keys).
+    fn forward(&self, batch: &Batch, comm: &dyn GlobalSum) -> Result<Towers>;
 
     /// This rank's share of the loss on the gathered towers.
     fn loss_share(&self, gathered: &Gathered, batch: &Batch, ctx: &Ctx) -> Result<Share>;

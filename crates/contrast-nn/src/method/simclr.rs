@@ -5,6 +5,7 @@
 
 use super::{set_kind, Batch, Method, Share, Spec};
 use crate::engine::{Gathered, Towers};
+use crate::loss::GlobalSum;
 use crate::loss::*;
 use crate::model::{ConvBackbone, Mlp};
 use crate::{NnError, Result};
@@ -94,7 +95,7 @@ impl Method for SimClr {
         &self.vs
     }
 
-    fn forward(&self, batch: &Batch) -> Result<Towers> {
+    fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
         // Metric-learning losses take one embedding per sample: the first view.
         let used = if self.loss.is_metric() { &batch.views[..1] } else { batch.views };
         let grad = used.iter().map(|v| self.backbone.forward_t(v, true).apply(&self.head)).collect();

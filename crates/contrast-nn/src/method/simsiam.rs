@@ -10,6 +10,7 @@
 
 use super::{set_kind, Batch, Method, Share, Spec};
 use crate::engine::{Gathered, Towers};
+use crate::loss::GlobalSum;
 use crate::loss::{negative_cosine_share, Ctx};
 use crate::model::{BnMlp, ConvBackbone};
 use crate::{NnError, Result};
@@ -46,7 +47,7 @@ impl Method for SimSiam {
         &self.vs
     }
 
-    fn forward(&self, batch: &Batch) -> Result<Towers> {
+    fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
         if batch.views.len() != 2 {
             return Err(NnError::Param(format!("SimSiam takes two views, got {}", batch.views.len())));
         }
