@@ -93,7 +93,7 @@ pub struct Config {
 pub struct DataConfig {
     /// Dataset kind: `fashion_mnist` (IDX files), `image_folder` (root/<class>/<image>),
     /// `csv` (a CSV/TSV of image path + caption) or `webdataset` (tar shards).
-    pub dataset: String,
+    pub dataset: DatasetKind,
     /// IDX directory, image-folder directory, CSV/TSV file, or shard pattern (`dir/{000000..000099}.tar`).
     pub root: PathBuf,
     /// Side of the square RGB crops fed to the encoder (image_folder, csv, webdataset).
@@ -111,14 +111,14 @@ pub struct DataConfig {
     /// Multi-crop: side of the small crops (0 = image_size · 96 / 224; IDX: ⌈28 · 96 / 224⌉ = 12).
     pub small_size: u32,
     /// Batch-level mixing: `none`, `mixup` or `cutmix` (soft targets for ntxent — i-Mix on the first view — and supcon).
-    pub mix: String,
+    pub mix: MixName,
     /// Mixing: λ ~ Beta(α, α).
     pub mix_alpha: f64,
     /// Mixing: partners are drawn within groups of this many consecutive rows of the global batch (must divide the local batch).
     pub mix_group: usize,
     /// Augmentation preset: `simclr` (two random views), `clip` (light crop), `swav` (multi-crop) or `none`;
     /// for file datasets also `mocov2` and `byol` (asymmetric views).
-    pub augment: String,
+    pub augment: AugmentPreset,
     /// Worker threads that decode and augment (0 = one per core, at most 4).
     pub workers: usize,
     /// Ready batches the pipeline keeps ahead of the trainer.
@@ -127,6 +127,83 @@ pub struct DataConfig {
     pub aug: AugConfig,
     /// Caption augmentation (image–text losses).
     pub text: TextAugConfig,
+}
+
+/// `data.dataset`: the kind of data source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// IDX files (Fashion-MNIST, MNIST).
+    FashionMnist,
+    /// `root/<class>/<image>`.
+    ImageFolder,
+    /// A CSV/TSV of image path and caption.
+    Csv,
+    /// Tar shards.
+    Webdataset,
+}
+
+impl DatasetKind {
+    /// True for decoded image files (every kind but IDX).
+    pub fn is_files(self) -> bool {
+        self != DatasetKind::FashionMnist
+    }
+}
+
+/// `data.augment`: the augmentation preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentPreset {
+    /// Two random views with the `data.aug` parameters.
+    Simclr,
+    /// Mild crop (IDX) or resize + centre crop (files).
+    Clip,
+    /// Normalise only.
+    None,
+    /// Multi-crop: 2 large and `data.small_crops` small views.
+    Swav,
+    /// MoCo v2's `aug_plus` (file datasets).
+    Mocov2,
+    /// BYOL's asymmetric views (file datasets).
+    Byol,
+}
+
+impl AugmentPreset {
+    /// The preset's name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AugmentPreset::Simclr => "simclr",
+            AugmentPreset::Clip => "clip",
+            AugmentPreset::None => "none",
+            AugmentPreset::Swav => "swav",
+            AugmentPreset::Mocov2 => "mocov2",
+            AugmentPreset::Byol => "byol",
+        }
+    }
+}
+
+/// `data.mix`: batch-level mixing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixName {
+    /// No mixing.
+    None,
+    /// Mixup: a convex blend of two images.
+    Mixup,
+    /// CutMix: a box of one image pasted into another.
+    Cutmix,
+}
+
+/// `data.text.cutoff`: token cutoff on captions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CutoffName {
+    /// No cutoff.
+    None,
+    /// Each content token is padded with probability r.
+    Token,
+    /// One contiguous span of ⌈r·len⌉ tokens is padded.
+    Span,
 }
 
 /// `data.text.*`: tokenizer and caption augmentation for image–text losses.
@@ -140,21 +217,21 @@ pub struct TextAugConfig {
     /// EDA synonym file: one `word<TAB>syn1,syn2,…` per line (required when eda_alpha > 0).
     pub synonyms: Option<PathBuf>,
     /// Cutoff: `none`, `token` or `span`.
-    pub cutoff: String,
+    pub cutoff: CutoffName,
     /// Cutoff ratio of content tokens.
     pub cutoff_ratio: f64,
 }
 
 impl Default for TextAugConfig {
     fn default() -> Self {
-        Self { tokenizer: "bytes".into(), eda_alpha: 0.0, synonyms: None, cutoff: "none".into(), cutoff_ratio: 0.1 }
+        Self { tokenizer: "bytes".into(), eda_alpha: 0.0, synonyms: None, cutoff: CutoffName::None, cutoff_ratio: 0.1 }
     }
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
-            dataset: "fashion_mnist".into(),
+            dataset: DatasetKind::FashionMnist,
             root: PathBuf::from("/usr/share/datasets/fashion-mnist"),
             image_size: 32,
             csv_img_key: "filepath".into(),
@@ -163,10 +240,10 @@ impl Default for DataConfig {
             max_bad_fraction: 0.01,
             small_crops: 6,
             small_size: 0,
-            mix: "none".into(),
+            mix: MixName::None,
             mix_alpha: 1.0,
             mix_group: 16,
-            augment: "simclr".into(),
+            augment: AugmentPreset::Simclr,
             workers: 0,
             prefetch: 4,
             aug: AugConfig::default(),
@@ -589,22 +666,13 @@ pub struct EvalConfig {
     /// File datasets: the labelled test split (an image folder, a shard pattern or a CSV);
     /// unset = no evaluation. Fashion-MNIST uses its `t10k` files in `data.root`.
     pub root: Option<PathBuf>,
-    /// Format of `eval.root`: `image_folder`, `webdataset` or `csv` (empty = `data.dataset`).
-    pub dataset: String,
+    /// Format of `eval.root`: `image_folder`, `webdataset` or `csv` (unset = `data.dataset`).
+    pub dataset: Option<DatasetKind>,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self {
-            every: 0,
-            at_end: true,
-            knn_k: 200,
-            knn_t: 0.1,
-            max_train: 0,
-            max_test: 0,
-            root: None,
-            dataset: String::new(),
-        }
+        Self { every: 0, at_end: true, knn_k: 200, knn_t: 0.1, max_train: 0, max_test: 0, root: None, dataset: None }
     }
 }
 
@@ -942,11 +1010,11 @@ pub struct Plan {
 
 /// Whether the data of a `dataset` kind at `root` is there: a CSV file, the
 /// directory of a shard pattern (the shards are checked when indexed), or a directory.
-fn root_exists(dataset: &str, root: &Path) -> bool {
+fn root_exists(dataset: DatasetKind, root: &Path) -> bool {
     match dataset {
-        "csv" => root.is_file(),
-        "webdataset" => root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
-        _ => root.is_dir(),
+        DatasetKind::Csv => root.is_file(),
+        DatasetKind::Webdataset => root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
+        DatasetKind::FashionMnist | DatasetKind::ImageFolder => root.is_dir(),
     }
 }
 
@@ -1153,16 +1221,7 @@ fn check_model(c: &Config) -> Result<(), ConfigError> {
 }
 
 fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
-    match c.data.dataset.as_str() {
-        "fashion_mnist" | "image_folder" | "csv" | "webdataset" => {}
-        other => {
-            return Err(invalid(
-                "data.dataset",
-                format!("`{other}` is not a known dataset (fashion_mnist, image_folder, csv, webdataset)"),
-            ))
-        }
-    }
-    if c.data.dataset == "csv" && c.data.csv_separator.len() != 1 {
+    if c.data.dataset == DatasetKind::Csv && c.data.csv_separator.len() != 1 {
         return Err(invalid("data.csv_separator", format!("must be one character, got {:?}", c.data.csv_separator)));
     }
     if !(0.0..=1.0).contains(&c.data.max_bad_fraction) {
@@ -1177,31 +1236,22 @@ fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
     if !(0.0..=0.5).contains(&c.data.aug.hue) {
         return Err(invalid("data.aug.hue", format!("must lie in [0, 0.5], got {}", c.data.aug.hue)));
     }
-    match c.data.augment.as_str() {
-        "simclr" | "clip" | "none" | "swav" => {}
-        "mocov2" | "byol" if c.data.dataset != "fashion_mnist" => {}
-        "mocov2" | "byol" => {
-            return Err(invalid("data.augment", format!("`{}` is an RGB preset: use a file dataset", c.data.augment)))
-        }
-        other => {
-            return Err(invalid(
-                "data.augment",
-                format!("`{other}` is not a preset (simclr, mocov2, byol, swav, clip, none)"),
-            ))
-        }
+    let preset = c.data.augment;
+    if matches!(preset, AugmentPreset::Mocov2 | AugmentPreset::Byol) && !c.data.dataset.is_files() {
+        return Err(invalid("data.augment", format!("`{}` is an RGB preset: use a file dataset", preset.as_str())));
     }
-    if c.data.augment == "swav" {
+    if c.data.augment == AugmentPreset::Swav {
         if loss != LossKind::NtXent {
             return Err(invalid(
                 "data.augment",
                 format!("multi-crop (swav) views train with ntxent (multi-positive), not {loss:?}"),
             ));
         }
-        if c.data.mix != "none" {
+        if c.data.mix != MixName::None {
             return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
         }
     }
-    if !root_exists(&c.data.dataset, &c.data.root) {
+    if !root_exists(c.data.dataset, &c.data.root) {
         return Err(invalid(
                 "data.root",
                 format!(
@@ -1310,20 +1360,14 @@ fn check_eval(c: &Config) -> Result<(), ConfigError> {
     if !(c.eval.knn_t > 0.0) {
         return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
     }
-    let eval_dataset = if c.eval.dataset.is_empty() { c.data.dataset.as_str() } else { c.eval.dataset.as_str() };
-    if !matches!(eval_dataset, "fashion_mnist" | "image_folder" | "csv" | "webdataset") {
+    let eval_dataset = c.eval.dataset.unwrap_or(c.data.dataset);
+    if c.data.dataset.is_files() != eval_dataset.is_files() {
         return Err(invalid(
             "eval.dataset",
-            format!("`{eval_dataset}` is not image_folder, webdataset or csv (or empty for data.dataset)"),
+            format!("{eval_dataset:?} images do not fit an encoder trained on {:?}", c.data.dataset),
         ));
     }
-    if (c.data.dataset == "fashion_mnist") != (eval_dataset == "fashion_mnist") {
-        return Err(invalid(
-            "eval.dataset",
-            format!("`{eval_dataset}` images do not fit an encoder trained on {}", c.data.dataset),
-        ));
-    }
-    if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset != "fashion_mnist") {
+    if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset.is_files()) {
         if !root_exists(eval_dataset, root) {
             return Err(invalid("eval.root", format!("{} does not exist", root.display())));
         }
@@ -1349,15 +1393,12 @@ fn check_text_and_mix(c: &Config, loss: LossKind, global_batch: usize, p: usize)
             format!("EDA needs a synonym file; {:?} is not a file", ta.synonyms),
         ));
     }
-    if !matches!(ta.cutoff.as_str(), "none" | "token" | "span") {
-        return Err(invalid("data.text.cutoff", format!("`{}` is not none, token or span", ta.cutoff)));
-    }
     if !(0.0..=1.0).contains(&ta.cutoff_ratio) {
         return Err(invalid("data.text.cutoff_ratio", format!("must lie in [0, 1], got {}", ta.cutoff_ratio)));
     }
-    match c.data.mix.as_str() {
-        "none" => {}
-        "mixup" | "cutmix" => {
+    match c.data.mix {
+        MixName::None => {}
+        MixName::Mixup | MixName::Cutmix => {
             if !matches!(loss, LossKind::NtXent | LossKind::SupCon) {
                 return Err(invalid("data.mix", format!("soft targets exist for ntxent and supcon, not {loss:?}")));
             }
@@ -1375,7 +1416,6 @@ fn check_text_and_mix(c: &Config, loss: LossKind, global_batch: usize, p: usize)
                 ));
             }
         }
-        other => return Err(invalid("data.mix", format!("`{other}` is not none, mixup or cutmix"))),
     }
     Ok(())
 }

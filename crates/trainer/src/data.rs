@@ -4,7 +4,7 @@
 
 use crate::eval::{EvalData, EvalSet};
 use anyhow::{bail, Context, Result};
-use contrast_config::Plan;
+use contrast_config::{AugmentPreset, CutoffName, DatasetKind, MixName, Plan};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::pipeline::Input;
 use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
@@ -31,10 +31,10 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
         mean_std: FASHION_MNIST_MEAN_STD,
     };
     let view = |params: AugParams| Augmenter::new(params, images.height, images.width);
-    match d.augment.as_str() {
-        "simclr" => vec![view(simclr); 2],
+    match d.augment {
+        AugmentPreset::Simclr => vec![view(simclr); 2],
         // CLIP's preset: a mild random resized crop, nothing else.
-        "clip" => vec![
+        AugmentPreset::Clip => vec![
             view(AugParams {
                 crop_scale: Some([0.8, 1.0]),
                 crop_ratio: [0.9, 1.1],
@@ -42,7 +42,7 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
             });
             2
         ],
-        "swav" => {
+        AugmentPreset::Swav => {
             let small = if d.small_size > 0 { d.small_size } else { small_crop_side(images.height as u32) } as usize;
             let large = view(AugParams { crop_scale: Some(SWAV_LARGE_SCALE), ..simclr.clone() });
             let little = view(AugParams { crop_scale: Some(SWAV_SMALL_SCALE), ..simclr }).resized(small, small);
@@ -50,16 +50,17 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
             v.extend(std::iter::repeat_n(little, d.small_crops));
             v
         }
-        _ => vec![view(AugParams::identity(FASHION_MNIST_MEAN_STD)); 2],
+        AugmentPreset::None => vec![view(AugParams::identity(FASHION_MNIST_MEAN_STD)); 2],
+        AugmentPreset::Mocov2 | AugmentPreset::Byol => unreachable!("Plan::resolve refuses RGB presets for IDX input"),
     }
 }
 
 /// Image channels the encoder sees: 1 for IDX, 3 for decoded files.
 pub fn in_channels(plan: &Plan) -> i64 {
-    if plan.config.data.dataset == "fashion_mnist" {
-        1
-    } else {
+    if plan.config.data.dataset.is_files() {
         3
+    } else {
+        1
     }
 }
 
@@ -67,8 +68,8 @@ pub fn in_channels(plan: &Plan) -> i64 {
 pub fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
     let (d, a) = (&plan.config.data, &plan.config.data.aug);
     let small = if d.small_size > 0 { d.small_size } else { small_crop_side(d.image_size) };
-    match d.augment.as_str() {
-        "simclr" => vec![
+    match d.augment {
+        AugmentPreset::Simclr => vec![
             RgbAugParams {
                 size: d.image_size,
                 crop_scale: Some(a.crop_scale),
@@ -86,9 +87,9 @@ pub fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
             };
             2
         ],
-        "none" => vec![RgbAugParams::clip(d.image_size); 2],
+        AugmentPreset::None => vec![RgbAugParams::clip(d.image_size); 2],
         // A one-view preset (clip) still gives the two-view losses two views.
-        name => match RgbAugParams::preset(name, d.image_size, small, d.small_crops).expect("validated preset") {
+        name => match RgbAugParams::preset(name.as_str(), d.image_size, small, d.small_crops).expect("a preset") {
             one if one.len() == 1 => vec![one[0].clone(); 2],
             views => views,
         },
@@ -100,10 +101,10 @@ pub fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
 pub fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)> {
     use contrast_data::mix::{MixConfig, MixKind};
     let d = &plan.config.data;
-    let kind = match d.mix.as_str() {
-        "mixup" => MixKind::Mixup,
-        "cutmix" => MixKind::CutMix,
-        _ => return None,
+    let kind = match d.mix {
+        MixName::Mixup => MixKind::Mixup,
+        MixName::Cutmix => MixKind::CutMix,
+        MixName::None => return None,
     };
     let views = if plan.loss == contrast_config::LossKind::SupCon { 2 } else { 1 };
     Some((MixConfig { kind, alpha: d.mix_alpha, group: d.mix_group }, views))
@@ -112,14 +113,14 @@ pub fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)>
 /// The training input of the plan and its class names.
 pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     let d = &plan.config.data;
-    if d.dataset == "fashion_mnist" {
+    if !d.dataset.is_files() {
         let images =
             Images::load_split(&d.root, "train").with_context(|| format!("loading data.root {}", d.root.display()))?;
         let augment = augmenter(plan, &images);
         let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
         return Ok((Input::Idx { images: Arc::new(images), augment }, names));
     }
-    let source = open_source(plan, &d.dataset, &d.root)?;
+    let source = open_source(plan, d.dataset, &d.root)?;
     let names = source.class_names();
     let input =
         Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
@@ -133,13 +134,14 @@ pub fn tokenizer(plan: &Plan) -> Result<Arc<Tokenizer>> {
 }
 
 /// Open a file dataset of kind `dataset` at `root` (image folder, CSV, WebDataset).
-fn open_source(plan: &Plan, dataset: &str, root: &Path) -> Result<Box<dyn Source>> {
+fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path) -> Result<Box<dyn Source>> {
     let d = &plan.config.data;
+    let sep = d.csv_separator.as_bytes()[0];
     Ok(match dataset {
-        "image_folder" => Box::new(ImageFolder::open(root)?),
-        "csv" => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, d.csv_separator.as_bytes()[0])?),
-        "webdataset" => Box::new(WebDataset::open(&root.to_string_lossy())?),
-        other => bail!("{other} is not a file dataset"),
+        DatasetKind::ImageFolder => Box::new(ImageFolder::open(root)?),
+        DatasetKind::Csv => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, sep)?),
+        DatasetKind::Webdataset => Box::new(WebDataset::open(&root.to_string_lossy())?),
+        DatasetKind::FashionMnist => bail!("fashion_mnist is not a file dataset"),
     })
 }
 
@@ -147,7 +149,7 @@ fn open_source(plan: &Plan, dataset: &str, root: &Path) -> Result<Box<dyn Source
 /// test split). `opened` is the training set's source when the caller already has it.
 pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::result::Result<EvalData, &'static str>> {
     let (d, e) = (&plan.config.data, &plan.config.eval);
-    if d.dataset == "fashion_mnist" {
+    if !d.dataset.is_files() {
         let mut train = Images::load_split(&d.root, "train")?;
         let mut test = Images::load_split(&d.root, "t10k")?;
         train.truncate(e.max_train);
@@ -156,7 +158,7 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
         return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names }));
     }
     let Some(root) = &e.root else { return Ok(Err("set eval.root to a labelled test split")) };
-    let kind = if e.dataset.is_empty() { d.dataset.as_str() } else { e.dataset.as_str() };
+    let kind = e.dataset.unwrap_or(d.dataset);
     let test: Arc<dyn Source> =
         open_source(plan, kind, root).with_context(|| format!("eval.root {}", root.display()))?.into();
     // Evaluation sees what training normalised: the first view's statistics, no random op.
@@ -164,12 +166,12 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
     let transform = RgbAugParams { mean: first.mean, std: first.std, ..RgbAugParams::clip(d.image_size) };
     let threads = plan.workers.max(1);
     let mut class_names = test.class_names();
-    let memory = if d.dataset == "csv" {
+    let memory = if d.dataset == DatasetKind::Csv {
         None
     } else {
         let train = match opened {
             Some(source) => source,
-            None => open_source(plan, &d.dataset, &d.root)?.into(),
+            None => open_source(plan, d.dataset, &d.root)?.into(),
         };
         if class_names.is_empty() {
             class_names = train.class_names();
@@ -190,10 +192,10 @@ pub fn mode(plan: &Plan, tokenizer: &Arc<Tokenizer>, class_names: Vec<String>) -
         (Some(path), true) => Some((Arc::new(contrast_data::textaug::Synonyms::load(path)?), t.eda_alpha)),
         _ => None,
     };
-    let cutoff = match t.cutoff.as_str() {
-        "token" => Some((contrast_data::textaug::Cutoff::Token, t.cutoff_ratio)),
-        "span" => Some((contrast_data::textaug::Cutoff::Span, t.cutoff_ratio)),
-        _ => None,
+    let cutoff = match t.cutoff {
+        CutoffName::Token => Some((contrast_data::textaug::Cutoff::Token, t.cutoff_ratio)),
+        CutoffName::Span => Some((contrast_data::textaug::Cutoff::Span, t.cutoff_ratio)),
+        CutoffName::None => None,
     };
     let text = contrast_data::pipeline::TextAug { eda, cutoff };
     Ok(Mode::ImageText { context: c.model.text.context as usize, tokenizer: tokenizer.clone(), class_names, text })

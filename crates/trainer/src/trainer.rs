@@ -155,6 +155,7 @@ struct StepRecord {
     seconds: f64,
     wait: f64,
     bad_samples: f64,
+    grad_norm: f64,
     embedding_std: f64,
 }
 
@@ -163,7 +164,8 @@ impl StepLog {
         if let Some(f) = self.file.as_mut() {
             let line = serde_json::json!({
                 "step": r.done, "loss": r.loss, "lr": r.lr, "samples_per_s": global_batch as f64 / r.seconds,
-                "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "embedding_std": finite_or_null(r.embedding_std),
+                "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "grad_norm": r.grad_norm,
+                "embedding_std": finite_or_null(r.embedding_std),
             });
             writeln!(f, "{line}")?;
         }
@@ -250,7 +252,9 @@ pub struct Trainer<'c, C: Collective> {
     guard: CollapseGuard,
     progress: Progress,
     sampler: contrast_data::Sampler,
+    /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
+    fault_grad_step: Option<usize>,
 }
 
 /// What [`Trainer::new`] needs besides the communicator and the plan.
@@ -299,6 +303,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 epoch: None,
             },
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
+            fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
             method: parts.method,
             sampler: parts.sampler,
             plan,
@@ -458,10 +463,13 @@ impl<'c, C: Collective> Trainer<'c, C> {
             Ok(share.loss)
         })?;
         let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
-        self.check_finite(loss, step + 1)?;
-        if self.plan.config.train.grad_clip > 0.0 {
-            self.opt.clip_grad_norm(self.plan.config.train.grad_clip);
+        // The gradients are all-reduced already, so every rank computes the same norm and decides alike.
+        if self.fault_grad_step == Some(step + 1) {
+            let _ = tch::no_grad(|| self.opt.params[0].tensor.grad().fill_(f64::NAN));
         }
+        let clip = self.plan.config.train.grad_clip;
+        let grad_norm = if clip > 0.0 { self.opt.clip_grad_norm(clip) } else { self.opt.grad_norm() };
+        self.check_finite(loss, grad_norm, step + 1)?;
         self.opt.step(lr);
         let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
         self.method.after_step(&info, self.comm)?;
@@ -473,13 +481,15 @@ impl<'c, C: Collective> Trainer<'c, C> {
             seconds,
             wait: wait.as_secs_f64(),
             bad_samples: out.control[control::BAD_SAMPLES],
+            grad_norm,
             embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
         })
     }
 
-    /// A non-finite loss stops every rank at the same step (the loss is the all-reduced sum).
-    fn check_finite(&self, loss: f64, done: usize) -> Result<()> {
-        if loss.is_finite() {
+    /// A non-finite loss or gradient norm stops every rank at the same step, before the
+    /// optimiser writes non-finite weights (both are sums over ranks, identical everywhere).
+    fn check_finite(&self, loss: f64, grad_norm: f64, done: usize) -> Result<()> {
+        if loss.is_finite() && grad_norm.is_finite() {
             return Ok(());
         }
         let last = checkpoint::latest(&self.plan.config.checkpoint.dir)
@@ -487,7 +497,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             .flatten()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "none yet".into());
-        bail!("loss is {loss} at step {done}: stopping; the last good checkpoint ({last}) is intact")
+        let what = if loss.is_finite() { format!("gradient norm is {grad_norm}") } else { format!("loss is {loss}") };
+        bail!("{what} at step {done}: stopping; the last good checkpoint ({last}) is intact")
     }
 
     /// The parts that run after a step, each when it is due.

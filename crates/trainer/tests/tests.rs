@@ -259,6 +259,19 @@ fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
 }
 
 #[test]
+fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
+    let fx = Fixture::new();
+    let cfg = fx.config("nan-grad", "ntxent", "");
+    let args = ["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "checkpoint.every=2"];
+    let out = run(2, &args, &[("CONTRAST_FAULT_NAN_GRAD_AT_STEP", "3")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gradient norm is NaN at step 3") && err.contains("step-2"), "{err}");
+    assert_eq!(std::fs::read_to_string(fx.path("nan-grad/latest")).unwrap().trim(), "step-2");
+    assert!(weights(&fx.path("nan-grad/step-2")).iter().all(|(_, w)| w.iter().all(|v| v.is_finite())));
+}
+
+#[test]
 fn resume_onto_another_world_size_continues_the_same_run() {
     let fx = Fixture::new();
     let straight = fx.config("straight", "ntxent", "");
