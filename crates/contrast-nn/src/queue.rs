@@ -34,13 +34,38 @@ pub struct ShardedQueue {
 }
 
 impl ShardedQueue {
-    /// The canonical starting queue of the MoCo reference: K keys drawn from a
-    /// standard normal and L2-normalised, from `seed` alone (so every world size
-    /// starts from the same negatives). `[K, d]` f64.
+    /// Row `i` of the canonical starting queue: a standard normal vector of
+    /// dimension `d` from its own stream of (seed, i), L2-normalised.
+    fn initial_row(seed: u64, i: usize, d: usize) -> Vec<f64> {
+        let key = contrast_data::rng::key(&[seed, 0x4D6F_436F_5175_6575, i as u64]);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+        let v: Vec<f64> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+        v.into_iter().map(|x| x / norm).collect()
+    }
+
+    /// The canonical starting queue of the MoCo reference: K random unit
+    /// vectors, each row from (seed, row) alone, so every world size starts
+    /// from the same negatives. `[K, d]` f64.
     pub fn initial_canonical(k: usize, d: usize, seed: u64) -> Tensor {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x4D6F_436F_5175_6575);
-        let v: Vec<f64> = (0..k * d).map(|_| StandardNormal.sample(&mut rng)).collect();
-        l2_normalize(&Tensor::from_slice(&v).view([k as i64, d as i64]))
+        let v: Vec<f64> = (0..k).flat_map(|i| Self::initial_row(seed, i, d)).collect();
+        Tensor::from_slice(&v).view([k as i64, d as i64])
+    }
+
+    /// This rank's shard of the canonical starting queue, drawing only its own
+    /// K/P rows (memory O(K/P·d) on every rank, also at the start).
+    pub fn initial(k: usize, d: usize, seed: u64, global_batch: usize, rank: usize, world_size: usize) -> Result<Self> {
+        let (n, p) = (global_batch, world_size);
+        if n == 0 || k % n != 0 || n % p != 0 {
+            return Err(NnError::Shape(format!(
+                "queue of {k} keys: not a multiple of the global batch {n}, or {n} not divisible by {p} ranks"
+            )));
+        }
+        let (blocks, b) = (k / n, n / p);
+        let rows = (0..blocks).flat_map(|blk| (0..b).map(move |j| blk * n + rank * b + j));
+        let v: Vec<f64> = rows.flat_map(|i| Self::initial_row(seed, i, d)).collect();
+        let keys = Tensor::from_slice(&v).view([(blocks * b) as i64, d as i64]);
+        Ok(Self { keys, blocks, local_batch: b, world_size: p, ptr: 0 })
     }
 
     /// This rank's shard of a canonical queue `[K, d]` of blocks of `global_batch`

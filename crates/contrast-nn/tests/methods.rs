@@ -86,6 +86,23 @@ fn sharded_queue_matches_the_replicated_reference() {
 }
 
 #[test]
+fn each_rank_draws_only_its_rows_of_the_initial_queue() {
+    let (k, d, n, seed) = (24usize, 5usize, 6usize, 9u64);
+    let canonical = ShardedQueue::initial_canonical(k, d, seed);
+    let norms = contrast_nn::to_host::<f64>(&canonical.norm_scalaropt_dim(2, [1i64].as_slice(), false));
+    assert!(norms.iter().all(|x| (x - 1.0).abs() < 1e-12), "unit keys");
+    for p in [1usize, 2, 3] {
+        for r in 0..p {
+            let direct = ShardedQueue::initial(k, d, seed, n, r, p).unwrap();
+            let sliced = ShardedQueue::from_canonical(&canonical, 0, n, r, p).unwrap();
+            assert_eq!(contrast_nn::to_host::<f64>(direct.shard()), contrast_nn::to_host::<f64>(sliced.shard()));
+            assert_eq!(direct.shard().size(), [(k / p) as i64, d as i64]);
+        }
+    }
+    assert!(ShardedQueue::initial(25, d, seed, n, 0, 1).is_err());
+}
+
+#[test]
 fn queue_blocks_keep_global_row_order_and_evict_the_oldest() {
     // K = 2 blocks of N = 4 keys over P = 2 ranks: enqueue writes each rank's rows of the oldest block.
     let shards: Vec<Vec<f64>> = Threads::run(2, |c| {

@@ -67,9 +67,8 @@ impl MocoV2 {
                 "method.queue_size {k} is not a positive multiple of the global batch {n}"
             )));
         }
-        let canonical = ShardedQueue::initial_canonical(k, m.proj_dim as usize, spec.seed);
-        let queue =
-            ShardedQueue::from_canonical(&canonical, 0, n, shard.rank, shard.world_size)?.to(spec.kind, spec.device);
+        let queue = ShardedQueue::initial(k, m.proj_dim as usize, spec.seed, n, shard.rank, shard.world_size)?
+            .to(spec.kind, spec.device);
         let temperature = spec.temperature();
         Ok(Self {
             vs,
