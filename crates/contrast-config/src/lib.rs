@@ -1470,15 +1470,23 @@ fn resolve_method_plan(c: &Config, name: MethodName, n: usize, p: usize) -> Resu
             }
             (plan.queue_size, plan.queue_shard) = (m.queue_size, m.queue_size / p);
         }
-        MethodName::Byol | MethodName::Simsiam => match m.predictor_hidden {
-            Some(h) if h > 0 => {}
-            other => {
-                return Err(invalid(
-                    "method.predictor_hidden",
-                    format!("{name:?} needs the predictor's hidden width (a positive integer), got {other:?}"),
-                ))
+        MethodName::Byol | MethodName::Simsiam => {
+            match m.predictor_hidden {
+                Some(h) if h > 0 => {}
+                other => {
+                    return Err(invalid(
+                        "method.predictor_hidden",
+                        format!("{name:?} needs the predictor's hidden width (a positive integer), got {other:?}"),
+                    ))
+                }
             }
-        },
+            if n < 2 {
+                return Err(invalid(
+                    "train.global_batch",
+                    format!("{name:?}'s batch-norm heads need at least 2 samples"),
+                ));
+            }
+        }
         MethodName::Simclr | MethodName::Clip => {}
     }
     Ok(plan)
@@ -1611,6 +1619,7 @@ mod tests {
             ("method: {name: moco_v2, shuffle_bn: true}", 1, "method.shuffle_bn"),
             ("method: {name: byol}", 1, "method.predictor_hidden"),
             ("method: {name: simsiam, predictor_hidden: 0}", 1, "method.predictor_hidden"),
+            ("method: {name: byol, predictor_hidden: 8}\ntrain: {global_batch: 1}", 1, "train.global_batch"),
             ("method: {name: moco_v2}\nloss: {name: ntxent}", 1, "loss.name"),
             ("method: {name: simclr}\nloss: {name: clip}", 1, "loss.name"),
         ] {

@@ -40,6 +40,10 @@ pub struct State {
     /// The method that wrote it (`simclr`, `moco_v2`, …).
     #[serde(default)]
     pub method: Option<String>,
+    /// Identity of the run (drawn when a run starts fresh, kept across resumes):
+    /// pruning only ever removes checkpoints of the same run.
+    #[serde(default)]
+    pub run_id: Option<u64>,
     /// kNN top-1 of the untrained encoder, measured at step 0 (carried across resumes).
     #[serde(default)]
     pub knn_top1_init: Option<f64>,
@@ -54,7 +58,10 @@ pub fn step_dir_name(step: usize) -> String {
 }
 
 /// Write a checkpoint's files atomically and point `latest` at it; keep the
-/// newest `keep` (0 = all). Every checkpoint write goes through here.
+/// newest `keep` (0 = all) of this run's checkpoints (those with the same
+/// `run_id`: another run's checkpoints in the directory are never removed, so
+/// a fresh run into an old directory cannot prune what it just wrote).
+/// Every checkpoint write goes through here.
 pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let name = step_dir_name(state.step);
@@ -70,15 +77,23 @@ pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], 
         Tensor::write_safetensors(&cpu, tmp.join(file)).with_context(|| format!("writing {file}"))?;
     }
     std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    // Durable before it becomes visible: the files, their directory, then each rename's directory.
+    for f in files.iter().map(|(f, _)| *f).chain(["state.json"]) {
+        sync(&tmp.join(f))?;
+    }
+    sync(&tmp)?;
     if fin.exists() {
         std::fs::remove_dir_all(&fin)?;
     }
     std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    sync(dir)?;
     let latest_tmp = dir.join(".latest.tmp");
     std::fs::write(&latest_tmp, format!("{name}\n"))?;
+    sync(&latest_tmp)?;
     std::fs::rename(&latest_tmp, dir.join("latest"))?;
+    sync(dir)?;
     if keep > 0 {
-        prune(dir, keep)?;
+        prune(dir, keep, state.run_id)?;
     }
     Ok(fin)
 }
@@ -106,15 +121,9 @@ pub fn save<C: Collective>(
     Ok(out)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    steps.sort();
+fn prune(dir: &Path, keep: usize, run_id: Option<u64>) -> Result<()> {
+    let mut steps = step_dirs(dir)?;
+    steps.retain(|(_, p)| read_state(p).map(|s| s.run_id == run_id).unwrap_or(false));
     let drop = steps.len().saturating_sub(keep);
     for (_, p) in steps.into_iter().take(drop) {
         std::fs::remove_dir_all(&p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
@@ -122,18 +131,61 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint `latest` names in a run directory, if any.
+/// Flush a file or directory to disk (directories: their entries, so a rename is durable).
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", path.display()))
+}
+
+/// The files of a complete checkpoint directory.
+const FILES: [&str; 3] = ["model.safetensors", "optim.safetensors", "state.json"];
+
+/// Whether `p` holds every file of a checkpoint.
+fn intact(p: &Path) -> bool {
+    FILES.iter().all(|f| p.join(f).is_file())
+}
+
+/// The checkpoint `latest` names in a run directory, if any. When `latest` is
+/// unreadable or names a missing or incomplete directory, the newest intact
+/// `step-<N>` directory is used instead, with a warning naming both.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     let f = dir.join("latest");
     if !f.exists() {
         return Ok(None);
     }
-    let name = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-    let p = dir.join(name.trim());
-    if !p.join("state.json").is_file() {
-        bail!("{} names {}, which holds no state.json", f.display(), p.display());
+    let named = std::fs::read_to_string(&f).ok().map(|n| dir.join(n.trim()));
+    if let Some(p) = named.as_ref().filter(|p| intact(p)) {
+        return Ok(Some(p.clone()));
     }
-    Ok(Some(p))
+    let mut steps = step_dirs(dir)?;
+    steps.retain(|(_, p)| intact(p));
+    let Some((_, newest)) = steps.pop() else {
+        bail!(
+            "{} names {:?}, which is not a complete checkpoint, and no intact step-<N> directory is left",
+            f.display(),
+            named
+        );
+    };
+    tracing::warn!(
+        "{} names {:?}, which is not a complete checkpoint: using the newest intact one, {}",
+        f.display(),
+        named.map(|p| p.display().to_string()),
+        newest.display()
+    );
+    Ok(Some(newest))
+}
+
+/// The `step-<N>` directories of a run directory, sorted by N.
+fn step_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    Ok(steps)
 }
 
 /// A step directory, or a run directory resolved through `latest`.

@@ -225,6 +225,12 @@ impl CollapseGuard {
     }
 }
 
+/// A run identity from the clock and the process id.
+fn fresh_run_id() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    contrast_data::rng::key(&[nanos as u64, (nanos >> 64) as u64, std::process::id() as u64])
+}
+
 /// Where the run stands.
 struct Progress {
     start_step: usize,
@@ -234,6 +240,8 @@ struct Progress {
     /// kNN of the untrained encoder and of raw pixels (measured at step 0, carried across resumes).
     init: (Option<f64>, Option<f64>),
     epoch: Option<usize>,
+    /// Identity of the run (rank 0's is the one written), kept across resumes.
+    run_id: u64,
 }
 
 /// The training loop and its parts.
@@ -301,6 +309,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 train_time: 0.0,
                 init: (None, None),
                 epoch: None,
+                run_id: fresh_run_id(),
             },
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -346,6 +355,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.progress.start_step = st.step;
         self.progress.last_loss = st.loss;
         self.progress.init = (st.knn_top1_init, st.knn_top1_raw_pixels);
+        self.progress.run_id = st.run_id.unwrap_or(self.progress.run_id);
         if rank == 0 {
             tracing::info!(
                 "resumed from {} at step {} (written by {} ranks, now {p})",
@@ -399,6 +409,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             global_batch: self.plan.global_batch,
             loss,
             method: Some(format!("{:?}", self.plan.method.name)),
+            run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,
             knn_top1_raw_pixels: self.progress.init.1,
         }

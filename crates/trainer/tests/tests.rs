@@ -259,6 +259,72 @@ fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
 }
 
 #[test]
+fn a_fresh_run_into_an_old_directory_keeps_its_own_checkpoints() {
+    let fx = Fixture::new();
+    let cfg = fx.config("reused", "ntxent", "");
+    let long = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=6",
+        "--set",
+        "checkpoint.every=2",
+        "--set",
+        "checkpoint.keep=2",
+    ];
+    ok(run(0, &long, &[]));
+    // A new, shorter run (resume off) into the same directory.
+    let short = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=2",
+    ];
+    ok(run(0, &short, &[]));
+    assert_eq!(std::fs::read_to_string(fx.path("reused/latest")).unwrap().trim(), "step-3");
+    for kept in ["step-2", "step-3", "step-6"] {
+        assert!(fx.path("reused").join(kept).join("state.json").is_file(), "{kept} is gone");
+    }
+    assert!(!fx.path("reused/step-1").exists(), "the new run keeps only its 2 newest");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("reused/step-3/state.json")).unwrap()).unwrap();
+    let old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("reused/step-6/state.json")).unwrap()).unwrap();
+    assert_ne!(state["run_id"], old["run_id"]);
+}
+
+#[test]
+fn a_latest_naming_a_torn_checkpoint_falls_back_to_the_newest_intact_one() {
+    let fx = Fixture::new();
+    let cfg = fx.config("torn", "ntxent", "");
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=0",
+    ];
+    let out = run(0, &args, &[("CONTRAST_FAULT_NAN_AT_STEP", "4")]);
+    assert!(!out.status.success());
+    // A crash that left step-3 torn (its model file gone) while `latest` already named it.
+    std::fs::remove_file(fx.path("torn/step-3/model.safetensors")).unwrap();
+    let mut resume = args.to_vec();
+    resume.extend(["--set", "train.resume=true"]);
+    let out = ok(run(0, &resume, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a complete checkpoint") && err.contains("step-2"), "{err}");
+    assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
+    assert_eq!(std::fs::read_to_string(fx.path("torn/latest")).unwrap().trim(), "step-4");
+}
+
+#[test]
 fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
     let fx = Fixture::new();
     let cfg = fx.config("nan-grad", "ntxent", "");
