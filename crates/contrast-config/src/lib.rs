@@ -13,6 +13,13 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Most data worker threads per rank (`data.workers`).
+pub const MAX_WORKERS: usize = 256;
+/// Most batches in flight per rank (`data.prefetch`).
+pub const MAX_PREFETCH: usize = 1024;
+/// Largest blur σ in pixels (`data.aug.blur_sigma`): the kernel radius is ⌈3σ⌉.
+pub const MAX_BLUR_SIGMA: f32 = 64.0;
+
 /// The conv encoder average-pools its last feature map to a grid of this side;
 /// `model.embed_dim` must be a multiple of its square.
 pub const POOL_GRID: i64 = 4;
@@ -1260,6 +1267,18 @@ fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
                 ),
             ));
     }
+    if c.data.dataset == DatasetKind::Csv && loss.is_supervised() {
+        return Err(invalid(
+            "loss.name",
+            format!("{loss:?} needs class labels, and a caption CSV has none (use an image folder or labelled shards)"),
+        ));
+    }
+    if c.data.workers > MAX_WORKERS {
+        return Err(invalid("data.workers", format!("at most {MAX_WORKERS}, got {}", c.data.workers)));
+    }
+    if c.data.prefetch > MAX_PREFETCH {
+        return Err(invalid("data.prefetch", format!("at most {MAX_PREFETCH}, got {}", c.data.prefetch)));
+    }
     if c.data.prefetch == 0 {
         return Err(invalid("data.prefetch", "must be ≥ 1"));
     }
@@ -1284,8 +1303,11 @@ fn check_aug(c: &Config) -> Result<(), ConfigError> {
             return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
         }
     }
-    if !(0.0 < a.blur_sigma[0] && a.blur_sigma[0] <= a.blur_sigma[1]) {
-        return Err(invalid("data.aug.blur_sigma", format!("need 0 < lo ≤ hi, got {:?}", a.blur_sigma)));
+    if !(0.0 < a.blur_sigma[0] && a.blur_sigma[0] <= a.blur_sigma[1] && a.blur_sigma[1] <= MAX_BLUR_SIGMA) {
+        return Err(invalid(
+            "data.aug.blur_sigma",
+            format!("need 0 < lo ≤ hi ≤ {MAX_BLUR_SIGMA}, got {:?}", a.blur_sigma),
+        ));
     }
 
     Ok(())
@@ -1333,6 +1355,20 @@ fn check_train(c: &Config, loss: LossKind, p: usize) -> Result<usize, ConfigErro
     }
     if !(0.0..1.0).contains(&o.momentum) {
         return Err(invalid("train.optimizer.momentum", format!("must lie in [0, 1), got {}", o.momentum)));
+    }
+    for (key, b) in [("train.optimizer.betas", o.betas[0]), ("train.optimizer.betas", o.betas[1])] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(invalid(key, format!("each β must lie in [0, 1), got {:?}", o.betas)));
+        }
+    }
+    if !(o.eps > 0.0 && o.eps.is_finite()) {
+        return Err(invalid("train.optimizer.eps", format!("must be > 0, got {}", o.eps)));
+    }
+    if !(0.0..=1.0).contains(&t.schedule.final_lr_frac) {
+        return Err(invalid(
+            "train.schedule.final_lr_frac",
+            format!("must lie in [0, 1], got {}", t.schedule.final_lr_frac),
+        ));
     }
     if o.lars && !(o.trust_coefficient > 0.0) {
         return Err(invalid("train.optimizer.trust_coefficient", format!("must be > 0, got {}", o.trust_coefficient)));
@@ -1572,6 +1608,12 @@ mod tests {
             ("train: {optimizer: {lr_scale: x}}", "train.optimizer.lr_scale"),
             ("train: {optimizer: {name: adam}}", "train.optimizer.name"),
             ("method: {name: mocov3}", "method.name"),
+            ("train: {optimizer: {betas: [0.9, 1.0]}}", "train.optimizer.betas"),
+            ("train: {optimizer: {eps: 0}}", "train.optimizer.eps"),
+            ("train: {schedule: {final_lr_frac: 2}}", "train.schedule.final_lr_frac"),
+            ("data: {workers: 100000}", "data.workers"),
+            ("data: {prefetch: 100000000}", "data.prefetch"),
+            ("data: {aug: {blur_sigma: [0.1, 1.0e9]}}", "data.aug.blur_sigma"),
         ] {
             // A closed choice fails when parsed, a bad number when resolved; both name the key.
             let err = match Config::from_yaml(yaml, "f") {
@@ -1584,6 +1626,20 @@ mod tests {
 
     fn resolve(yaml: &str, p: usize) -> Result<Plan, ConfigError> {
         Plan::resolve(with_root(Config::from_yaml(yaml, "f").unwrap()), topo(p))
+    }
+
+    #[test]
+    fn supervised_losses_refuse_data_without_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("pairs.csv");
+        std::fs::write(&csv, "filepath\ttitle\na.png\ta cat\n").unwrap();
+        for loss in ["supcon", "triplet"] {
+            let yaml = format!("data: {{dataset: csv, root: {}}}\nloss: {{name: {loss}}}", csv.display());
+            let err = Plan::resolve(Config::from_yaml(&yaml, "f").unwrap(), topo(1)).unwrap_err().to_string();
+            assert!(err.contains("loss.name") && err.contains("no") && err.contains("labels"), "{err}");
+        }
+        let yaml = format!("data: {{dataset: csv, root: {}}}\nloss: {{name: clip}}", csv.display());
+        Plan::resolve(Config::from_yaml(&yaml, "f").unwrap(), topo(1)).unwrap();
     }
 
     #[test]

@@ -139,6 +139,9 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
                 s.backward();
             }
         }
+        // A parameter no rank used gets a zero gradient on every layout (P = 1 too), so
+        // decay and momentum treat it alike whatever the world size.
+        define_grads(params);
         self.all_reduce_grads(params);
         let mut l = Vec::with_capacity(1 + control.len());
         l.push(share);

@@ -395,3 +395,37 @@ fn lars_scales_by_the_trust_ratio_and_skips_biases() {
     // The bias is neither adapted nor decayed: plain SGD.
     assert!((bias.double_value(&[0]) - (1.0 - 2.0)).abs() < 1e-12);
 }
+
+#[test]
+fn an_unused_parameter_moves_alike_on_every_layout() {
+    // One step of SGD with decay and momentum; `extra` takes no part in the loss.
+    let (n, d) = (4usize, 3usize);
+    let a = randn(n, d, 31);
+    let b = randn(n, d, 32);
+    let (a, b) = (Host::of(&a), Host::of(&b));
+    let moved: Vec<Vec<f64>> = [1usize, 2]
+        .into_iter()
+        .map(|p| {
+            let out = Threads::run(p, |c| {
+                let bl = n / p;
+                let w = Tensor::ones([1, d as i64], (Kind::Double, tch::Device::Cpu)).set_requires_grad(true);
+                let extra = Tensor::ones([2, 2], (Kind::Double, tch::Device::Cpu)).set_requires_grad(true);
+                let rows = |h: &Host| h.t().narrow(0, (c.rank() * bl) as i64, bl as i64);
+                let towers = [rows(&a) * &w, rows(&b) * &w];
+                let params =
+                    vec![Param::new("w".into(), w.shallow_clone()), Param::new("extra".into(), extra.shallow_clone())];
+                let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.1, params);
+                GlobalBatch::new(&c, bl)
+                    .step(&towers, &opt.tensors(), |g, ctx| {
+                        contrast_nn::loss::ntxent_share(&g[0], &g[1], 0.5, ctx.shard)
+                    })
+                    .unwrap();
+                opt.step(0.5);
+                contrast_nn::to_host::<f64>(&extra)
+            });
+            out[0].clone()
+        })
+        .collect();
+    assert_eq!(moved[0], moved[1]);
+    assert!(moved[0].iter().all(|&x| (x - (1.0 - 0.5 * 0.1)).abs() < 1e-12), "decay applies: {:?}", moved[0]);
+}
