@@ -206,7 +206,10 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
     init_logging(comm.rank());
-    let out = train(&comm, path, overrides);
+    // A panic on one rank must not unwind into MPI_Finalize while the others wait in a
+    // collective: it becomes an error (the panic hook has printed it), and any error aborts the job.
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&comm, path, overrides)))
+        .unwrap_or_else(|panic| Err(anyhow::anyhow!("panicked: {}", panic_message(&panic))));
     if let Err(e) = &out {
         if comm.world_size() > 1 {
             eprintln!("error [rank {}]: {e:#}", comm.rank());
@@ -214,6 +217,15 @@ pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
         }
     }
     out
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Train with an explicit communicator (tests pass the threaded backend).

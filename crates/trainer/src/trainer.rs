@@ -263,6 +263,7 @@ pub struct Trainer<'c, C: Collective> {
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
+    fault_panic_step: Option<usize>,
 }
 
 /// What [`Trainer::new`] needs besides the communicator and the plan.
@@ -313,6 +314,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             },
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
+            fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
             method: parts.method,
             sampler: parts.sampler,
             plan,
@@ -475,6 +477,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
         })?;
         let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         // The gradients are all-reduced already, so every rank computes the same norm and decides alike.
+        if self.fault_panic_step == Some(step + 1) {
+            panic!("CONTRAST_FAULT_PANIC_AT_STEP: injected panic at step {}", step + 1);
+        }
         if self.fault_grad_step == Some(step + 1) {
             let _ = tch::no_grad(|| self.opt.params[0].tensor.grad().fill_(f64::NAN));
         }

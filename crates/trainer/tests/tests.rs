@@ -324,6 +324,43 @@ fn a_latest_naming_a_torn_checkpoint_falls_back_to_the_newest_intact_one() {
     assert_eq!(std::fs::read_to_string(fx.path("torn/latest")).unwrap().trim(), "step-4");
 }
 
+/// A panic on one rank of an MPMD job (the fault hook set on rank 0 only) ends
+/// the whole job promptly with a non-zero status instead of hanging the other
+/// rank in a collective.
+#[test]
+fn a_panic_on_one_rank_aborts_the_whole_job() {
+    let fx = Fixture::new();
+    let cfg = fx.config("panic", "ntxent", "");
+    let cfg = cfg.to_str().unwrap();
+    let mut cmd = Command::new("mpirun");
+    if is_open_mpi() {
+        cmd.arg("--oversubscribe");
+    }
+    cmd.args(["-n", "1", "env", "CONTRAST_FAULT_PANIC_AT_STEP=2", BIN, "--config", cfg, "--set", "train.steps=6"]);
+    cmd.args([":", "-n", "1", BIN, "--config", cfg, "--set", "train.steps=6"]);
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the job still runs 60 s after one rank panicked: it hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("injected panic at step 2"), "{err}");
+}
+
 #[test]
 fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
     let fx = Fixture::new();
