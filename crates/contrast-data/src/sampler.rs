@@ -28,7 +28,12 @@ impl Sampler {
         Ok(Self { len, global_batch, seed })
     }
 
-    /// Full global batches per epoch.
+    /// Samples in the dataset.
+    pub fn dataset_len(&self) -> usize {
+        self.len
+    }
+
+    /// Full global batches per epoch (the remainder of the permutation is dropped).
     pub fn steps_per_epoch(&self) -> usize {
         self.len / self.global_batch
     }

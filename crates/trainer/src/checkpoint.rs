@@ -40,6 +40,12 @@ pub struct State {
     /// The method that wrote it (`simclr`, `moco_v2`, …).
     #[serde(default)]
     pub method: Option<String>,
+    /// The loss (`loss.name` as resolved).
+    #[serde(default)]
+    pub loss_name: Option<String>,
+    /// Samples in the training set.
+    #[serde(default)]
+    pub dataset_len: Option<usize>,
     /// Identity of the run (drawn when a run starts fresh, kept across resumes):
     /// pruning only ever removes checkpoints of the same run.
     #[serde(default)]
@@ -223,18 +229,20 @@ pub struct Loaded {
     pub optim: HashMap<String, Tensor>,
 }
 
-/// Rank 0 reads the checkpoint `find` returns (or none) and checks that it
-/// holds every item of `model` and `optim` with its canonical shape; then every
-/// rank receives the state and the tensors by broadcast. Collective.
+/// Rank 0 reads the checkpoint `find` returns (or none), lets `accept` judge its
+/// `state.json`, and checks that it holds every item of `model` and `optim`
+/// with its canonical shape; then every rank receives the verdict, the state
+/// and the tensors by broadcast. Collective.
 pub fn load<C: Collective>(
     comm: &C,
     find: impl FnOnce() -> Result<Option<PathBuf>>,
+    accept: impl FnOnce(&State) -> Result<()>,
     model: &[StateItem],
     optim: Option<&[StateItem]>,
 ) -> Result<Option<Loaded>> {
     let p = comm.world_size();
     // Rank 0's verdict: Ok(None) no checkpoint, Ok(Some) read and checked, Err why not.
-    let read = if comm.rank() == 0 { read_checked(find, model, optim, p) } else { Ok(None) };
+    let read = if comm.rank() == 0 { read_checked(find, accept, model, optim, p) } else { Ok(None) };
     let verdict = match &read {
         Ok(None) => String::new(),
         Ok(Some((dir, state, _, _))) => format!("ok\n{}\n{}", dir.display(), serde_json::to_string(state)?),
@@ -267,12 +275,14 @@ type Read = (PathBuf, State, HashMap<String, Tensor>, HashMap<String, Tensor>);
 /// Rank 0: read a checkpoint and check every expected item's presence and canonical shape.
 fn read_checked(
     find: impl FnOnce() -> Result<Option<PathBuf>>,
+    accept: impl FnOnce(&State) -> Result<()>,
     model: &[StateItem],
     optim: Option<&[StateItem]>,
     world_size: usize,
 ) -> Result<Option<Read>> {
     let Some(dir) = find()? else { return Ok(None) };
     let state = read_state(&dir)?;
+    accept(&state).with_context(|| format!("{} cannot be resumed by this config", dir.display()))?;
     let check = |file: &str, items: &[StateItem]| -> Result<HashMap<String, Tensor>> {
         let map: HashMap<String, Tensor> = read_tensors(&dir, file)?.into_iter().collect();
         for item in items {

@@ -299,7 +299,7 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
     let tokenizer = data::tokenizer(&plan)?;
     let mut method = build_method(&comm, &plan, device, &tokenizer)?;
     let find = || checkpoint::resolve(ckpt).map(Some);
-    let loaded = checkpoint::load(&comm, find, &method.state(), None)?.context("no checkpoint")?;
+    let loaded = checkpoint::load(&comm, find, |_| Ok(()), &method.state(), None)?.context("no checkpoint")?;
     method.load_state(&loaded.model, comm.rank(), comm.world_size())?;
     let data = data::load_eval(&plan, None)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
     let f = trainer::evaluate(&comm, &plan, method.as_ref(), &data, &tokenizer, device)?;

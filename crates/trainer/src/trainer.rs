@@ -225,6 +225,28 @@ impl CollapseGuard {
     }
 }
 
+/// Whether a checkpoint's run can be continued by this one: the same seed,
+/// global batch, method, loss and dataset size (the world size and
+/// `train.steps` may change). Fields an older checkpoint lacks are not compared.
+fn compatible(theirs: &State, mine: &State) -> Result<()> {
+    let differ = |key: &str, a: String, b: String| -> Result<()> {
+        if a != b {
+            bail!("`{key}` is {b} in this config but {a} in the checkpoint; a resume must keep it");
+        }
+        Ok(())
+    };
+    differ("seed", theirs.seed.to_string(), mine.seed.to_string())?;
+    differ("train.global_batch", theirs.global_batch.to_string(), mine.global_batch.to_string())?;
+    let opt = |a: &Option<String>, b: &Option<String>, key: &str| match (a, b) {
+        (Some(a), Some(b)) => differ(key, a.clone(), b.clone()),
+        _ => Ok(()),
+    };
+    opt(&theirs.method, &mine.method, "method.name")?;
+    opt(&theirs.loss_name, &mine.loss_name, "loss.name")?;
+    let len = |s: &State| s.dataset_len.map(|n| format!("{n} samples"));
+    opt(&len(theirs), &len(mine), "data.root")
+}
+
 /// A run identity from the clock and the process id.
 fn fresh_run_id() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -335,21 +357,15 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let dir = self.plan.config.checkpoint.dir.clone();
         let (model, optim) = (self.method.state(), optim_items(&self.opt));
         let find = || checkpoint::latest(&dir);
-        let Some(loaded) = checkpoint::load(self.comm, find, &model, Some(&optim))? else {
+        let mine = self.state(0, 0.0);
+        let accept = |st: &State| compatible(st, &mine);
+        let Some(loaded) = checkpoint::load(self.comm, find, accept, &model, Some(&optim))? else {
             if self.comm.rank() == 0 {
                 tracing::info!("train.resume=true but {} has no checkpoint yet: starting fresh", dir.display());
             }
             return Ok(());
         };
         let st = &loaded.state;
-        if st.global_batch != self.plan.global_batch {
-            bail!(
-                "{}: checkpoint has global batch {}, config has {}; a resume must keep the global batch",
-                loaded.dir.display(),
-                st.global_batch,
-                self.plan.global_batch
-            );
-        }
         let (rank, p) = (self.comm.rank(), self.comm.world_size());
         self.method.load_state(&loaded.model, rank, p).with_context(|| loaded.dir.display().to_string())?;
         let optim: Vec<(String, Tensor)> = loaded.optim.into_iter().collect();
@@ -411,6 +427,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             global_batch: self.plan.global_batch,
             loss,
             method: Some(format!("{:?}", self.plan.method.name)),
+            loss_name: Some(format!("{:?}", self.plan.loss)),
+            dataset_len: Some(self.sampler.dataset_len()),
             run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,
             knn_top1_raw_pixels: self.progress.init.1,

@@ -259,6 +259,27 @@ fn nan_loss_stops_with_last_checkpoint_intact_and_resume_is_exact() {
 }
 
 #[test]
+fn a_resume_with_an_incompatible_config_is_refused_naming_the_key() {
+    let fx = Fixture::new();
+    let cfg = fx.config("compat", "ntxent", "");
+    ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"], &[]));
+    for (set, key) in
+        [("seed=4", "`seed`"), ("train.global_batch=16", "`train.global_batch`"), ("loss.name=dcl", "`loss.name`")]
+    {
+        let out = run(
+            2,
+            &["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "train.resume=true", "--set", set],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(err.contains(key) && err.contains("cannot be resumed"), "{set}: {err}");
+    }
+    // Extending the run on another world size is allowed.
+    ok(run(2, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "train.resume=true"], &[]));
+}
+
+#[test]
 fn a_fresh_run_into_an_old_directory_keeps_its_own_checkpoints() {
     let fx = Fixture::new();
     let cfg = fx.config("reused", "ntxent", "");
