@@ -11,7 +11,7 @@
 #![warn(missing_docs)]
 
 use std::fmt::Debug;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 #[cfg(feature = "mpi")]
 mod mpi_backend;
@@ -128,7 +128,48 @@ impl Collective for Solo {
 
 struct Shared {
     slots: Mutex<Vec<Vec<u8>>>,
-    barrier: Barrier,
+    barrier: RankBarrier,
+}
+
+/// A barrier that a panicking rank breaks: the ranks waiting at it (or arriving
+/// later) panic too, so a failing rank fails the test instead of deadlocking it.
+struct RankBarrier {
+    /// (arrived in this generation, generation, broken).
+    state: Mutex<(usize, u64, bool)>,
+    cv: Condvar,
+    size: usize,
+}
+
+impl RankBarrier {
+    fn new(size: usize) -> Self {
+        Self { state: Mutex::new((0, 0, false)), cv: Condvar::new(), size }
+    }
+
+    fn wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.2 {
+            panic!("another rank panicked");
+        }
+        let generation = st.1;
+        st.0 += 1;
+        if st.0 == self.size {
+            *st = (0, generation + 1, false);
+            self.cv.notify_all();
+            return;
+        }
+        while st.1 == generation && !st.2 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.1 == generation {
+            panic!("another rank panicked");
+        }
+    }
+
+    fn break_all(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.2 = true;
+        self.cv.notify_all();
+    }
 }
 
 /// One rank of a group of ranks that are threads of this process.
@@ -161,16 +202,32 @@ impl Threads {
         F: Fn(Threads) -> R + Sync,
     {
         assert!(p > 0 && ranks_per_host > 0);
-        let shared = Arc::new(Shared { slots: Mutex::new(vec![Vec::new(); p]), barrier: Barrier::new(p) });
+        let shared = Arc::new(Shared { slots: Mutex::new(vec![Vec::new(); p]), barrier: RankBarrier::new(p) });
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..p)
                 .map(|rank| {
                     let comm = Threads { rank, size: p, ranks_per_host, shared: shared.clone() };
-                    let f = &f;
-                    s.spawn(move || f(comm))
+                    let (f, shared) = (&f, shared.clone());
+                    s.spawn(move || {
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
+                        out.unwrap_or_else(|e| {
+                            shared.barrier.break_all();
+                            std::panic::resume_unwind(e)
+                        })
+                    })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+            let joined: Vec<std::thread::Result<R>> = handles.into_iter().map(|h| h.join()).collect();
+            // Re-raise the panic that broke the barrier, not one of the ranks that followed it.
+            let secondary = |e: &Box<dyn std::any::Any + Send>| {
+                e.downcast_ref::<&str>().is_some_and(|m| *m == "another rank panicked")
+            };
+            let first = joined.iter().position(|r| r.as_ref().is_err_and(|e| !secondary(e)));
+            if let Some(i) = first.or_else(|| joined.iter().position(|r| r.is_err())) {
+                let mut joined = joined;
+                std::panic::resume_unwind(joined.swap_remove(i).err().unwrap());
+            }
+            joined.into_iter().map(|r| r.ok().unwrap()).collect()
         })
     }
 
@@ -427,6 +484,27 @@ mod tests {
             });
             assert_eq!(out, (0..p).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn a_panicking_rank_fails_the_run_instead_of_deadlocking_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = std::panic::catch_unwind(|| {
+                Threads::run(3, |c| {
+                    if c.rank() == 1 {
+                        panic!("rank 1 fails");
+                    }
+                    let mut v = [1.0f64];
+                    c.all_reduce_sum(&mut v);
+                    v[0]
+                })
+            });
+            let message = out.err().and_then(|e| e.downcast_ref::<&str>().map(|s| s.to_string()));
+            let _ = tx.send(message);
+        });
+        let message = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the threaded ranks deadlocked");
+        assert_eq!(message.as_deref(), Some("rank 1 fails"));
     }
 
     #[test]
