@@ -96,36 +96,56 @@ fn find(root: &Path, stem: &str) -> Result<PathBuf, DataError> {
     })
 }
 
-/// Read one IDX file of unsigned bytes: (path, dimensions, data).
+/// Most bytes of IDX data accepted (16 GiB).
+pub const MAX_IDX_BYTES: u64 = 1 << 34;
+/// Deflate expands at most ~1032:1: a gzip file declaring more data per
+/// compressed byte than this cannot be genuine, so it is refused before anything
+/// is inflated past that bound.
+const MAX_GZIP_RATIO: u64 = 1100;
+
+/// Read one IDX file of unsigned bytes: (path, dimensions, data). The header is
+/// checked (magic, type, no zero dimension, a size that neither overflows nor
+/// exceeds [`MAX_IDX_BYTES`]) before the data is read, and gzip input is inflated
+/// only up to the declared size.
 fn read_idx(path: &Path) -> Result<(PathBuf, Vec<usize>, Vec<u8>), DataError> {
     let io = |source| DataError::Io { path: path.into(), source };
-    let raw = std::fs::read(path).map_err(io)?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
-        out
-    } else {
-        raw
-    };
     let bad = |message: String| DataError::Format { path: path.into(), message };
-    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+    let raw = std::fs::read(path).map_err(io)?;
+    let gz = raw.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read> =
+        if gz { Box::new(flate2::read::GzDecoder::new(&raw[..])) } else { Box::new(&raw[..]) };
+    let mut magic = [0u8; 4];
+    reader.read_exact(&mut magic).map_err(|_| bad("not an IDX file (shorter than its magic)".into()))?;
+    if magic[0] != 0 || magic[1] != 0 {
         return Err(bad("not an IDX file (bad magic)".into()));
     }
-    if bytes[2] != 0x08 {
-        return Err(bad(format!("element type 0x{:02x} is not unsigned byte", bytes[2])));
+    if magic[2] != 0x08 {
+        return Err(bad(format!("element type 0x{:02x} is not unsigned byte", magic[2])));
     }
-    let nd = bytes[3] as usize;
-    let header = 4 + 4 * nd;
-    if bytes.len() < header {
-        return Err(bad("truncated header".into()));
+    let nd = magic[3] as usize;
+    let mut head = vec![0u8; 4 * nd];
+    reader.read_exact(&mut head).map_err(|_| bad("truncated header".into()))?;
+    let dims: Vec<usize> = head.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap()) as usize).collect();
+    if dims.iter().any(|&d| d == 0) {
+        return Err(bad(format!("dimensions {dims:?} include a zero")));
     }
-    let dims: Vec<usize> =
-        (0..nd).map(|k| u32::from_be_bytes(bytes[4 + 4 * k..8 + 4 * k].try_into().unwrap()) as usize).collect();
-    let count: usize = dims.iter().product();
-    if bytes.len() - header != count {
-        return Err(bad(format!("dimensions {dims:?} need {count} bytes, file holds {}", bytes.len() - header)));
+    let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).filter(|&c| c <= MAX_IDX_BYTES);
+    let Some(count) = count else {
+        return Err(bad(format!("dimensions {dims:?} declare more than {MAX_IDX_BYTES} bytes")));
+    };
+    if gz && count > MAX_GZIP_RATIO.saturating_mul(raw.len() as u64) {
+        return Err(bad(format!(
+            "dimensions {dims:?} declare {count} bytes, more than {} compressed bytes can hold",
+            raw.len()
+        )));
     }
-    Ok((path.into(), dims, bytes[header..].to_vec()))
+    let mut data = Vec::new();
+    reader.take(count + 1).read_to_end(&mut data).map_err(io)?;
+    if data.len() as u64 != count {
+        let held = if data.len() as u64 > count { "more".to_string() } else { data.len().to_string() };
+        return Err(bad(format!("dimensions {dims:?} need {count} bytes, file holds {held}")));
+    }
+    Ok((path.into(), dims, data))
 }
 
 #[cfg(test)]
@@ -146,6 +166,33 @@ mod tests {
         std::fs::write(dir.path().join("train-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 5, 1]).unwrap();
         let err = Images::load_split(dir.path(), "train").unwrap_err().to_string();
         assert!(err.contains("train-labels-idx1-ubyte"), "{err}");
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("train-images-idx3-ubyte");
+        let header = |dims: &[u32]| -> Vec<u8> {
+            let mut v = vec![0, 0, 8, dims.len() as u8];
+            dims.iter().for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
+            v
+        };
+        for (dims, needle) in
+            [(vec![u32::MAX; 3], "declare more than"), (vec![3, 0, 2], "zero"), (vec![2, 2], "need 4 bytes")]
+        {
+            std::fs::write(&f, header(&dims)).unwrap();
+            let err = read_idx(&f).unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("train-images-idx3-ubyte"), "{dims:?}: {err}");
+        }
+        // A small gzip file that declares far more than it could hold is refused without inflating it.
+        let mut body = header(&[60_000, 280, 280]);
+        body.extend(std::iter::repeat_n(0u8, 1 << 20));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &body).unwrap();
+        let gz_path = dir.path().join("bomb-idx3-ubyte.gz");
+        std::fs::write(&gz_path, gz.finish().unwrap()).unwrap();
+        let err = read_idx(&gz_path).unwrap_err().to_string();
+        assert!(err.contains("compressed bytes can hold"), "{err}");
     }
 
     #[test]
