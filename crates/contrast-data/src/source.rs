@@ -196,11 +196,19 @@ const JSON_CAPTION_KEYS: [&str; 3] = ["caption", "text", "txt"];
 /// Label keys looked up in a sample's `.json`, in order.
 const JSON_LABEL_KEYS: [&str; 3] = ["label", "cls", "class"];
 
+/// Labels must lie in [0, MAX_LABEL): evaluation and supervised losses size
+/// tables by the largest label, so an absurd one in a hostile file must not
+/// reach them.
+pub const MAX_LABEL: i64 = 1 << 20;
+
 /// Caption and label of a sample's `.json` metadata (`None` where a key is absent).
 fn json_fields(raw: &[u8]) -> Result<(Option<String>, Option<i64>), String> {
     let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| format!("bad .json: {e}"))?;
     let caption = JSON_CAPTION_KEYS.iter().find_map(|k| v.get(*k)?.as_str().map(str::to_string));
     let label = JSON_LABEL_KEYS.iter().find_map(|k| v.get(*k)?.as_i64());
+    if let Some(l) = label.filter(|l| !(0..MAX_LABEL).contains(l)) {
+        return Err(format!("label {l} is outside [0, {MAX_LABEL})"));
+    }
     Ok((caption, label))
 }
 
@@ -259,11 +267,11 @@ fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
         let cls = match cls {
             Some(s) => {
                 let raw = read_span(&mut file, s).map_err(|e| bad(e.to_string()))?;
+                let l = String::from_utf8_lossy(&raw).trim().parse::<i64>();
                 Some(
-                    String::from_utf8_lossy(&raw)
-                        .trim()
-                        .parse::<i64>()
-                        .map_err(|_| bad(format!("{key}.cls is not an integer")))?,
+                    l.ok()
+                        .filter(|l| (0..MAX_LABEL).contains(l))
+                        .ok_or_else(|| bad(format!("{key}.cls is not an integer label in [0, {MAX_LABEL})")))?,
                 )
             }
             None => None,
@@ -444,6 +452,23 @@ mod tests {
     }
 
     #[test]
+    fn webdataset_cls_labels_outside_the_bound_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l-0.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, data) in [("k/a.png", png_bytes(1)), ("k/a.cls", b"1000000000000".to_vec())] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        b.finish().unwrap();
+        let err = WebDataset::open(path.to_str().unwrap()).err().unwrap().to_string();
+        assert!(err.contains("a.cls") && err.contains("l-0.tar"), "{err}");
+    }
+
+    #[test]
     fn webdataset_json_metadata_fills_caption_and_label() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j-0.tar");
@@ -462,6 +487,8 @@ mod tests {
         add("x/b.json", br#"{"caption": "ignored: .txt wins", "cls": 2}"#);
         add("x/c.png", &png_bytes(6));
         add("x/c.json", b"{not json");
+        add("x/d.png", &png_bytes(7));
+        add("x/d.json", br#"{"label": 1000000000000}"#);
         b.finish().unwrap();
         let ds = WebDataset::open(path.to_str().unwrap()).unwrap();
         let a = ds.fetch(0).unwrap();
@@ -471,6 +498,9 @@ mod tests {
         // A bad .json makes the sample unreadable (skipped and counted by the pipeline), naming it.
         let err = ds.fetch(2).unwrap_err();
         assert!(err.contains("c.json") && err.contains("j-0.tar"), "{err}");
+        // An absurd label is refused, naming the member, before evaluation could size a table by it.
+        let err = ds.fetch(3).unwrap_err();
+        assert!(err.contains("d.json") && err.contains("outside"), "{err}");
         // The cached index keeps the .json spans.
         assert_eq!(WebDataset::open(path.to_str().unwrap()).unwrap().samples, ds.samples);
     }

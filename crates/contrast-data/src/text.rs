@@ -102,6 +102,10 @@ impl Tokenizer {
         // Ids index the embedding table: the largest id must be inside it.
         let max_id = inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
         let vocab = vocab.max(max_id + 1);
+        // The pad id is written into captions and indexes the embedding too.
+        if pad < 0 || pad as usize >= vocab {
+            return Err(format(format!("pad id {pad} is outside the vocabulary of {vocab} ids")));
+        }
         Ok(Tokenizer::HuggingFace { inner: Box::new(inner), path: path.to_path_buf(), pad, vocab })
     }
 
@@ -232,6 +236,17 @@ mod tests {
         assert_eq!(caption(0, "bag"), "a photo of a bag.");
         let (t, end) = Tokenizer::Bytes.encode("ab", 6).unwrap();
         assert_eq!((t[end], end), (EOT, 3));
+    }
+
+    #[test]
+    fn a_pad_id_outside_the_vocabulary_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let json = word_level_tokenizer_json(&["a", "bag"])
+            .replace("\"padding\": null", "\"padding\": {\"strategy\": \"BatchLongest\", \"direction\": \"Right\", \"pad_to_multiple_of\": null, \"pad_id\": 99999, \"pad_type_id\": 0, \"pad_token\": \"[PAD]\"}");
+        std::fs::write(&path, json).unwrap();
+        let err = Tokenizer::from_spec(path.to_str().unwrap(), 6).unwrap_err().to_string();
+        assert!(err.contains("pad id 99999") && err.contains("tokenizer.json"), "{err}");
     }
 
     #[test]
