@@ -5,7 +5,8 @@
 //! global batch of N keys in global row order; the pointer names the oldest
 //! block, the one the next enqueue overwrites. Rank r of P keeps rows
 //! `[r·B, (r+1)·B)` of every block — K/P keys — and enqueues only its own B
-//! keys. That layout is the *canonical* one of checkpoints: any world size
+//! keys. That layout is the *canonical* one of checkpoints (saved through
+//! `state::Layout::RowSharded`, which gathers and re-slices it): any world size
 //! re-slices the same blocks and evicts them in the same order.
 //!
 //! The loss over the queue, [`ShardedQueue::infonce_share`], needs no gather of
@@ -27,8 +28,6 @@ pub struct ShardedQueue {
     blocks: usize,
     /// Rows per rank and block (local batch B).
     local_batch: usize,
-    /// Ranks P.
-    world_size: usize,
     /// Oldest block (the next to be overwritten).
     ptr: usize,
 }
@@ -65,7 +64,7 @@ impl ShardedQueue {
         let rows = (0..blocks).flat_map(|blk| (0..b).map(move |j| blk * n + rank * b + j));
         let v: Vec<f64> = rows.flat_map(|i| Self::initial_row(seed, i, d)).collect();
         let keys = Tensor::from_slice(&v).view([(blocks * b) as i64, d as i64]);
-        Ok(Self { keys, blocks, local_batch: b, world_size: p, ptr: 0 })
+        Ok(Self { keys, blocks, local_batch: b, ptr: 0 })
     }
 
     /// This rank's shard of a canonical queue `[K, d]` of blocks of `global_batch`
@@ -94,23 +93,13 @@ impl ShardedQueue {
             .reshape([(blocks * b) as i64, d])
             .detach()
             .copy();
-        Ok(Self { keys, blocks, local_batch: b, world_size, ptr })
+        Ok(Self { keys, blocks, local_batch: b, ptr })
     }
 
     /// Convert to `kind` on `device`.
     pub fn to(mut self, kind: Kind, device: Device) -> Self {
         self.keys = self.keys.to_device(device).to_kind(kind);
         self
-    }
-
-    /// The canonical queue `[K, d]` from every rank's shard, given the
-    /// all-gather of the flattened shards (rank order). Collective: every rank calls it.
-    pub fn to_canonical(&self, gathered: &Tensor) -> Tensor {
-        let d = self.dim() as i64;
-        gathered
-            .view([self.world_size as i64, self.blocks as i64, self.local_batch as i64, d])
-            .permute([1, 0, 2, 3])
-            .reshape([-1, d])
     }
 
     /// This rank's keys `[K/P, d]`.
