@@ -23,6 +23,19 @@ pub use idx::Images;
 pub use pipeline::{HostBatch, Mode, Pipeline, PipelineConfig};
 pub use sampler::Sampler;
 
+/// A 64-bit fingerprint of a sequence of byte strings (SHA-256, each part
+/// length-prefixed so `["ab","c"]` and `["a","bc"]` differ). Ranks all-reduce
+/// it to check that they opened the same dataset.
+pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
 /// Errors of the data crate; each names the file or the size at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

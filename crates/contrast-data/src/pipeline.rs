@@ -116,6 +116,18 @@ impl Input {
         self.len() == 0
     }
 
+    /// What the ranks must agree on: the dataset's fingerprint (for IDX, its
+    /// sizes, labels and pixels; for files, [`Source::fingerprint`]).
+    pub fn fingerprint(&self) -> u64 {
+        match self {
+            Input::Idx { images, .. } => {
+                let dims = [images.len() as u64, images.height as u64, images.width as u64].map(u64::to_le_bytes);
+                crate::fingerprint(dims.iter().map(|d| &d[..]).chain([&images.labels[..], &images.pixels[..]]))
+            }
+            Input::Files { source, .. } => source.fingerprint(),
+        }
+    }
+
     /// Views per sample in [`Mode::Views`].
     pub fn views(&self) -> usize {
         match self {

@@ -34,6 +34,13 @@ pub trait Source: Send + Sync {
     fn class_names(&self) -> Vec<String> {
         Vec::new()
     }
+    /// A fingerprint of what the dataset holds (its names, and the sizes where
+    /// an index records them): ranks all-reduce it before step 1, and a resume
+    /// compares it with the checkpoint's.
+    fn fingerprint(&self) -> u64;
+    /// The first sample whose label is unknown (−1), if any: supervised losses
+    /// refuse such data before training.
+    fn first_unlabelled(&self) -> Option<usize>;
 }
 
 const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -100,6 +107,13 @@ impl Source for ImageFolder {
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
     }
+    fn fingerprint(&self) -> u64 {
+        let names: Vec<String> = self.files.iter().map(|(p, l)| format!("{l}\t{}", p.display())).collect();
+        crate::fingerprint(names.iter().map(|n| n.as_bytes()))
+    }
+    fn first_unlabelled(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A CSV/TSV file of image path and caption columns (open_clip's
@@ -150,9 +164,19 @@ impl Source for CsvSource {
     fn locate(&self, i: usize) -> String {
         self.rows[i].0.display().to_string()
     }
+    fn fingerprint(&self) -> u64 {
+        crate::fingerprint(self.rows.iter().flat_map(|(p, c)| [p.as_os_str().as_encoded_bytes(), c.as_bytes()]))
+    }
+    fn first_unlabelled(&self) -> Option<usize> {
+        Some(0)
+    }
 }
 
-/// Expand one `{a..b}` brace range (zero-padded to the width of `a`), as WebDataset shard lists do.
+/// The most shards a pattern may expand to.
+pub const MAX_SHARDS: u64 = 1 << 20;
+
+/// Expand `{a..b}` brace ranges (zero-padded to the width of `a`), as
+/// WebDataset shard lists do; more than [`MAX_SHARDS`] names is an error.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     let Some(open) = pattern.find('{') else { return Ok(vec![pattern.to_string()]) };
     let close = pattern[open..].find('}').map(|c| open + c).ok_or_else(|| format!("unclosed brace in `{pattern}`"))?;
@@ -165,10 +189,14 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     if hi < lo {
         return Err(format!("empty range {{{inner}}} in `{pattern}`"));
     }
+    let rests = expand_braces(&pattern[close + 1..])?;
+    if (hi - lo).saturating_add(1).saturating_mul(rests.len() as u64) > MAX_SHARDS {
+        return Err(format!("`{pattern}` names more than {MAX_SHARDS} shards"));
+    }
     let width = a.len();
     let mut out = Vec::new();
     for k in lo..=hi {
-        for rest in expand_braces(&pattern[close + 1..])? {
+        for rest in &rests {
             out.push(format!("{}{:0width$}{}", &pattern[..open], k, rest));
         }
     }
@@ -176,13 +204,22 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
 }
 
 /// Where a member's bytes lie in a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Span {
     offset: u64,
     len: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl Span {
+    /// True when the span lies inside a file of `size` bytes.
+    fn within(self, size: u64) -> bool {
+        self.offset.checked_add(self.len).is_some_and(|end| end <= size)
+    }
+}
+
+/// One sample of a shard. `cls` is the `.cls` label, or the `.json` label
+/// where there is no `.cls`, read once at indexing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Member {
     key: String,
     image: Span,
@@ -215,66 +252,84 @@ fn json_fields(raw: &[u8]) -> Result<(Option<String>, Option<i64>), String> {
 /// WebDataset tar shards: members grouped by key (`<key>.jpg|png|webp` with a
 /// `.txt` caption, a `.cls` label and/or `.json` metadata whose `caption`/`text`
 /// and `label`/`cls`/`class` fields fill what `.txt` and `.cls` leave unset).
-/// Each shard's member index is cached in `<shard>.contrast-index` and rebuilt
-/// when the shard's size or mtime changes.
+/// Each shard's member index is cached in `<shard>.contrast-index` (see
+/// [`load_or_build_index`]).
 #[derive(Debug)]
 pub struct WebDataset {
     shards: Vec<PathBuf>,
     samples: Vec<(usize, Member)>,
 }
 
-fn stamp(path: &Path) -> Result<String, DataError> {
+/// The cache format's version; a cache of another version is rebuilt.
+const INDEX_VERSION: &str = "contrast-index v3";
+
+/// The shard's size and mtime, which a cache must match.
+fn stamp(path: &Path) -> Result<(u64, String), DataError> {
     let m = std::fs::metadata(path).map_err(io_err(path))?;
     let mtime =
         m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
-    Ok(format!("contrast-index v2 size={} mtime={mtime}", m.len()))
+    Ok((m.len(), format!("{INDEX_VERSION} size={} mtime={mtime}", m.len())))
 }
 
-fn index_shard(path: &Path) -> Result<Vec<Member>, DataError> {
+/// Group a shard's members by key, checking every span against the shard's size.
+fn scan_members(path: &Path, size: u64) -> Result<Vec<(String, [Option<Span>; 4])>, DataError> {
     let bad = |message: String| DataError::Format { path: path.into(), message };
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut archive = tar::Archive::new(file);
-    let mut groups: std::collections::BTreeMap<String, [Option<Span>; 4]> = Default::default();
-    let mut order = Vec::new();
+    let mut groups: std::collections::HashMap<String, usize> = Default::default();
+    let mut out: Vec<(String, [Option<Span>; 4])> = Vec::new();
     for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
         let entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
         let name = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().into_owned();
+        let span = Span { offset: entry.raw_file_position(), len: entry.size() };
+        if !span.within(size) {
+            return Err(bad(format!(
+                "member `{}` ends past the shard's {size} bytes: truncated shard?",
+                name.escape_debug()
+            )));
+        }
         let base = name.rsplit('/').next().unwrap_or(&name);
         let Some(dot) = base.find('.') else { continue };
         let key = format!("{}{}", &name[..name.len() - base.len()], &base[..dot]);
-        let ext = base[dot + 1..].to_ascii_lowercase();
-        let span = Span { offset: entry.raw_file_position(), len: entry.size() };
-        let slot = groups.entry(key.clone()).or_insert_with(|| {
-            order.push(key.clone());
-            [None; 4]
+        let slot = match ["jpg", "jpeg", "png", "webp", "txt", "cls", "json"]
+            .iter()
+            .position(|e| base[dot + 1..].eq_ignore_ascii_case(e))
+        {
+            Some(k) => [0, 0, 0, 0, 1, 2, 3][k],
+            None => continue,
+        };
+        let at = *groups.entry(key.clone()).or_insert_with(|| {
+            out.push((key, [None; 4]));
+            out.len() - 1
         });
-        match ext.as_str() {
-            "jpg" | "jpeg" | "png" | "webp" => slot[0] = Some(span),
-            "txt" => slot[1] = Some(span),
-            "cls" => slot[2] = Some(span),
-            "json" => slot[3] = Some(span),
-            _ => {}
-        }
+        out[at].1[slot] = Some(span);
     }
+    Ok(out)
+}
+
+/// Index a shard: its image members in archive order, with their labels read.
+fn index_shard(path: &Path, size: u64) -> Result<Vec<Member>, DataError> {
+    let bad = |message: String| DataError::Format { path: path.into(), message };
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut out = Vec::new();
-    for key in order {
-        let [image, text, cls, json] = groups[&key];
+    for (key, [image, text, cls, json]) in scan_members(path, size)? {
         let Some(image) = image else { continue };
-        let cls = match cls {
-            Some(s) => {
-                let raw = read_span(&mut file, s).map_err(|e| bad(e.to_string()))?;
-                let l = String::from_utf8_lossy(&raw).trim().parse::<i64>();
+        let mut read = |s: Span| read_span(&mut file, s).map_err(|e| bad(format!("{key}: {e}")));
+        let cls = match (cls, json) {
+            (Some(s), _) => {
+                let l = String::from_utf8_lossy(&read(s)?).trim().parse::<i64>();
                 Some(
                     l.ok()
                         .filter(|l| (0..MAX_LABEL).contains(l))
                         .ok_or_else(|| bad(format!("{key}.cls is not an integer label in [0, {MAX_LABEL})")))?,
                 )
             }
-            None => None,
+            // A malformed .json is the sample's fault: `fetch` reports it.
+            (None, Some(s)) => json_fields(&read(s)?).ok().and_then(|(_, l)| l),
+            (None, None) => None,
         };
         out.push(Member { key, image, text, cls, json });
     }
@@ -294,49 +349,66 @@ fn index_path(shard: &Path) -> PathBuf {
     shard.with_file_name(name)
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parse a cache: the stamp line `<version> size=S mtime=M members=N
+/// sha256=H`, then the members as JSON (so any key round-trips). Every check
+/// that fails says why, and the caller re-indexes.
+fn parse_index(text: &str, stamp: &str, size: u64) -> Result<Vec<Member>, String> {
+    let (head, body) = text.split_once('\n').ok_or("no stamp line")?;
+    let rest = head.strip_prefix(stamp).ok_or("the shard changed since it was indexed")?;
+    let (count, sum) = rest
+        .trim()
+        .split_once(' ')
+        .and_then(|(c, s)| Some((c.strip_prefix("members=")?.parse::<usize>().ok()?, s.strip_prefix("sha256=")?)))
+        .ok_or("malformed stamp line")?;
+    if sha256_hex(body.as_bytes()) != sum {
+        return Err("checksum mismatch".into());
+    }
+    let members: Vec<Member> = serde_json::from_str(body).map_err(|e| format!("bad member list: {e}"))?;
+    if members.len() != count {
+        return Err(format!("{} members where the stamp says {count}", members.len()));
+    }
+    let spans = |m: &Member| [Some(m.image), m.text, m.json].into_iter().flatten().all(|s| s.within(size));
+    match members.iter().find(|m| !spans(m) || m.cls.is_some_and(|l| !(0..MAX_LABEL).contains(&l))) {
+        Some(m) => {
+            Err(format!("member `{}` has a span past the shard's end or a label out of range", m.key.escape_debug()))
+        }
+        None => Ok(members),
+    }
+}
+
+/// Write a cache through a temporary file unique to this process, then
+/// rename it into place, so concurrent writers never mix their bytes. Best
+/// effort: a read-only shard directory only costs a re-index next time.
+fn write_index(idx: &Path, stamp: &str, members: &[Member]) {
+    let body = serde_json::to_string(members).expect("members serialise");
+    let text = format!("{stamp} members={} sha256={}\n{body}", members.len(), sha256_hex(body.as_bytes()));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut tmp = idx.as_os_str().to_os_string();
+    tmp.push(format!(".tmp.{}.{nanos}", std::process::id()));
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, idx).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// A shard's member index, from `<shard>.contrast-index` when that cache
+/// matches the shard (version, size, mtime), its checksum holds and every span
+/// lies inside the shard; otherwise (saying why) from the shard itself.
 fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError> {
-    let stamp = stamp(shard)?;
+    let (size, stamp) = stamp(shard)?;
     let idx = index_path(shard);
     if let Ok(text) = std::fs::read_to_string(&idx) {
-        let mut lines = text.lines();
-        if lines.next() == Some(stamp.as_str()) {
-            let parsed: Option<Vec<Member>> = lines
-                .map(|l| {
-                    let f: Vec<&str> = l.split('\t').collect();
-                    let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok());
-                    Some(Member {
-                        key: f.first()?.to_string(),
-                        image: Span { offset: num(1)?, len: num(2)? },
-                        text: match (num(3), num(4)) {
-                            (Some(o), Some(l)) => Some(Span { offset: o, len: l }),
-                            _ => None,
-                        },
-                        cls: f.get(5).and_then(|v| v.parse().ok()),
-                        json: match (num(6), num(7)) {
-                            (Some(o), Some(l)) => Some(Span { offset: o, len: l }),
-                            _ => None,
-                        },
-                    })
-                })
-                .collect();
-            if let Some(members) = parsed {
-                return Ok(members);
-            }
+        match parse_index(&text, &stamp, size) {
+            Ok(members) => return Ok(members),
+            Err(why) => tracing::warn!("{}: {why}; re-indexing {}", idx.display(), shard.display()),
         }
     }
-    let members = index_shard(shard)?;
-    let mut text = stamp;
-    for m in &members {
-        let t = m.text.map(|s| format!("{}\t{}", s.offset, s.len)).unwrap_or_else(|| "-\t-".into());
-        let c = m.cls.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        let j = m.json.map(|s| format!("{}\t{}", s.offset, s.len)).unwrap_or_else(|| "-\t-".into());
-        text.push_str(&format!("\n{}\t{}\t{}\t{t}\t{c}\t{j}", m.key, m.image.offset, m.image.len));
-    }
-    // Best effort: a read-only shard directory only costs a re-index next time.
-    let tmp = idx.with_extension("contrast-index.tmp");
-    if std::fs::write(&tmp, text).is_ok() {
-        let _ = std::fs::rename(&tmp, &idx);
-    }
+    let members = index_shard(shard, size)?;
+    write_index(&idx, &stamp, &members);
     Ok(members)
 }
 
@@ -384,7 +456,18 @@ impl Source for WebDataset {
     }
     fn locate(&self, i: usize) -> String {
         let (k, m) = &self.samples[i];
-        format!("{}#{}", self.shards[*k].display(), m.key)
+        format!("{}#{}", self.shards[*k].display(), m.key.escape_debug())
+    }
+    fn fingerprint(&self) -> u64 {
+        let rows: Vec<String> = self
+            .samples
+            .iter()
+            .map(|(k, m)| format!("{}\t{:?}", self.shards[*k].display(), (&m.key, m.image, m.text, m.cls, m.json)))
+            .collect();
+        crate::fingerprint(rows.iter().map(|r| r.as_bytes()))
+    }
+    fn first_unlabelled(&self) -> Option<usize> {
+        self.samples.iter().position(|(_, m)| m.cls.is_none())
     }
 }
 
@@ -529,5 +612,60 @@ mod tests {
         assert_eq!(expand_braces("x{8..10}y").unwrap(), vec!["x8y", "x9y", "x10y"]);
         assert_eq!(expand_braces("{000..002}.tar").unwrap(), vec!["000.tar", "001.tar", "002.tar"]);
         assert!(WebDataset::open(&format!("{}/none-{{0..1}}.tar", dir.path().display())).is_err());
+    }
+
+    #[test]
+    fn webdataset_cache_survives_hostile_names_and_refuses_torn_or_forged_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join("h-0.tar");
+        write_shard(
+            &shard,
+            &[("tab\there\nnew", 1, Some("a"), Some(1)), ("b", 2, None, None), ("c", 3, None, Some(2))],
+        );
+        let name = shard.to_str().unwrap();
+        let first = WebDataset::open(name).unwrap();
+        assert_eq!(first.samples[0].1.key, "tab\there\nnew");
+        assert_eq!(first.first_unlabelled(), Some(1));
+        let idx = dir.path().join("h-0.tar.contrast-index");
+        let cached = std::fs::read_to_string(&idx).unwrap();
+        // The key round-trips through the cache.
+        assert_eq!(WebDataset::open(name).unwrap().samples, first.samples);
+        // A cache torn at a line boundary, or with a forged span of 100 GB, is re-indexed.
+        let (head, _) = cached.split_once('\n').unwrap();
+        let forged = cached.replacen("\"len\":", "\"len\":100000000000", 1);
+        let stamp_only = format!("{head}\n");
+        for bad in [stamp_only, forged, cached[..cached.len() - 5].to_string()] {
+            std::fs::write(&idx, &bad).unwrap();
+            let again = WebDataset::open(name).unwrap();
+            assert_eq!(again.samples, first.samples);
+            assert_eq!(again.fetch(0).unwrap().label, 1);
+            assert_eq!(std::fs::read_to_string(&idx).unwrap(), cached, "the cache is rewritten whole");
+        }
+        // A forged span that passes the checksum (recomputed) still must lie inside the shard.
+        let body = cached.split_once('\n').unwrap().1.replacen("\"len\":", "\"len\":100000000000", 1);
+        let (size, stamp) = stamp(&shard).unwrap();
+        let err =
+            parse_index(&format!("{stamp} members=3 sha256={}\n{body}", sha256_hex(body.as_bytes())), &stamp, size);
+        assert!(err.unwrap_err().contains("past the shard's end"));
+        // A truncated shard is refused naming the member that runs past its end.
+        let bytes = std::fs::read(&shard).unwrap();
+        let cut = dir.path().join("t-0.tar");
+        std::fs::write(&cut, &bytes[..1024 + 100]).unwrap();
+        let err = WebDataset::open(cut.to_str().unwrap()).err().unwrap().to_string();
+        assert!(err.contains("t-0.tar") && (err.contains("ends past") || err.contains("corrupt tar")), "{err}");
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn brace_ranges_are_bounded_and_fingerprints_see_names() {
+        assert!(expand_braces("s{0..99999999999}.tar").unwrap_err().contains("more than"));
+        assert!(expand_braces("{0..2000}-{0..2000}.tar").unwrap_err().contains("more than"));
+        assert_ne!(crate::fingerprint([&b"ab"[..], b"c"]), crate::fingerprint([&b"a"[..], b"bc"]));
     }
 }

@@ -46,6 +46,9 @@ pub struct State {
     /// Samples in the training set.
     #[serde(default)]
     pub dataset_len: Option<usize>,
+    /// Fingerprint of the training set's index (names and sizes), as hex.
+    #[serde(default)]
+    pub dataset_fingerprint: Option<String>,
     /// Identity of the run (drawn when a run starts fresh, kept across resumes):
     /// pruning only ever removes checkpoints of the same run.
     #[serde(default)]

@@ -121,6 +121,13 @@ pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
         return Ok((Input::Idx { images: Arc::new(images), augment }, names));
     }
     let source = open_source(plan, d.dataset, &d.root)?;
+    if let (true, Some(i)) = (plan.loss.is_supervised(), source.first_unlabelled()) {
+        bail!(
+            "loss.name: {:?} needs a class label for every sample, and {} has none (no .cls, no label in its .json)",
+            plan.loss,
+            source.locate(i)
+        );
+    }
     let names = source.class_names();
     let input =
         Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };

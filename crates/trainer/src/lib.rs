@@ -238,18 +238,48 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let n = tch::get_num_threads();
         tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {n})", plan.threads);
     }
-    let (input, class_names) = data::training_input(&plan)?;
+    let (input, class_names) = open_training_input(comm, &plan)?;
     let view_shapes = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler = contrast_data::Sampler::new(input.len(), plan.global_batch, plan.config.seed)?;
     let tokenizer = data::tokenizer(&plan)?;
     let method = build_method(comm, &plan, device, &tokenizer)?;
     let eval = eval_data(&plan, &input)?;
     let mode = data::mode(&plan, &tokenizer, class_names)?;
-    let parts = Parts { method, device, tokenizer, view_shapes, eval, sampler };
+    let dataset_fingerprint = input.fingerprint();
+    let parts = Parts { method, device, tokenizer, view_shapes, eval, sampler, dataset_fingerprint };
     let mut trainer = Trainer::new(comm, plan.clone(), parts)?;
     trainer.baselines()?;
     let pipeline = Pipeline::start_input(input, pipeline_config(comm, &plan, trainer.start_step(), mode))?;
     trainer.run(pipeline)
+}
+
+/// Open the training data on rank 0 first (it builds any index cache the
+/// others then read), then on the other ranks, and check that every rank holds
+/// the same dataset: its length and fingerprint are gathered before step 1.
+fn open_training_input<C: Collective>(comm: &C, plan: &Plan) -> Result<(Input, Vec<String>)> {
+    let first = (comm.rank() == 0).then(|| data::training_input(plan));
+    let mut ok = [first.as_ref().map_or(0u8, |r| r.is_ok() as u8)];
+    comm.broadcast(&mut ok, 0);
+    if ok[0] == 0 && comm.rank() != 0 {
+        bail!("rank 0 could not open the training data (its error says why)");
+    }
+    let (input, names) = match first {
+        Some(opened) => opened?,
+        None => data::training_input(plan)?,
+    };
+    let mine = [input.len() as i64, input.fingerprint() as i64];
+    let all = comm.all_gather(&mine);
+    if let Some(r) = (1..comm.world_size()).find(|&r| all[2 * r..2 * r + 2] != all[..2]) {
+        bail!(
+            "rank {r} opened a different training set than rank 0 ({} samples, fingerprint {:016x}, against {} and {:016x}): \
+             data.root must name the same files on every node",
+            all[2 * r],
+            all[2 * r + 1] as u64,
+            all[0],
+            all[1] as u64
+        );
+    }
+    Ok((input, names))
 }
 
 /// The pipeline of this rank, from `start_step` to the end of the run.

@@ -244,7 +244,9 @@ fn compatible(theirs: &State, mine: &State) -> Result<()> {
     opt(&theirs.method, &mine.method, "method.name")?;
     opt(&theirs.loss_name, &mine.loss_name, "loss.name")?;
     let len = |s: &State| s.dataset_len.map(|n| format!("{n} samples"));
-    opt(&len(theirs), &len(mine), "data.root")
+    opt(&len(theirs), &len(mine), "data.root")?;
+    let fp = |s: &State| s.dataset_fingerprint.as_ref().map(|f| format!("a dataset of fingerprint {f}"));
+    opt(&fp(theirs), &fp(mine), "data.root")
 }
 
 /// A run identity from the clock and the process id.
@@ -282,6 +284,7 @@ pub struct Trainer<'c, C: Collective> {
     guard: CollapseGuard,
     progress: Progress,
     sampler: contrast_data::Sampler,
+    dataset_fingerprint: u64,
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
@@ -302,6 +305,8 @@ pub struct Parts {
     pub eval: Option<EvalData>,
     /// The sampler of the training set (epochs of a step).
     pub sampler: contrast_data::Sampler,
+    /// The training set's fingerprint, agreed by every rank.
+    pub dataset_fingerprint: u64,
 }
 
 impl<'c, C: Collective> Trainer<'c, C> {
@@ -339,6 +344,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
             method: parts.method,
             sampler: parts.sampler,
+            dataset_fingerprint: parts.dataset_fingerprint,
             plan,
         };
         if t.plan.config.train.resume {
@@ -429,6 +435,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             method: Some(format!("{:?}", self.plan.method.name)),
             loss_name: Some(format!("{:?}", self.plan.loss)),
             dataset_len: Some(self.sampler.dataset_len()),
+            dataset_fingerprint: Some(format!("{:016x}", self.dataset_fingerprint)),
             run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,
             knn_top1_raw_pixels: self.progress.init.1,

@@ -263,9 +263,23 @@ fn a_resume_with_an_incompatible_config_is_refused_naming_the_key() {
     let fx = Fixture::new();
     let cfg = fx.config("compat", "ntxent", "");
     ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=2"], &[]));
-    for (set, key) in
-        [("seed=4", "`seed`"), ("train.global_batch=16", "`train.global_batch`"), ("loss.name=dcl", "`loss.name`")]
-    {
+    // The same number of samples, one pixel changed.
+    let changed = fx.path("data-changed").tap_mkdir();
+    for f in std::fs::read_dir(fx.path("data")).unwrap().map(|e| e.unwrap().path()) {
+        let mut bytes = std::fs::read(&f).unwrap();
+        if f.to_string_lossy().contains("train-images") {
+            bytes[4000] ^= 1;
+        }
+        std::fs::write(changed.join(f.file_name().unwrap()), bytes).unwrap();
+    }
+    let changed = format!("data.root={}", changed.display());
+    for (set, key) in [
+        ("seed=4", "`seed`"),
+        ("train.global_batch=16", "`train.global_batch`"),
+        ("loss.name=dcl", "`loss.name`"),
+        (changed.as_str(), "`data.root`"),
+        ("model.proj_dim=16", "`head.fc2.bias` has shape [8], this run expects [16]"),
+    ] {
         let out = run(
             2,
             &["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "train.resume=true", "--set", set],
@@ -273,7 +287,7 @@ fn a_resume_with_an_incompatible_config_is_refused_naming_the_key() {
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{set} was accepted");
-        assert!(err.contains(key) && err.contains("cannot be resumed"), "{set}: {err}");
+        assert!(err.contains(key) && (err.contains("cannot be resumed") || set.starts_with("model")), "{set}: {err}");
     }
     // Extending the run on another world size is allowed.
     ok(run(2, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "train.resume=true"], &[]));
@@ -473,6 +487,63 @@ fn bad_input_fails_before_training_and_names_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("typo.yaml") && err.contains("stepz"), "{err}");
+}
+
+/// Run an MPMD job: one rank per argument list, each with its own arguments.
+fn run_mpmd(ranks: &[Vec<String>]) -> Output {
+    let mut cmd = Command::new("mpirun");
+    if is_open_mpi() {
+        cmd.arg("--oversubscribe");
+    }
+    for (k, args) in ranks.iter().enumerate() {
+        if k > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(["-n", "1", BIN]).args(args);
+    }
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    cmd.output().unwrap()
+}
+
+#[test]
+fn ranks_must_agree_on_the_data_and_supervised_losses_need_labels() {
+    let fx = Fixture::new();
+    // Rank 1 sees another dataset (per-node data.root gone wrong): refused before step 1, naming the rank.
+    write_dataset(&fx.path("data2").tap_mkdir(), 200, 60);
+    let cfg = fx.config("disagree", "ntxent", "");
+    let base = vec!["--config".to_string(), cfg.display().to_string()];
+    let mut other = base.clone();
+    other.extend(["--set".into(), format!("data.root={}", fx.path("data2").display())]);
+    let out = run_mpmd(&[base, other]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank 1 opened a different training set") && err.contains("200 samples"), "{err}");
+    assert!(!fx.path("disagree/steps.jsonl").exists());
+    // SupCon on WebDataset shards without labels: refused naming the first unlabelled sample.
+    let shards = fx.path("shards").tap_mkdir();
+    let imgs = fx.path("imgs").tap_mkdir();
+    let rows = caption_dataset(&imgs, 8);
+    let mut b = tar::Builder::new(std::fs::File::create(shards.join("000000.tar")).unwrap());
+    for (k, (f, _)) in rows.iter().enumerate() {
+        b.append_path_with_name(imgs.join(f), f).unwrap();
+        if k != 3 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("{}.cls", f.split_once('.').unwrap().0), &b"1"[..]).unwrap();
+        }
+    }
+    b.finish().unwrap();
+    let cfg = fx.config("unlabelled", "supcon", "");
+    let root = format!("data.root={}", shards.join("000000.tar").display());
+    let args = ["--config", cfg.to_str().unwrap(), "--set", "data.dataset=webdataset", "--set", &root];
+    let out = run(2, &args, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("loss.name") && err.contains("000000.tar#img003"), "{err}");
 }
 
 #[test]
