@@ -81,7 +81,10 @@ fn main() {
             "barlow_twins",
             2,
             None,
-            Box::new(|v, _, _| barlow_twins_share(&v[0], &v[1], 5e-3, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+            Box::new(|v, _, _| {
+                barlow_twins_share(&v[0], &v[1], 5e-3, Standardise::BatchNorm, Shard::solo(v[0].size()[0] as usize))
+                    .unwrap()
+            }),
         ),
         (
             "byol_nmse",
@@ -155,7 +158,12 @@ fn main() {
             None,
             Box::new(move |v, y, _| generalized_lifted_share(&v[0], y, 1.0, 0.0, &solo(v[0].size()[0])).unwrap()),
         ),
-        ("npair", 1, None, Box::new(move |v, y, _| npair_share(&v[0], y, &solo(v[0].size()[0])).unwrap())),
+        (
+            "npair",
+            1,
+            None,
+            Box::new(move |v, y, _| npair_share(&v[0], y, NPairForm::Cosine, &solo(v[0].size()[0])).unwrap()),
+        ),
         ("snn", 1, None, Box::new(move |v, y, _| snn_share(&v[0], y, 1.0, &solo(v[0].size()[0])).unwrap())),
     ];
     println!("loss forward+backward, one process, f32, d={d}, {threads} threads; ratio = loss / (N×{d}×N matmul)");

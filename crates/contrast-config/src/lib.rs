@@ -375,7 +375,7 @@ impl Default for TextConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
-    /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins`, `nce` (two views),
+    /// Loss: `ntxent`, `supcon`, `dcl`, `dclw`, `debiased`, `hard_negative`, `barlow_twins`, `barlow_twins_unbiased`, `nce` (two views),
     /// `clip`, `siglip` (image–text), the metric losses, or a method's own (`infonce` for moco_v2,
     /// `normalized_mse` for byol, `negative_cosine` for simsiam). Unset: the method's loss (ntxent for simclr).
     pub name: Option<LossKind>,
@@ -406,6 +406,9 @@ pub struct LossConfig {
     pub mining: Mining,
     /// NCE: size of the uniform noise distribution (p_n = 1 / noise_size).
     pub noise_size: f64,
+    /// `npair_dot`: weight λ of the penalty λ/4·(mean‖a‖² + mean‖p‖²) on the
+    /// pairs' embeddings (TensorFlow's `reg_lambda`, 0.002).
+    pub l2_reg: f64,
 }
 
 impl Default for LossConfig {
@@ -423,6 +426,7 @@ impl Default for LossConfig {
             pos_margin: 0.0,
             neg_margin: 1.0,
             squared: false,
+            l2_reg: 0.002,
             mining: Mining::All,
             noise_size: 60000.0,
         }
@@ -790,9 +794,14 @@ pub enum LossKind {
     /// Hard-negative contrastive (Robinson et al.).
     #[serde(rename = "hard_negative")]
     HardNegative,
-    /// Barlow Twins.
+    /// Barlow Twins, standardised with batch-norm statistics (biased variance
+    /// + 1e-5: the official code and lightly 1.6).
     #[serde(rename = "barlow_twins")]
     BarlowTwins,
+    /// Barlow Twins, standardised with the unbiased standard deviation and no
+    /// epsilon (the paper's Algorithm 1, lightly ≤ 1.5).
+    #[serde(rename = "barlow_twins_unbiased")]
+    BarlowTwinsUnbiased,
     /// Symmetric image–text cross-entropy with a logit scale (CLIP).
     #[serde(rename = "clip")]
     Clip,
@@ -814,9 +823,14 @@ pub enum LossKind {
     /// Generalized lifted structure loss.
     #[serde(rename = "generalized_lifted")]
     GeneralizedLifted,
-    /// Multi-class N-pair loss.
+    /// Multi-class N-pair loss on cosine similarities (pytorch-metric-learning
+    /// `NPairsLoss`, which L2-normalises by default).
     #[serde(rename = "npair")]
     NPair,
+    /// N-pair loss on raw dot products with Sohn 2016's L2 penalty on the
+    /// embeddings (TensorFlow's `npairs_loss`).
+    #[serde(rename = "npair_dot")]
+    NPairDot,
     /// Soft nearest neighbour loss.
     #[serde(rename = "snn")]
     Snn,
@@ -869,7 +883,8 @@ impl LossKind {
             LossKind::Dclw => &["temperature", "sigma"],
             LossKind::Debiased => &["temperature", "tau_plus"],
             LossKind::HardNegative => &["temperature", "tau_plus", "beta"],
-            LossKind::BarlowTwins => &["lambda"],
+            LossKind::BarlowTwins | LossKind::BarlowTwinsUnbiased => &["lambda"],
+            LossKind::NPairDot => &["l2_reg"],
             LossKind::Clip => &["temperature", "learn_scale"],
             LossKind::SigLip => &["temperature", "learn_scale", "init_bias"],
             LossKind::Contrastive => &["pos_margin", "neg_margin", "squared"],
@@ -896,6 +911,7 @@ impl LossKind {
                 | LossKind::LiftedHard
                 | LossKind::GeneralizedLifted
                 | LossKind::NPair
+                | LossKind::NPairDot
                 | LossKind::Snn
         )
     }
@@ -910,7 +926,11 @@ impl LossKind {
         !self.is_image_text()
             && !matches!(
                 self,
-                LossKind::BarlowTwins | LossKind::InfoNce | LossKind::NormalizedMse | LossKind::NegativeCosine
+                LossKind::BarlowTwins
+                    | LossKind::BarlowTwinsUnbiased
+                    | LossKind::InfoNce
+                    | LossKind::NormalizedMse
+                    | LossKind::NegativeCosine
             )
     }
 
@@ -1051,7 +1071,10 @@ impl Plan {
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor = match loss {
             LossKind::Clip | LossKind::SigLip => global_batch - 1,
-            LossKind::BarlowTwins | LossKind::NormalizedMse | LossKind::NegativeCosine => 0,
+            LossKind::BarlowTwins
+            | LossKind::BarlowTwinsUnbiased
+            | LossKind::NormalizedMse
+            | LossKind::NegativeCosine => 0,
             LossKind::InfoNce => m.queue_size,
             k if k.is_metric() => global_batch - 1,
             _ => 2 * global_batch - 2,
@@ -1179,10 +1202,10 @@ fn check_loss(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
     if !(c.loss.noise_size >= 1.0) {
         return Err(invalid("loss.noise_size", format!("must be ≥ 1, got {}", c.loss.noise_size)));
     }
-    if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
-        return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
+    if !(c.loss.l2_reg >= 0.0) {
+        return Err(invalid("loss.l2_reg", format!("must be ≥ 0, got {}", c.loss.l2_reg)));
     }
-    if loss == LossKind::BarlowTwins && c.train.global_batch < 2 {
+    if matches!(loss, LossKind::BarlowTwins | LossKind::BarlowTwinsUnbiased) && c.train.global_batch < 2 {
         return Err(invalid("train.global_batch", "Barlow Twins standardises over the batch: need at least 2"));
     }
     Ok(())

@@ -129,16 +129,18 @@ fn debiased_loop(za: &Tensor, zb: &Tensor, t: f64, tau: f64, beta: f64) -> f64 {
         / (2 * n) as f64
 }
 
-/// lightly `BarlowTwinsLoss` (loss/barlow_twins_loss.py), unbiased std.
-fn barlow_loop(za: &Tensor, zb: &Tensor, lambda: f64) -> f64 {
+/// Barlow Twins with loops: batch-norm statistics (biased variance + 1e-5,
+/// lightly 1.6) or the unbiased std without epsilon (the paper's Algorithm 1).
+fn barlow_loop(za: &Tensor, zb: &Tensor, lambda: f64, unbiased: bool) -> f64 {
     let std = |z: Vec<Vec<f64>>| {
         let (n, d) = (z.len(), z[0].len());
         let mut out = z.clone();
         for j in 0..d {
             let mean = z.iter().map(|r| r[j]).sum::<f64>() / n as f64;
-            let var = z.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            let ss = z.iter().map(|r| (r[j] - mean).powi(2)).sum::<f64>();
+            let scale = if unbiased { (ss / (n - 1) as f64).sqrt() } else { (ss / n as f64 + 1e-5).sqrt() };
             for i in 0..n {
-                out[i][j] = (z[i][j] - mean) / var.sqrt();
+                out[i][j] = (z[i][j] - mean) / scale;
             }
         }
         out
@@ -279,15 +281,47 @@ fn debiased_and_hard_negative_match_authors_and_reduce_to_ntxent() {
 }
 
 #[test]
-fn barlow_twins_matches_lightly_loop() {
+fn barlow_twins_matches_its_loops_in_both_forms() {
     let (a, b) = (randn(7, 4, 70), randn(7, 4, 71));
-    close(
-        barlow_twins_share(&a, &b, 5e-3, Shard::solo(7)).unwrap().double_value(&[]),
-        barlow_loop(&a, &b, 5e-3),
-        "Barlow",
-    );
-    let f = |x: &Tensor| barlow_twins_share(x, &b, 5e-3, Shard::solo(7)).unwrap();
-    assert!(rel_err(&autograd(&a, f), &finite_diff(&a, |x| f(x).double_value(&[]), 1e-6)) < 1e-6);
+    for (how, unbiased) in [(Standardise::BatchNorm, false), (Standardise::Unbiased, true)] {
+        close(
+            barlow_twins_share(&a, &b, 5e-3, how, Shard::solo(7)).unwrap().double_value(&[]),
+            barlow_loop(&a, &b, 5e-3, unbiased),
+            "Barlow",
+        );
+        let f = |x: &Tensor| barlow_twins_share(x, &b, 5e-3, how, Shard::solo(7)).unwrap();
+        assert!(rel_err(&autograd(&a, f), &finite_diff(&a, |x| f(x).double_value(&[]), 1e-6)) < 1e-6);
+    }
+}
+
+/// The closed-form inputs of tools/reference/barlow_npair.py.
+fn reference_inputs(n: usize, d: usize, salt: f64) -> Tensor {
+    let v: Vec<f64> = (0..n)
+        .flat_map(|i| (0..d).map(move |j| (0.37 * i as f64 + 1.3 * j as f64 + salt).sin() * (1.0 + 0.1 * j as f64)))
+        .collect();
+    Tensor::from_slice(&v).view([n as i64, d as i64])
+}
+
+/// Values printed by tools/reference/barlow_npair.py with lightly 1.6.0,
+/// pytorch-metric-learning 2.9.0 and torch 2.13 (float64).
+#[test]
+fn barlow_twins_and_npair_match_the_named_library() {
+    // (N, lightly 1.6 BarlowTwinsLoss = facebookresearch/barlowtwins' BatchNorm1d, paper's Algorithm 1)
+    for (n, lightly, unbiased) in
+        [(8, 7.408683347365461, 6.830746707052231), (64, 7.998606773491446, 7.925232502415597)]
+    {
+        let (za, zb) = (reference_inputs(n, 4, 0.0), reference_inputs(n, 4, 2.0));
+        let got = |how| barlow_twins_share(&za, &zb, 5e-3, how, Shard::solo(n)).unwrap().double_value(&[]);
+        close(got(Standardise::BatchNorm), lightly, "barlow_twins vs lightly 1.6");
+        close(got(Standardise::Unbiased), unbiased, "barlow_twins_unbiased vs Algorithm 1");
+    }
+    let z = reference_inputs(9, 4, 5.0) * 3.0;
+    let labels = Tensor::from_slice(&[0i64, 1, 0, 2, 1, 3, 2, 3, 1]);
+    let c = Ctx::solo(9);
+    let got = npair_share(&z, &labels, NPairForm::Cosine, &c).unwrap().double_value(&[]);
+    close(got, 1.2306730703228101, "npair vs pml 2.9 NPairsLoss()");
+    let got = npair_share(&z, &labels, NPairForm::Dot { l2_reg: 0.002 }, &c).unwrap().double_value(&[]);
+    close(got, 5.956901853899915, "npair_dot vs TensorFlow npairs_loss");
 }
 
 #[test]
@@ -438,7 +472,9 @@ fn every_batch_loss_is_exact_across_ranks() {
     parity("DCLW", 2, 5, 3, &w, &[], &|g, ctx, _| dcl_share(&g[0], &g[1], 0.1, Some(0.5), ctx.shard));
     parity("debiased", 2, 5, 3, &w, &[], &|g, ctx, _| debiased_share(&g[0], &g[1], 0.5, 0.1, 0.0, ctx.shard));
     parity("hard negative", 2, 5, 3, &w, &[], &|g, ctx, _| debiased_share(&g[0], &g[1], 0.5, 0.1, 1.0, ctx.shard));
-    parity("Barlow Twins", 2, 4, 3, &w, &[], &|g, ctx, _| barlow_twins_share(&g[0], &g[1], 5e-3, ctx.shard));
+    parity("Barlow Twins", 2, 4, 3, &w, &[], &|g, ctx, _| {
+        barlow_twins_share(&g[0], &g[1], 5e-3, Standardise::BatchNorm, ctx.shard)
+    });
     parity("negative cosine", 2, 5, 3, &w, &[], &|g, ctx, _| negative_cosine_share(&g[0], &g[1], ctx.shard));
     parity("normalised MSE", 2, 5, 3, &w, &[], &|g, ctx, _| normalized_mse_share(&g[0], &g[1], ctx.shard));
     let protos = [(randn_vec(6 * 5, 7), vec![6, 5])];
@@ -460,7 +496,12 @@ fn batch_of_one_per_rank_is_exact() {
     parity("SigLIP B=1", 2, 4, 1, &w, &sig, &|g, ctx, p| siglip_share(&g[0], &g[1], &p[0], &p[1], ctx.shard));
     parity("multi NT-Xent B=1", 3, 4, 1, &w, &[], &|g, ctx, _| ntxent_multi_share(g, 0.2, ctx));
     parity("debiased B=1", 2, 4, 1, &w, &[], &|g, ctx, _| debiased_share(&g[0], &g[1], 0.5, 0.1, 0.0, ctx.shard));
-    parity("Barlow Twins B=1", 2, 4, 1, &w, &[], &|g, ctx, _| barlow_twins_share(&g[0], &g[1], 5e-3, ctx.shard));
+    parity("Barlow Twins unbiased", 2, 4, 3, &w, &[], &|g, ctx, _| {
+        barlow_twins_share(&g[0], &g[1], 5e-3, Standardise::Unbiased, ctx.shard)
+    });
+    parity("Barlow Twins B=1", 2, 4, 1, &w, &[], &|g, ctx, _| {
+        barlow_twins_share(&g[0], &g[1], 5e-3, Standardise::BatchNorm, ctx.shard)
+    });
     parity("BYOL B=1", 2, 4, 1, &w, &[], &|g, ctx, _| normalized_mse_share(&g[0], &g[1], ctx.shard));
     parity("InfoNCE B=1", 2, 4, 1, &w, &[], &|g, ctx, _| infonce_share(&g[0], &g[1], 0.1, true, ctx.shard));
     let wk = [(randn_vec(16, 8), vec![4, 4])];
@@ -475,7 +516,9 @@ fn batch_of_one_per_rank_is_exact() {
     parity("lifted B=1", 1, 4, 1, &w, &[], &|g, ctx, _| {
         lifted_smooth_share(&g[0], &labels9(ctx.shard.global()), 1.0, 0.0, ctx)
     });
-    parity("N-pair B=1", 1, 4, 1, &w, &[], &|g, ctx, _| npair_share(&g[0], &labels9(ctx.shard.global()), ctx));
+    parity("N-pair B=1", 1, 4, 1, &w, &[], &|g, ctx, _| {
+        npair_share(&g[0], &labels9(ctx.shard.global()), NPairForm::Cosine, ctx)
+    });
     parity("SNN B=1", 1, 4, 1, &w, &[], &|g, ctx, _| snn_share(&g[0], &labels9(ctx.shard.global()), 0.7, ctx));
     parity("soft NT-Xent B=1", 2, 4, 1, &w, &[], &|g, ctx, _| {
         ntxent_soft_share(&g[0], &g[1], &mix(ctx.shard.global()), 0.2, ctx.shard)
@@ -504,7 +547,10 @@ fn no_nan_or_inf_at_the_extremes() {
         ("DCL", Box::new(|a, b, t| dcl_share(a, b, t, Some(0.5), Shard::solo(4)).unwrap())),
         ("debiased", Box::new(|a, b, t| debiased_share(a, b, t, 0.1, 0.0, Shard::solo(4)).unwrap())),
         ("hard negative", Box::new(|a, b, t| debiased_share(a, b, t, 0.1, 1.0, Shard::solo(4)).unwrap())),
-        ("Barlow Twins", Box::new(|a, b, _| barlow_twins_share(a, b, 5e-3, Shard::solo(4)).unwrap())),
+        (
+            "Barlow Twins",
+            Box::new(|a, b, _| barlow_twins_share(a, b, 5e-3, Standardise::BatchNorm, Shard::solo(4)).unwrap()),
+        ),
         ("negative cosine", Box::new(|a, b, _| negative_cosine_share(a, b, Shard::solo(4)).unwrap())),
         (
             "SwAV",
@@ -544,9 +590,14 @@ fn bad_parameters_fail_clearly() {
     assert!(err(dcl_share(&a, &b, -1.0, None, Shard::solo(4))).contains("temperature must be > 0"));
     assert!(err(debiased_share(&a, &b, 0.5, 1.0, 0.0, Shard::solo(4))).contains("tau_plus"));
     assert!(err(debiased_share(&a, &b, 0.5, 0.1, -1.0, Shard::solo(4))).contains("beta"));
-    assert!(
-        err(barlow_twins_share(&a.narrow(0, 0, 1), &b.narrow(0, 0, 1), 5e-3, Shard::solo(1))).contains("at least 2")
-    );
+    assert!(err(barlow_twins_share(
+        &a.narrow(0, 0, 1),
+        &b.narrow(0, 0, 1),
+        5e-3,
+        Standardise::BatchNorm,
+        Shard::solo(1)
+    ))
+    .contains("at least 2"));
     assert!(err(swav_share(
         &[a.shallow_clone(), b.shallow_clone()],
         &randn(3, 2, 1),
@@ -757,7 +808,7 @@ fn metric_losses_match_loop_references() {
     );
     // N-pair: pml picks, per label, the first ordered positive pair: (0,2), (1,4), (3,6).
     assert_eq!(contrast_nn::loss::npair::npair_pairs(&LABELS), vec![(0, 2), (1, 4), (3, 6)]);
-    let r = rows(&z);
+    let r = rows(&l2_normalize(&z));
     let pairs = [(0usize, 2usize), (1, 4), (3, 6)];
     let want = pairs
         .iter()
@@ -765,7 +816,7 @@ fn metric_losses_match_loop_references() {
         .map(|(k, &(a, _))| lse(pairs.iter().map(|&(_, p)| dot(&r[a], &r[p]))) - dot(&r[a], &r[pairs[k].1]))
         .sum::<f64>()
         / 3.0;
-    close(npair_share(&z, &lab(), &c).unwrap().double_value(&[]), want, "N-pair");
+    close(npair_share(&z, &lab(), NPairForm::Cosine, &c).unwrap().double_value(&[]), want, "N-pair");
 }
 
 #[test]
@@ -779,7 +830,8 @@ fn metric_loss_gradients_match_finite_differences() {
         ("lifted smooth", Box::new(|x| lifted_smooth_share(x, &lab(), 1.0, 0.0, &c).unwrap())),
         ("lifted hard", Box::new(|x| lifted_hard_share(x, &lab(), 1.0, &c).unwrap())),
         ("generalized lifted", Box::new(|x| generalized_lifted_share(x, &lab(), 1.0, 0.0, &c).unwrap())),
-        ("N-pair", Box::new(|x| npair_share(x, &lab(), &c).unwrap())),
+        ("N-pair", Box::new(|x| npair_share(x, &lab(), NPairForm::Cosine, &c).unwrap())),
+        ("N-pair dot", Box::new(|x| npair_share(x, &lab(), NPairForm::Dot { l2_reg: 0.01 }, &c).unwrap())),
         ("soft nearest neighbours", Box::new(|x| snn_share(x, &lab(), 0.7, &c).unwrap())),
     ];
     for (name, f) in &checks {
@@ -815,7 +867,12 @@ fn metric_losses_are_exact_across_ranks() {
     parity("generalized lifted", 1, 4, 3, &w, &[], &|g, ctx, _| {
         generalized_lifted_share(&g[0], &labels9(ctx.shard.global()), 1.0, 0.0, ctx)
     });
-    parity("N-pair", 1, 4, 3, &w, &[], &|g, ctx, _| npair_share(&g[0], &labels9(ctx.shard.global()), ctx));
+    parity("N-pair dot", 1, 4, 3, &w, &[], &|g, ctx, _| {
+        npair_share(&g[0], &labels9(ctx.shard.global()), NPairForm::Dot { l2_reg: 0.01 }, ctx)
+    });
+    parity("N-pair", 1, 4, 3, &w, &[], &|g, ctx, _| {
+        npair_share(&g[0], &labels9(ctx.shard.global()), NPairForm::Cosine, ctx)
+    });
     parity("soft nearest neighbours", 1, 4, 3, &w, &[], &|g, ctx, _| {
         snn_share(&g[0], &labels9(ctx.shard.global()), 0.7, ctx)
     });
@@ -833,7 +890,8 @@ fn metric_losses_stay_finite_at_extremes() {
         ("lifted", Box::new(|x| lifted_smooth_share(x, &l4, 1.0, 0.0, &c).unwrap())),
         ("lifted hard", Box::new(|x| lifted_hard_share(x, &l4, 1.0, &c).unwrap())),
         ("generalized lifted", Box::new(|x| generalized_lifted_share(x, &l4, 1.0, 0.0, &c).unwrap())),
-        ("N-pair", Box::new(|x| npair_share(&(x / 1e4), &l4, &c).unwrap())),
+        ("N-pair", Box::new(|x| npair_share(&(x / 1e4), &l4, NPairForm::Cosine, &c).unwrap())),
+        ("N-pair dot", Box::new(|x| npair_share(&(x / 1e4), &l4, NPairForm::Dot { l2_reg: 0.002 }, &c).unwrap())),
         ("SNN", Box::new(|x| snn_share(&(x / 1e4), &l4, 0.01, &c).unwrap())),
         ("NCE", Box::new(|x| nce_share(x, &x.detach(), 0.01, 1e6, Shard::solo(4)).unwrap())),
     ];

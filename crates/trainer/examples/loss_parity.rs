@@ -72,7 +72,12 @@ fn main() {
         ("hard_negative", 2, vec![], Box::new(|g, c, _| debiased_share(&g[0], &g[1], 0.5, 0.1, 1.0, c.shard))),
         ("clip", 2, vec![scale[0].clone()], Box::new(|g, c, p| clip_share(&g[0], &g[1], &p[0], c.shard))),
         ("siglip", 2, scale.clone(), Box::new(|g, c, p| siglip_share(&g[0], &g[1], &p[0], &p[1], c.shard))),
-        ("barlow_twins", 2, vec![], Box::new(|g, c, _| barlow_twins_share(&g[0], &g[1], 5e-3, c.shard))),
+        (
+            "barlow_twins",
+            2,
+            vec![],
+            Box::new(|g, c, _| barlow_twins_share(&g[0], &g[1], 5e-3, Standardise::BatchNorm, c.shard)),
+        ),
         ("byol", 2, vec![], Box::new(|g, c, _| normalized_mse_share(&g[0], &g[1], c.shard))),
         ("swav", 3, protos, Box::new(|g, c, p| swav_share(g, &p[0], 0.1, 0.05, 3, &[0, 1], c))),
         ("infonce", 2, vec![], Box::new(|g, c, _| infonce_share(&g[0], &g[1], 0.1, true, c.shard))),
@@ -91,7 +96,13 @@ fn main() {
             Box::new(|g, c, _| triplet_share(&g[0], &labels(c.shard.global()), 0.5, Mining::SemiHard, c)),
         ),
         ("lifted_hard", 1, vec![], Box::new(|g, c, _| lifted_hard_share(&g[0], &labels(c.shard.global()), 1.0, c))),
-        ("npair", 1, vec![], Box::new(|g, c, _| npair_share(&g[0], &labels(c.shard.global()), c))),
+        ("npair", 1, vec![], Box::new(|g, c, _| npair_share(&g[0], &labels(c.shard.global()), NPairForm::Cosine, c))),
+        (
+            "npair_dot",
+            1,
+            vec![],
+            Box::new(|g, c, _| npair_share(&g[0], &labels(c.shard.global()), NPairForm::Dot { l2_reg: 0.002 }, c)),
+        ),
         ("snn", 1, vec![], Box::new(|g, c, _| snn_share(&g[0], &labels(c.shard.global()), 0.7, c))),
     ];
     let mut failures = 0;

@@ -23,7 +23,7 @@ pub mod supcon;
 pub mod swav;
 pub mod triplet;
 
-pub use barlow::barlow_twins_share;
+pub use barlow::{barlow_twins_share, Standardise};
 pub use byol::{negative_cosine_share, normalized_mse_share};
 pub use clip::clip_share;
 pub use contrastive::contrastive_share;
@@ -32,7 +32,7 @@ pub use debiased::debiased_share;
 pub use infonce::{cpc_share, infonce_share};
 pub use lifted::{generalized_lifted_share, lifted_hard_share, lifted_smooth_share};
 pub use nce::nce_share;
-pub use npair::npair_share;
+pub use npair::{npair_share, NPairForm};
 pub use ntxent::{ntxent_multi_share, ntxent_share};
 pub use siglip::siglip_share;
 pub use snn::snn_share;
