@@ -76,8 +76,11 @@ pub struct HostBatch {
     pub text_end: Vec<i64>,
     /// Time the trainer waited for this batch.
     pub wait: Duration,
-    /// Distinct unreadable or undecodable samples met so far by this rank's pipeline.
-    pub bad_files: usize,
+    /// Source indices that could not be read or decoded while this batch was
+    /// built (sorted, distinct): a function of (seed, step, rank) only, whatever
+    /// the worker count or timing. The trainer gathers them into the run's
+    /// [`BadBudget`].
+    pub bad: Vec<usize>,
     /// The mixing of the whole global batch, when mixing is on: partner π(i) and λ_i of every global row.
     pub mix: Option<(Vec<i64>, Vec<f64>)>,
 }
@@ -128,6 +131,14 @@ impl Input {
         }
     }
 
+    /// `data.max_bad_fraction` of a file input (0 for IDX, which has no bad samples).
+    pub fn max_bad_fraction(&self) -> f64 {
+        match self {
+            Input::Idx { .. } => 0.0,
+            Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
+        }
+    }
+
     /// Views per sample in [`Mode::Views`].
     pub fn views(&self) -> usize {
         match self {
@@ -157,24 +168,61 @@ impl Input {
     }
 }
 
-/// The distinct bad samples met so far (shared by a pipeline's workers).
+/// The bad samples this process has logged (shared by a pipeline's workers,
+/// so each is logged once; the count that matters is [`BadBudget`]'s).
 #[derive(Default)]
 struct BadFiles {
     seen: Mutex<HashSet<usize>>,
 }
 
 impl BadFiles {
-    /// Record sample `i`; log it the first time. Returns the distinct count.
-    fn record(&self, i: usize, what: &str) -> usize {
-        let mut seen = self.seen.lock().unwrap();
-        if seen.insert(i) {
+    /// Log sample `i` the first time it is met.
+    fn log(&self, i: usize, what: &str) {
+        if self.seen.lock().unwrap().insert(i) {
             tracing::warn!("skipping unreadable sample {i} ({what}); a deterministic replacement takes its place");
         }
-        seen.len()
+    }
+}
+
+/// The run's budget of unreadable samples: the distinct source indices met by
+/// every rank since the run began, against `data.max_bad_fraction` of the
+/// dataset. Every rank adds the same gathered indices at the same step, so
+/// every rank stops at the same step, whatever the worker timing.
+#[derive(Debug, Clone, Default)]
+pub struct BadBudget {
+    seen: std::collections::BTreeSet<usize>,
+    limit: f64,
+    len: usize,
+}
+
+impl BadBudget {
+    /// A budget of `limit` × `len` samples, starting from those `seen` before (a resume).
+    pub fn new(limit: f64, len: usize, seen: impl IntoIterator<Item = usize>) -> Self {
+        Self { seen: seen.into_iter().collect(), limit, len }
     }
 
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
+    /// Add the bad samples of one step (all ranks'); an error once more than the budget are bad.
+    pub fn add(&mut self, indices: impl IntoIterator<Item = usize>) -> Result<(), String> {
+        self.seen.extend(indices);
+        if self.seen.len() as f64 > self.limit * self.len as f64 {
+            return Err(format!(
+                "{} of {} samples are unreadable (limit data.max_bad_fraction = {})",
+                self.seen.len(),
+                self.len,
+                self.limit
+            ));
+        }
+        Ok(())
+    }
+
+    /// Distinct bad samples so far.
+    pub fn count(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// The bad samples so far, ascending (checkpointed so a resume keeps counting).
+    pub fn seen(&self) -> Vec<usize> {
+        self.seen.iter().copied().collect()
     }
 }
 
@@ -235,6 +283,8 @@ struct Worker {
     input: Arc<Input>,
     rgb: Vec<RgbAugmenter>,
     bad: Arc<BadFiles>,
+    /// Source indices that failed while building the current batch.
+    batch_bad: Vec<usize>,
     sampler: Sampler,
     cfg: PipelineConfig,
     perm: Option<(usize, Vec<usize>)>,
@@ -285,14 +335,11 @@ impl Worker {
             match sample(self, source_idx) {
                 Ok(x) => return Ok(x),
                 Err(what) => {
-                    let bad = self.bad.record(source_idx, &what);
-                    let limit = match &*self.input {
-                        Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
-                        Input::Idx { .. } => 0.0,
-                    };
-                    if bad as f64 > limit * n as f64 || attempt >= MAX_REPLACEMENTS {
+                    self.bad.log(source_idx, &what);
+                    self.batch_bad.push(source_idx);
+                    if attempt >= MAX_REPLACEMENTS {
                         return Err(format!(
-                            "{bad} of {n} samples are unreadable (limit data.max_bad_fraction = {limit}); last: {what}"
+                            "sample {idx} and its {MAX_REPLACEMENTS} replacements are all unreadable; last: {what}"
                         ));
                     }
                     attempt += 1;
@@ -330,6 +377,7 @@ impl Worker {
 
     fn build(&mut self, step: usize) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
+        self.batch_bad.clear();
         if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
             self.perm = Some((epoch, self.sampler.permutation(epoch)));
         }
@@ -413,7 +461,12 @@ impl Worker {
             tokens,
             text_end,
             wait: Duration::ZERO,
-            bad_files: self.bad.count(),
+            bad: {
+                let mut bad = std::mem::take(&mut self.batch_bad);
+                bad.sort_unstable();
+                bad.dedup();
+                bad
+            },
             mix,
         })
     }
@@ -461,6 +514,7 @@ impl Pipeline {
                 input: input.clone(),
                 rgb,
                 bad: bad.clone(),
+                batch_bad: Vec::new(),
                 sampler: sampler.clone(),
                 cfg: cfg.clone(),
                 perm: None,
@@ -784,19 +838,29 @@ mod tests {
         let (_dir, src) = folder(20, &[3, 11]);
         let a = run_files(&src, 1, 2, 0.2);
         let b = run_files(&src, 2, 1, 0.2);
-        let last = a[0].last().unwrap().as_ref().unwrap();
-        assert_eq!(last.bad_files, 2, "both corrupt files are met in 4 steps of 8 over 20 samples");
+        let c = run_files(&src, 2, 3, 0.2);
+        let bad_of = |runs: &[Vec<Result<HostBatch, DataError>>], s: usize| -> Vec<usize> {
+            let mut all: Vec<usize> = runs.iter().flat_map(|r| r[s].as_ref().unwrap().bad.clone()).collect();
+            all.sort_unstable();
+            all
+        };
         for s in 0..4 {
             let joined: Vec<f32> = b.iter().flat_map(|r| r[s].as_ref().unwrap().views[0].clone()).collect();
             assert_eq!(joined, a[0][s].as_ref().unwrap().views[0], "replacement depends on the layout");
+            // Each step reports the same bad samples whatever the ranks, workers or timing.
+            assert_eq!(bad_of(&a, s), bad_of(&b, s), "step {s}");
+            assert_eq!(bad_of(&b, s), bad_of(&c, s), "step {s}");
         }
-        let strict = run_files(&src, 1, 1, 0.05);
-        let err = strict[0]
-            .iter()
-            .find_map(|b| b.as_ref().err())
-            .expect("a bad fraction above the limit stops the run")
-            .to_string();
-        assert!(err.contains("unreadable") && err.contains("max_bad_fraction"), "{err}");
+        let mut budget = BadBudget::new(0.2, 20, []);
+        for s in 0..4 {
+            budget.add(bad_of(&a, s)).unwrap();
+        }
+        assert_eq!(budget.count(), 2, "both corrupt files are met in 4 steps of 8 over 20 samples");
+        let mut strict = BadBudget::new(0.05, 20, []);
+        let err = (0..4).find_map(|s| strict.add(bad_of(&a, s)).err()).expect("a bad fraction above the limit stops");
+        assert!(err.contains("2 of 20") && err.contains("max_bad_fraction"), "{err}");
+        // A resume keeps counting from the checkpointed set.
+        assert_eq!(BadBudget::new(0.05, 20, budget.seen()).add([]).unwrap_err(), err);
     }
 
     #[test]

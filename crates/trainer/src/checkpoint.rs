@@ -49,6 +49,10 @@ pub struct State {
     /// Fingerprint of the training set's index (names and sizes), as hex.
     #[serde(default)]
     pub dataset_fingerprint: Option<String>,
+    /// Source indices of the unreadable samples met so far (the budget of
+    /// `data.max_bad_fraction` keeps counting across a resume).
+    #[serde(default)]
+    pub bad_samples: Vec<usize>,
     /// Identity of the run (drawn when a run starts fresh, kept across resumes):
     /// pruning only ever removes checkpoints of the same run.
     #[serde(default)]

@@ -15,6 +15,7 @@ use crate::{EvalFigures, Summary};
 use anyhow::{bail, Context, Result};
 use contrast_comm::Collective;
 use contrast_config::{Plan, ScheduleName};
+use contrast_data::pipeline::BadBudget;
 use contrast_data::text::Tokenizer;
 use contrast_data::{HostBatch, Pipeline};
 use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
@@ -249,6 +250,16 @@ fn compatible(theirs: &State, mine: &State) -> Result<()> {
     opt(&fp(theirs), &fp(mine), "data.root")
 }
 
+/// Every rank's `indices` (of any length), gathered: the longest length is
+/// agreed first and the shorter lists are padded with −1.
+fn gather_indices<C: Collective>(comm: &C, indices: &[usize]) -> Vec<usize> {
+    let mut longest = [indices.len() as i64];
+    comm.all_reduce_max(&mut longest);
+    let mut mine: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    mine.resize(longest[0] as usize, -1);
+    comm.all_gather(&mine).into_iter().filter(|&i| i >= 0).map(|i| i as usize).collect()
+}
+
 /// A run identity from the clock and the process id.
 fn fresh_run_id() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
@@ -285,6 +296,8 @@ pub struct Trainer<'c, C: Collective> {
     progress: Progress,
     sampler: contrast_data::Sampler,
     dataset_fingerprint: u64,
+    /// Unreadable samples met by every rank so far, against data.max_bad_fraction.
+    bad: BadBudget,
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
@@ -315,6 +328,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let c = &plan.config;
         let opt = optimizer(&plan, parts.method.as_ref());
         let (every, at_end) = (c.eval.every as usize, c.eval.at_end);
+        let bad = BadBudget::new(c.data.max_bad_fraction, parts.sampler.dataset_len(), []);
         let mut t = Self {
             comm,
             device: parts.device,
@@ -345,6 +359,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             method: parts.method,
             sampler: parts.sampler,
             dataset_fingerprint: parts.dataset_fingerprint,
+            bad,
             plan,
         };
         if t.plan.config.train.resume {
@@ -380,6 +395,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.progress.last_loss = st.loss;
         self.progress.init = (st.knn_top1_init, st.knn_top1_raw_pixels);
         self.progress.run_id = st.run_id.unwrap_or(self.progress.run_id);
+        self.bad =
+            BadBudget::new(self.plan.config.data.max_bad_fraction, self.sampler.dataset_len(), st.bad_samples.clone());
         if rank == 0 {
             tracing::info!(
                 "resumed from {} at step {} (written by {} ranks, now {p})",
@@ -436,6 +453,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             loss_name: Some(format!("{:?}", self.plan.loss)),
             dataset_len: Some(self.sampler.dataset_len()),
             dataset_fingerprint: Some(format!("{:016x}", self.dataset_fingerprint)),
+            bad_samples: self.bad.seen(),
             run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,
             knn_top1_raw_pixels: self.progress.init.1,
@@ -483,7 +501,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             .is_supervised()
             .then(|| Tensor::from_slice(&self.comm.all_gather(&batch.labels)).to_device(device));
         let mix = batch.mix.take().map(|(partner, lambda)| contrast_nn::loss::Mix { partner, lambda });
-        let (wait, bad_files) = (batch.wait, batch.bad_files);
+        let wait = batch.wait;
+        let bad = std::mem::take(&mut batch.bad);
         // The tensors own copies: the host buffers go back to the pipeline for a later step.
         pipeline.recycle(batch);
         let batch =
@@ -492,7 +511,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let towers = self.method.forward(&batch, self.comm)?;
         let mut monitor = None;
         let mut ctl = [0.0; control::LEN];
-        ctl[control::BAD_SAMPLES] = bad_files as f64;
+        ctl[control::BAD_SAMPLES] = bad.len() as f64;
         let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
         let method = self.method.as_ref();
         let out = engine.step_towers(&towers, &self.opt.tensors(), &ctl, |g, ctx| {
@@ -511,6 +530,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let clip = self.plan.config.train.grad_clip;
         let grad_norm = if clip > 0.0 { self.opt.clip_grad_norm(clip) } else { self.opt.grad_norm() };
         self.check_finite(loss, grad_norm, step + 1)?;
+        if out.control[control::BAD_SAMPLES] > 0.0 {
+            let all = gather_indices(self.comm, &bad);
+            self.bad.add(all).map_err(|e| anyhow::anyhow!("step {}: {e}", step + 1))?;
+        }
         self.opt.step(lr);
         let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
         self.method.after_step(&info, self.comm)?;
@@ -521,7 +544,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             lr,
             seconds,
             wait: wait.as_secs_f64(),
-            bad_samples: out.control[control::BAD_SAMPLES],
+            bad_samples: self.bad.count() as f64,
             grad_norm,
             embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
         })

@@ -1011,6 +1011,25 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
             .unwrap();
     assert_eq!(last["bad_files"], 1);
     assert!(run_dir.join("step-6/model.safetensors").is_file());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("step-6/state.json")).unwrap()).unwrap();
+    assert_eq!(state["bad_samples"].as_array().map(Vec::len), Some(1), "the budget is checkpointed: {state}");
+    // With no budget, both ranks stop at the step whose batch met the file (the count is global).
+    let strict_dir = dir.path().join("strict");
+    let strict = [
+        "data.max_bad_fraction=0".to_string(),
+        "train.global_batch=16".into(),
+        "train.steps=6".into(),
+        format!("checkpoint.dir={}", strict_dir.display()),
+    ];
+    let mut args = vec!["--config".to_string(), cfg.display().to_string()];
+    for s in shared.iter().chain(&strict) {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    let out = run(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("1 of 49 samples are unreadable") && err.contains("max_bad_fraction"), "{err}");
 }
 
 #[test]
