@@ -355,22 +355,61 @@ pub enum Comm {
 /// True when this process was started by an MPI launcher or Slurm with more
 /// than one task (Open MPI, MPICH/Hydra, PMIx, Slurm).
 pub fn launched_under_mpi() -> bool {
-    const VARS: [&str; 5] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_NTASKS"];
+    const VARS: [&str; 6] =
+        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"];
     VARS.iter().any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
+}
+
+/// The task count a launcher announces, and the variable that says it: Open
+/// MPI's `mpirun`, MPICH/Hydra and Intel MPI (PMI), and Slurm's `srun` (whose
+/// step size is known before MPI is up, whatever its PMI plugin).
+pub fn launcher_world_size(get: impl Fn(&str) -> Option<String>) -> Option<(usize, &'static str)> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .into_iter()
+        .find_map(|v| get(v).and_then(|s| s.trim().parse().ok()).map(|n| (n, v)))
+}
+
+/// This process's rank as its launcher announces it (before MPI is up), for
+/// early error messages: Open MPI, PMI (MPICH, Intel MPI), PMIx, Slurm.
+pub fn launcher_rank(get: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"]
+        .into_iter()
+        .find_map(|v| get(v).and_then(|s| s.trim().parse().ok()))
+}
+
+/// Refuse a launch that would run tasks that do not form one job: several
+/// tasks started for a binary without MPI, or an MPI world smaller than the
+/// launcher's task count (`srun` without a PMI plugin the MPI library speaks:
+/// every task a world of its own). Either would run P independent trainers
+/// writing into one directory.
+pub fn check_launch(launched: Option<(usize, &str)>, mpi_world: Option<usize>) -> Result<(), String> {
+    match (launched, mpi_world) {
+        (Some((n, var)), None) if n > 1 => Err(format!(
+            "started as one of {n} tasks ({var}={n}) but this binary was built without feature `mpi`: \
+             the tasks would train alone, into one directory; build with the default features"
+        )),
+        (Some((n, var)), Some(p)) if n != p => Err(format!(
+            "the launcher started {n} tasks ({var}={n}) but MPI sees a world of {p}: \
+             under srun, pass --mpi=pmix (or pmi2) as `srun --mpi=list` offers for this MPI (docs/cluster.md)"
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl Comm {
     /// MPI when launched by `mpirun`/`srun` and built with feature `mpi`;
-    /// otherwise a single process.
+    /// otherwise a single process. A launch whose tasks would not form one job
+    /// is an error ([`check_launch`]).
     pub fn from_env() -> Result<Self, String> {
+        let launched = launcher_world_size(|v| std::env::var(v).ok());
         #[cfg(feature = "mpi")]
         if launched_under_mpi() {
-            return MpiComm::init().map(Comm::Mpi);
+            let mpi = MpiComm::init()?;
+            check_launch(launched, Some(mpi.world_size()))?;
+            return Ok(Comm::Mpi(mpi));
         }
         #[cfg(not(feature = "mpi"))]
-        if launched_under_mpi() && std::env::var("OMPI_COMM_WORLD_SIZE").is_ok_and(|s| s != "1") {
-            return Err("launched under mpirun but this binary was built without feature `mpi`".into());
-        }
+        check_launch(launched, None)?;
         Ok(Comm::Solo(Solo))
     }
 
@@ -511,6 +550,30 @@ mod tests {
     fn local_ranks_follow_hosts() {
         let got = Threads::run_on_hosts(5, 2, |c| (c.local_rank(), c.local_size()));
         assert_eq!(got, vec![(0, 2), (1, 2), (0, 2), (1, 2), (0, 1)]);
+    }
+
+    #[test]
+    fn launches_that_would_not_form_one_job_are_refused() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| pairs.iter().find(|(k, _)| *k == v).map(|(_, x)| x.to_string())
+        };
+        assert_eq!(
+            launcher_world_size(env(&[("PMI_SIZE", "4"), ("SLURM_STEP_NUM_TASKS", "8")])),
+            Some((4, "PMI_SIZE"))
+        );
+        assert_eq!(launcher_world_size(env(&[("SLURM_STEP_NUM_TASKS", "8")])), Some((8, "SLURM_STEP_NUM_TASKS")));
+        assert_eq!(launcher_world_size(env(&[("SLURM_NTASKS", "8")])), None, "the batch shell is no step");
+        assert_eq!(launcher_rank(env(&[("PMIX_RANK", "3")])), Some(3));
+        assert_eq!(launcher_rank(env(&[("SLURM_PROCID", "5")])), Some(5));
+        // A build without MPI under srun or MPICH.
+        let err = check_launch(Some((4, "PMI_SIZE")), None).unwrap_err();
+        assert!(err.contains("without feature `mpi`") && err.contains("PMI_SIZE=4"), "{err}");
+        assert!(check_launch(Some((1, "SLURM_STEP_NUM_TASKS")), None).is_ok());
+        assert!(check_launch(None, None).is_ok());
+        // srun without a PMI plugin: every task is a world of one.
+        let err = check_launch(Some((8, "SLURM_STEP_NUM_TASKS")), Some(1)).unwrap_err();
+        assert!(err.contains("--mpi=pmix"), "{err}");
+        assert!(check_launch(Some((2, "OMPI_COMM_WORLD_SIZE")), Some(2)).is_ok());
     }
 
     #[test]

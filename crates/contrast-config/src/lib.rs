@@ -687,11 +687,63 @@ impl Default for EvalConfig {
     }
 }
 
+/// The largest config file read (a config is a few kB).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// The deepest nesting of mappings and sequences a config may have.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// Refuse a config that is too large or nested too deeply before the YAML
+/// parser sees it (a 100k-deep document costs the parser tens of seconds).
+/// Depth counts block indentation levels, `- ` sequence entries and flow
+/// brackets outside quotes and comments — an upper bound of the parser's.
+pub fn check_yaml_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(format!("{} bytes; a config may be at most {MAX_CONFIG_BYTES}", text.len()));
+    }
+    let (mut indents, mut flow, mut deepest) = (Vec::<usize>::new(), 0usize, 0usize);
+    for (n, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches(' ');
+        if flow == 0 && !body.is_empty() && !body.starts_with('#') {
+            let indent = line.len() - body.len();
+            while indents.last().is_some_and(|&top| top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let dashes = body.split_inclusive("- ").take_while(|p| p.trim_start() == "- ").count();
+        deepest = deepest.max(indents.len() + dashes + flow);
+        let mut quote = None;
+        let mut prev = ' ';
+        for c in body.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q && prev != '\\' => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            deepest = deepest.max(indents.len() + dashes + flow);
+            prev = c;
+        }
+        if deepest > MAX_YAML_DEPTH {
+            return Err(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", n + 1));
+        }
+    }
+    Ok(())
+}
+
+/// Parse YAML text after [`check_yaml_shape`].
+fn parse_yaml(text: &str, origin: &str) -> Result<serde_yaml_ng::Value, ConfigError> {
+    check_yaml_shape(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })?;
+    serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+}
+
 impl Config {
     /// Parse YAML text; `origin` names the file in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        let value = parse_yaml(text, origin)?;
         Self::from_value(value, origin)
     }
 
@@ -711,11 +763,9 @@ impl Config {
 
     /// Read a YAML file and apply `KEY=VALUE` overrides (values parsed as YAML).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let origin = path.display().to_string();
-        let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: origin.clone(), message: e.to_string() })?;
+        let text = read_bounded(path)?;
+        let mut value = parse_yaml(&text, &origin)?;
         if value.is_null() {
             value = serde_yaml_ng::Value::Mapping(Default::default());
         }
@@ -726,6 +776,16 @@ impl Config {
         }
         Self::from_value(value, &format!("{origin} (with --set overrides)"))
     }
+}
+
+/// A config file's text, reading at most one byte past [`MAX_CONFIG_BYTES`].
+fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read { path: path.to_path_buf(), source };
+    let mut text = String::new();
+    let file = std::fs::File::open(path).map_err(read)?;
+    file.take(MAX_CONFIG_BYTES as u64 + 1).read_to_string(&mut text).map_err(read)?;
+    Ok(text)
 }
 
 /// Every dotted key of a YAML mapping (`loss`, `loss.margin`, ...).
@@ -747,6 +807,7 @@ fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), Con
     if key.is_empty() || key.split('.').any(str::is_empty) {
         return Err(ConfigError::Override(spec.into()));
     }
+    check_yaml_shape(raw).map_err(|message| ConfigError::Parse { path: format!("--set {key}"), message })?;
     let parsed: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
     let mut node = root;
     for part in key.split('.') {
@@ -1705,5 +1766,29 @@ mod tests {
             let err = resolve(yaml, p).unwrap_err().to_string();
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn deep_or_huge_yaml_is_refused_before_parsing() {
+        let t0 = std::time::Instant::now();
+        let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let err = Config::from_yaml(&deep, "deep.yaml").unwrap_err().to_string();
+        assert!(err.contains("deep.yaml") && err.contains("levels deep"), "{err}");
+        let block: String = (0..200).map(|i| format!("{}k:\n", "  ".repeat(i))).collect();
+        assert!(Config::from_yaml(&block, "b.yaml").unwrap_err().to_string().contains("levels deep"));
+        let dashes = format!("a:\n{}x\n", "- ".repeat(100));
+        assert!(Config::from_yaml(&dashes, "d.yaml").unwrap_err().to_string().contains("levels deep"));
+        let huge = format!("seed: 1\n#{}\n", "x".repeat(MAX_CONFIG_BYTES));
+        assert!(Config::from_yaml(&huge, "h.yaml").unwrap_err().to_string().contains("at most"));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2), "refused early");
+        // Brackets in quotes and comments do not count; shipped-style configs pass.
+        assert!(
+            check_yaml_shape(&format!("a: \"{}\" # {}\nb: [1, {{c: 2}}]\n", "[".repeat(100), "{".repeat(100))).is_ok()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "seed: 1\n").unwrap();
+        let err = Config::load(&f, &[format!("train.steps={}", "[".repeat(1000))]).unwrap_err().to_string();
+        assert!(err.contains("--set train.steps") && err.contains("levels deep"), "{err}");
     }
 }

@@ -158,12 +158,17 @@ fn intact(p: &Path) -> bool {
 }
 
 /// The checkpoint `latest` names in a run directory, if any. When `latest` is
-/// unreadable or names a missing or incomplete directory, the newest intact
-/// `step-<N>` directory is used instead, with a warning naming both.
+/// missing, unreadable or names a missing or incomplete directory, the newest
+/// intact `step-<N>` directory is used instead, with a warning naming both.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     let f = dir.join("latest");
     if !f.exists() {
-        return Ok(None);
+        // A kill between a step directory's rename and the first `latest`'s.
+        let newest = step_dirs(dir).unwrap_or_default().into_iter().rev().find(|(_, p)| intact(p));
+        if let Some((_, p)) = &newest {
+            tracing::warn!("{} is missing: using the newest intact checkpoint, {}", f.display(), p.display());
+        }
+        return Ok(newest.map(|(_, p)| p));
     }
     let named = std::fs::read_to_string(&f).ok().map(|n| dir.join(n.trim()));
     if let Some(p) = named.as_ref().filter(|p| intact(p)) {

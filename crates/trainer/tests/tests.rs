@@ -396,6 +396,120 @@ fn a_panic_on_one_rank_aborts_the_whole_job() {
     assert!(err.contains("injected panic at step 2"), "{err}");
 }
 
+/// The step of the checkpoint a resume would load.
+fn latest_step(run_dir: &Path) -> usize {
+    match trainer::checkpoint::latest(run_dir).unwrap() {
+        Some(p) => p.file_name().unwrap().to_string_lossy().strip_prefix("step-").unwrap().parse().unwrap(),
+        None => 0,
+    }
+}
+
+#[test]
+fn kills_at_random_points_of_checkpoint_writes_always_leave_a_loadable_checkpoint() {
+    let fx = Fixture::new();
+    let cfg = fx.config("kills", "ntxent", "");
+    let run_dir = fx.path("kills");
+    let sets =
+        ["train.steps=1000000", "checkpoint.every=1", "checkpoint.keep=2", "train.resume=true", "train.log_every=1000"];
+    let mut args = vec!["--config".to_string(), cfg.display().to_string()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
+    let (mut last, mut state, mut torn) = (0usize, 0x9E37_79B9_7F4A_7C15u64, 0);
+    for round in 0..40 {
+        let log = fx.path(&format!("kills-{round}.log"));
+        let mut child = Command::new(BIN).args(&args).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        // Each round first resumes from what the last kill left: it must load and move on.
+        let t0 = std::time::Instant::now();
+        while latest_step(&run_dir) <= last {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: the run stopped ({status}):\n{}", std::fs::read_to_string(&log).unwrap());
+            }
+            assert!(t0.elapsed().as_secs() < 60, "round {round}: no new checkpoint in 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        std::thread::sleep(std::time::Duration::from_micros(state % 30_000));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let tmp = std::fs::read_dir(&run_dir).unwrap().filter_map(|e| e.ok());
+        torn += tmp.filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count().min(1);
+        let now = latest_step(&run_dir);
+        assert!(now >= last, "round {round}: the newest checkpoint went back from step {last} to {now}");
+        last = now;
+    }
+    // Most steps of this run are checkpoint writes, so kills land inside them.
+    eprintln!("{torn} of 40 kills left a half-written checkpoint behind");
+    assert!(torn >= 3, "only {torn} of 40 kills landed inside a checkpoint write");
+    // The last kill's checkpoint resumes and trains on.
+    let mut tail = args.clone();
+    tail.extend(["--set".to_string(), format!("train.steps={}", last + 2)]);
+    ok(run(0, &tail.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    assert_eq!(latest_step(&run_dir), last + 2);
+}
+
+/// The pid of the trainer process of `rank` whose command line names `config`.
+fn rank_pid(config: &Path, rank: usize) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let has = |hay: &[u8], needle: &str| hay.split(|&b| b == 0).any(|a| a == needle.as_bytes());
+        let is_trainer = cmd.split(|&b| b == 0).next().is_some_and(|a| a.ends_with(b"trainer"));
+        (is_trainer && has(&cmd, &config.display().to_string()) && has(&env, &format!("OMPI_COMM_WORLD_RANK={rank}")))
+            .then_some(pid)
+    })
+}
+
+#[test]
+fn kill_9_of_one_rank_ends_the_mpirun_job_promptly() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    let cfg = fx.config("kill9", "ntxent", "");
+    let sets = ["train.steps=1000000", "checkpoint.every=5", "checkpoint.keep=2", "train.log_every=1000"];
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-n", "2", BIN, "--config", cfg.to_str().unwrap()]);
+    cmd.args(sets.iter().flat_map(|s| ["--set", s]));
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(fx.path("kill9.log")).unwrap());
+    let mut job = cmd.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while latest_step(&fx.path("kill9")) < 10 {
+        assert!(job.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(fx.path("kill9.log")).unwrap());
+        assert!(t0.elapsed().as_secs() < 60, "no checkpoint in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+    let killed = std::time::Instant::now();
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let status = loop {
+        if let Some(s) = job.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed().as_secs() > 30 {
+            job.kill().unwrap();
+            panic!("the job still runs 30 s after rank 1 was killed: it hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let took = killed.elapsed().as_secs_f64();
+    eprintln!("kill -9 of rank 1: mpirun exited ({status}) after {took:.1} s");
+    assert!(!status.success());
+    assert!(rank_pid(&cfg, 0).is_none(), "rank 0 outlived the job");
+    // What was committed survives: the run resumes from it.
+    let resume_at = latest_step(&fx.path("kill9"));
+    let steps = format!("train.steps={}", resume_at + 1);
+    let args = ["--config", cfg.to_str().unwrap(), "--set", "train.resume=true", "--set", &steps];
+    ok(run(2, &args, &[]));
+    assert_eq!(latest_step(&fx.path("kill9")), resume_at + 1);
+}
+
 #[test]
 fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
     let fx = Fixture::new();
@@ -544,6 +658,12 @@ fn ranks_must_agree_on_the_data_and_supervised_losses_need_labels() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("loss.name") && err.contains("000000.tar#img003"), "{err}");
+    // srun without a PMI plugin: each task would be a world of one, training alone into one directory.
+    let cfg = fx.config("no-pmi", "ntxent", "");
+    let out = run(0, &["--config", cfg.to_str().unwrap()], &[("SLURM_STEP_NUM_TASKS", "2")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("MPI sees a world of 1") && err.contains("--mpi=pmix"), "{err}");
+    assert!(!fx.path("no-pmi/steps.jsonl").exists());
 }
 
 #[test]
