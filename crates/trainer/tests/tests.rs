@@ -510,6 +510,38 @@ fn kill_9_of_one_rank_ends_the_mpirun_job_promptly() {
     assert_eq!(latest_step(&fx.path("kill9")), resume_at + 1);
 }
 
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096).sum()
+}
+
+#[test]
+fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
+    let fx = Fixture::new();
+    let probe = fx.config("probe", "ntxent", "");
+    ok(run(0, &["--config", probe.to_str().unwrap(), "--set", "train.steps=1", "--set", "checkpoint.every=1"], &[]));
+    let per_checkpoint = dir_bytes(&fx.path("probe/step-1"));
+    // A disk with room for two and a half checkpoints (root may mount a tmpfs; elsewhere this is skipped).
+    let disk = fx.path("disk").tap_mkdir();
+    let size = format!("size={}", per_checkpoint * 5 / 2 + 16384);
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(&disk).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let cfg = fx.config("disk/run", "ntxent", "");
+    let args = ["--config", cfg.to_str().unwrap(), "--set", "train.steps=20", "--set", "checkpoint.every=1"];
+    let out = run(0, &args, &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = latest_step(&fx.path("disk/run"));
+    let loadable = trainer::checkpoint::latest(&fx.path("disk/run"))
+        .unwrap()
+        .map(|p| trainer::checkpoint::read_tensors(&p, "model.safetensors").is_ok());
+    Command::new("umount").arg(&disk).status().unwrap();
+    assert!(!out.status.success(), "the run ignored a full disk:\n{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(last >= 1 && loadable == Some(true), "latest step {last}, loadable {loadable:?}:\n{err}");
+}
+
 #[test]
 fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
     let fx = Fixture::new();
