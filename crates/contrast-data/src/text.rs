@@ -92,8 +92,14 @@ impl Tokenizer {
         // its decoder deserialisation, found by fuzz/run.sh): an error naming the file.
         let mut inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path))
             .map_err(|panic| {
-                let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                format(format!("not a Hugging Face tokenizer.json (the tokenizers crate failed on it: {})", why.unwrap_or_default()))
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                format(format!(
+                    "not a Hugging Face tokenizer.json (the tokenizers crate failed on it: {})",
+                    why.unwrap_or_default()
+                ))
             })?
             .map_err(|e| format(format!("not a Hugging Face tokenizer.json: {e}")))?;
         let pad = match inner.get_padding() {
@@ -260,7 +266,8 @@ mod tests {
         // Found by fuzz/run.sh: a malformed `decoder` value hits an `expect` inside tokenizers.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
-        let json = word_level_tokenizer_json(&["a"]).replace("\"decoder\": null", "\"decoder\": okenizer\": {\"type\": 1}");
+        let json =
+            word_level_tokenizer_json(&["a"]).replace("\"decoder\": null", "\"decoder\": okenizer\": {\"type\": 1}");
         std::fs::write(&path, json).unwrap();
         let err = Tokenizer::from_spec(path.to_str().unwrap(), 6).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json") && err.contains("not a Hugging Face"), "{err}");

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod signals;
 pub mod trainer;
 
 use anyhow::{bail, Context, Result};
@@ -29,8 +30,10 @@ use trainer::{Parts, Trainer};
 /// What `summary.json` holds (flat keys; accuracies are fractions in [0, 1]).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Summary {
-    /// Optimiser steps completed.
+    /// Optimiser steps completed (the run's last step, or where a stop signal ended it).
     pub steps: usize,
+    /// True when a stop signal ended the run early (a checkpoint was written at `steps`).
+    pub stopped_by_signal: bool,
     /// Global loss of the last step.
     pub final_loss: f64,
     /// Global samples per second over the training steps of this invocation.
@@ -205,6 +208,7 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
 /// `trainer --config FILE`: train, then write `summary.json`. Aborts every rank on error.
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
+    signals::install().context("installing the stop-signal handlers")?;
     init_logging(comm.rank());
     // A panic on one rank must not unwind into MPI_Finalize while the others wait in a
     // collective: it becomes an error (the panic hook has printed it), and any error aborts the job.

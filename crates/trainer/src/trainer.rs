@@ -34,10 +34,12 @@ pub const COLLAPSE_PATIENCE: usize = 20;
 
 /// Indices of the control vector that rides on each step's loss all-reduce.
 mod control {
-    /// Samples this rank's pipeline could not read so far (summed: all ranks).
+    /// Samples this rank's batch could not read (summed: all ranks).
     pub const BAD_SAMPLES: usize = 0;
+    /// 1 where this rank has received a stop signal (summed: the ranks that have).
+    pub const STOP: usize = 1;
     /// Length of the vector.
-    pub const LEN: usize = 1;
+    pub const LEN: usize = 2;
 }
 
 /// The optimiser of the plan: SGD or AdamW, wrapped in LARS when asked, over
@@ -158,6 +160,8 @@ struct StepRecord {
     bad_samples: f64,
     grad_norm: f64,
     embedding_std: f64,
+    /// Ranks that had received a stop signal by this step's all-reduce.
+    stop_ranks: usize,
 }
 
 impl StepLog {
@@ -302,6 +306,7 @@ pub struct Trainer<'c, C: Collective> {
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
     fault_panic_step: Option<usize>,
+    fault_step_sleep: Option<std::time::Duration>,
 }
 
 /// What [`Trainer::new`] needs besides the communicator and the plan.
@@ -356,6 +361,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
+            fault_step_sleep: std::env::var("CONTRAST_FAULT_STEP_SLEEP_MS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map(std::time::Duration::from_millis),
             method: parts.method,
             sampler: parts.sampler,
             dataset_fingerprint: parts.dataset_fingerprint,
@@ -470,12 +479,37 @@ impl<'c, C: Collective> Trainer<'c, C> {
         while let Some(batch) = pipeline.next_batch() {
             let record = self.step(batch?, &mut pipeline)?;
             self.after(&record)?;
+            if record.stop_ranks > 0 {
+                return self.stop(&record);
+            }
         }
         let p = &self.progress;
         if p.trained_steps > 0 || p.start_step < self.plan.steps {
             self.save(self.plan.steps, p.last_loss)?;
         }
-        self.finish()
+        self.finish(None)
+    }
+
+    /// A stop signal reached some rank: every rank is here after the same step.
+    /// Checkpoint it (unless `after` just did) and end without the final evaluation.
+    fn stop(self, r: &StepRecord) -> Result<Summary> {
+        if let Some(sig) = crate::signals::received() {
+            tracing::warn!("rank {} received {}", self.comm.rank(), crate::signals::name(sig));
+        }
+        if !self.checkpointer.due(r.done, self.plan.steps) {
+            self.save(r.done, r.loss)?;
+        }
+        if self.comm.rank() == 0 {
+            tracing::warn!(
+                "stop signal on {} of {} ranks: stopped after step {}/{} with a checkpoint; \
+                 rerun with train.resume=true to continue",
+                r.stop_ranks,
+                self.plan.world_size,
+                r.done,
+                self.plan.steps
+            );
+        }
+        self.finish(Some(r.done))
     }
 
     /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
@@ -512,6 +546,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let mut monitor = None;
         let mut ctl = [0.0; control::LEN];
         ctl[control::BAD_SAMPLES] = bad.len() as f64;
+        ctl[control::STOP] = if crate::signals::received().is_some() { 1.0 } else { 0.0 };
         let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
         let method = self.method.as_ref();
         let out = engine.step_towers(&towers, &self.opt.tensors(), &ctl, |g, ctx| {
@@ -521,6 +556,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
         })?;
         let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         // The gradients are all-reduced already, so every rank computes the same norm and decides alike.
+        if let Some(pause) = self.fault_step_sleep {
+            std::thread::sleep(pause);
+        }
         if self.fault_panic_step == Some(step + 1) {
             panic!("CONTRAST_FAULT_PANIC_AT_STEP: injected panic at step {}", step + 1);
         }
@@ -547,6 +585,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             bad_samples: self.bad.count() as f64,
             grad_norm,
             embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
+            stop_ranks: out.control[control::STOP].round() as usize,
         })
     }
 
@@ -586,11 +625,13 @@ impl<'c, C: Collective> Trainer<'c, C> {
     }
 
     /// The summary (with the final evaluation), written by rank 0.
-    fn finish(self) -> Result<Summary> {
+    /// Write `summary.json`; `stopped_at` is the step a stop signal ended the run at.
+    fn finish(self, stopped_at: Option<usize>) -> Result<Summary> {
         let (p, plan) = (&self.progress, &self.plan);
         let samples = (p.trained_steps * plan.global_batch) as f64;
         let mut summary = Summary {
-            steps: plan.steps,
+            steps: stopped_at.unwrap_or(plan.steps),
+            stopped_by_signal: stopped_at.is_some(),
             final_loss: p.last_loss,
             samples_per_s: if p.train_time > 0.0 { samples / p.train_time } else { 0.0 },
             knn_top1_init: p.init.0,
@@ -599,7 +640,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             global_batch: plan.global_batch,
             ..Default::default()
         };
-        if let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end) {
+        if let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
             let f = evaluate(self.comm, plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
             summary.knn_top1 = f.knn_top1;
             summary.zero_shot_top1 = f.zero_shot_top1;

@@ -542,6 +542,97 @@ fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
     assert!(last >= 1 && loadable == Some(true), "latest step {last}, loadable {loadable:?}:\n{err}");
 }
 
+/// Start a 2-rank `mpirun` job on `cfg` with `sets`, logging into `log`.
+fn spawn_mpirun(cfg: &Path, sets: &[&str], log: &Path) -> std::process::Child {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "-n", "2", BIN, "--config", cfg.to_str().unwrap()]);
+    cmd.args(sets.iter().flat_map(|s| ["--set", s]));
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd.spawn().unwrap()
+}
+
+/// Wait until `run_dir/steps.jsonl` has `lines` lines (the job must still run).
+fn wait_for_steps(job: &mut std::process::Child, run_dir: &Path, lines: usize, log: &Path) {
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(run_dir.join("steps.jsonl")).map_or(0, |t| t.lines().count()) < lines {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early:\n{}", std::fs::read_to_string(log).unwrap());
+        assert!(t0.elapsed().as_secs() < 60, "no progress in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_stop_signal_checkpoints_at_an_agreed_step_and_the_resume_is_exact() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    let sets = ["train.steps=30", "checkpoint.every=0"];
+    let straight = fx.config("sig-straight", "ntxent", "");
+    let mut args = vec!["--config", straight.to_str().unwrap()];
+    args.extend(sets.iter().flat_map(|s| ["--set", *s]));
+    ok(run(2, &args, &[]));
+    // SIGTERM to rank 1 only (as `kill` of one task would): both ranks stop after the same step.
+    let cfg = fx.config("sig", "ntxent", "");
+    let (run_dir, log) = (fx.path("sig"), fx.path("sig.log"));
+    let mut job = spawn_mpirun(&cfg, &sets, &log);
+    wait_for_steps(&mut job, &run_dir, 3, &log);
+    let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = job.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "a stop signal must end the job with status 0 ({status}):\n{err}");
+    let stopped = latest_step(&run_dir);
+    assert!((3..30).contains(&stopped), "stopped at {stopped}:\n{err}");
+    assert!(err.contains("stop signal on 1 of 2 ranks") && err.contains(&format!("after step {stopped}/30")), "{err}");
+    let s = summary(&run_dir);
+    assert_eq!((s["steps"].as_u64(), s["stopped_by_signal"].as_bool()), (Some(stopped as u64), Some(true)), "{s}");
+    // SIGUSR1 to mpirun (which forwards it to every rank): the same clean stop, exit 0.
+    let mut resume: Vec<&str> = sets.to_vec();
+    resume.push("train.resume=true");
+    let mut job = spawn_mpirun(&cfg, &resume, &log);
+    wait_for_steps(&mut job, &run_dir, stopped + 3, &log);
+    Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
+    let status = job.wait().unwrap();
+    let again = latest_step(&run_dir);
+    assert!(status.success() && again > stopped, "{status}, {again}:\n{}", std::fs::read_to_string(&log).unwrap());
+    // The requeued job finishes, and its losses are the uninterrupted run's.
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(resume.iter().flat_map(|s| ["--set", *s]));
+    ok(run(2, &args, &[]));
+    assert_eq!(losses(&run_dir), losses(&fx.path("sig-straight")));
+    assert_eq!(max_rel_diff(&fx.path("sig/step-30"), &fx.path("sig-straight/step-30")), 0.0);
+}
+
+#[test]
+fn a_second_stop_signal_exits_at_once() {
+    let fx = Fixture::new();
+    let cfg = fx.config("twice", "ntxent", "");
+    let (run_dir, log) = (fx.path("twice"), fx.path("twice.log"));
+    let mut job = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--set", "train.steps=100000", "--set", "checkpoint.every=0"])
+        .env("CONTRAST_FAULT_STEP_SLEEP_MS", "1500")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut job, &run_dir, 1, &log);
+    // Both arrive inside one 1.5 s step: the first asks for a stop at its end, the second ends the process.
+    let pid = job.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let sent = std::time::Instant::now();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let status = job.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 2), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(sent.elapsed().as_millis() < 1000, "the second signal waited for the step");
+    assert_eq!(latest_step(&run_dir), 0, "no checkpoint: the operator chose not to wait");
+}
+
 #[test]
 fn nan_gradient_with_a_finite_loss_stops_before_the_weights_change() {
     let fx = Fixture::new();
