@@ -36,8 +36,11 @@ pub struct Summary {
     pub stopped_by_signal: bool,
     /// Global loss of the last step.
     pub final_loss: f64,
-    /// Global samples per second over the training steps of this invocation.
+    /// Global samples per second over the training steps of this invocation,
+    /// wall clock: the wait for data is included.
     pub samples_per_s: f64,
+    /// The same without the wait for data (the model's compute and communication only).
+    pub compute_samples_per_s: f64,
     /// kNN top-1 of the trained backbone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1: Option<f64>,

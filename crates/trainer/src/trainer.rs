@@ -168,7 +168,10 @@ impl StepLog {
     fn write(&mut self, r: &StepRecord, global_batch: usize) -> Result<()> {
         if let Some(f) = self.file.as_mut() {
             let line = serde_json::json!({
-                "step": r.done, "loss": r.loss, "lr": r.lr, "samples_per_s": global_batch as f64 / r.seconds,
+                "step": r.done, "loss": r.loss, "lr": r.lr,
+                // Wall clock, the wait for data included; the compute-only rate has its own name.
+                "samples_per_s": global_batch as f64 / (r.seconds + r.wait),
+                "compute_samples_per_s": global_batch as f64 / r.seconds,
                 "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "grad_norm": r.grad_norm,
                 "embedding_std": finite_or_null(r.embedding_std),
             });
@@ -276,6 +279,8 @@ struct Progress {
     last_loss: f64,
     trained_steps: usize,
     train_time: f64,
+    /// Seconds the steps waited for their batches.
+    wait_time: f64,
     /// kNN of the untrained encoder and of raw pixels (measured at step 0, carried across resumes).
     init: (Option<f64>, Option<f64>),
     epoch: Option<usize>,
@@ -354,6 +359,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 last_loss: f64::NAN,
                 trained_steps: 0,
                 train_time: 0.0,
+                wait_time: 0.0,
                 init: (None, None),
                 epoch: None,
                 run_id: fresh_run_id(),
@@ -608,6 +614,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     fn after(&mut self, r: &StepRecord) -> Result<()> {
         self.progress.last_loss = r.loss;
         self.progress.train_time += r.seconds;
+        self.progress.wait_time += r.wait;
         self.progress.trained_steps += 1;
         self.log.write(r, self.plan.global_batch)?;
         self.log.print(r, &self.plan, self.progress.start_step, &self.method.status());
@@ -633,7 +640,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             steps: stopped_at.unwrap_or(plan.steps),
             stopped_by_signal: stopped_at.is_some(),
             final_loss: p.last_loss,
-            samples_per_s: if p.train_time > 0.0 { samples / p.train_time } else { 0.0 },
+            samples_per_s: if p.train_time > 0.0 { samples / (p.train_time + p.wait_time) } else { 0.0 },
+            compute_samples_per_s: if p.train_time > 0.0 { samples / p.train_time } else { 0.0 },
             knn_top1_init: p.init.0,
             knn_top1_raw_pixels: p.init.1,
             world_size: plan.world_size,

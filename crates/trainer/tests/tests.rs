@@ -807,11 +807,22 @@ fn summary_eval_and_checkpoint_layout() {
     ];
     ok(run(0, &args, &[]));
     let s = summary(&fx.path("full"));
-    for key in
-        ["steps", "final_loss", "samples_per_s", "knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"]
-    {
+    let keys = [
+        "steps",
+        "stopped_by_signal",
+        "final_loss",
+        "samples_per_s",
+        "compute_samples_per_s",
+        "knn_top1",
+        "knn_top1_init",
+        "knn_top1_raw_pixels",
+        "zero_shot_top1",
+    ];
+    for key in keys {
         assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
     }
+    // Wall-clock throughput counts the wait for data; the compute-only figure does not.
+    assert!(s["samples_per_s"].as_f64().unwrap() <= s["compute_samples_per_s"].as_f64().unwrap(), "{s}");
     for key in ["knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
         let v = s[key].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&v), "{key}={v}");
