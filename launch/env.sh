@@ -4,7 +4,8 @@
 # MPI run as root. launch/setup.sh creates the venv.
 _contrast_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export VIRTUAL_ENV="$_contrast_root/.venv"
-export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
+# `trainer` on the PATH, so `mpirun -n 8 trainer --config ...` works as written.
+export PATH="$_contrast_root/target/release:$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 # Open MPI refuses to start as root without these (harmless elsewhere).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -45,4 +45,11 @@ fi
 source "$root/launch/env.sh"
 echo "setup: cargo build --release"
 cargo build --release --quiet
-echo "setup: ready ($root/target/release/trainer)"
+# `trainer` on the PATH for new shells (Debian's ~/.profile adds ~/.local/bin when it exists).
+mkdir -p "$HOME/.local/bin"
+ln -sfn "$root/target/release/trainer" "$HOME/.local/bin/trainer"
+echo "setup: ready: $root/target/release/trainer (linked as ~/.local/bin/trainer)"
+case ":$PATH:" in
+  *":$HOME/.local/bin:"*) ;;
+  *) echo "setup: to run \`trainer\` by name: export PATH=\"\$HOME/.local/bin:\$PATH\" (or: source launch/env.sh)" ;;
+esac

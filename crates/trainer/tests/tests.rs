@@ -609,6 +609,67 @@ fn a_stop_signal_checkpoints_at_an_agreed_step_and_the_resume_is_exact() {
     assert_eq!(max_rel_diff(&fx.path("sig/step-30"), &fx.path("sig-straight/step-30")), 0.0);
 }
 
+fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn the_slurm_script_forwards_the_time_limit_signal_checkpoints_and_requeues() {
+    let fx = Fixture::new();
+    // No Slurm here: `srun` runs the command after its options (as one task), `scontrol` logs its arguments.
+    let stubs = fx.path("stubs").tap_mkdir();
+    write_script(
+        &stubs.join("srun"),
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do case \"$1\" in -c|-n|-N) shift 2;; -*) shift;; *) break;; esac; done\nexec \"$@\"\n",
+    );
+    write_script(&stubs.join("scontrol"), "#!/bin/sh\necho \"$@\" >> \"$SCONTROL_LOG\"\n");
+    let cfg = fx.config("slurm", "ntxent", "");
+    let (run_dir, log, calls) = (fx.path("slurm"), fx.path("slurm.log"), fx.path("scontrol.log"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../launch/slurm.sbatch");
+    let start = |steps: &str| {
+        Command::new("bash")
+            .arg(&script)
+            .arg(&cfg)
+            .args(["--set", steps, "--set", "checkpoint.every=0"])
+            .env("PATH", format!("{}:{}", stubs.display(), std::env::var("PATH").unwrap()))
+            .env("SLURM_JOB_ID", "42")
+            .env("SLURM_SUBMIT_DIR", fx.dir.path())
+            .env("CONTRAST_TRAINER", BIN)
+            .env("SCONTROL_LOG", &calls)
+            .stdout(std::fs::File::create(fx.path("slurm.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut job = start("train.steps=100000");
+    wait_for_steps(&mut job, &run_dir, 3, &log);
+    // What `--signal=B:USR1@180` does: SIGUSR1 to the batch shell only.
+    Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
+    let status = job.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}:\n{err}");
+    assert_eq!(std::fs::read_to_string(&calls).unwrap().trim(), "requeue 42", "{err}");
+    let stopped = latest_step(&run_dir);
+    assert!(stopped >= 3 && summary(&run_dir)["stopped_by_signal"] == true, "{err}");
+    // The requeued start resumes from that checkpoint and finishes without requeueing again.
+    let steps = format!("train.steps={}", stopped + 2);
+    let status = start(&steps).wait().unwrap();
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(latest_step(&run_dir), stopped + 2);
+    assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().count(), 1);
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains(&format!("resumed from {}", run_dir.join(format!("step-{stopped}")).display())));
+    // `mpirun -n 8 trainer …` works as written after `source launch/env.sh`.
+    let env_sh = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../launch/env.sh");
+    let found =
+        Command::new("bash").args(["-c", &format!("source {} && command -v trainer", env_sh.display())]).output();
+    let found = String::from_utf8(found.unwrap().stdout).unwrap();
+    assert!(found.trim().ends_with("target/release/trainer"), "{found}");
+}
+
 #[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();
