@@ -436,6 +436,72 @@ impl Comm {
     }
 }
 
+/// The collectives [`Comm`] counts, in [`OP_NAMES`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// [`Collective::all_gather`].
+    AllGather,
+    /// [`Collective::reduce_scatter_sum`].
+    ReduceScatter,
+    /// [`Collective::all_reduce_sum`] and [`Collective::all_reduce_max`].
+    AllReduce,
+    /// [`Collective::all_to_all`].
+    AllToAll,
+    /// [`Collective::broadcast`].
+    Broadcast,
+}
+
+/// Label of each [`Op`] in metrics.
+pub const OP_NAMES: [&str; 5] = ["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "broadcast"];
+
+/// Calls, bytes sent and seconds of one collective, summed over this process's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpStats {
+    /// Calls.
+    pub calls: u64,
+    /// Bytes this rank contributed.
+    pub bytes: u64,
+    /// Seconds inside the call (waiting for the slowest rank included).
+    pub seconds: f64,
+}
+
+struct Counter {
+    calls: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: Counter = Counter {
+    calls: std::sync::atomic::AtomicU64::new(0),
+    bytes: std::sync::atomic::AtomicU64::new(0),
+    nanos: std::sync::atomic::AtomicU64::new(0),
+};
+static COUNTERS: [Counter; 5] = [ZERO; 5];
+
+/// What every [`Comm`] of this process has moved, per [`Op`] (for metrics; it
+/// never calls MPI).
+pub fn comm_stats() -> [OpStats; 5] {
+    use std::sync::atomic::Ordering::Relaxed;
+    std::array::from_fn(|k| OpStats {
+        calls: COUNTERS[k].calls.load(Relaxed),
+        bytes: COUNTERS[k].bytes.load(Relaxed),
+        seconds: COUNTERS[k].nanos.load(Relaxed) as f64 * 1e-9,
+    })
+}
+
+/// Run one collective, counting it under `op` with `elements` of `T` sent.
+fn counted<T, R>(op: Op, elements: usize, f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::Ordering::Relaxed;
+    let t0 = std::time::Instant::now();
+    let out = f();
+    let c = &COUNTERS[op as usize];
+    c.calls.fetch_add(1, Relaxed);
+    c.bytes.fetch_add((elements * std::mem::size_of::<T>()) as u64, Relaxed);
+    c.nanos.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+    out
+}
+
 macro_rules! delegate {
     ($self:ident, $c:ident => $e:expr) => {
         match $self {
@@ -461,22 +527,25 @@ impl Collective for Comm {
         delegate!(self, c => c.local_size())
     }
     fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
-        delegate!(self, c => c.all_gather(send))
+        counted::<T, _>(Op::AllGather, send.len(), || delegate!(self, c => c.all_gather(send)))
     }
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
-        delegate!(self, c => c.reduce_scatter_sum(send))
+        counted::<T, _>(Op::ReduceScatter, send.len(), || delegate!(self, c => c.reduce_scatter_sum(send)))
     }
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
-        delegate!(self, c => c.all_reduce_sum(buf))
+        let n = buf.len();
+        counted::<T, _>(Op::AllReduce, n, || delegate!(self, c => c.all_reduce_sum(buf)))
     }
     fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
-        delegate!(self, c => c.all_reduce_max(buf))
+        let n = buf.len();
+        counted::<T, _>(Op::AllReduce, n, || delegate!(self, c => c.all_reduce_max(buf)))
     }
     fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T> {
-        delegate!(self, c => c.all_to_all(send))
+        counted::<T, _>(Op::AllToAll, send.len(), || delegate!(self, c => c.all_to_all(send)))
     }
     fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) {
-        delegate!(self, c => c.broadcast(buf, root))
+        let n = buf.len();
+        counted::<T, _>(Op::Broadcast, n, || delegate!(self, c => c.broadcast(buf, root)))
     }
     fn barrier(&self) {
         delegate!(self, c => c.barrier())

@@ -89,6 +89,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// Evaluation (kNN, zero-shot).
     pub eval: EvalConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
     /// Dotted keys the file and the overrides set (to reject keys that do not apply).
     #[serde(skip)]
     pub given: std::collections::BTreeSet<String>,
@@ -658,6 +660,36 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// `metrics.*`: a Prometheus `/metrics` endpoint on every rank, and/or a
+/// node_exporter textfile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` (false: no endpoint; the textfile still works).
+    pub enabled: bool,
+    /// `host:base_port`; local rank r serves base_port + r. Loopback by default.
+    pub listen: String,
+    /// A directory where each rank writes `contrast-rank<r>.prom` (node_exporter's
+    /// textfile collector format), for nodes nothing can scrape; unset: none.
+    pub textfile_dir: Option<PathBuf>,
+    /// Write the textfile every this many steps.
+    pub textfile_every: i64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9400".into(), textfile_dir: None, textfile_every: 20 }
+    }
+}
+
+impl MetricsConfig {
+    /// The host and base port of `listen`.
+    pub fn host_port(&self) -> Option<(&str, u16)> {
+        let (host, port) = self.listen.rsplit_once(':')?;
+        Some((host.trim_start_matches('[').trim_end_matches(']'), port.parse().ok()?))
+    }
+}
+
 /// `eval.*`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -1126,6 +1158,7 @@ impl Plan {
             LrScale::Per256 => c.train.optimizer.lr * global_batch as f64 / 256.0,
         };
         check_eval(c)?;
+        check_metrics(c, topo)?;
         check_text_and_mix(c, loss, global_batch, p)?;
         let m = resolve_method_plan(c, method, global_batch, p)?;
         let (threads, threads_source) = threads_of(c, topo);
@@ -1465,6 +1498,23 @@ fn check_train(c: &Config, loss: LossKind, p: usize) -> Result<usize, ConfigErro
         return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
     }
     Ok(global_batch)
+}
+
+fn check_metrics(c: &Config, topo: Topology) -> Result<(), ConfigError> {
+    let m = &c.metrics;
+    let Some((_, port)) = m.host_port() else {
+        return Err(invalid("metrics.listen", format!("expected host:port, got `{}`", m.listen)));
+    };
+    if port as usize + topo.local_size > 65536 {
+        return Err(invalid(
+            "metrics.listen",
+            format!("base port {port} + {} ranks on this host runs past 65535", topo.local_size),
+        ));
+    }
+    if m.textfile_every <= 0 {
+        return Err(invalid("metrics.textfile_every", format!("must be positive, got {}", m.textfile_every)));
+    }
+    Ok(())
 }
 
 fn check_eval(c: &Config) -> Result<(), ConfigError> {

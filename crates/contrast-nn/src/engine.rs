@@ -33,6 +33,23 @@ pub struct StepOutput {
     pub share: f64,
     /// The control vector summed over ranks (identical on every rank).
     pub control: Vec<f64>,
+    /// Seconds spent in each phase of the step on this rank.
+    pub phases: Phases,
+}
+
+/// Seconds of each phase of [`GlobalBatch::step_towers`] on this rank.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    /// All-gather of the towers.
+    pub gather: f64,
+    /// The method's loss share and its backward to the gathered embeddings.
+    pub loss: f64,
+    /// Reduce-scatter of the embedding gradients to their owners.
+    pub reduce_scatter: f64,
+    /// Backward through the encoder from the local embeddings.
+    pub backward: f64,
+    /// All-reduce of the parameter gradients, the loss and the control vector.
+    pub all_reduce: f64,
 }
 
 /// What a method's forward pass hands the engine.
@@ -119,12 +136,17 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     where
         F: FnOnce(&Gathered, &Ctx) -> Result<Tensor>,
     {
+        let mut clock = std::time::Instant::now();
+        let mut lap = || std::mem::replace(&mut clock, std::time::Instant::now()).elapsed().as_secs_f64();
+        let mut phases = Phases::default();
         let gathered = towers.grad.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
         let aux = towers.aux.iter().map(|z| self.gather_data(z)).collect::<Result<Vec<_>>>()?;
+        phases.gather = lap();
         let ctx = Ctx { shard: self.shard(), reduce: self.comm };
         let share_t = head(&Gathered { towers: &gathered, aux: &aux, local: &towers.local }, &ctx)?;
         let share = share_t.double_value(&[]);
         share_t.backward();
+        phases.loss = lap();
         let mut surrogate: Option<Tensor> = None;
         for (z, zg) in towers.grad.iter().zip(&gathered) {
             let g = self.scatter_grad(zg, z);
@@ -134,11 +156,13 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
                 Some(s) => s + term,
             });
         }
+        phases.reduce_scatter = lap();
         if let Some(s) = surrogate {
             if s.requires_grad() {
                 s.backward();
             }
         }
+        phases.backward = lap();
         // A parameter no rank used gets a zero gradient on every layout (P = 1 too), so
         // decay and momentum treat it alike whatever the world size.
         define_grads(params);
@@ -147,7 +171,8 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         l.push(share);
         l.extend_from_slice(control);
         self.comm.all_reduce_sum(&mut l);
-        Ok(StepOutput { loss: l[0], share, control: l[1..].to_vec() })
+        phases.all_reduce = lap();
+        Ok(StepOutput { loss: l[0], share, control: l[1..].to_vec(), phases })
     }
 
     /// Sum every parameter's gradient over ranks, in buckets of at most

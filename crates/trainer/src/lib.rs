@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod metrics;
 pub mod signals;
 pub mod trainer;
 

@@ -11,6 +11,7 @@
 
 use crate::checkpoint::{self, State};
 use crate::eval::{self, EvalData};
+use crate::metrics::{Metrics, StepFigures, StepTimes};
 use crate::{EvalFigures, Summary};
 use anyhow::{bail, Context, Result};
 use contrast_comm::Collective;
@@ -162,6 +163,28 @@ struct StepRecord {
     embedding_std: f64,
     /// Ranks that had received a stop signal by this step's all-reduce.
     stop_ranks: usize,
+    /// Seconds of each of [`crate::metrics::PHASES`].
+    phases: [f64; 8],
+}
+
+/// The device tensors of one step.
+struct Inputs {
+    views: Vec<Tensor>,
+    captions: Option<Captions>,
+    labels: Option<Tensor>,
+    mix: Option<contrast_nn::loss::Mix>,
+}
+
+impl Inputs {
+    fn batch(&self, step: usize) -> Batch<'_> {
+        Batch {
+            step,
+            views: &self.views,
+            captions: self.captions.as_ref(),
+            labels: self.labels.as_ref(),
+            mix: self.mix.as_ref(),
+        }
+    }
 }
 
 impl StepLog {
@@ -257,6 +280,24 @@ fn compatible(theirs: &State, mine: &State) -> Result<()> {
     opt(&fp(theirs), &fp(mine), "data.root")
 }
 
+/// This rank's metrics: the registry, its `/metrics` endpoint (local rank r on
+/// base port + r) and the textfile, as `metrics.*` asks.
+fn start_metrics<C: Collective>(comm: &C, plan: &Plan) -> Result<Option<Metrics>> {
+    let m = &plan.config.metrics;
+    if !m.enabled && m.textfile_dir.is_none() {
+        return Ok(None);
+    }
+    let mut metrics = Metrics::new(comm.rank(), plan.negatives_per_anchor)?;
+    if let Some(dir) = &m.textfile_dir {
+        metrics = metrics.with_textfile(dir.clone(), comm.rank(), m.textfile_every as usize)?;
+    }
+    if m.enabled {
+        let (host, port) = m.host_port().context("metrics.listen")?;
+        crate::metrics::serve(metrics.registry().clone(), crate::metrics::address(host, port, comm.local_rank())?);
+    }
+    Ok(Some(metrics))
+}
+
 /// Every rank's `indices` (of any length), gathered: the longest length is
 /// agreed first and the shorter lists are padded with −1.
 fn gather_indices<C: Collective>(comm: &C, indices: &[usize]) -> Vec<usize> {
@@ -307,6 +348,8 @@ pub struct Trainer<'c, C: Collective> {
     dataset_fingerprint: u64,
     /// Unreadable samples met by every rank so far, against data.max_bad_fraction.
     bad: BadBudget,
+    /// Prometheus series of this rank (None: `metrics.enabled: false` and no textfile).
+    metrics: Option<Metrics>,
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
@@ -364,6 +407,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 epoch: None,
                 run_id: fresh_run_id(),
             },
+            metrics: start_metrics(comm, &plan)?,
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -518,37 +562,55 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.finish(Some(r.done))
     }
 
-    /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
-    fn step(&mut self, mut batch: HostBatch, pipeline: &mut Pipeline) -> Result<StepRecord> {
-        let t0 = Instant::now();
-        let (step, device, b) = (batch.step, self.device, self.plan.local_batch as i64);
-        if self.progress.epoch != Some(batch.epoch) {
-            self.method.on_epoch(batch.epoch);
-            self.progress.epoch = Some(batch.epoch);
-        }
-        let lr = self.schedule.lr(step);
-        let views: Vec<Tensor> = batch
+    /// The device tensors of a host batch: views, captions, the global batch's
+    /// labels (supervised losses) and the mixing.
+    fn tensors(&self, batch: &mut HostBatch) -> Inputs {
+        let (device, b) = (self.device, self.plan.local_batch as i64);
+        let views = batch
             .views
             .iter()
             .zip(&self.view_shapes)
             .map(|(v, &(ch, h, w))| Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]).to_device(device))
             .collect();
         let captions = (!batch.tokens.is_empty()).then(|| Captions::from_host(&batch.tokens, &batch.text_end, device));
-        // Supervised losses see the labels of the whole global batch.
         let labels = self
             .plan
             .loss
             .is_supervised()
             .then(|| Tensor::from_slice(&self.comm.all_gather(&batch.labels)).to_device(device));
         let mix = batch.mix.take().map(|(partner, lambda)| contrast_nn::loss::Mix { partner, lambda });
-        let wait = batch.wait;
-        let bad = std::mem::take(&mut batch.bad);
+        Inputs { views, captions, labels, mix }
+    }
+
+    /// The test hooks of step `done` (documented in docs/config.md).
+    fn faults(&self, done: usize) {
+        if let Some(pause) = self.fault_step_sleep {
+            std::thread::sleep(pause);
+        }
+        if self.fault_panic_step == Some(done) {
+            panic!("CONTRAST_FAULT_PANIC_AT_STEP: injected panic at step {done}");
+        }
+        if self.fault_grad_step == Some(done) {
+            let _ = tch::no_grad(|| self.opt.params[0].tensor.grad().fill_(f64::NAN));
+        }
+    }
+
+    /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
+    fn step(&mut self, mut batch: HostBatch, pipeline: &mut Pipeline) -> Result<StepRecord> {
+        let t0 = Instant::now();
+        let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
+        if self.progress.epoch != Some(batch.epoch) {
+            self.method.on_epoch(batch.epoch);
+            self.progress.epoch = Some(batch.epoch);
+        }
+        let lr = self.schedule.lr(step);
+        let inputs = self.tensors(&mut batch);
         // The tensors own copies: the host buffers go back to the pipeline for a later step.
         pipeline.recycle(batch);
-        let batch =
-            Batch { step, views: &views, captions: captions.as_ref(), labels: labels.as_ref(), mix: mix.as_ref() };
+        let batch = inputs.batch(step);
         self.opt.zero_grad();
         let towers = self.method.forward(&batch, self.comm)?;
+        let forward = t0.elapsed().as_secs_f64();
         let mut monitor = None;
         let mut ctl = [0.0; control::LEN];
         ctl[control::BAD_SAMPLES] = bad.len() as f64;
@@ -561,16 +623,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
             Ok(share.loss)
         })?;
         let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
+        self.faults(step + 1);
+        let t_opt = Instant::now();
         // The gradients are all-reduced already, so every rank computes the same norm and decides alike.
-        if let Some(pause) = self.fault_step_sleep {
-            std::thread::sleep(pause);
-        }
-        if self.fault_panic_step == Some(step + 1) {
-            panic!("CONTRAST_FAULT_PANIC_AT_STEP: injected panic at step {}", step + 1);
-        }
-        if self.fault_grad_step == Some(step + 1) {
-            let _ = tch::no_grad(|| self.opt.params[0].tensor.grad().fill_(f64::NAN));
-        }
         let clip = self.plan.config.train.grad_clip;
         let grad_norm = if clip > 0.0 { self.opt.clip_grad_norm(clip) } else { self.opt.grad_norm() };
         self.check_finite(loss, grad_norm, step + 1)?;
@@ -581,18 +636,42 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.opt.step(lr);
         let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
         self.method.after_step(&info, self.comm)?;
-        let seconds = t0.elapsed().as_secs_f64();
+        let p = out.phases;
+        let (wait, optimizer) = (wait.as_secs_f64(), t_opt.elapsed().as_secs_f64());
         Ok(StepRecord {
             done: step + 1,
             loss,
             lr,
-            seconds,
-            wait: wait.as_secs_f64(),
+            seconds: t0.elapsed().as_secs_f64(),
+            wait,
             bad_samples: self.bad.count() as f64,
             grad_norm,
             embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
             stop_ranks: out.control[control::STOP].round() as usize,
+            phases: [wait, forward, p.gather, p.loss, p.reduce_scatter, p.backward, p.all_reduce, optimizer],
         })
+    }
+
+    /// Hand the step's figures to the metrics.
+    fn report(&mut self, r: &StepRecord) -> Result<()> {
+        let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
+        let (plan, gb) = (&self.plan, self.plan.global_batch);
+        let logit_scale = self.method.logit_scale();
+        let k = plan.method.queue_size;
+        let figures = StepFigures {
+            step: r.done,
+            loss: r.loss,
+            lr: r.lr,
+            samples_per_second: gb as f64 / (r.seconds + r.wait),
+            samples: gb,
+            bad_samples: r.bad_samples as usize,
+            embedding_std: r.embedding_std,
+            grad_norm: r.grad_norm,
+            temperature: logit_scale.map_or(plan.temperature, |s| 1.0 / s),
+            logit_scale,
+            queue_fill: (k > 0).then(|| (r.done * gb).min(k) as f64 / k as f64),
+        };
+        metrics.observe(&figures, &StepTimes { seconds: r.phases })
     }
 
     /// A non-finite loss or gradient norm stops every rank at the same step, before the
@@ -619,6 +698,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.log.write(r, self.plan.global_batch)?;
         self.log.print(r, &self.plan, self.progress.start_step, &self.method.status());
         self.guard.observe(r.embedding_std, r.done);
+        self.report(r)?;
         if self.checkpointer.due(r.done, self.plan.steps) {
             self.save(r.done, r.loss)?;
         }

@@ -670,6 +670,97 @@ fn the_slurm_script_forwards_the_time_limit_signal_checkpoints_and_requeues() {
     assert!(found.trim().ends_with("target/release/trainer"), "{found}");
 }
 
+/// GET `http://127.0.0.1:port/metrics`, parsed with a Prometheus text-format parser.
+fn scrape(port: u16) -> std::io::Result<prometheus_parse::Scrape> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+#[test]
+fn every_rank_serves_prometheus_metrics_during_a_run() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    // A base port of our own; rank 0's is taken: it warns and trains on, rank 1 serves base + 1.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = busy.local_addr().unwrap().port();
+    if base == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", base + 1)).is_err() {
+        eprintln!("skipped: port {} is taken", base + 1);
+        return;
+    }
+    let listen = format!("metrics.listen=127.0.0.1:{base}");
+    let textfile = format!("metrics.textfile_dir={}", fx.path("prom").display());
+    let cfg = fx.config("metrics", "ntxent", "");
+    let sets = ["train.steps=100000", "checkpoint.every=0", &listen, &textfile, "metrics.textfile_every=2"];
+    let (run_dir, log) = (fx.path("metrics"), fx.path("metrics.log"));
+    let mut job = spawn_mpirun(&cfg, &sets, &log);
+    wait_for_steps(&mut job, &run_dir, 5, &log);
+    let scraped = scrape(base + 1);
+    Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
+    let status = job.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{base}")), "rank 0 names the port in use:\n{err}");
+    let m = scraped.unwrap();
+    let one = [("rank", "1")];
+    let step = value(&m, "contrast_step", &one).expect("contrast_step");
+    assert!(step >= 5.0, "step {step}");
+    assert!(value(&m, "contrast_samples_total", &one).unwrap() >= 5.0 * 8.0);
+    assert!(value(&m, "contrast_samples_per_second", &one).unwrap() > 0.0);
+    assert!(value(&m, "contrast_loss", &one).unwrap().is_finite());
+    assert_eq!(value(&m, "contrast_negatives_per_anchor", &one), Some(14.0));
+    assert!(value(&m, "contrast_collective_bytes_total", &[("rank", "1"), ("op", "all_gather")]).unwrap() > 0.0);
+    assert!(value(&m, "process_resident_memory_bytes", &one).unwrap() > 1e6, "RSS");
+    let phases: Vec<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "contrast_step_phase_seconds")
+        .filter_map(|s| s.labels.get("phase"))
+        .collect();
+    for phase in trainer::metrics::PHASES {
+        assert!(phases.contains(&phase), "no {phase} histogram: {phases:?}");
+    }
+    // Every series the shipped Grafana dashboard plots is one the endpoint serves.
+    let dash =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../launch/grafana-dashboard.json"));
+    let dash = dash.unwrap();
+    let served: std::collections::HashSet<&str> = m.samples.iter().map(|s| s.metric.as_str()).collect();
+    for word in dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        let base = word.trim_end_matches("_sum").trim_end_matches("_count");
+        if word.starts_with("contrast_") || word.starts_with("process_") {
+            assert!(served.contains(word) || served.contains(base), "the dashboard plots {word}, which is not served");
+        }
+    }
+    // The textfile of each rank parses too (node_exporter's collector reads it).
+    for rank in 0..2 {
+        let text = std::fs::read_to_string(fx.path(&format!("prom/contrast-rank{rank}.prom"))).unwrap();
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        assert!(value(&parsed, "contrast_step", &[("rank", &rank.to_string())]).unwrap() >= 2.0);
+    }
+    drop(busy);
+}
+
 #[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();

@@ -99,4 +99,8 @@ impl Method for Clip {
     fn status(&self) -> String {
         format!(" logit-scale {:.2}", self.logit_scale.exp().double_value(&[]))
     }
+
+    fn logit_scale(&self) -> Option<f64> {
+        Some(self.logit_scale.exp().double_value(&[]))
+    }
 }

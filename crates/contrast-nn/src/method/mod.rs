@@ -178,6 +178,11 @@ pub trait Method {
     fn status(&self) -> String {
         String::new()
     }
+
+    /// The learnt logit scale exp(s) of an image–text method (the metrics report it).
+    fn logit_scale(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// Load every item from `canonical`, checking names and shapes.

@@ -1,0 +1,270 @@
+//! Prometheus metrics of one rank: a registry the training loop updates after
+//! each step, served at `http://<metrics.listen host>:<base port + local
+//! rank>/metrics` by axum on a small tokio runtime of its own thread, and/or
+//! written as a node_exporter textfile. Nothing here calls MPI: each rank
+//! reports its own figures (every series carries a `rank` label), and the
+//! collectives' byte and time counters come from this process's communicator.
+
+use anyhow::{Context, Result};
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+/// Phases of a step, in the order of [`StepTimes::seconds`] (the `phase` label).
+pub const PHASES: [&str; 8] =
+    ["data_wait", "forward", "gather", "loss", "reduce_scatter", "backward", "all_reduce", "optimizer"];
+
+/// What one step reports to the metrics.
+pub struct StepTimes {
+    /// Seconds of each of [`PHASES`].
+    pub seconds: [f64; 8],
+}
+
+/// The figures of one step.
+pub struct StepFigures {
+    /// Steps done.
+    pub step: usize,
+    /// Global loss.
+    pub loss: f64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Samples per second of the step, wall clock with the data wait.
+    pub samples_per_second: f64,
+    /// Samples of the step (the global batch).
+    pub samples: usize,
+    /// Distinct unreadable samples so far, all ranks.
+    pub bad_samples: usize,
+    /// Embedding std (collapse guard); NaN where the method has no monitor.
+    pub embedding_std: f64,
+    /// Global gradient norm.
+    pub grad_norm: f64,
+    /// Loss temperature in force (1 / logit scale for CLIP).
+    pub temperature: f64,
+    /// Learnt logit scale, for image–text methods.
+    pub logit_scale: Option<f64>,
+    /// Fraction of a MoCo queue that holds real keys (None: no queue).
+    pub queue_fill: Option<f64>,
+}
+
+/// The registry and its series.
+pub struct Metrics {
+    registry: Registry,
+    step: IntGauge,
+    loss: Gauge,
+    samples_per_second: Gauge,
+    samples_total: IntCounter,
+    learning_rate: Gauge,
+    temperature: Gauge,
+    logit_scale: Gauge,
+    phase_seconds: HistogramVec,
+    collective_bytes: IntCounterVec,
+    collective_seconds: prometheus::CounterVec,
+    collective_calls: IntCounterVec,
+    negatives_per_anchor: IntGauge,
+    queue_fill: Gauge,
+    bad_samples: IntGauge,
+    embedding_std: Gauge,
+    grad_norm: Gauge,
+    /// The communicator's counters at the last update (the counters grow by the difference).
+    last_comm: [contrast_comm::OpStats; 5],
+    textfile: Option<(PathBuf, usize)>,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge> {
+    let g = Gauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// A registry whose series carry `rank`, with the process collector (RSS, CPU).
+    pub fn new(rank: usize, negatives_per_anchor: usize) -> Result<Self> {
+        let labels = [("rank".to_string(), rank.to_string())].into_iter().collect();
+        let r = Registry::new_custom(None, Some(labels))?;
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let counter_vec = |name: &str, help: &str| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["op"])?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let buckets = prometheus::exponential_buckets(1e-4, 2.0, 18)?;
+        let phase_seconds = HistogramVec::new(
+            HistogramOpts::new("contrast_step_phase_seconds", "Seconds of each phase of a step").buckets(buckets),
+            &["phase"],
+        )?;
+        r.register(Box::new(phase_seconds.clone()))?;
+        let collective_seconds = prometheus::CounterVec::new(
+            Opts::new("contrast_collective_seconds_total", "Seconds inside each kind of collective (waiting included)"),
+            &["op"],
+        )?;
+        r.register(Box::new(collective_seconds.clone()))?;
+        let samples_total =
+            IntCounter::new("contrast_samples_total", "Samples trained on by the job since this process started")?;
+        r.register(Box::new(samples_total.clone()))?;
+        let m = Self {
+            step: int_gauge(&r, "contrast_step", "Optimiser steps done")?,
+            loss: gauge(&r, "contrast_loss", "Global loss of the last step")?,
+            samples_per_second: gauge(
+                &r,
+                "contrast_samples_per_second",
+                "Global samples per second of the last step, wall clock with the data wait",
+            )?,
+            samples_total,
+            learning_rate: gauge(&r, "contrast_learning_rate", "Learning rate of the last step")?,
+            temperature: gauge(&r, "contrast_temperature", "Loss temperature in force (1 / logit scale for CLIP)")?,
+            logit_scale: gauge(
+                &r,
+                "contrast_logit_scale",
+                "Learnt logit scale of an image-text method (0 for others)",
+            )?,
+            phase_seconds,
+            collective_bytes: counter_vec(
+                "contrast_collective_bytes_total",
+                "Bytes this rank sent into each kind of collective",
+            )?,
+            collective_seconds,
+            collective_calls: counter_vec("contrast_collective_calls_total", "Calls of each kind of collective")?,
+            negatives_per_anchor: int_gauge(
+                &r,
+                "contrast_negatives_per_anchor",
+                "Negatives each anchor is contrasted with",
+            )?,
+            queue_fill: gauge(
+                &r,
+                "contrast_queue_fill_ratio",
+                "Fraction of the MoCo queue holding real keys (0 without a queue)",
+            )?,
+            bad_samples: int_gauge(&r, "contrast_bad_samples", "Distinct unreadable samples so far, all ranks")?,
+            embedding_std: gauge(
+                &r,
+                "contrast_embedding_std",
+                "Std of the normalised embeddings (collapse guard; 1/sqrt(d) healthy)",
+            )?,
+            grad_norm: gauge(&r, "contrast_grad_norm", "Global gradient norm of the last step")?,
+            registry: r,
+            last_comm: contrast_comm::comm_stats(),
+            textfile: None,
+        };
+        m.negatives_per_anchor.set(negatives_per_anchor as i64);
+        Ok(m)
+    }
+
+    /// Also write the series to `dir/contrast-rank<r>.prom` every `every` steps.
+    pub fn with_textfile(mut self, dir: PathBuf, rank: usize, every: usize) -> Result<Self> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("metrics.textfile_dir {}", dir.display()))?;
+        self.textfile = Some((dir.join(format!("contrast-rank{rank}.prom")), every));
+        Ok(self)
+    }
+
+    /// The registry (for the server and tests).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Record a step.
+    pub fn observe(&mut self, f: &StepFigures, t: &StepTimes) -> Result<()> {
+        self.step.set(f.step as i64);
+        self.loss.set(f.loss);
+        self.samples_per_second.set(f.samples_per_second);
+        self.samples_total.inc_by(f.samples as u64);
+        self.learning_rate.set(f.lr);
+        self.temperature.set(f.temperature);
+        self.logit_scale.set(f.logit_scale.unwrap_or(0.0));
+        self.queue_fill.set(f.queue_fill.unwrap_or(0.0));
+        self.bad_samples.set(f.bad_samples as i64);
+        self.embedding_std.set(if f.embedding_std.is_finite() { f.embedding_std } else { 0.0 });
+        self.grad_norm.set(f.grad_norm);
+        for (phase, s) in PHASES.iter().zip(t.seconds) {
+            self.phase_seconds.with_label_values(&[phase]).observe(s);
+        }
+        self.count_collectives();
+        match &self.textfile {
+            Some((path, every)) if f.step % every == 0 => self.write_textfile(path),
+            _ => Ok(()),
+        }
+    }
+
+    fn count_collectives(&mut self) {
+        let now = contrast_comm::comm_stats();
+        for (k, op) in contrast_comm::OP_NAMES.iter().enumerate() {
+            let (a, b) = (now[k], self.last_comm[k]);
+            self.collective_bytes.with_label_values(&[op]).inc_by(a.bytes - b.bytes);
+            self.collective_calls.with_label_values(&[op]).inc_by(a.calls - b.calls);
+            self.collective_seconds.with_label_values(&[op]).inc_by((a.seconds - b.seconds).max(0.0));
+        }
+        self.last_comm = now;
+    }
+
+    /// The series in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        encode(&self.registry)
+    }
+
+    fn write_textfile(&self, path: &std::path::Path) -> Result<()> {
+        // node_exporter must never read a half-written file: write, then rename.
+        let tmp = path.with_extension("prom.tmp");
+        std::fs::write(&tmp, self.encode()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", path.display()))
+    }
+}
+
+fn encode(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// The address local rank `local_rank` serves: `host:(base_port + local_rank)`.
+pub fn address(listen_host: &str, base_port: u16, local_rank: usize) -> Result<SocketAddr> {
+    let port = base_port as usize + local_rank;
+    (listen_host, port as u16)
+        .to_socket_addrs()
+        .with_context(|| format!("metrics.listen host `{listen_host}`"))?
+        .next()
+        .with_context(|| format!("metrics.listen host `{listen_host}` resolves to nothing"))
+}
+
+/// Serve `/metrics` at `addr` from a thread of its own. A port in use (or any
+/// bind error) is a warning naming it, and training goes on without the endpoint.
+pub fn serve(registry: Registry, addr: SocketAddr) -> Option<std::thread::JoinHandle<()>> {
+    let listener = match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("metrics: cannot listen on {addr} ({e}); training goes on without /metrics");
+            return None;
+        }
+    };
+    let run = move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let text = encode(&registry);
+                    async move { ([("content-type", "text/plain; version=0.0.4")], text) }
+                }),
+            );
+            axum::serve(listener, app).await
+        })
+    };
+    let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        // Not a data worker: a panic here is printed and ends only the endpoint, never the run.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("metrics: the endpoint stopped: {e}"),
+            Err(_) => tracing::warn!("metrics: the endpoint panicked and stopped"),
+        }
+    });
+    tracing::info!("metrics: http://{addr}/metrics");
+    thread.ok()
+}
