@@ -525,6 +525,8 @@ impl Pipeline {
             let handle = std::thread::Builder::new()
                 .name(format!("data-{w}"))
                 .spawn(move || {
+                    // Its log lines (a skipped sample) carry the rank, as the main thread's do.
+                    let _rank = tracing::info_span!("rank", rank = worker.cfg.rank).entered();
                     while let Ok(step) = rx.recv() {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.build(step)))
                             .unwrap_or_else(|e| {

@@ -60,11 +60,34 @@ pub struct Summary {
     pub global_batch: usize,
 }
 
-fn init_logging(rank: usize) {
+/// Log line format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `<timestamp> LEVEL rank{rank=r}:step{step=n}: message` (the step line keeps its form).
+    #[default]
+    Plain,
+    /// One JSON object per line (tracing-subscriber's json: `fields.message`, and the
+    /// `rank` and `step` spans under `spans`).
+    Json,
+}
+
+/// Set up logging before anything else: rank 0 (as the launcher names it) logs
+/// at info, the others at warn; `CONTRAST_LOG` overrides (`debug`, `warn`, …).
+/// Every line carries the rank through a `rank` span each thread enters.
+pub fn init_logging(format: LogFormat) {
+    let rank = contrast_comm::launcher_rank(|v| std::env::var(v).ok()).unwrap_or(0);
     let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAST_LOG").unwrap_or_else(|_| default.into());
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => fmt.try_init(),
+        LogFormat::Json => fmt.json().with_current_span(false).with_span_list(true).try_init(),
+    };
 }
 
 /// Cores this process may use (its affinity mask, as `available_parallelism` reads it).
@@ -213,14 +236,14 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
     signals::install().context("installing the stop-signal handlers")?;
-    init_logging(comm.rank());
+    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
     // A panic on one rank must not unwind into MPI_Finalize while the others wait in a
     // collective: it becomes an error (the panic hook has printed it), and any error aborts the job.
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&comm, path, overrides)))
         .unwrap_or_else(|panic| Err(anyhow::anyhow!("panicked: {}", panic_message(&panic))));
     if let Err(e) = &out {
         if comm.world_size() > 1 {
-            eprintln!("error [rank {}]: {e:#}", comm.rank());
+            tracing::error!("{e:#}");
             comm.abort_job(2);
         }
     }
@@ -330,7 +353,7 @@ fn eval_data(plan: &Plan, input: &Input) -> Result<Option<EvalData>> {
 /// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
 pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
-    init_logging(comm.rank());
+    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
     let plan = load_plan(&comm, path, overrides)?;
     tch::set_num_threads(plan.threads as i32);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;

@@ -26,6 +26,15 @@ struct Cli {
     /// Override a config key, e.g. `--set train.steps=100` (repeatable; value parsed as YAML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Log lines as `plain` text or one `json` object per line.
+    #[arg(long, value_enum, default_value = "plain", global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Plain,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,7 +54,11 @@ enum Command {
 }
 
 fn main() {
+    // Read before MPI is up (its initialisation may rewrite these variables).
+    let rank = contrast_comm::launcher_rank(|v| std::env::var(v).ok());
     let cli = Cli::parse();
+    let json = matches!(cli.log_format, LogFormat::Json);
+    trainer::init_logging(if json { trainer::LogFormat::Json } else { trainer::LogFormat::Plain });
     let result = match cli.command {
         Some(Command::Eval { config, checkpoint, overrides }) => {
             trainer::eval_command(&config, &overrides, &checkpoint)
@@ -56,11 +69,17 @@ fn main() {
         },
     };
     if let Err(e) = result {
-        let rank = std::env::var("OMPI_COMM_WORLD_RANK").or_else(|_| std::env::var("PMI_RANK")).unwrap_or_default();
-        let who = if rank.is_empty() { String::new() } else { format!(" [rank {rank}]") };
-        eprintln!("error{who}: {e}");
-        for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+        // The launcher names the rank even when the error came before MPI was up
+        // (Open MPI, PMI, PMIx and Slurm variables alike).
+        if json {
+            let line = serde_json::json!({"level": "ERROR", "rank": rank, "error": format!("{e:#}")});
+            eprintln!("{line}");
+        } else {
+            let who = rank.map(|r| format!(" [rank {r}]")).unwrap_or_default();
+            eprintln!("error{who}: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
         }
         std::process::exit(2);
     }

@@ -527,7 +527,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// evaluate; returns the summary.
     pub fn run(mut self, mut pipeline: Pipeline) -> Result<Summary> {
         while let Some(batch) = pipeline.next_batch() {
-            let record = self.step(batch?, &mut pipeline)?;
+            let batch = batch?;
+            let _step = tracing::info_span!("step", step = batch.step + 1).entered();
+            let record = self.step(batch, &mut pipeline)?;
             self.after(&record)?;
             if record.stop_ranks > 0 {
                 return self.stop(&record);

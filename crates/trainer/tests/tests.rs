@@ -762,6 +762,46 @@ fn every_rank_serves_prometheus_metrics_during_a_run() {
 }
 
 #[test]
+fn log_lines_name_their_rank_plain_and_json() {
+    let fx = Fixture::new();
+    let cfg = fx.config("logs", "ntxent", "");
+    let base = ["--config", cfg.to_str().unwrap(), "--set", "train.steps=3", "--set", "checkpoint.every=0"];
+    // Plain: the step line keeps its form, after the rank and step spans.
+    let out = ok(run(2, &base, &[("CONTRAST_LOG", "info")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in err.lines() {
+        assert!(line.contains("rank{rank=0}") || line.contains("rank{rank=1}"), "a line without its rank: {line}");
+    }
+    assert!(
+        err.lines().any(|l| l.contains("rank{rank=0}:step{step=2}: step 2/3 loss ") && l.contains(" samples/s ")),
+        "{err}"
+    );
+    assert!(err.contains("rank{rank=1}"), "rank 1 logs at info when asked: {err}");
+    // JSON: every line is an object; the rank and step are fields of its spans.
+    let mut args = vec!["--log-format", "json"];
+    args.extend(base);
+    let out = ok(run(2, &args, &[("CONTRAST_LOG", "info")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut ranks = std::collections::BTreeSet::new();
+    let mut steps = 0;
+    for line in err.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let spans = v["spans"].as_array().unwrap_or_else(|| panic!("no spans: {line}"));
+        ranks.insert(spans[0]["rank"].as_u64().expect("rank span first"));
+        if v["fields"]["message"].as_str().unwrap_or("").starts_with("step ") {
+            assert_eq!(spans.last().unwrap()["name"], "step", "{line}");
+            steps += 1;
+        }
+    }
+    assert_eq!(ranks.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    assert!(steps >= 3, "{err}");
+    // An error before MPI is up names the rank the launcher gave.
+    let out = run(0, &["--log-format", "json", "--config", "/no/such.yaml"], &[("PMIX_RANK", "3")]);
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!((v["rank"].as_u64(), v["level"].as_str()), (Some(3), Some("ERROR")), "{v}");
+}
+
+#[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();
     let cfg = fx.config("twice", "ntxent", "");
