@@ -766,6 +766,24 @@ pub fn check_yaml_shape(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Write numbers that came from `f32` fields as the f32's shortest decimal
+/// (`0.3`, not `0.30000001192092896`); an f64 value is never changed.
+fn shortest_f32(v: &mut serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match v {
+        Value::Number(n) => {
+            if let Some(x) = n.as_f64().filter(|x| x.fract() != 0.0 && (*x as f32) as f64 == *x) {
+                if let Ok(short) = (x as f32).to_string().parse::<f64>() {
+                    *v = Value::from(short);
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(shortest_f32),
+        Value::Mapping(m) => m.iter_mut().for_each(|(_, x)| shortest_f32(x)),
+        _ => {}
+    }
+}
+
 /// Parse YAML text after [`check_yaml_shape`].
 fn parse_yaml(text: &str, origin: &str) -> Result<serde_yaml_ng::Value, ConfigError> {
     check_yaml_shape(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })?;
@@ -1189,6 +1207,30 @@ impl Plan {
             temperature,
             config,
         })
+    }
+
+    /// The configuration as this plan resolved it, as YAML: every default filled
+    /// in, the method's and the loss's names and temperature made explicit, and
+    /// only the `loss.*`/`method.*` keys the chosen loss and method read (so the
+    /// text loads back, with `Config::from_yaml`, into the same plan).
+    pub fn resolved_yaml(&self) -> String {
+        use serde_yaml_ng::Value;
+        let mut v = serde_yaml_ng::to_value(&self.config).expect("a config serialises");
+        let keep = |v: &mut Value, section: &str, name: Value, keys: &[&str]| {
+            if let Some(Value::Mapping(m)) = v.get_mut(section) {
+                m.retain(|k, _| k.as_str().is_some_and(|k| k == "name" || keys.contains(&k)));
+                m.insert(Value::String("name".into()), name);
+            }
+        };
+        let loss = serde_yaml_ng::to_value(self.loss).expect("a loss name serialises");
+        keep(&mut v, "loss", loss, self.loss.keys());
+        if self.loss.keys().contains(&"temperature") {
+            v["loss"]["temperature"] = Value::from(self.temperature);
+        }
+        let method = serde_yaml_ng::to_value(self.method.name).expect("a method name serialises");
+        keep(&mut v, "method", method, self.method.name.keys());
+        shortest_f32(&mut v);
+        serde_yaml_ng::to_string(&v).expect("YAML text")
     }
 
     /// One human-readable block of the derived sizes, printed at start.
@@ -1840,5 +1882,25 @@ mod tests {
         std::fs::write(&f, "seed: 1\n").unwrap();
         let err = Config::load(&f, &[format!("train.steps={}", "[".repeat(1000))]).unwrap_err().to_string();
         assert!(err.contains("--set train.steps") && err.contains("levels deep"), "{err}");
+    }
+
+    #[test]
+    fn the_resolved_yaml_loads_back_into_the_same_plan() {
+        let topo = Topology { world_size: 2, local_size: 2, host_cores: 2, rank_cores: 1 };
+        let dir = tempfile::tempdir().unwrap();
+        for yaml in [
+            "loss: {name: triplet, margin: 0.3}\n",
+            "method: {name: moco_v2, queue_size: 512}\nloss: {name: infonce}\ntrain: {global_batch: 64}\n",
+            "loss: {name: clip}\n",
+        ] {
+            let text = format!("data: {{root: {}}}\n{yaml}", dir.path().display());
+            let plan = Plan::resolve(Config::from_yaml(&text, "a.yaml").unwrap(), topo).unwrap();
+            let resolved = plan.resolved_yaml();
+            let again = Plan::resolve(Config::from_yaml(&resolved, "config.yaml").unwrap(), topo)
+                .unwrap_or_else(|e| panic!("{e}\n{resolved}"));
+            assert_eq!(again.describe(), plan.describe());
+            assert_eq!(again.resolved_yaml(), resolved, "a fixed point");
+            assert!(resolved.contains("seed:") && resolved.contains("metrics:"), "every default is written");
+        }
     }
 }

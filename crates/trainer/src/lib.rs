@@ -269,6 +269,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         let n = tch::get_num_threads();
         tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {n})", plan.threads);
     }
+    if comm.rank() == 0 {
+        write_resolved_config(&plan)?;
+    }
     let (input, class_names) = open_training_input(comm, &plan)?;
     let view_shapes = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler = contrast_data::Sampler::new(input.len(), plan.global_batch, plan.config.seed)?;
@@ -348,6 +351,52 @@ fn eval_data(plan: &Plan, input: &Input) -> Result<Option<EvalData>> {
             None
         }
     })
+}
+
+/// The run directory's copy of the configuration: `checkpoint.dir/config.yaml`,
+/// every default filled in (what `trainer eval` reads when `--config` is omitted).
+fn write_resolved_config(plan: &Plan) -> Result<()> {
+    let dir = &plan.config.checkpoint.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint.dir {}", dir.display()))?;
+    let text = format!(
+        "# The configuration this run resolved (every default filled in), written by trainer {}.\n\
+         # `trainer eval --checkpoint {}` reads it when --config is omitted.\n{}",
+        env!("CARGO_PKG_VERSION"),
+        dir.display(),
+        plan.resolved_yaml()
+    );
+    let (path, tmp) = (dir.join(CONFIG_FILE), dir.join(".config.yaml.tmp"));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The resolved configuration's file name in a run directory.
+pub const CONFIG_FILE: &str = "config.yaml";
+
+/// The config of a command: `--config FILE`, or else the `config.yaml` of the
+/// run directory that `checkpoint` is (or is a `step-<N>` directory of).
+pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path::PathBuf> {
+    if let Some(c) = config {
+        return Ok(c.to_path_buf());
+    }
+    let run_dir = if checkpoint.join("state.json").is_file() { checkpoint.parent() } else { Some(checkpoint) };
+    let found = run_dir.map(|d| d.join(CONFIG_FILE)).filter(|p| p.is_file());
+    found.with_context(|| {
+        format!("no --config given and no {CONFIG_FILE} in the run directory of {}", checkpoint.display())
+    })
+}
+
+/// `trainer config --config FILE [--set ...] [--print]`: resolve the
+/// configuration (every check training makes before it starts) and print the
+/// plan; with `--print`, the resolved YAML on stdout.
+pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<()> {
+    let plan = load_plan(&contrast_comm::Solo, path, overrides)?;
+    if print {
+        print!("{}", plan.resolved_yaml());
+    } else {
+        println!("{}", plan.describe());
+    }
+    Ok(())
 }
 
 /// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.

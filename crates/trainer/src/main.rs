@@ -41,15 +41,28 @@ enum LogFormat {
 enum Command {
     /// Evaluate a checkpoint: kNN top-1 (and zero-shot top-1 for CLIP), printed as JSON.
     Eval {
-        /// The config the checkpoint was trained with.
+        /// The config the checkpoint was trained with (default: the run directory's config.yaml).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// A `step-<N>` directory, or a run directory (its `latest` is used).
         #[arg(long)]
         checkpoint: PathBuf,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+    },
+    /// Resolve a config without running: check it and print the plan, or with
+    /// --print the resolved YAML (every default filled in).
+    Config {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print the resolved configuration as YAML.
+        #[arg(long)]
+        print: bool,
     },
 }
 
@@ -60,9 +73,9 @@ fn main() {
     let json = matches!(cli.log_format, LogFormat::Json);
     trainer::init_logging(if json { trainer::LogFormat::Json } else { trainer::LogFormat::Plain });
     let result = match cli.command {
-        Some(Command::Eval { config, checkpoint, overrides }) => {
-            trainer::eval_command(&config, &overrides, &checkpoint)
-        }
+        Some(Command::Eval { config, checkpoint, overrides }) => trainer::config_path(config.as_deref(), &checkpoint)
+            .and_then(|config| trainer::eval_command(&config, &overrides, &checkpoint)),
+        Some(Command::Config { config, overrides, print }) => trainer::config_command(&config, &overrides, print),
         None => match cli.config {
             Some(config) => trainer::train_command(&config, &cli.overrides).map(|_| ()),
             None => Err(anyhow::anyhow!("nothing to do: pass --config FILE to train, or `trainer eval --help`")),

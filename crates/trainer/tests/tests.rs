@@ -1025,7 +1025,7 @@ fn summary_eval_and_checkpoint_layout() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["latest", "step-3", "step-4", "steps.jsonl", "summary.json"]);
+    assert_eq!(names, vec!["config.yaml", "latest", "step-3", "step-4", "steps.jsonl", "summary.json"]);
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert!(fx.path("full/step-4").join(f).is_file());
     }
@@ -1045,6 +1045,22 @@ fn summary_eval_and_checkpoint_layout() {
     assert_eq!(e["step"], 4);
     assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9);
     assert!(e["zero_shot_top1"].as_f64().is_some());
+    // Without --config, `trainer eval` reads the run directory's config.yaml (from a step directory too).
+    for ckpt in [fx.path("full"), fx.path("full/step-4")] {
+        let out = ok(run(0, &["eval", "--checkpoint", ckpt.to_str().unwrap()], &[]));
+        let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(again["knn_top1"], e["knn_top1"]);
+    }
+    // `trainer config --print` shows that file's content without running, and it loads back.
+    let mut printed = vec!["config", "--config", cfg.to_str().unwrap(), "--print"];
+    printed.extend(args.iter().skip(2).copied());
+    let out = ok(run(0, &printed, &[]));
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let written = std::fs::read_to_string(fx.path("full/config.yaml")).unwrap();
+    assert!(written.ends_with(&yaml), "config --print:\n{yaml}\nconfig.yaml:\n{written}");
+    assert!(yaml.contains("temperature: 0.2") && yaml.contains("knn_k: 5"), "{yaml}");
+    let out = run(0, &["eval", "--checkpoint", fx.path("nowhere").to_str().unwrap()], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no --config given and no config.yaml"));
 }
 
 /// The restructure into methods did not change results: 30 steps of the shipped
