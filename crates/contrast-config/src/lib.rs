@@ -111,7 +111,9 @@ pub struct DataConfig {
     pub csv_img_key: String,
     /// CSV: column of the caption (open_clip `--csv-caption-key`).
     pub csv_caption_key: String,
-    /// CSV: field separator (open_clip `--csv-separator`), one character.
+    /// CSV: field separator (open_clip `--csv-separator`), one character, or
+    /// `auto`: the one of tab, comma, semicolon and `|` whose split of the header
+    /// holds both column names.
     pub csv_separator: String,
     /// Stop when more than this fraction of the samples cannot be read or decoded.
     pub max_bad_fraction: f64,
@@ -245,7 +247,7 @@ impl Default for DataConfig {
             image_size: 32,
             csv_img_key: "filepath".into(),
             csv_caption_key: "title".into(),
-            csv_separator: "\t".into(),
+            csv_separator: "auto".into(),
             max_bad_fraction: 0.01,
             small_crops: 6,
             small_size: 0,
@@ -1387,8 +1389,11 @@ fn check_model(c: &Config) -> Result<(), ConfigError> {
 }
 
 fn check_data(c: &Config, loss: LossKind) -> Result<(), ConfigError> {
-    if c.data.dataset == DatasetKind::Csv && c.data.csv_separator.len() != 1 {
-        return Err(invalid("data.csv_separator", format!("must be one character, got {:?}", c.data.csv_separator)));
+    if c.data.dataset == DatasetKind::Csv && c.data.csv_separator.len() != 1 && c.data.csv_separator != "auto" {
+        return Err(invalid(
+            "data.csv_separator",
+            format!("must be one character or `auto`, got {:?}", c.data.csv_separator),
+        ));
     }
     if !(0.0..=1.0).contains(&c.data.max_bad_fraction) {
         return Err(invalid("data.max_bad_fraction", format!("must lie in [0, 1], got {}", c.data.max_bad_fraction)));

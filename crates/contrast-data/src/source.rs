@@ -125,17 +125,26 @@ pub struct CsvSource {
 }
 
 impl CsvSource {
-    /// Read `path` with the given column names and separator.
-    pub fn open(path: &Path, img_key: &str, caption_key: &str, separator: u8) -> Result<Self, DataError> {
+    /// Read `path` with the given column names and separator (None: detect it
+    /// from the header, see [`detect_separator`]).
+    pub fn open(path: &Path, img_key: &str, caption_key: &str, separator: Option<u8>) -> Result<Self, DataError> {
         let bad = |message: String| DataError::Format { path: path.into(), message };
+        let separator = match separator {
+            Some(s) => s,
+            None => detect_separator(path, &[img_key, caption_key])?,
+        };
         let mut reader =
             csv::ReaderBuilder::new().delimiter(separator).from_path(path).map_err(|e| bad(e.to_string()))?;
         let headers = reader.headers().map_err(|e| bad(e.to_string()))?.clone();
         let col = |key: &str| {
-            headers
-                .iter()
-                .position(|h| h == key)
-                .ok_or_else(|| bad(format!("no column `{key}` (columns: {:?})", headers.iter().collect::<Vec<_>>())))
+            headers.iter().position(|h| h == key).ok_or_else(|| {
+                bad(format!(
+                    "no column `{key}` (columns: {:?}) reading with separator {:?}: set data.csv_separator \
+                     (or `auto`) and data.csv_img_key / data.csv_caption_key",
+                    headers.iter().collect::<Vec<_>>(),
+                    separator as char
+                ))
+            })
         };
         let (ic, cc) = (col(img_key)?, col(caption_key)?);
         let base = path.parent().unwrap_or(Path::new("."));
@@ -174,6 +183,35 @@ impl Source for CsvSource {
 
 /// The most shards a pattern may expand to.
 pub const MAX_SHARDS: u64 = 1 << 20;
+
+/// Separators `auto` tries, in order.
+pub const SEPARATORS: [u8; 4] = [b'\t', b',', b';', b'|'];
+
+/// The separator of a CSV/TSV whose header line holds both `keys`: the first of
+/// [`SEPARATORS`] that splits it into columns including them. An error names
+/// the file, the header and the keys when none does.
+pub fn detect_separator(path: &Path, keys: &[&str]) -> Result<u8, DataError> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut header = String::new();
+    // A header is one short line: read at most 64 KiB of it.
+    std::io::BufReader::new(file).take(1 << 16).read_line(&mut header).map_err(io_err(path))?;
+    let header = header.trim_end_matches(['\n', '\r']).trim_start_matches('\u{feff}');
+    SEPARATORS
+        .into_iter()
+        .find(|&sep| {
+            let cols: Vec<&str> = header.split(sep as char).map(|c| c.trim_matches('"')).collect();
+            keys.iter().all(|k| cols.contains(k))
+        })
+        .ok_or_else(|| DataError::Format {
+            path: path.into(),
+            message: format!(
+                "no separator of tab, comma, semicolon or `|` splits the header {:?} into columns with {keys:?}: \
+                 set data.csv_img_key and data.csv_caption_key to its columns (and data.csv_separator)",
+                header.chars().take(200).collect::<String>()
+            ),
+        })
+}
 
 /// Expand `{a..b}` brace ranges (zero-padded to the width of `a`), as
 /// WebDataset shard lists do; more than [`MAX_SHARDS`] names is an error.
@@ -505,12 +543,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.png"), png_bytes(9)).unwrap();
         std::fs::write(dir.path().join("d.tsv"), "filepath\ttitle\nx.png\ta red square\n").unwrap();
-        let s = CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", b'\t').unwrap();
+        let s = CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", Some(b'\t')).unwrap();
         let r = s.fetch(0).unwrap();
         assert_eq!(r.caption.as_deref(), Some("a red square"));
         assert_eq!(r.bytes, png_bytes(9));
-        let err = CsvSource::open(&dir.path().join("d.tsv"), "image", "title", b'\t').unwrap_err().to_string();
+        let err = CsvSource::open(&dir.path().join("d.tsv"), "image", "title", Some(b'\t')).unwrap_err().to_string();
         assert!(err.contains("no column `image`") && err.contains("d.tsv"), "{err}");
+        // `auto`: a comma-separated .csv (quoted, with a comma inside a caption) reads as such.
+        std::fs::write(dir.path().join("d.csv"), "\"filepath\",title,extra\nx.png,\"a red, square\",1\n").unwrap();
+        let s = CsvSource::open(&dir.path().join("d.csv"), "filepath", "title", None).unwrap();
+        assert_eq!(s.fetch(0).unwrap().caption.as_deref(), Some("a red, square"));
+        assert!(CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", None).is_ok());
+        // A separator given wrongly: the error says which one was used and the key to change.
+        let err = CsvSource::open(&dir.path().join("d.csv"), "filepath", "title", Some(b'\t')).unwrap_err().to_string();
+        assert!(err.contains("separator '\\t'") && err.contains("data.csv_separator"), "{err}");
+        let err = CsvSource::open(&dir.path().join("d.csv"), "image", "title", None).unwrap_err().to_string();
+        assert!(err.contains("d.csv") && err.contains("data.csv_img_key"), "{err}");
     }
 
     fn write_shard(path: &Path, keys: &[(&str, u8, Option<&str>, Option<i64>)]) {

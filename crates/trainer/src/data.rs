@@ -143,7 +143,7 @@ pub fn tokenizer(plan: &Plan) -> Result<Arc<Tokenizer>> {
 /// Open a file dataset of kind `dataset` at `root` (image folder, CSV, WebDataset).
 fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path) -> Result<Box<dyn Source>> {
     let d = &plan.config.data;
-    let sep = d.csv_separator.as_bytes()[0];
+    let sep = (d.csv_separator != "auto").then(|| d.csv_separator.as_bytes()[0]);
     Ok(match dataset {
         DatasetKind::ImageFolder => Box::new(ImageFolder::open(root)?),
         DatasetKind::Csv => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, sep)?),
