@@ -702,6 +702,9 @@ pub struct EvalConfig {
     pub at_end: bool,
     /// Neighbours of the kNN classifier.
     pub knn_k: i64,
+    /// Full-batch AdamW steps of the linear probe (logistic regression on
+    /// frozen features of the kNN memory, top-1 on the test set); 0 = no probe.
+    pub linear_probe_steps: i64,
     /// Temperature of the kNN vote weights exp(sim / t).
     pub knn_t: f64,
     /// Use at most this many training images as kNN memory (0 = all).
@@ -717,7 +720,17 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { every: 0, at_end: true, knn_k: 200, knn_t: 0.1, max_train: 0, max_test: 0, root: None, dataset: None }
+        Self {
+            every: 0,
+            at_end: true,
+            knn_k: 200,
+            linear_probe_steps: 200,
+            knn_t: 0.1,
+            max_train: 0,
+            max_test: 0,
+            root: None,
+            dataset: None,
+        }
     }
 }
 
@@ -1570,6 +1583,12 @@ fn check_eval(c: &Config) -> Result<(), ConfigError> {
     }
     if c.eval.every < 0 {
         return Err(invalid("eval.every", format!("must be ≥ 0, got {}", c.eval.every)));
+    }
+    if !(0..=100_000).contains(&c.eval.linear_probe_steps) {
+        return Err(invalid(
+            "eval.linear_probe_steps",
+            format!("must lie in [0, 100000], got {}", c.eval.linear_probe_steps),
+        ));
     }
     if c.eval.knn_k <= 0 {
         return Err(invalid("eval.knn_k", format!("must be positive, got {}", c.eval.knn_k)));

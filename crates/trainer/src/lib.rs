@@ -51,9 +51,18 @@ pub struct Summary {
     /// kNN top-1 of raw pixels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1_raw_pixels: Option<f64>,
+    /// kNN top-5 of the trained backbone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top5: Option<f64>,
+    /// Linear-probe top-1 of the trained backbone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linear_top1: Option<f64>,
     /// CLIP zero-shot top-1 from class-name prompts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top1: Option<f64>,
+    /// CLIP zero-shot top-5.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot_top5: Option<f64>,
     /// Ranks of the run.
     pub world_size: usize,
     /// Global batch.
@@ -183,9 +192,17 @@ pub fn build_method<C: Collective>(
 pub struct EvalFigures {
     /// kNN top-1 of the backbone (`None` when the training set has no labels).
     pub knn_top1: Option<f64>,
+    /// kNN top-5.
+    pub knn_top5: Option<f64>,
+    /// Linear probe top-1 (logistic regression on frozen features; `eval.linear_probe_steps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linear_top1: Option<f64>,
     /// CLIP zero-shot top-1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top1: Option<f64>,
+    /// CLIP zero-shot top-5.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_shot_top5: Option<f64>,
 }
 
 /// Write `summary.json` and print it with a one-line digest.
@@ -418,7 +435,10 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
             "checkpoint": loaded.dir.display().to_string(),
             "step": loaded.state.step,
             "knn_top1": f.knn_top1,
+            "knn_top5": f.knn_top5,
+            "linear_top1": f.linear_top1,
             "zero_shot_top1": f.zero_shot_top1,
+            "zero_shot_top5": f.zero_shot_top5,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }

@@ -122,24 +122,30 @@ pub fn evaluate<C: Collective>(
     device: Device,
 ) -> Result<EvalFigures> {
     let c = &plan.config;
-    let knn = data.memory.as_ref().and_then(|memory| {
-        eval::knn_of(comm, memory, &data.test, device, c.model.embed_dim, c.eval.knn_k, c.eval.knn_t, |x| {
-            method.features(x)
-        })
-    });
-    let zs = if plan.loss.is_image_text() && !data.class_names.is_empty() {
+    let mut f = EvalFigures::default();
+    if let Some(memory) = data.memory.as_ref() {
+        let (k, t, dim) = (c.eval.knn_k, c.eval.knn_t, c.model.embed_dim);
+        if let Some((knn, features)) = eval::knn_of(comm, memory, &data.test, device, dim, k, t, |x| method.features(x))
+        {
+            (f.knn_top1, f.knn_top5) = (Some(knn[0]), Some(knn[1]));
+            let steps = c.eval.linear_probe_steps as usize;
+            f.linear_top1 = (steps > 0).then(|| eval::linear_probe(comm, &features, steps));
+        }
+    }
+    if plan.loss.is_image_text() && !data.class_names.is_empty() {
         let (context, dim) = (c.model.text.context as usize, c.model.proj_dim);
-        eval::zero_shot_top1(comm, method, &data.test, device, &data.class_names, tokenizer, context, dim)?
-    } else {
-        None
-    };
-    Ok(EvalFigures { knn_top1: knn, zero_shot_top1: zs })
+        let zs = eval::zero_shot_top1(comm, method, &data.test, device, &data.class_names, tokenizer, context, dim)?;
+        (f.zero_shot_top1, f.zero_shot_top5) = (zs.map(|z| z[0]), zs.map(|z| z[1]));
+    }
+    Ok(f)
 }
 
 fn log_figures(what: &str, f: &EvalFigures, extra: &str) {
     tracing::info!(
-        "{what}: kNN top-1 {}{}{extra}",
+        "{what}: kNN top-1 {} top-5 {}{}{}{extra}",
         f.knn_top1.map(|v| format!("{v:.4}")).unwrap_or_else(|| "- (no labels)".into()),
+        f.knn_top5.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+        f.linear_top1.map(|v| format!(", linear probe {v:.4}")).unwrap_or_default(),
         f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
     );
 }
@@ -733,7 +739,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
         if let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
             let f = evaluate(self.comm, plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
             summary.knn_top1 = f.knn_top1;
+            summary.knn_top5 = f.knn_top5;
+            summary.linear_top1 = f.linear_top1;
             summary.zero_shot_top1 = f.zero_shot_top1;
+            summary.zero_shot_top5 = f.zero_shot_top5;
         }
         if self.comm.rank() == 0 {
             crate::write_summary(&plan.config.checkpoint.dir, &summary)?;

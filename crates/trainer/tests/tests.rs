@@ -802,6 +802,34 @@ fn log_lines_name_their_rank_plain_and_json() {
 }
 
 #[test]
+fn evaluations_give_known_answers_on_small_fixtures() {
+    use trainer::eval::{knn_top1, linear_probe, Features};
+    // 4 classes along 4 orthogonal directions, 6 memory rows each, slightly perturbed.
+    let cluster = |c: usize, j: usize| -> Vec<f32> {
+        (0..4).map(|d| if d == c { 1.0 } else { 0.05 * ((j * 7 + d * 3) % 5) as f32 / 5.0 }).collect()
+    };
+    let rows = |spec: &[(usize, usize)]| -> Vec<f32> { spec.iter().flat_map(|&(c, j)| cluster(c, j)).collect() };
+    let tensor = |v: &[f32]| contrast_nn::loss::l2_normalize(&Tensor::from_slice(v).view([v.len() as i64 / 4, 4]));
+    let memory: Vec<(usize, usize)> = (0..4).flat_map(|c| (0..6).map(move |j| (c, j))).collect();
+    let (xm, ym) = (rows(&memory), memory.iter().map(|&(c, _)| c as i64).collect::<Vec<_>>());
+    // Test: three rows sit in their class's cluster; the fourth, labelled 1, sits in cluster 0.
+    let (xt, yt) = (rows(&[(0, 9), (1, 9), (2, 9), (0, 8)]), vec![0i64, 1, 2, 1]);
+    for p in [1, 2, 3] {
+        let got = contrast_comm::Threads::run(p, |c| {
+            let (m, t) = (tensor(&xm), tensor(&xt));
+            let knn = knn_top1(&c, &m, &ym, &t, &yt, 5, 0.1, 4);
+            let f = Features { train: (m, ym.clone()), test: (t, yt.clone()), classes: 4 };
+            (knn, linear_probe(&c, &f, 200))
+        });
+        for (knn, probe) in got {
+            // Top-1: 3 of 4; top-5 over 4 classes: every row.
+            assert_eq!(knn, [0.75, 1.0], "kNN on {p} ranks");
+            assert_eq!(probe, 0.75, "linear probe on {p} ranks");
+        }
+    }
+}
+
+#[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();
     let cfg = fx.config("twice", "ntxent", "");
@@ -1006,9 +1034,12 @@ fn summary_eval_and_checkpoint_layout() {
         "samples_per_s",
         "compute_samples_per_s",
         "knn_top1",
+        "knn_top5",
+        "linear_top1",
         "knn_top1_init",
         "knn_top1_raw_pixels",
         "zero_shot_top1",
+        "zero_shot_top5",
     ];
     for key in keys {
         assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
