@@ -654,11 +654,18 @@ pub struct CheckpointConfig {
     pub every: i64,
     /// Keep this many newest checkpoints (0 = keep all).
     pub keep: usize,
+    /// Also keep the checkpoint with the best value of this evaluation figure
+    /// in `best/` (never pruned): `knn_top1`, `knn_top5`, `linear_top1`,
+    /// `zero_shot_top1` or `zero_shot_top5`. Unset: none.
+    pub best: Option<String>,
 }
+
+/// The evaluation figures `checkpoint.best` can follow.
+pub const BEST_METRICS: [&str; 5] = ["knn_top1", "knn_top5", "linear_top1", "zero_shot_top1", "zero_shot_top5"];
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs/default"), every: 500, keep: 2 }
+        Self { dir: PathBuf::from("runs/default"), every: 500, keep: 2, best: None }
     }
 }
 
@@ -1578,6 +1585,14 @@ fn check_metrics(c: &Config, topo: Topology) -> Result<(), ConfigError> {
 }
 
 fn check_eval(c: &Config) -> Result<(), ConfigError> {
+    if let Some(best) = &c.checkpoint.best {
+        if !BEST_METRICS.contains(&best.as_str()) {
+            return Err(invalid("checkpoint.best", format!("`{best}` is none of {BEST_METRICS:?}")));
+        }
+        if !c.eval.at_end && c.eval.every <= 0 {
+            return Err(invalid("checkpoint.best", "needs evaluations: set eval.every or eval.at_end"));
+        }
+    }
     if c.checkpoint.every < 0 {
         return Err(invalid("checkpoint.every", format!("must be ≥ 0, got {}", c.checkpoint.every)));
     }

@@ -63,6 +63,9 @@ pub struct State {
     /// kNN top-1 of raw pixels (carried across resumes).
     #[serde(default)]
     pub knn_top1_raw_pixels: Option<f64>,
+    /// The best value of `checkpoint.best` so far (in `best/state.json`: the value it holds).
+    #[serde(default)]
+    pub best_metric: Option<f64>,
 }
 
 /// Name of step `n`'s directory.
@@ -76,8 +79,23 @@ pub fn step_dir_name(step: usize) -> String {
 /// a fresh run into an old directory cannot prune what it just wrote).
 /// Every checkpoint write goes through here.
 pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let name = step_dir_name(state.step);
+    let fin = write_dir(dir, &name, state, files)?;
+    let latest_tmp = dir.join(".latest.tmp");
+    std::fs::write(&latest_tmp, format!("{name}\n"))?;
+    sync(&latest_tmp)?;
+    std::fs::rename(&latest_tmp, dir.join("latest"))?;
+    sync(dir)?;
+    if keep > 0 {
+        prune(dir, keep, state.run_id)?;
+    }
+    Ok(fin)
+}
+
+/// Write `dir/name/` atomically: the files and `state.json` into a temporary
+/// directory, each fsynced, then renamed into place and the rename fsynced.
+fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, Tensor)])]) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let fin = dir.join(&name);
     if tmp.exists() {
@@ -100,15 +118,31 @@ pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], 
     }
     std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} into place", tmp.display()))?;
     sync(dir)?;
-    let latest_tmp = dir.join(".latest.tmp");
-    std::fs::write(&latest_tmp, format!("{name}\n"))?;
-    sync(&latest_tmp)?;
-    std::fs::rename(&latest_tmp, dir.join("latest"))?;
-    sync(dir)?;
-    if keep > 0 {
-        prune(dir, keep, state.run_id)?;
-    }
     Ok(fin)
+}
+
+/// The directory of the best checkpoint by `checkpoint.best`, apart from the step directories.
+pub const BEST_DIR: &str = "best";
+
+/// Save the model's and the optimiser's items as `dir/best/` (never pruned,
+/// never named by `latest`). Collective, as [`save`].
+pub fn save_best<C: Collective>(
+    comm: &C,
+    dir: &Path,
+    state: &State,
+    model: &[StateItem],
+    optim: &[StateItem],
+) -> Result<Option<PathBuf>> {
+    let canonical = |items: &[StateItem]| -> Vec<(String, Tensor)> {
+        items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
+    };
+    let (m, o) = (canonical(model), canonical(optim));
+    let out = match comm.rank() {
+        0 => Some(write_dir(dir, BEST_DIR, state, &[("model.safetensors", &m), ("optim.safetensors", &o)])?),
+        _ => None,
+    };
+    comm.barrier();
+    Ok(out)
 }
 
 /// Save the model's and the optimiser's items. Collective: every rank calls it;

@@ -168,10 +168,7 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
     let kind = e.dataset.unwrap_or(d.dataset);
     let test: Arc<dyn Source> =
         open_source(plan, kind, root).with_context(|| format!("eval.root {}", root.display()))?.into();
-    // Evaluation sees what training normalised: the first view's statistics, no random op.
-    let first = &rgb_augment(plan)[0];
-    let transform = RgbAugParams { mean: first.mean, std: first.std, ..RgbAugParams::clip(d.image_size) };
-    let threads = plan.workers.max(1);
+    let (transform, threads) = (eval_transform(plan), plan.workers.max(1));
     let mut class_names = test.class_names();
     let memory = if d.dataset == DatasetKind::Csv {
         None
@@ -186,6 +183,34 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
         Some(EvalSet::files(train, e.max_train, transform.clone(), threads))
     };
     Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names }))
+}
+
+/// The evaluation transform: what training normalised (the first view's
+/// statistics), resized and centre-cropped, no random op.
+fn eval_transform(plan: &Plan) -> RgbAugParams {
+    let first = &rgb_augment(plan)[0];
+    RgbAugParams { mean: first.mean, std: first.std, ..RgbAugParams::clip(plan.config.data.image_size) }
+}
+
+/// Every image of the training split (`test`: the test split, `t10k` or
+/// `eval.root`) through the evaluation transform, for `trainer embed`, with a
+/// name for each image's source.
+pub fn embed_set(plan: &Plan, test: bool) -> Result<(EvalSet, Box<dyn Fn(usize) -> String>)> {
+    let (d, e) = (&plan.config.data, &plan.config.eval);
+    if !d.dataset.is_files() {
+        let split = if test { "t10k" } else { "train" };
+        let images = Images::load_split(&d.root, split)?;
+        let root = d.root.display().to_string();
+        return Ok((EvalSet::Idx(images), Box::new(move |i| format!("{root}/{split}-images-idx3-ubyte#{i}"))));
+    }
+    let (kind, root) = match (test, &e.root) {
+        (false, _) => (d.dataset, &d.root),
+        (true, Some(root)) => (e.dataset.unwrap_or(d.dataset), root),
+        (true, None) => bail!("--split test needs eval.root"),
+    };
+    let source: Arc<dyn Source> = open_source(plan, kind, root)?.into();
+    let set = EvalSet::files(source.clone(), 0, eval_transform(plan), plan.workers.max(1));
+    Ok((set, Box::new(move |i| source.locate(i))))
 }
 
 /// What a batch holds for the plan: captions for image–text methods (with

@@ -66,6 +66,14 @@ impl EvalSet {
         self.len() == 0
     }
 
+    /// The source index of image `i` of a file set (None for IDX, whose index is `i`).
+    pub fn source_index(&self, i: usize) -> Option<usize> {
+        match self {
+            EvalSet::Idx(_) => None,
+            EvalSet::Files { indices, .. } => Some(indices[i]),
+        }
+    }
+
     /// Floats of one input image (channels × height × width).
     pub fn pixels(&self) -> usize {
         match self {

@@ -25,6 +25,7 @@ use contrast_nn::method::{Method, Spec};
 use eval::EvalData;
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 use tch::Device;
 use trainer::{Parts, Trainer};
 
@@ -185,6 +186,20 @@ pub fn build_method<C: Collective>(
         }
     }
     Ok(method)
+}
+
+impl EvalFigures {
+    /// The figure named `name` (one of `contrast_config::BEST_METRICS`), when measured.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match name {
+            "knn_top1" => self.knn_top1,
+            "knn_top5" => self.knn_top5,
+            "linear_top1" => self.linear_top1,
+            "zero_shot_top1" => self.zero_shot_top1,
+            "zero_shot_top5" => self.zero_shot_top5,
+            _ => None,
+        }
+    }
 }
 
 /// Evaluation figures of a model.
@@ -403,6 +418,32 @@ pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path
     })
 }
 
+/// Items of `model.safetensors` that only training needs: the momentum
+/// encoder (`momentum.*`) and MoCo's queue (`method.queue*`).
+fn training_only(name: &str) -> bool {
+    name.starts_with("momentum.") || name.starts_with("method.queue")
+}
+
+/// `trainer export --checkpoint DIR --out FILE [--bf16]`: the model's weights
+/// alone (no optimiser state, no momentum encoder or queue) as one
+/// safetensors file, optionally with floating-point tensors in bfloat16.
+pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
+    let dir = checkpoint::resolve(ckpt)?;
+    let tensors = checkpoint::read_tensors(&dir, "model.safetensors")?;
+    let kept: Vec<(String, tch::Tensor)> = tensors
+        .into_iter()
+        .filter(|(n, _)| !training_only(n))
+        .map(|(n, t)| {
+            let floating = t.is_floating_point();
+            (n, if bf16 && floating { t.to_kind(tch::Kind::BFloat16) } else { t })
+        })
+        .collect();
+    let bytes: i64 = kept.iter().map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum();
+    tch::Tensor::write_safetensors(&kept, out).with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!("exported {} tensors ({bytes} bytes) of {} to {}", kept.len(), dir.display(), out.display());
+    Ok(())
+}
+
 /// `trainer config --config FILE [--set ...] [--print]`: resolve the
 /// configuration (every check training makes before it starts) and print the
 /// plan; with `--print`, the resolved YAML on stdout.
@@ -416,18 +457,65 @@ pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<
     Ok(())
 }
 
+/// A checkpoint's model, loaded on every rank, with what it runs with.
+struct Checkpointed {
+    method: Box<dyn Method>,
+    device: Device,
+    tokenizer: Arc<Tokenizer>,
+    loaded: checkpoint::Loaded,
+}
+
+/// Build the plan's method and load `ckpt`'s weights into it (rank 0 reads, every rank gets them).
+fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpointed> {
+    tch::set_num_threads(plan.threads as i32);
+    let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
+    let tokenizer = data::tokenizer(plan)?;
+    let mut method = build_method(comm, plan, device, &tokenizer)?;
+    let find = || checkpoint::resolve(ckpt).map(Some);
+    let loaded = checkpoint::load(comm, find, |_| Ok(()), &method.state(), None)?.context("no checkpoint")?;
+    method.load_state(&loaded.model, comm.rank(), comm.world_size())?;
+    Ok(Checkpointed { method, device, tokenizer, loaded })
+}
+
+/// `trainer embed --checkpoint DIR --out FILE [--split test]`: the L2-normalised
+/// backbone features of every image of a split, their labels (−1: none or
+/// unreadable) and source names, as one safetensors file (`embeddings` `[n, D]`
+/// f32, `labels` `[n]` i64; the names as a JSON list under the header's
+/// `paths` metadata). Features are computed in slices across ranks.
+pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
+    let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
+    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
+    let plan = load_plan(&comm, path, overrides)?;
+    let m = load_checkpointed(&comm, &plan, ckpt)?;
+    let (set, name) = data::embed_set(&plan, test)?;
+    let dim = plan.config.model.embed_dim;
+    let (x, labels) = eval::features(&comm, &set, m.device, dim, |x| m.method.features(x));
+    if comm.rank() != 0 {
+        return Ok(());
+    }
+    let paths: Vec<String> = (0..set.len()).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();
+    let rows = contrast_nn::to_host::<f32>(&x);
+    let as_bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let (xb, lb) = (as_bytes(&rows), labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+    use safetensors::tensor::{Dtype, TensorView};
+    let n = labels.len();
+    let views = [
+        ("embeddings", TensorView::new(Dtype::F32, vec![n, dim as usize], &xb)?),
+        ("labels", TensorView::new(Dtype::I64, vec![n], &lb)?),
+    ];
+    let meta = [("paths".to_string(), serde_json::to_string(&paths)?)].into_iter().collect();
+    safetensors::tensor::serialize_to_file(views, &Some(meta), out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!("embedded {n} images of {} into {}", m.loaded.dir.display(), out.display());
+    Ok(())
+}
+
 /// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
 pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
     let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
     let plan = load_plan(&comm, path, overrides)?;
-    tch::set_num_threads(plan.threads as i32);
-    let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
-    let tokenizer = data::tokenizer(&plan)?;
-    let mut method = build_method(&comm, &plan, device, &tokenizer)?;
-    let find = || checkpoint::resolve(ckpt).map(Some);
-    let loaded = checkpoint::load(&comm, find, |_| Ok(()), &method.state(), None)?.context("no checkpoint")?;
-    method.load_state(&loaded.model, comm.rank(), comm.world_size())?;
+    let Checkpointed { method, device, tokenizer, loaded } = load_checkpointed(&comm, &plan, ckpt)?;
     let data = data::load_eval(&plan, None)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
     let f = trainer::evaluate(&comm, &plan, method.as_ref(), &data, &tokenizer, device)?;
     if comm.rank() == 0 {

@@ -51,6 +51,38 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Embed every image of a split with a checkpoint's backbone: embeddings,
+    /// labels and source names as one safetensors file.
+    Embed {
+        /// The config (default: the run directory's config.yaml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A `step-<N>` directory, a run directory (its `latest`), or `best/`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// `train` (data.root) or `test` (t10k or eval.root).
+        #[arg(long, default_value = "train", value_parser = ["train", "test"])]
+        split: String,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Export a checkpoint's model weights alone (no optimiser state, momentum
+    /// encoder or queue) as one safetensors file.
+    Export {
+        /// A `step-<N>` directory, a run directory (its `latest`), or `best/`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Store floating-point tensors in bfloat16.
+        #[arg(long)]
+        bf16: bool,
+    },
     /// Resolve a config without running: check it and print the plan, or with
     /// --print the resolved YAML (every default filled in).
     Config {
@@ -76,6 +108,11 @@ fn main() {
         Some(Command::Eval { config, checkpoint, overrides }) => trainer::config_path(config.as_deref(), &checkpoint)
             .and_then(|config| trainer::eval_command(&config, &overrides, &checkpoint)),
         Some(Command::Config { config, overrides, print }) => trainer::config_command(&config, &overrides, print),
+        Some(Command::Export { checkpoint, out, bf16 }) => trainer::export_command(&checkpoint, &out, bf16),
+        Some(Command::Embed { config, checkpoint, out, split, overrides }) => {
+            trainer::config_path(config.as_deref(), &checkpoint)
+                .and_then(|config| trainer::embed_command(&config, &overrides, &checkpoint, &out, split == "test"))
+        }
         None => match cli.config {
             Some(config) => trainer::train_command(&config, &cli.overrides).map(|_| ()),
             None => Err(anyhow::anyhow!("nothing to do: pass --config FILE to train, or `trainer eval --help`")),

@@ -333,6 +333,8 @@ struct Progress {
     epoch: Option<usize>,
     /// Identity of the run (rank 0's is the one written), kept across resumes.
     run_id: u64,
+    /// The best `checkpoint.best` figure so far (kept across resumes).
+    best: Option<f64>,
 }
 
 /// The training loop and its parts.
@@ -412,6 +414,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 init: (None, None),
                 epoch: None,
                 run_id: fresh_run_id(),
+                best: None,
             },
             metrics: start_metrics(comm, &plan)?,
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -459,6 +462,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.progress.start_step = st.step;
         self.progress.last_loss = st.loss;
         self.progress.init = (st.knn_top1_init, st.knn_top1_raw_pixels);
+        self.progress.best = st.best_metric;
         self.progress.run_id = st.run_id.unwrap_or(self.progress.run_id);
         self.bad =
             BadBudget::new(self.plan.config.data.max_bad_fraction, self.sampler.dataset_len(), st.bad_samples.clone());
@@ -522,6 +526,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,
             knn_top1_raw_pixels: self.progress.init.1,
+            best_metric: self.progress.best,
         }
     }
 
@@ -715,13 +720,40 @@ impl<'c, C: Collective> Trainer<'c, C> {
             if self.comm.rank() == 0 {
                 log_figures(&format!("step {}", r.done), &f, "");
             }
+            self.keep_if_best(&f, r.done, r.loss)?;
         }
         Ok(())
     }
 
-    /// The summary (with the final evaluation), written by rank 0.
-    /// Write `summary.json`; `stopped_at` is the step a stop signal ended the run at.
-    fn finish(self, stopped_at: Option<usize>) -> Result<Summary> {
+    /// `checkpoint.best`: save `best/` when this evaluation beats every earlier one.
+    fn keep_if_best(&mut self, f: &EvalFigures, step: usize, loss: f64) -> Result<()> {
+        let Some(name) = self.plan.config.checkpoint.best.clone() else { return Ok(()) };
+        let Some(value) = f.metric(&name) else { return Ok(()) };
+        if self.progress.best.is_some_and(|b| b >= value) {
+            return Ok(());
+        }
+        self.progress.best = Some(value);
+        let (dir, state) = (&self.plan.config.checkpoint.dir, self.state(step, loss));
+        let saved = checkpoint::save_best(self.comm, dir, &state, &self.method.state(), &optim_items(&self.opt))?;
+        if let Some(p) = saved {
+            tracing::info!("best {name} so far, {value:.4} at step {step}: {}", p.display());
+        }
+        Ok(())
+    }
+
+    /// The summary (with the final evaluation), written by rank 0; `stopped_at`
+    /// is the step a stop signal ended the run at.
+    fn finish(mut self, stopped_at: Option<usize>) -> Result<Summary> {
+        let final_eval = match self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
+            Some(ev) => {
+                Some(evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?)
+            }
+            None => None,
+        };
+        if let Some(f) = &final_eval {
+            let (done, loss) = (self.plan.steps, self.progress.last_loss);
+            self.keep_if_best(f, done, loss)?;
+        }
         let (p, plan) = (&self.progress, &self.plan);
         let samples = (p.trained_steps * plan.global_batch) as f64;
         let mut summary = Summary {
@@ -736,8 +768,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             global_batch: plan.global_batch,
             ..Default::default()
         };
-        if let Some(ev) = self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
-            let f = evaluate(self.comm, plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
+        if let Some(f) = final_eval {
             summary.knn_top1 = f.knn_top1;
             summary.knn_top5 = f.knn_top5;
             summary.linear_top1 = f.linear_top1;

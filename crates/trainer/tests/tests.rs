@@ -829,6 +829,75 @@ fn evaluations_give_known_answers_on_small_fixtures() {
     }
 }
 
+/// The `__metadata__` of a safetensors file's header.
+fn safetensors_metadata(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+#[test]
+fn the_best_checkpoint_is_kept_and_models_export_and_embed() {
+    let fx = Fixture::new();
+    let cfg = fx.config("best", "ntxent", "");
+    let sets = [
+        "train.steps=6",
+        "checkpoint.every=2",
+        "checkpoint.keep=1",
+        "eval.every=2",
+        "eval.at_end=true",
+        "eval.knn_k=5",
+        "checkpoint.best=knn_top1",
+    ];
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(sets.iter().flat_map(|s| ["--set", *s]));
+    let out = ok(run(2, &args, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let run_dir = fx.path("best");
+    // best/ holds the best kNN top-1 of the evaluations (steps 2, 4 and the end), apart from the pruned step directories.
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("best/state.json")).unwrap()).unwrap();
+    let value = best["best_metric"].as_f64().expect("best_metric");
+    assert!(err.contains("best knn_top1 so far"), "{err}");
+    let out = ok(run(0, &["eval", "--checkpoint", run_dir.join("best").to_str().unwrap()], &[]));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["knn_top1"].as_f64(), Some(value), "best/ holds the model that scored it");
+    assert!(value >= summary(&run_dir)["knn_top1"].as_f64().unwrap());
+    assert!(!run_dir.join("step-2").exists() && run_dir.join("step-6").exists());
+    // Export: the model alone, in bfloat16.
+    let exported = fx.path("model-bf16.safetensors");
+    ok(run(
+        0,
+        &["export", "--checkpoint", run_dir.to_str().unwrap(), "--out", exported.to_str().unwrap(), "--bf16"],
+        &[],
+    ));
+    let tensors = Tensor::read_safetensors(&exported).unwrap();
+    let model = Tensor::read_safetensors(run_dir.join("step-6/model.safetensors")).unwrap();
+    assert_eq!(tensors.len(), model.len());
+    for (name, t) in &tensors {
+        assert_eq!(t.kind(), tch::Kind::BFloat16, "{name}");
+        let (_, w) = model.iter().find(|(n, _)| n == name).unwrap();
+        let diff = (t.to_kind(tch::Kind::Float) - w).abs().max().double_value(&[]);
+        assert!(diff <= 1e-2 * w.abs().max().double_value(&[]).max(1e-3), "{name} moved by {diff}");
+    }
+    // Embed the test split: the same on 1 and 2 ranks, with labels and source names.
+    let (one, two) = (fx.path("emb1.safetensors"), fx.path("emb2.safetensors"));
+    for (np, f) in [(0, &one), (2, &two)] {
+        let a = ["embed", "--checkpoint", run_dir.to_str().unwrap(), "--out", f.to_str().unwrap(), "--split", "test"];
+        ok(run(np, &a, &[]));
+    }
+    let (a, b) = (Tensor::read_safetensors(&one).unwrap(), Tensor::read_safetensors(&two).unwrap());
+    let get = |v: &[(String, Tensor)], n: &str| v.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    assert_eq!(get(&a, "embeddings").size(), vec![60, 32]);
+    assert!((get(&a, "embeddings") - get(&b, "embeddings")).abs().max().double_value(&[]) < 1e-5);
+    let labels: Vec<i64> = Vec::try_from(get(&a, "labels")).unwrap();
+    assert_eq!(labels, (0..60).map(|i| i % 10).collect::<Vec<i64>>());
+    let paths: Vec<String> = serde_json::from_str(safetensors_metadata(&one)["paths"].as_str().unwrap()).unwrap();
+    assert_eq!(paths.len(), 60);
+    assert!(paths[7].ends_with("t10k-images-idx3-ubyte#7"), "{}", paths[7]);
+}
+
 #[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();
