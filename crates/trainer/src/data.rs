@@ -2,7 +2,7 @@
 //! RGB), batch-level mixing, the training input, the caption tokenizer and
 //! mode, and the evaluation sets.
 
-use crate::eval::{EvalData, EvalSet};
+use crate::eval::{EvalData, EvalSet, ViewAug};
 use anyhow::{bail, Context, Result};
 use contrast_config::{AugmentPreset, CutoffName, DatasetKind, MixName, Plan};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
@@ -162,7 +162,8 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
         train.truncate(e.max_train);
         test.truncate(e.max_test);
         let class_names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
-        return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names }));
+        let views = Some(ViewAug::Idx(augmenter(plan, &test).into_iter().take(2).collect()));
+        return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names, views }));
     }
     let Some(root) = &e.root else { return Ok(Err("set eval.root to a labelled test split")) };
     let kind = e.dataset.unwrap_or(d.dataset);
@@ -182,7 +183,8 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
         }
         Some(EvalSet::files(train, e.max_train, transform.clone(), threads))
     };
-    Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names }))
+    let views = Some(ViewAug::Files(rgb_augment(plan).into_iter().take(2).collect()));
+    Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names, views }))
 }
 
 /// The evaluation transform: what training normalised (the first view's

@@ -64,6 +64,12 @@ pub struct Summary {
     /// CLIP zero-shot top-5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top5: Option<f64>,
+    /// Alignment of the trained backbone's features (Wang & Isola 2020).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<f64>,
+    /// Uniformity of the trained backbone's features.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uniformity: Option<f64>,
     /// Ranks of the run.
     pub world_size: usize,
     /// Global batch.
@@ -218,6 +224,12 @@ pub struct EvalFigures {
     /// CLIP zero-shot top-5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top5: Option<f64>,
+    /// Alignment E‖f(x) − f(x⁺)‖² of the backbone features (Wang & Isola 2020; lower is better).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<f64>,
+    /// Uniformity log E exp(−2‖f(x) − f(y)‖²) (lower is more uniform).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uniformity: Option<f64>,
 }
 
 /// Write `summary.json` and print it with a one-line digest.
@@ -527,6 +539,8 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
             "linear_top1": f.linear_top1,
             "zero_shot_top1": f.zero_shot_top1,
             "zero_shot_top5": f.zero_shot_top5,
+            "alignment": f.alignment,
+            "uniformity": f.uniformity,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }

@@ -132,6 +132,11 @@ pub fn evaluate<C: Collective>(
             f.linear_top1 = (steps > 0).then(|| eval::linear_probe(comm, &features, steps));
         }
     }
+    if let Some(aug) = &data.views {
+        let (dim, seed) = (c.model.embed_dim, c.seed);
+        let (a, u) = eval::alignment_uniformity_of(comm, &data.test, aug, device, dim, seed, |x| method.features(x));
+        (f.alignment, f.uniformity) = (Some(a), Some(u));
+    }
     if plan.loss.is_image_text() && !data.class_names.is_empty() {
         let (context, dim) = (c.model.text.context as usize, c.model.proj_dim);
         let zs = eval::zero_shot_top1(comm, method, &data.test, device, &data.class_names, tokenizer, context, dim)?;
@@ -147,6 +152,10 @@ fn log_figures(what: &str, f: &EvalFigures, extra: &str) {
         f.knn_top5.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
         f.linear_top1.map(|v| format!(", linear probe {v:.4}")).unwrap_or_default(),
         f.zero_shot_top1.map(|z| format!(", zero-shot {z:.4}")).unwrap_or_default()
+            + &f.alignment
+                .zip(f.uniformity)
+                .map(|(a, u)| format!(", alignment {a:.3} uniformity {u:.3}"))
+                .unwrap_or_default()
     );
 }
 
@@ -774,6 +783,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             summary.linear_top1 = f.linear_top1;
             summary.zero_shot_top1 = f.zero_shot_top1;
             summary.zero_shot_top5 = f.zero_shot_top5;
+            summary.alignment = f.alignment;
+            summary.uniformity = f.uniformity;
         }
         if self.comm.rank() == 0 {
             crate::write_summary(&plan.config.checkpoint.dir, &summary)?;

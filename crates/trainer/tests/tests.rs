@@ -826,6 +826,15 @@ fn evaluations_give_known_answers_on_small_fixtures() {
             assert_eq!(knn, [0.75, 1.0], "kNN on {p} ranks");
             assert_eq!(probe, 0.75, "linear probe on {p} ranks");
         }
+        // Alignment and uniformity (Wang & Isola): 4 orthonormal rows, ‖zᵢ − zⱼ‖² = 2 for i ≠ j, so
+        // uniformity = log exp(−4) = −4; views equal: alignment 0; views opposite: ‖2z‖² = 4.
+        let got = contrast_comm::Threads::run(p, |c| {
+            let eye = Tensor::eye(4, (tch::Kind::Float, tch::Device::Cpu));
+            (trainer::eval::alignment_uniformity(&c, &eye, &eye), trainer::eval::alignment_uniformity(&c, &eye, &-&eye))
+        });
+        for ((a0, u0), (a1, u1)) in got {
+            assert!(a0.abs() < 1e-9 && (u0 + 4.0).abs() < 1e-6 && (a1 - 4.0).abs() < 1e-6 && (u1 + 4.0).abs() < 1e-6);
+        }
     }
 }
 
@@ -1109,6 +1118,8 @@ fn summary_eval_and_checkpoint_layout() {
         "knn_top1_raw_pixels",
         "zero_shot_top1",
         "zero_shot_top5",
+        "alignment",
+        "uniformity",
     ];
     for key in keys {
         assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
