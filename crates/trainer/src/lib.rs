@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod metrics;
+pub mod plot;
 pub mod signals;
 pub mod trainer;
 

@@ -30,6 +30,22 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+/// The evaluations of a run, one JSON line each (`step` and the figures), in its directory.
+pub const EVALS_FILE: &str = "evals.jsonl";
+
+/// Append an evaluation to the run's `evals.jsonl` and redraw `plot.png`
+/// (rank 0; a plot that cannot be drawn is a warning, never a failed run).
+fn record_evaluation(dir: &std::path::Path, step: usize, f: &EvalFigures) -> Result<()> {
+    let mut line = serde_json::to_value(f)?;
+    line["step"] = serde_json::json!(step);
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(EVALS_FILE))?;
+    writeln!(file, "{line}")?;
+    if let Err(e) = crate::plot::plot(dir) {
+        tracing::warn!("plot: {e:#}");
+    }
+    Ok(())
+}
+
 /// Steps the collapse guard waits below its threshold before it warns.
 pub const COLLAPSE_PATIENCE: usize = 20;
 
@@ -492,6 +508,13 @@ impl<'c, C: Collective> Trainer<'c, C> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint.dir {}", dir.display()))?;
             let path = dir.join("steps.jsonl");
             crate::truncate_step_log(&path, self.progress.start_step)?;
+            // Evaluations after the resumed step belong to the interrupted continuation; a fresh run has none.
+            let evals = dir.join(EVALS_FILE);
+            match self.progress.start_step {
+                0 if evals.exists() => std::fs::remove_file(&evals).context("removing an old evals.jsonl")?,
+                0 => {}
+                s => crate::truncate_step_log(&evals, s)?,
+            }
             let f = std::fs::OpenOptions::new().create(true).append(true).open(&path).context("opening steps.jsonl")?;
             self.log.file = Some(f);
         }
@@ -515,6 +538,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             let raw = raw.map(|r| format!(", raw pixels {r:.4}")).unwrap_or_default();
             let extra = format!("{raw} ({:.1}s)", t0.elapsed().as_secs_f64());
             log_figures("before training (untrained encoder)", &init, &extra);
+            record_evaluation(&self.plan.config.checkpoint.dir, 0, &init)?;
         }
         Ok(())
     }
@@ -728,6 +752,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             let f = evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
             if self.comm.rank() == 0 {
                 log_figures(&format!("step {}", r.done), &f, "");
+                record_evaluation(&self.plan.config.checkpoint.dir, r.done, &f)?;
             }
             self.keep_if_best(&f, r.done, r.loss)?;
         }
@@ -762,6 +787,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
         if let Some(f) = &final_eval {
             let (done, loss) = (self.plan.steps, self.progress.last_loss);
             self.keep_if_best(f, done, loss)?;
+            if self.comm.rank() == 0 {
+                record_evaluation(&self.plan.config.checkpoint.dir, done, f)?;
+            }
         }
         let (p, plan) = (&self.progress, &self.plan);
         let samples = (p.trained_steps * plan.global_batch) as f64;

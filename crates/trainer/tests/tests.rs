@@ -874,6 +874,17 @@ fn the_best_checkpoint_is_kept_and_models_export_and_embed() {
     assert_eq!(e["knn_top1"].as_f64(), Some(value), "best/ holds the model that scored it");
     assert!(value >= summary(&run_dir)["knn_top1"].as_f64().unwrap());
     assert!(!run_dir.join("step-2").exists() && run_dir.join("step-6").exists());
+    // Every evaluation is logged (the untrained encoder at step 0), and plot.png is drawn from the logs.
+    let evals: Vec<u64> = std::fs::read_to_string(run_dir.join("evals.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![0, 2, 4, 6]);
+    let png = image::open(run_dir.join("plot.png")).expect("plot.png decodes").to_rgb8();
+    assert_eq!(png.dimensions(), (1500, 450));
+    let colours: std::collections::HashSet<[u8; 3]> = png.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 20, "a blank plot ({} colours)", colours.len());
     // Export: the model alone, in bfloat16.
     let exported = fx.path("model-bf16.safetensors");
     ok(run(
