@@ -12,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod metrics;
 pub mod plot;
+pub mod progress;
 pub mod signals;
 pub mod trainer;
 
@@ -88,10 +89,18 @@ pub enum LogFormat {
     Json,
 }
 
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Whether log lines are plain text (the progress bar only goes with plain lines).
+pub fn plain_logs() -> bool {
+    LOG_FORMAT.get().map_or(true, |f| *f == LogFormat::Plain)
+}
+
 /// Set up logging before anything else: rank 0 (as the launcher names it) logs
 /// at info, the others at warn; `CONTRAST_LOG` overrides (`debug`, `warn`, …).
 /// Every line carries the rank through a `rank` span each thread enters.
 pub fn init_logging(format: LogFormat) {
+    LOG_FORMAT.get_or_init(|| format);
     let rank = contrast_comm::launcher_rank(|v| std::env::var(v).ok()).unwrap_or(0);
     let default = if rank == 0 { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAST_LOG").unwrap_or_else(|_| default.into());
@@ -100,7 +109,7 @@ pub fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(progress::LogWriter);
     let _ = match format {
         LogFormat::Plain => fmt.try_init(),
         LogFormat::Json => fmt.json().with_current_span(false).with_span_list(true).try_init(),

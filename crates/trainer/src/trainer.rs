@@ -570,6 +570,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// Train on every batch of `pipeline`, then write the last checkpoint and
     /// evaluate; returns the summary.
     pub fn run(mut self, mut pipeline: Pipeline) -> Result<Summary> {
+        if self.comm.rank() == 0 && crate::plain_logs() {
+            crate::progress::start(self.plan.steps, self.progress.start_step);
+        }
         while let Some(batch) = pipeline.next_batch() {
             let batch = batch?;
             let _step = tracing::info_span!("step", step = batch.step + 1).entered();
@@ -745,6 +748,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.log.print(r, &self.plan, self.progress.start_step, &self.method.status());
         self.guard.observe(r.embedding_std, r.done);
         self.report(r)?;
+        crate::progress::step(r.done, r.loss, self.plan.global_batch as f64 / (r.seconds + r.wait));
         if self.checkpointer.due(r.done, self.plan.steps) {
             self.save(r.done, r.loss)?;
         }
@@ -778,6 +782,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// The summary (with the final evaluation), written by rank 0; `stopped_at`
     /// is the step a stop signal ended the run at.
     fn finish(mut self, stopped_at: Option<usize>) -> Result<Summary> {
+        crate::progress::finish();
         let final_eval = match self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
             Some(ev) => {
                 Some(evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?)

@@ -795,6 +795,16 @@ fn log_lines_name_their_rank_plain_and_json() {
     }
     assert_eq!(ranks.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     assert!(steps >= 3, "{err}");
+    assert!(!err.contains("ETA"), "no progress bar without a terminal");
+    // On a terminal (a pty from `script`), rank 0 draws a progress bar, and log lines still come through.
+    if Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let cmd = format!("{BIN} --config {} --set train.steps=6 --set checkpoint.every=0", cfg.display());
+        let out = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("ETA") && text.contains("samples/s ["), "no progress bar on a terminal: {text}");
+        assert!(text.contains("step 6/6 loss"), "{text}");
+    }
     // An error before MPI is up names the rank the launcher gave.
     let out = run(0, &["--log-format", "json", "--config", "/no/such.yaml"], &[("PMIX_RANK", "3")]);
     let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
