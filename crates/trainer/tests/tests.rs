@@ -928,6 +928,110 @@ fn the_best_checkpoint_is_kept_and_models_export_and_embed() {
     assert!(paths[7].ends_with("t10k-images-idx3-ubyte#7"), "{}", paths[7]);
 }
 
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct TwoHosts {
+    ns: [String; 2],
+}
+
+impl TwoHosts {
+    const IPS: [&'static str; 2] = ["10.77.0.1", "10.77.0.2"];
+
+    /// None (with the reason) where namespaces cannot be made (not root, no CAP_SYS_ADMIN, no iproute2).
+    fn new() -> Result<Self, String> {
+        let tag = std::process::id() % 100_000;
+        let hosts = TwoHosts { ns: [format!("ctA{tag}"), format!("ctB{tag}")] };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            out.status.success().then_some(()).ok_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_string())
+        };
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        ip(&["netns", "add", &hosts.ns[0]])?;
+        ip(&["netns", "add", &hosts.ns[1]])?;
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        for (k, v) in [&va, &vb].into_iter().enumerate() {
+            let ns = &hosts.ns[k];
+            ip(&["link", "set", v, "netns", ns])?;
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", Self::IPS[k]), "dev", v])?;
+            ip(&["-n", ns, "link", "set", v, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(hosts)
+    }
+
+    /// Bytes host A has sent over its veth.
+    fn tx_bytes(&self) -> u64 {
+        let tag = &self.ns[0][3..];
+        let path = format!("/sys/class/net/va{tag}/statistics/tx_bytes");
+        let out = Command::new("ip").args(["netns", "exec", &self.ns[0], "cat", &path]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// `mpirun` started on host A (hostname hostA) over both hosts, one rank each, over TCP only;
+    /// Open MPI reaches host B through `agent`, which enters B's namespace under hostname hostB.
+    fn mpirun(&self, agent: &Path, command: &str) -> Output {
+        let script = format!(
+            "#!/bin/sh\nhost=\"$1\"; shift\ncase \"$host\" in\n  {}) ns={}; name=hostA ;;\n  {}) ns={}; name=hostB ;;\n  *) exit 1 ;;\nesac\nexec ip netns exec \"$ns\" unshare --uts sh -c \"hostname $name; $*\"\n",
+            Self::IPS[0], self.ns[0], Self::IPS[1], self.ns[1]
+        );
+        write_script(agent, &script);
+        let mpirun = format!(
+            "hostname hostA; exec mpirun --host {}:1,{}:1 -n 2 --mca plm_rsh_agent {} --mca btl tcp,self \
+             --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 {command}",
+            Self::IPS[0],
+            Self::IPS[1],
+            agent.display()
+        );
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns[0], "unshare", "--uts", "sh", "-c", &mpirun])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn two_hosts_in_network_namespaces_train_exactly_over_tcp() {
+    if !is_open_mpi() {
+        eprintln!("skipped: uses Open MPI's plm_rsh_agent");
+        return;
+    }
+    let hosts = match TwoHosts::new() {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("skipped: cannot create network namespaces here ({why})");
+            return;
+        }
+    };
+    let fx = Fixture::new();
+    let agent = fx.path("agent.sh");
+    // Each rank runs on its own "host", with its own hostname.
+    let out = hosts.mpirun(&agent, "hostname");
+    let names = String::from_utf8_lossy(&out.stdout);
+    assert!(names.contains("hostA") && names.contains("hostB"), "{names}{}", String::from_utf8_lossy(&out.stderr));
+    // The 2-rank parity check: 3 steps on two hosts equal 3 steps of one rank with the whole batch.
+    let solo = fx.config("hosts-solo", "ntxent", "");
+    ok(run(0, &["--config", solo.to_str().unwrap()], &[]));
+    let cfg = fx.config("hosts", "ntxent", "");
+    let before = hosts.tx_bytes();
+    let out = ok(hosts.mpirun(&agent, &format!("{BIN} --config {}", cfg.display())));
+    let sent = hosts.tx_bytes() - before;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("world_size=2"));
+    let d = max_rel_diff(&fx.path("hosts/step-3"), &fx.path("hosts-solo/step-3"));
+    assert!(d < 1e-4, "two hosts differ from one rank by {d:e}");
+    // The embeddings, gradients and checkpoint broadcasts crossed the veth.
+    assert!(sent > 20_000, "only {sent} bytes left host A");
+    eprintln!("two hosts over TCP: {sent} bytes over the veth, max relative weight difference {d:e}");
+}
+
 #[test]
 fn a_second_stop_signal_exits_at_once() {
     let fx = Fixture::new();
