@@ -41,6 +41,10 @@ pub trait Source: Send + Sync {
     /// The first sample whose label is unknown (−1), if any: supervised losses
     /// refuse such data before training.
     fn first_unlabelled(&self) -> Option<usize>;
+    /// The caption of sample `i`, if it has one (retrieval evaluation).
+    fn caption(&self, i: usize) -> Option<String> {
+        self.fetch(i).ok().and_then(|s| s.caption)
+    }
 }
 
 const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -178,6 +182,9 @@ impl Source for CsvSource {
     }
     fn first_unlabelled(&self) -> Option<usize> {
         Some(0)
+    }
+    fn caption(&self, i: usize) -> Option<String> {
+        Some(self.rows[i].1.clone())
     }
 }
 

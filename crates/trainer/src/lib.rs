@@ -66,6 +66,10 @@ pub struct Summary {
     /// CLIP zero-shot top-5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top5: Option<f64>,
+    /// Image→text and text→image retrieval recall@1, @5, @10 of a CLIP model on the test
+    /// set (duplicate captions merged): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<Retrieval>,
     /// Alignment of the trained backbone's features (Wang & Isola 2020).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alignment: Option<f64>,
@@ -204,6 +208,29 @@ pub fn build_method<C: Collective>(
     Ok(method)
 }
 
+/// Retrieval recall of a CLIP model (fractions in [0, 1]).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Retrieval {
+    /// Image→text recall@1.
+    pub i2t_r1: f64,
+    /// Image→text recall@5.
+    pub i2t_r5: f64,
+    /// Image→text recall@10.
+    pub i2t_r10: f64,
+    /// Text→image recall@1.
+    pub t2i_r1: f64,
+    /// Text→image recall@5.
+    pub t2i_r5: f64,
+    /// Text→image recall@10.
+    pub t2i_r10: f64,
+}
+
+impl From<[f64; 6]> for Retrieval {
+    fn from(r: [f64; 6]) -> Self {
+        Self { i2t_r1: r[0], i2t_r5: r[1], i2t_r10: r[2], t2i_r1: r[3], t2i_r5: r[4], t2i_r10: r[5] }
+    }
+}
+
 impl EvalFigures {
     /// The figure named `name` (one of `contrast_config::BEST_METRICS`), when measured.
     pub fn metric(&self, name: &str) -> Option<f64> {
@@ -234,6 +261,10 @@ pub struct EvalFigures {
     /// CLIP zero-shot top-5.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zero_shot_top5: Option<f64>,
+    /// Image→text and text→image retrieval recall@1, @5, @10 of a CLIP model on the test
+    /// set (duplicate captions merged): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<Retrieval>,
     /// Alignment E‖f(x) − f(x⁺)‖² of the backbone features (Wang & Isola 2020; lower is better).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alignment: Option<f64>,
@@ -549,6 +580,7 @@ pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()
             "linear_top1": f.linear_top1,
             "zero_shot_top1": f.zero_shot_top1,
             "zero_shot_top5": f.zero_shot_top5,
+            "retrieval": f.retrieval,
             "alignment": f.alignment,
             "uniformity": f.uniformity,
         });

@@ -153,10 +153,14 @@ pub fn evaluate<C: Collective>(
         let (a, u) = eval::alignment_uniformity_of(comm, &data.test, aug, device, dim, seed, |x| method.features(x));
         (f.alignment, f.uniformity) = (Some(a), Some(u));
     }
-    if plan.loss.is_image_text() && !data.class_names.is_empty() {
-        let (context, dim) = (c.model.text.context as usize, c.model.proj_dim);
-        let zs = eval::zero_shot_top1(comm, method, &data.test, device, &data.class_names, tokenizer, context, dim)?;
-        (f.zero_shot_top1, f.zero_shot_top5) = (zs.map(|z| z[0]), zs.map(|z| z[1]));
+    if plan.loss.is_image_text() {
+        let (context, dim, names) = (c.model.text.context as usize, c.model.proj_dim, &data.class_names);
+        if !names.is_empty() {
+            let zs = eval::zero_shot_top1(comm, method, &data.test, device, names, tokenizer, context, dim)?;
+            (f.zero_shot_top1, f.zero_shot_top5) = (zs.map(|z| z[0]), zs.map(|z| z[1]));
+        }
+        let r = eval::retrieval_of(comm, method, &data.test, names, device, tokenizer, context, dim)?;
+        f.retrieval = r.map(Into::into);
     }
     Ok(f)
 }
@@ -817,6 +821,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             summary.zero_shot_top1 = f.zero_shot_top1;
             summary.zero_shot_top5 = f.zero_shot_top5;
             summary.alignment = f.alignment;
+            summary.retrieval = f.retrieval;
             summary.uniformity = f.uniformity;
         }
         if self.comm.rank() == 0 {

@@ -845,6 +845,22 @@ fn evaluations_give_known_answers_on_small_fixtures() {
         for ((a0, u0), (a1, u1)) in got {
             assert!(a0.abs() < 1e-9 && (u0 + 4.0).abs() < 1e-6 && (a1 - 4.0).abs() < 1e-6 && (u1 + 4.0).abs() < 1e-6);
         }
+        // Retrieval: images e0, e1, e2 and a fourth near e1 but captioned like image 0; texts t0 = e0, t1 = e1, t2 = e2.
+        // Image→text: the fourth misses at 1 and hits at 5 (3/4, 1, 1); text→image: every text's best image is its own.
+        let got = contrast_comm::Threads::run(p, |c| {
+            let img =
+                Tensor::from_slice(&[1f32, 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0., 0., 1., 0., 0.1]).view([4, 4]);
+            let txt = Tensor::eye(4, (tch::Kind::Float, tch::Device::Cpu)).narrow(0, 0, 3);
+            trainer::eval::retrieval(
+                &c,
+                &contrast_nn::loss::l2_normalize(&img),
+                &txt,
+                &[Some(0), Some(1), Some(2), Some(0)],
+            )
+        });
+        for r in got {
+            assert_eq!(r, [0.75, 1.0, 1.0, 1.0, 1.0, 1.0], "retrieval on {p} ranks");
+        }
     }
 }
 
@@ -1245,6 +1261,12 @@ fn summary_eval_and_checkpoint_layout() {
         "zero_shot_top5",
         "alignment",
         "uniformity",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
     ];
     for key in keys {
         assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
@@ -1261,7 +1283,8 @@ fn summary_eval_and_checkpoint_layout() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["config.yaml", "latest", "step-3", "step-4", "steps.jsonl", "summary.json"]);
+    let want = ["config.yaml", "evals.jsonl", "latest", "plot.png", "step-3", "step-4", "steps.jsonl", "summary.json"];
+    assert_eq!(names, want);
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert!(fx.path("full/step-4").join(f).is_file());
     }
