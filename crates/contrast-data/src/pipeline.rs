@@ -375,6 +375,66 @@ impl Worker {
         Ok(())
     }
 
+    /// Build the batches of the steps that arrive on `tickets` until the pipeline
+    /// is dropped. A panic while building becomes that batch's error (a bad
+    /// sample never takes the worker down).
+    fn serve(mut self, w: usize, tickets: Receiver<usize>, results: Sender<Produced>) {
+        // Its log lines (a skipped sample) carry the rank, as the main thread's do.
+        let _rank = tracing::info_span!("rank", rank = self.cfg.rank).entered();
+        while let Ok(step) = tickets.recv() {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step))).unwrap_or_else(|e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(format!("worker data-{w} panicked on step {step}: {msg}"))
+            });
+            if results.send((step, out)).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Tokenise sample `idx`'s caption (its own, or a random template of its
+    /// class name) with the text augmentation into `row`; returns its end.
+    fn caption_row(
+        &self,
+        idx: usize,
+        epoch: usize,
+        label: i64,
+        caption: Option<String>,
+        row: &mut [i64],
+    ) -> Result<i64, String> {
+        let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode else { return Ok(0) };
+        let stream = |k: u64| sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64 + k);
+        let cap = match caption {
+            Some(c) => c,
+            None => {
+                let name = usize::try_from(label).ok().and_then(|l| class_names.get(l));
+                text::random_caption(&mut stream(0), name.map(String::as_str).unwrap_or(&label.to_string()))
+            }
+        };
+        let mut rng = stream(1);
+        let cap = match &aug.eda {
+            Some((syn, alpha)) => crate::textaug::eda(&cap, syn, *alpha, &mut rng),
+            None => cap,
+        };
+        let end = tokenizer.encode_into(&cap, row)?;
+        if let Some((kind, ratio)) = aug.cutoff {
+            crate::textaug::cutoff(row, end, tokenizer.pad_id(), kind, ratio, &mut rng);
+        }
+        Ok(end as i64)
+    }
+
+    /// The distinct bad samples met while building the current batch, sorted.
+    fn take_bad(&mut self) -> Vec<usize> {
+        let mut bad = std::mem::take(&mut self.batch_bad);
+        bad.sort_unstable();
+        bad.dedup();
+        bad
+    }
+
     fn build(&mut self, step: usize) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
         self.batch_bad.clear();
@@ -417,26 +477,8 @@ impl Worker {
                 w.sample(src, epoch, &mut slices)
             })?;
             labels.push(label);
-            if let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode {
-                let cap = match caption {
-                    Some(c) => c,
-                    None => {
-                        let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64);
-                        let name = usize::try_from(label).ok().and_then(|l| class_names.get(l));
-                        text::random_caption(&mut rng, name.map(String::as_str).unwrap_or(&label.to_string()))
-                    }
-                };
-                let mut rng = sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64 + 1);
-                let cap = match &aug.eda {
-                    Some((syn, alpha)) => crate::textaug::eda(&cap, syn, *alpha, &mut rng),
-                    None => cap,
-                };
-                let row_tokens = &mut tokens[row * ctx..(row + 1) * ctx];
-                let end = tokenizer.encode_into(&cap, row_tokens)?;
-                if let Some((kind, ratio)) = aug.cutoff {
-                    crate::textaug::cutoff(row_tokens, end, tokenizer.pad_id(), kind, ratio, &mut rng);
-                }
-                text_end.push(end as i64);
+            if ctx > 0 {
+                text_end.push(self.caption_row(idx, epoch, label, caption, &mut tokens[row * ctx..(row + 1) * ctx])?);
             }
         }
         if let Some(k) = self.cfg.shuffle_view.filter(|&k| k < views.len()) {
@@ -461,12 +503,7 @@ impl Worker {
             tokens,
             text_end,
             wait: Duration::ZERO,
-            bad: {
-                let mut bad = std::mem::take(&mut self.batch_bad);
-                bad.sort_unstable();
-                bad.dedup();
-                bad
-            },
+            bad: self.take_bad(),
             mix,
         })
     }
@@ -510,7 +547,7 @@ impl Pipeline {
                 Input::Files { augment, .. } => augment.iter().cloned().map(RgbAugmenter::new).collect(),
                 Input::Idx { .. } => Vec::new(),
             };
-            let mut worker = Worker {
+            let worker = Worker {
                 input: input.clone(),
                 rgb,
                 bad: bad.clone(),
@@ -524,24 +561,7 @@ impl Pipeline {
             let (rx, tx) = (ticket_rx.clone(), result_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("data-{w}"))
-                .spawn(move || {
-                    // Its log lines (a skipped sample) carry the rank, as the main thread's do.
-                    let _rank = tracing::info_span!("rank", rank = worker.cfg.rank).entered();
-                    while let Ok(step) = rx.recv() {
-                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.build(step)))
-                            .unwrap_or_else(|e| {
-                                let msg = e
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_else(|| "unknown panic".into());
-                                Err(format!("worker data-{w} panicked on step {step}: {msg}"))
-                            });
-                        if tx.send((step, out)).is_err() {
-                            break;
-                        }
-                    }
-                })
+                .spawn(move || worker.serve(w, rx, tx))
                 .map_err(|e| DataError::Pipeline(format!("cannot spawn worker: {e}")))?;
             workers.push(handle);
         }
