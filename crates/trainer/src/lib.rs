@@ -45,37 +45,16 @@ pub struct Summary {
     pub samples_per_s: f64,
     /// The same without the wait for data (the model's compute and communication only).
     pub compute_samples_per_s: f64,
-    /// kNN top-1 of the trained backbone.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub knn_top1: Option<f64>,
     /// kNN top-1 of the untrained backbone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1_init: Option<f64>,
     /// kNN top-1 of raw pixels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1_raw_pixels: Option<f64>,
-    /// kNN top-5 of the trained backbone.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub knn_top5: Option<f64>,
-    /// Linear-probe top-1 of the trained backbone.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub linear_top1: Option<f64>,
-    /// CLIP zero-shot top-1 from class-name prompts.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub zero_shot_top1: Option<f64>,
-    /// CLIP zero-shot top-5.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub zero_shot_top5: Option<f64>,
-    /// Image→text and text→image retrieval recall@1, @5, @10 of a CLIP model on the test
-    /// set (duplicate captions merged): `i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`, `t2i_r10`.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub retrieval: Option<Retrieval>,
-    /// Alignment of the trained backbone's features (Wang & Isola 2020).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub alignment: Option<f64>,
-    /// Uniformity of the trained backbone's features.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uniformity: Option<f64>,
+    /// The final evaluation of the trained backbone (flat keys: `knn_top1`, `knn_top5`,
+    /// `linear_top1`, `zero_shot_top1/5`, `i2t_r1`…, `alignment`, `uniformity`).
+    #[serde(flatten)]
+    pub eval: EvalFigures,
     /// Ranks of the run.
     pub world_size: usize,
     /// Global batch.
@@ -249,8 +228,10 @@ impl EvalFigures {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct EvalFigures {
     /// kNN top-1 of the backbone (`None` when the training set has no labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1: Option<f64>,
     /// kNN top-5.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top5: Option<f64>,
     /// Linear probe top-1 (logistic regression on frozen features; `eval.linear_probe_steps`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,10 +264,10 @@ pub(crate) fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
         summary.steps,
         summary.final_loss,
         summary.samples_per_s,
-        pct(summary.knn_top1),
+        pct(summary.eval.knn_top1),
         pct(summary.knn_top1_init),
         pct(summary.knn_top1_raw_pixels),
-        summary.zero_shot_top1.map(|z| format!(" | zero-shot top-1 {:.2}%", 100.0 * z)).unwrap_or_default()
+        summary.eval.zero_shot_top1.map(|z| format!(" | zero-shot top-1 {:.2}%", 100.0 * z)).unwrap_or_default()
     );
     println!("{text}");
     Ok(())

@@ -815,14 +815,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             ..Default::default()
         };
         if let Some(f) = final_eval {
-            summary.knn_top1 = f.knn_top1;
-            summary.knn_top5 = f.knn_top5;
-            summary.linear_top1 = f.linear_top1;
-            summary.zero_shot_top1 = f.zero_shot_top1;
-            summary.zero_shot_top5 = f.zero_shot_top5;
-            summary.alignment = f.alignment;
-            summary.retrieval = f.retrieval;
-            summary.uniformity = f.uniformity;
+            summary.eval = f;
         }
         if self.comm.rank() == 0 {
             crate::write_summary(&plan.config.checkpoint.dir, &summary)?;

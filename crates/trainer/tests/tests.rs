@@ -470,15 +470,7 @@ fn kill_9_of_one_rank_ends_the_mpirun_job_promptly() {
     let fx = Fixture::new();
     let cfg = fx.config("kill9", "ntxent", "");
     let sets = ["train.steps=1000000", "checkpoint.every=5", "checkpoint.keep=2", "train.log_every=1000"];
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--oversubscribe", "-n", "2", BIN, "--config", cfg.to_str().unwrap()]);
-    cmd.args(sets.iter().flat_map(|s| ["--set", s]));
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(fx.path("kill9.log")).unwrap());
-    let mut job = cmd.spawn().unwrap();
+    let mut job = spawn_mpirun(&cfg, &sets, &fx.path("kill9.log"));
     let t0 = std::time::Instant::now();
     while latest_step(&fx.path("kill9")) < 10 {
         assert!(job.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(fx.path("kill9.log")).unwrap());
