@@ -707,7 +707,8 @@ fn every_rank_serves_prometheus_metrics_during_a_run() {
     let sets = ["train.steps=100000", "checkpoint.every=0", &listen, &textfile, "metrics.textfile_every=2"];
     let (run_dir, log) = (fx.path("metrics"), fx.path("metrics.log"));
     let mut job = spawn_mpirun(&cfg, &sets, &log);
-    wait_for_steps(&mut job, &run_dir, 5, &log);
+    // Rank 0 logs step 6 after that step's all-reduce, by which time rank 1 has reported step 5 at least.
+    wait_for_steps(&mut job, &run_dir, 6, &log);
     let scraped = scrape(base + 1);
     Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
     let status = job.wait().unwrap();
