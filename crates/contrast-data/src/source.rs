@@ -316,13 +316,16 @@ fn stamp(path: &Path) -> Result<(u64, String), DataError> {
     Ok((m.len(), format!("{INDEX_VERSION} size={} mtime={mtime}", m.len())))
 }
 
+/// A key and the spans of its image, `.txt`, `.cls` and `.json` members.
+type Group = (String, [Option<Span>; 4]);
+
 /// Group a shard's members by key, checking every span against the shard's size.
-fn scan_members(path: &Path, size: u64) -> Result<Vec<(String, [Option<Span>; 4])>, DataError> {
+fn scan_members(path: &Path, size: u64) -> Result<Vec<Group>, DataError> {
     let bad = |message: String| DataError::Format { path: path.into(), message };
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut archive = tar::Archive::new(file);
     let mut groups: std::collections::HashMap<String, usize> = Default::default();
-    let mut out: Vec<(String, [Option<Span>; 4])> = Vec::new();
+    let mut out: Vec<Group> = Vec::new();
     for entry in archive.entries().map_err(|e| bad(e.to_string()))? {
         let entry = entry.map_err(|e| bad(format!("corrupt tar: {e}")))?;
         if !entry.header().entry_type().is_file() {
