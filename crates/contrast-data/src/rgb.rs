@@ -227,9 +227,10 @@ impl RgbAugmenter {
         Self { params, resizer: fir::Resizer::new(), crop: vec![0; side * side * 3] }
     }
 
-    /// Write one augmented CHW view of `src` into `out` (`3 × size × size`).
-    pub fn apply<R: Rng>(&mut self, src: &Rgb, rng: &mut R, out: &mut [f32]) -> Result<(), String> {
-        let p = self.params.clone();
+    /// The (random resized, or centre) crop of `src` at `size`, flipped with
+    /// `flip_prob`, as CHW floats in [0, 1].
+    fn crop_flip<R: Rng>(&mut self, src: &Rgb, rng: &mut R, out: &mut [f32]) -> Result<(), String> {
+        let p = &self.params;
         let size = p.size as usize;
         let (w, h) = (src.width as usize, src.height as usize);
         let win = match p.crop_scale {
@@ -262,6 +263,15 @@ impl RgbAugmenter {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Write one augmented CHW view of `src` into `out` (`3 × size × size`).
+    pub fn apply<R: Rng>(&mut self, src: &Rgb, rng: &mut R, out: &mut [f32]) -> Result<(), String> {
+        let p = self.params.clone();
+        let size = p.size as usize;
+        let plane = size * size;
+        self.crop_flip(src, rng, out)?;
         if p.autoaugment {
             crate::randaug::auto_augment(out, size, size, rng);
         }
@@ -269,40 +279,7 @@ impl RgbAugmenter {
             crate::randaug::rand_augment(out, size, size, n, m, rng);
         }
         if p.jitter_prob > 0.0 && rng.gen::<f32>() < p.jitter_prob {
-            let [bs, cs, ss, hs] = p.jitter;
-            let mut factor = |s: f32| if s > 0.0 { rng.gen_range((1.0 - s).max(0.0)..=1.0 + s) } else { 1.0 };
-            let (bf, cf, sf) = (factor(bs), factor(cs), factor(ss));
-            let hf = if hs > 0.0 { rng.gen_range(-hs..=hs) } else { 0.0 };
-            let mut order = [0u8, 1, 2, 3];
-            order.shuffle(rng);
-            for op in order {
-                match op {
-                    0 => out.iter_mut().for_each(|v| *v = (*v * bf).clamp(0.0, 1.0)),
-                    1 => {
-                        let mean = (0..plane).map(|i| gray(out[i], out[plane + i], out[2 * plane + i])).sum::<f32>()
-                            / plane as f32;
-                        out.iter_mut().for_each(|v| *v = (cf * *v + (1.0 - cf) * mean).clamp(0.0, 1.0));
-                    }
-                    2 => {
-                        for i in 0..plane {
-                            let g = gray(out[i], out[plane + i], out[2 * plane + i]);
-                            for c in 0..3 {
-                                let v = &mut out[c * plane + i];
-                                *v = (sf * *v + (1.0 - sf) * g).clamp(0.0, 1.0);
-                            }
-                        }
-                    }
-                    _ if hf != 0.0 => {
-                        for i in 0..plane {
-                            let px = rotate_hue([out[i], out[plane + i], out[2 * plane + i]], hf);
-                            for c in 0..3 {
-                                out[c * plane + i] = px[c];
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
+            color_jitter(out, plane, p.jitter, rng);
         }
         if p.gray_prob > 0.0 && rng.gen::<f32>() < p.gray_prob {
             for i in 0..plane {
@@ -328,6 +305,45 @@ impl RgbAugmenter {
             out[c * plane..(c + 1) * plane].iter_mut().for_each(|v| *v = (*v - m) / s);
         }
         Ok(())
+    }
+}
+
+/// torchvision's `ColorJitter`: brightness, contrast, saturation and hue
+/// factors drawn from `jitter`, applied in a random order.
+fn color_jitter<R: Rng>(out: &mut [f32], plane: usize, jitter: [f32; 4], rng: &mut R) {
+    let [bs, cs, ss, hs] = jitter;
+    let mut factor = |s: f32| if s > 0.0 { rng.gen_range((1.0 - s).max(0.0)..=1.0 + s) } else { 1.0 };
+    let (bf, cf, sf) = (factor(bs), factor(cs), factor(ss));
+    let hf = if hs > 0.0 { rng.gen_range(-hs..=hs) } else { 0.0 };
+    let mut order = [0u8, 1, 2, 3];
+    order.shuffle(rng);
+    for op in order {
+        match op {
+            0 => out.iter_mut().for_each(|v| *v = (*v * bf).clamp(0.0, 1.0)),
+            1 => {
+                let mean =
+                    (0..plane).map(|i| gray(out[i], out[plane + i], out[2 * plane + i])).sum::<f32>() / plane as f32;
+                out.iter_mut().for_each(|v| *v = (cf * *v + (1.0 - cf) * mean).clamp(0.0, 1.0));
+            }
+            2 => {
+                for i in 0..plane {
+                    let g = gray(out[i], out[plane + i], out[2 * plane + i]);
+                    for c in 0..3 {
+                        let v = &mut out[c * plane + i];
+                        *v = (sf * *v + (1.0 - sf) * g).clamp(0.0, 1.0);
+                    }
+                }
+            }
+            _ if hf != 0.0 => {
+                for i in 0..plane {
+                    let px = rotate_hue([out[i], out[plane + i], out[2 * plane + i]], hf);
+                    for c in 0..3 {
+                        out[c * plane + i] = px[c];
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
