@@ -81,24 +81,7 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
             let g = vec![mean; img.len()];
             blend(img, &g, 1.0 + 0.9 * m * sign); // Contrast
         }
-        9 => {
-            // Sharpness: blend with the 3×3 smoothed image (kernel 1 1 1 / 1 5 1 / 1 1 1, borders kept).
-            let mut smooth = img.to_vec();
-            for c in 0..3 {
-                for y in 1..h.saturating_sub(1) {
-                    for x in 1..w.saturating_sub(1) {
-                        let mut acc = 4.0 * img[c * plane + y * w + x];
-                        for dy in 0..3 {
-                            for dx in 0..3 {
-                                acc += img[c * plane + (y + dy - 1) * w + x + dx - 1];
-                            }
-                        }
-                        smooth[c * plane + y * w + x] = acc / 13.0;
-                    }
-                }
-            }
-            blend(img, &smooth, 1.0 + 0.9 * m * sign);
-        }
+        9 => blend(img, &smoothed(img, h, w), 1.0 + 0.9 * m * sign), // Sharpness
         10 => {
             let bits = 8 - (magnitude / 7.5).round() as u32;
             let mask = !((1u32 << (8 - bits.min(8))) - 1) as u8;
@@ -123,25 +106,46 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
             } // AutoContrast
         }
         14 => img.iter_mut().for_each(|v| *v = 1.0 - *v), // Invert (AutoAugment only)
-        _ => {
-            for c in 0..3 {
-                let ch = &mut img[c * plane..(c + 1) * plane];
-                let q: Vec<usize> = ch.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as usize).collect();
-                let mut hist = [0usize; 256];
-                q.iter().for_each(|&v| hist[v] += 1);
-                let mut cdf = [0usize; 256];
-                let mut acc = 0;
-                for (i, n) in hist.iter().enumerate() {
-                    acc += n;
-                    cdf[i] = acc;
-                }
-                let min = cdf.iter().copied().find(|&c| c > 0).unwrap_or(0);
-                if plane > min {
-                    for (v, &qi) in ch.iter_mut().zip(&q) {
-                        *v = ((cdf[qi] - min) as f32 / (plane - min) as f32).clamp(0.0, 1.0);
+        _ => (0..3).for_each(|c| equalize(&mut img[c * plane..(c + 1) * plane])), // Equalize
+    }
+}
+
+/// The 3×3 smoothed image PIL's Sharpness blends with (kernel 1 1 1 / 1 5 1 / 1 1 1, borders kept).
+fn smoothed(img: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let plane = h * w;
+    let mut smooth = img.to_vec();
+    for c in 0..3 {
+        for y in 1..h.saturating_sub(1) {
+            for x in 1..w.saturating_sub(1) {
+                let mut acc = 4.0 * img[c * plane + y * w + x];
+                for dy in 0..3 {
+                    for dx in 0..3 {
+                        acc += img[c * plane + (y + dy - 1) * w + x + dx - 1];
                     }
                 }
-            } // Equalize
+                smooth[c * plane + y * w + x] = acc / 13.0;
+            }
+        }
+    }
+    smooth
+}
+
+/// Histogram equalisation of one channel (PIL's `ImageOps.equalize` on 256 levels).
+fn equalize(ch: &mut [f32]) {
+    let plane = ch.len();
+    let q: Vec<usize> = ch.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as usize).collect();
+    let mut hist = [0usize; 256];
+    q.iter().for_each(|&v| hist[v] += 1);
+    let mut cdf = [0usize; 256];
+    let mut acc = 0;
+    for (i, n) in hist.iter().enumerate() {
+        acc += n;
+        cdf[i] = acc;
+    }
+    let min = cdf.iter().copied().find(|&c| c > 0).unwrap_or(0);
+    if plane > min {
+        for (v, &qi) in ch.iter_mut().zip(&q) {
+            *v = ((cdf[qi] - min) as f32 / (plane - min) as f32).clamp(0.0, 1.0);
         }
     }
 }
