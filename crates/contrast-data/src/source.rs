@@ -111,6 +111,9 @@ impl Source for ImageFolder {
     fn class_names(&self) -> Vec<String> {
         self.classes.clone()
     }
+    fn caption(&self, _i: usize) -> Option<String> {
+        None
+    }
     fn fingerprint(&self) -> u64 {
         let names: Vec<String> = self.files.iter().map(|(p, l)| format!("{l}\t{}", p.display())).collect();
         crate::fingerprint(names.iter().map(|n| n.as_bytes()))
@@ -480,16 +483,19 @@ impl WebDataset {
     }
 }
 
-impl Source for WebDataset {
-    fn len(&self) -> usize {
-        self.samples.len()
+impl WebDataset {
+    /// The shard of sample `i`, opened.
+    fn shard_of(&self, i: usize) -> Result<std::fs::File, String> {
+        let path = &self.shards[self.samples[i].0];
+        std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))
     }
-    fn fetch(&self, i: usize) -> Result<RawSample, String> {
+
+    /// Caption and label of sample `i` from its `.txt`, `.cls` and `.json`
+    /// members (`.json` fills what the others leave unset); the image is not read.
+    fn text_of(&self, i: usize, file: &mut std::fs::File) -> Result<(Option<String>, Option<i64>), String> {
         let (k, m) = &self.samples[i];
         let path = &self.shards[*k];
-        let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let bytes = read_span(&mut file, m.image).map_err(|e| format!("{} ({}): {e}", path.display(), m.key))?;
-        let mut read = |s: Span| read_span(&mut file, s).map_err(|e| format!("{} ({}): {e}", path.display(), m.key));
+        let mut read = |s: Span| read_span(file, s).map_err(|e| format!("{} ({}): {e}", path.display(), m.key));
         let mut caption = match m.text {
             Some(s) => Some(String::from_utf8_lossy(&read(s)?).trim().to_string()),
             None => None,
@@ -500,7 +506,23 @@ impl Source for WebDataset {
             caption = caption.or(c);
             label = label.or(l);
         }
+        Ok((caption, label))
+    }
+}
+
+impl Source for WebDataset {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn fetch(&self, i: usize) -> Result<RawSample, String> {
+        let (mut file, (k, m)) = (self.shard_of(i)?, &self.samples[i]);
+        let bytes =
+            read_span(&mut file, m.image).map_err(|e| format!("{} ({}): {e}", self.shards[*k].display(), m.key))?;
+        let (caption, label) = self.text_of(i, &mut file)?;
         Ok(RawSample { bytes, label: label.unwrap_or(-1), caption })
+    }
+    fn caption(&self, i: usize) -> Option<String> {
+        self.text_of(i, &mut self.shard_of(i).ok()?).ok()?.0
     }
     fn locate(&self, i: usize) -> String {
         let (k, m) = &self.samples[i];
@@ -636,6 +658,8 @@ mod tests {
         assert_eq!((a.caption.as_deref(), a.label), (Some("from json"), 5));
         let b = ds.fetch(1).unwrap();
         assert_eq!((b.caption.as_deref(), b.label), (Some("from txt"), 2));
+        // Captions alone (retrieval) come from the text members, the same as a fetch gives.
+        assert_eq!((ds.caption(0).as_deref(), ds.caption(1).as_deref()), (Some("from json"), Some("from txt")));
         // A bad .json makes the sample unreadable (skipped and counted by the pipeline), naming it.
         let err = ds.fetch(2).unwrap_err();
         assert!(err.contains("c.json") && err.contains("j-0.tar"), "{err}");

@@ -124,28 +124,21 @@ fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, T
 /// The directory of the best checkpoint by `checkpoint.best`, apart from the step directories.
 pub const BEST_DIR: &str = "best";
 
-/// Save the model's and the optimiser's items as `dir/best/` (never pruned,
-/// never named by `latest`). Collective, as [`save`].
-pub fn save_best<C: Collective>(
-    comm: &C,
-    dir: &Path,
-    state: &State,
-    model: &[StateItem],
-    optim: &[StateItem],
-) -> Result<Option<PathBuf>> {
-    let canonical = |items: &[StateItem]| -> Vec<(String, Tensor)> {
-        items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
-    };
-    let (m, o) = (canonical(model), canonical(optim));
-    let out = match comm.rank() {
-        0 => Some(write_dir(dir, BEST_DIR, state, &[("model.safetensors", &m), ("optim.safetensors", &o)])?),
-        _ => None,
-    };
-    comm.barrier();
-    Ok(out)
+/// Where [`save`] writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Slot {
+    /// `step-<N>`, then named by `latest`, and this run's checkpoints beyond
+    /// the newest `keep` (0 = all) pruned.
+    Step {
+        /// Checkpoints of this run to keep.
+        keep: usize,
+    },
+    /// `best/`: never pruned, never named by `latest`.
+    Best,
 }
 
-/// Save the model's and the optimiser's items. Collective: every rank calls it;
+/// Save the model's and the optimiser's items into `slot`. Collective: every
+/// rank calls it (sharded items are gathered into their canonical layout);
 /// rank 0 writes and returns the directory.
 pub fn save<C: Collective>(
     comm: &C,
@@ -153,16 +146,17 @@ pub fn save<C: Collective>(
     state: &State,
     model: &[StateItem],
     optim: &[StateItem],
-    keep: usize,
+    slot: Slot,
 ) -> Result<Option<PathBuf>> {
     let canonical = |items: &[StateItem]| -> Vec<(String, Tensor)> {
         items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
     };
     let (m, o) = (canonical(model), canonical(optim));
-    let out = if comm.rank() == 0 {
-        Some(commit(dir, state, &[("model.safetensors", &m), ("optim.safetensors", &o)], keep)?)
-    } else {
-        None
+    let files: [(&str, &[(String, Tensor)]); 2] = [("model.safetensors", &m), ("optim.safetensors", &o)];
+    let out = match (comm.rank(), slot) {
+        (0, Slot::Step { keep }) => Some(commit(dir, state, &files, keep)?),
+        (0, Slot::Best) => Some(write_dir(dir, BEST_DIR, state, &files)?),
+        _ => None,
     };
     comm.barrier();
     Ok(out)

@@ -444,20 +444,19 @@ pub fn zero_shot_top1<C: Collective>(
 }
 
 /// The caption of each image of `set`: a file's own (CSV, `.txt`, `.json`), or
-/// for labelled images without one, the class name in template `i mod T` (as
-/// CLIP training on class names captions them).
-pub fn captions(set: &EvalSet, class_names: &[String]) -> Vec<Option<String>> {
-    let from_class = |i: usize, label: i64| {
-        let name = usize::try_from(label).ok().and_then(|l| class_names.get(l))?;
+/// for an image with a label (`labels`, as [`features`] returns them) and none,
+/// the class name in template `i mod T` (as CLIP training on class names
+/// captions them). No image is read again.
+pub fn captions(set: &EvalSet, labels: &[i64], class_names: &[String]) -> Vec<Option<String>> {
+    let from_class = |i: usize| {
+        let name = usize::try_from(labels[i]).ok().and_then(|l| class_names.get(l))?;
         Some(text::caption(i, name))
     };
     match set {
-        EvalSet::Idx(images) => (0..images.len()).map(|i| from_class(i, images.labels[i] as i64)).collect(),
-        EvalSet::Files { source, indices, .. } => indices
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| source.caption(k).or_else(|| source.fetch(k).ok().and_then(|s| from_class(i, s.label))))
-            .collect(),
+        EvalSet::Idx(_) => (0..set.len()).map(from_class).collect(),
+        EvalSet::Files { source, indices, .. } => {
+            indices.iter().enumerate().map(|(i, &k)| source.caption(k).or_else(|| from_class(i))).collect()
+        }
     }
 }
 
@@ -536,7 +535,8 @@ pub fn retrieval_of<C: Collective>(
     context: usize,
     dim: i64,
 ) -> anyhow::Result<Option<[f64; 6]>> {
-    let caps = captions(test, class_names);
+    let (img, labels) = features(comm, test, device, dim, |x| model.encode_image(x).expect("CLIP model"));
+    let caps = captions(test, &labels, class_names);
     let mut distinct: Vec<String> = caps.iter().flatten().cloned().collect();
     distinct.sort();
     distinct.dedup();
@@ -557,7 +557,6 @@ pub fn retrieval_of<C: Collective>(
         };
         texts.push(l2_normalize(&e.to_kind(Kind::Float)));
     }
-    let (img, _) = features(comm, test, device, dim, |x| model.encode_image(x).expect("CLIP model"));
     Ok(Some(retrieval(comm, &img, &Tensor::cat(&texts, 0), &of)))
 }
 

@@ -72,16 +72,14 @@ pub struct Metrics {
     textfile: Option<(PathBuf, usize)>,
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge> {
-    let g = Gauge::new(name, help)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
-}
-
-fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+/// Register a new metric with `r` and hand it back.
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    metric: prometheus::Result<T>,
+) -> Result<T> {
+    let m = metric?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
 impl Metrics {
@@ -91,66 +89,50 @@ impl Metrics {
         let r = Registry::new_custom(None, Some(labels))?;
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        let counter_vec = |name: &str, help: &str| -> Result<IntCounterVec> {
-            let c = IntCounterVec::new(Opts::new(name, help), &["op"])?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let gauge = |name: &str, help: &str| register(&r, Gauge::new(name, help));
+        let int_gauge = |name: &str, help: &str| register(&r, IntGauge::new(name, help));
+        let per_op = |name: &str, help: &str| register(&r, IntCounterVec::new(Opts::new(name, help), &["op"]));
         let buckets = prometheus::exponential_buckets(1e-4, 2.0, 18)?;
-        let phase_seconds = HistogramVec::new(
-            HistogramOpts::new("contrast_step_phase_seconds", "Seconds of each phase of a step").buckets(buckets),
-            &["phase"],
-        )?;
-        r.register(Box::new(phase_seconds.clone()))?;
-        let collective_seconds = prometheus::CounterVec::new(
-            Opts::new("contrast_collective_seconds_total", "Seconds inside each kind of collective (waiting included)"),
-            &["op"],
-        )?;
-        r.register(Box::new(collective_seconds.clone()))?;
-        let samples_total =
-            IntCounter::new("contrast_samples_total", "Samples trained on by the job since this process started")?;
-        r.register(Box::new(samples_total.clone()))?;
+        let phases =
+            HistogramOpts::new("contrast_step_phase_seconds", "Seconds of each phase of a step").buckets(buckets);
+        let seconds =
+            Opts::new("contrast_collective_seconds_total", "Seconds inside each kind of collective (waiting included)");
         let m = Self {
-            step: int_gauge(&r, "contrast_step", "Optimiser steps done")?,
-            loss: gauge(&r, "contrast_loss", "Global loss of the last step")?,
+            step: int_gauge("contrast_step", "Optimiser steps done")?,
+            loss: gauge("contrast_loss", "Global loss of the last step")?,
             samples_per_second: gauge(
-                &r,
                 "contrast_samples_per_second",
                 "Global samples per second of the last step, wall clock with the data wait",
             )?,
-            samples_total,
-            learning_rate: gauge(&r, "contrast_learning_rate", "Learning rate of the last step")?,
-            temperature: gauge(&r, "contrast_temperature", "Loss temperature in force (1 / logit scale for CLIP)")?,
-            logit_scale: gauge(
+            samples_total: register(
                 &r,
-                "contrast_logit_scale",
-                "Learnt logit scale of an image-text method (0 for others)",
+                IntCounter::new("contrast_samples_total", "Samples trained on by the job since this process started"),
             )?,
-            phase_seconds,
-            collective_bytes: counter_vec(
+            learning_rate: gauge("contrast_learning_rate", "Learning rate of the last step")?,
+            temperature: gauge("contrast_temperature", "Loss temperature in force (1 / logit scale for CLIP)")?,
+            logit_scale: gauge("contrast_logit_scale", "Learnt logit scale of an image-text method (0 for others)")?,
+            phase_seconds: register(&r, HistogramVec::new(phases, &["phase"]))?,
+            collective_bytes: per_op(
                 "contrast_collective_bytes_total",
                 "Bytes this rank sent into each kind of collective",
             )?,
-            collective_seconds,
-            collective_calls: counter_vec("contrast_collective_calls_total", "Calls of each kind of collective")?,
+            collective_seconds: register(&r, prometheus::CounterVec::new(seconds, &["op"]))?,
+            collective_calls: per_op("contrast_collective_calls_total", "Calls of each kind of collective")?,
             negatives_per_anchor: int_gauge(
-                &r,
                 "contrast_negatives_per_anchor",
                 "Negatives each anchor is contrasted with",
             )?,
             queue_fill: gauge(
-                &r,
                 "contrast_queue_fill_ratio",
                 "Fraction of the MoCo queue holding real keys (0 without a queue)",
             )?,
-            bad_samples: int_gauge(&r, "contrast_bad_samples", "Distinct unreadable samples so far, all ranks")?,
+            bad_samples: int_gauge("contrast_bad_samples", "Distinct unreadable samples so far, all ranks")?,
             embedding_std: gauge(
-                &r,
                 "contrast_embedding_std",
                 "Std of the normalised embeddings (collapse guard; 1/sqrt(d) healthy)",
             )?,
-            grad_norm: gauge(&r, "contrast_grad_norm", "Global gradient norm of the last step")?,
-            registry: r,
+            grad_norm: gauge("contrast_grad_norm", "Global gradient norm of the last step")?,
+            registry: r.clone(),
             last_comm: contrast_comm::comm_stats(),
             textfile: None,
         };

@@ -9,7 +9,7 @@
 //! all-reduced sum, and the step's control vector (bad samples; later stop
 //! requests) rides on that same all-reduce.
 
-use crate::checkpoint::{self, State};
+use crate::checkpoint::{self, Slot, State};
 use crate::eval::{self, EvalData};
 use crate::metrics::{Metrics, StepFigures, StepTimes};
 use crate::{EvalFigures, Summary};
@@ -106,7 +106,14 @@ impl Checkpointer {
     }
 
     fn save<C: Collective>(&self, comm: &C, method: &dyn Method, opt: &Optimizer, state: &State) -> Result<()> {
-        let saved = checkpoint::save(comm, &self.dir, state, &method.state(), &optim_items(opt), self.keep)?;
+        let saved = checkpoint::save(
+            comm,
+            &self.dir,
+            state,
+            &method.state(),
+            &optim_items(opt),
+            Slot::Step { keep: self.keep },
+        )?;
         if let Some(p) = saved {
             tracing::info!("checkpoint {}", p.display());
         }
@@ -776,7 +783,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
         }
         self.progress.best = Some(value);
         let (dir, state) = (&self.plan.config.checkpoint.dir, self.state(step, loss));
-        let saved = checkpoint::save_best(self.comm, dir, &state, &self.method.state(), &optim_items(&self.opt))?;
+        let (model, optim) = (self.method.state(), optim_items(&self.opt));
+        let saved = checkpoint::save(self.comm, dir, &state, &model, &optim, Slot::Best)?;
         if let Some(p) = saved {
             tracing::info!("best {name} so far, {value:.4} at step {step}: {}", p.display());
         }
