@@ -380,7 +380,7 @@ impl Worker {
     /// sample never takes the worker down).
     fn serve(mut self, w: usize, tickets: Receiver<usize>, results: Sender<Produced>) {
         // Its log lines (a skipped sample) carry the rank, as the main thread's do.
-        let _rank = tracing::info_span!("rank", rank = self.cfg.rank).entered();
+        let _rank = tracing::error_span!("rank", rank = self.cfg.rank).entered();
         while let Ok(step) = tickets.recv() {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step))).unwrap_or_else(|e| {
                 let msg = e

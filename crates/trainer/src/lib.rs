@@ -81,7 +81,8 @@ pub fn plain_logs() -> bool {
 
 /// Set up logging before anything else: rank 0 (as the launcher names it) logs
 /// at info, the others at warn; `CONTRAST_LOG` overrides (`debug`, `warn`, …).
-/// Every line carries the rank through a `rank` span each thread enters.
+/// Every line carries the rank through a `rank` span each thread enters (an
+/// error-level span, so that it is not filtered out where only warnings log).
 pub fn init_logging(format: LogFormat) {
     LOG_FORMAT.get_or_init(|| format);
     let rank = contrast_comm::launcher_rank(|v| std::env::var(v).ok()).unwrap_or(0);
@@ -302,7 +303,7 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
     signals::install().context("installing the stop-signal handlers")?;
-    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
+    let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
     // A panic on one rank must not unwind into MPI_Finalize while the others wait in a
     // collective: it becomes an error (the panic hook has printed it), and any error aborts the job.
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&comm, path, overrides)))
@@ -518,7 +519,7 @@ fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpoint
 /// `paths` metadata). Features are computed in slices across ranks.
 pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
-    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
+    let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
     let plan = load_plan(&comm, path, overrides)?;
     let m = load_checkpointed(&comm, &plan, ckpt)?;
     let (set, name) = data::embed_set(&plan, test)?;
@@ -547,7 +548,7 @@ pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path,
 /// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
 pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
-    let _rank = tracing::info_span!("rank", rank = comm.rank()).entered();
+    let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
     let plan = load_plan(&comm, path, overrides)?;
     let Checkpointed { method, device, tokenizer, loaded } = load_checkpointed(&comm, &plan, ckpt)?;
     let data = data::load_eval(&plan, None)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;

@@ -586,7 +586,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         }
         while let Some(batch) = pipeline.next_batch() {
             let batch = batch?;
-            let _step = tracing::info_span!("step", step = batch.step + 1).entered();
+            let _step = tracing::error_span!("step", step = batch.step + 1).entered();
             let record = self.step(batch, &mut pipeline)?;
             self.after(&record)?;
             if record.stop_ranks > 0 {

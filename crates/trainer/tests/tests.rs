@@ -770,6 +770,17 @@ fn log_lines_name_their_rank_plain_and_json() {
         "{err}"
     );
     assert!(err.contains("rank{rank=1}"), "rank 1 logs at info when asked: {err}");
+    // At the default level rank 1 logs only warnings, and they carry its rank too (its metrics port is taken).
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("metrics.listen=127.0.0.1:{}", busy.local_addr().unwrap().port() - 1);
+    let mut args = base.to_vec();
+    args.extend(["--set", &listen]);
+    let out = ok(run(2, &args, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().any(|l| l.contains("WARN") && l.contains("rank{rank=1}") && l.contains("cannot listen")),
+        "{err}"
+    );
     // JSON: every line is an object; the rank and step are fields of its spans.
     let mut args = vec!["--log-format", "json"];
     args.extend(base);
