@@ -1,0 +1,176 @@
+//! Open sets of components: methods and encoders declare their own keys,
+//! defaults and checks next to their code, and a [`Catalog`] of them (the
+//! registry in `contrast-nn`) is what [`crate::Plan::resolve`] consults. Adding
+//! a method or an encoder touches its own file and one registration line; this
+//! crate names none of them.
+
+use crate::{invalid, AugmentPreset, ConfigError, LossKind, Norm};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::{Mapping, Value};
+
+/// A component's own keys (`method.*` or the encoder's `model.*`), as YAML values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Settings(pub Mapping);
+
+impl Settings {
+    /// The fields of a settings struct (its defaults, when `value` is `T::default()`).
+    pub fn of<T: Serialize>(value: &T) -> Self {
+        match serde_yaml_ng::to_value(value).expect("settings serialise") {
+            Value::Mapping(m) => Settings(m),
+            other => panic!("settings must serialise to a mapping, got {other:?}"),
+        }
+    }
+
+    /// The key names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().filter_map(Value::as_str)
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    /// Set `key` to `value` (tests and presets).
+    pub fn set(&mut self, key: &str, value: impl Serialize) {
+        let value = serde_yaml_ng::to_value(value).expect("a value serialises");
+        self.0.insert(Value::String(key.into()), value);
+    }
+
+    /// `defaults` with these settings laid over them.
+    pub fn over(&self, defaults: &Settings) -> Settings {
+        let mut merged = defaults.clone();
+        for (k, v) in &self.0 {
+            merged.0.insert(k.clone(), v.clone());
+        }
+        merged
+    }
+
+    /// The settings as the component's typed struct; an error names `section.key`.
+    pub fn parse<T: DeserializeOwned>(&self, section: &str) -> Result<T, ConfigError> {
+        serde_path_to_error::deserialize(Value::Mapping(self.0.clone())).map_err(|e| {
+            let key = format!("{section}.{}", e.path());
+            invalid(key, e.inner().to_string())
+        })
+    }
+}
+
+/// What a method's checks see of the rest of the run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunInfo {
+    /// Global batch N.
+    pub global_batch: usize,
+    /// Ranks P.
+    pub world_size: usize,
+    /// The loss.
+    pub loss: LossKind,
+    /// The encoder's normalisation.
+    pub norm: Norm,
+}
+
+/// A training method's configuration: its name, keys, losses and checks.
+/// Implemented next to the method (`contrast-nn/src/method/<name>.rs`).
+pub trait MethodSpec: Send + Sync {
+    /// The `method.name` value (`moco_v2`).
+    fn name(&self) -> &'static str;
+    /// Every `method.*` key it reads, with its default (usually
+    /// `Settings::of(&Keys::default())` of a serde struct with a doc per field).
+    fn defaults(&self) -> Settings;
+    /// The loss when `loss.name` is unset.
+    fn own_loss(&self) -> LossKind;
+    /// Whether it trains with `loss`.
+    fn accepts_loss(&self, loss: LossKind) -> bool {
+        loss == self.own_loss()
+    }
+    /// With `method.name` unset: whether this is the method for `loss`.
+    fn is_default_for(&self, _loss: Option<LossKind>) -> bool {
+        false
+    }
+    /// Whether it trains on the views of augmentation `preset` with `loss`.
+    fn accepts_augment(&self, preset: AugmentPreset, _loss: LossKind) -> bool {
+        preset != AugmentPreset::Swav
+    }
+    /// The head keys of `model.*` it reads (of `proj_dim`, `proj_hidden`, `text`).
+    fn model_keys(&self) -> &'static [&'static str] {
+        &["proj_dim", "proj_hidden"]
+    }
+    /// Check its settings (defaults filled in) against the run; errors name the key.
+    fn check(&self, settings: &Settings, run: &RunInfo) -> Result<(), ConfigError>;
+    /// Its part of the plan line (` method=MocoV2 queue_size=… queue_shard=…`).
+    fn describe(&self, settings: &Settings, run: &RunInfo) -> String;
+    /// Negatives per anchor, where the method decides them (a queue); else the loss does.
+    fn negatives_per_anchor(&self, _settings: &Settings, _run: &RunInfo) -> Option<usize> {
+        None
+    }
+    /// Keys it holds in a queue (the metrics report its fill); 0 for none.
+    fn queue_size(&self, _settings: &Settings) -> usize {
+        0
+    }
+    /// The view whose rows the pipeline makes for a shuffled slice of the global
+    /// batch (shuffle-BN's key view), if any.
+    fn shuffled_view(&self, _settings: &Settings) -> Option<usize> {
+        None
+    }
+}
+
+/// An image encoder's configuration: its keys among `model.*` and their checks.
+/// Implemented next to the encoder (`contrast-nn/src/encoder/<name>.rs`).
+pub trait EncoderSpec: Send + Sync {
+    /// The `model.encoder` value.
+    fn name(&self) -> &'static str;
+    /// Every `model.*` key of its own, with its default.
+    fn defaults(&self) -> Settings;
+    /// Check its settings (defaults filled in); errors name the key.
+    fn check(&self, settings: &Settings) -> Result<(), ConfigError>;
+    /// Its normalisation (batch statistics break exact parity across layouts).
+    fn norm(&self, settings: &Settings) -> Norm;
+}
+
+/// The registered methods and encoders.
+pub trait Catalog {
+    /// Every registered method, in registration order.
+    fn methods(&self) -> Vec<&'static dyn MethodSpec>;
+    /// Every registered encoder, in registration order.
+    fn encoders(&self) -> Vec<&'static dyn EncoderSpec>;
+    /// The method named `name`.
+    fn method(&self, name: &str) -> Option<&'static dyn MethodSpec> {
+        self.methods().into_iter().find(|m| m.name() == name)
+    }
+    /// The encoder named `name`.
+    fn encoder(&self, name: &str) -> Option<&'static dyn EncoderSpec> {
+        self.encoders().into_iter().find(|e| e.name() == name)
+    }
+}
+
+/// A method as resolved: its name and its settings with the defaults filled in.
+#[derive(Debug, Clone)]
+pub struct MethodPlan {
+    /// `method.name`.
+    pub name: String,
+    /// Every key of the method, given or default.
+    pub settings: Settings,
+    /// Keys it holds in a queue (0 for none).
+    pub queue_size: usize,
+    /// Shuffle-BN's key view, if any.
+    pub shuffled_view: Option<usize>,
+}
+
+impl MethodPlan {
+    /// The method of `spec` with `given` keys over its defaults.
+    pub fn new(spec: &dyn MethodSpec, given: &Settings) -> Self {
+        let settings = given.over(&spec.defaults());
+        Self {
+            name: spec.name().into(),
+            queue_size: spec.queue_size(&settings),
+            shuffled_view: spec.shuffled_view(&settings),
+            settings,
+        }
+    }
+
+    /// The settings as the method's typed struct.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        self.settings.parse("method")
+    }
+}

@@ -1,0 +1,255 @@
+//! `train.*`: batch, steps, device, threads, the optimiser and the schedule.
+
+use crate::applies::Rules;
+use crate::{invalid, Config, ConfigError, LossKind, Topology};
+use serde::{Deserialize, Serialize};
+
+/// `train.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Samples per optimiser step over all ranks (N = P·B).
+    pub global_batch: i64,
+    /// Optimiser steps of the whole run.
+    pub steps: i64,
+    /// `cpu`, `cuda`, `cuda:K` or `auto` (CUDA if present; device = local rank mod GPUs).
+    pub device: String,
+    /// libtorch intra-op threads per rank (0 = cores ÷ ranks on this host).
+    pub threads: usize,
+    /// Continue from `checkpoint.dir/latest` when it exists.
+    pub resume: bool,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: f64,
+    /// Print and log a line every this many steps.
+    pub log_every: i64,
+    /// Collapse guard: warn when the batch standard deviation of the L2-normalised embeddings,
+    /// times √d (1 when healthy, 0 when collapsed), stays below this for 20 steps (0 = off).
+    pub collapse_threshold: f64,
+    /// Optimiser.
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            global_batch: 256,
+            steps: 1000,
+            device: "cpu".into(),
+            threads: 0,
+            resume: false,
+            grad_clip: 0.0,
+            log_every: 20,
+            collapse_threshold: 0.2,
+            optimizer: OptimizerConfig::default(),
+            schedule: ScheduleConfig::default(),
+        }
+    }
+}
+
+/// `train.optimizer.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// `sgd` (with momentum) or `adamw`.
+    pub name: OptimizerName,
+    /// Wrap the optimiser in LARS (layer-wise trust ratio; biases and norm weights excluded, as in BYOL/SimCLR).
+    pub lars: bool,
+    /// LARS trust coefficient η.
+    pub trust_coefficient: f64,
+    /// Peak learning rate; see `lr_scale`.
+    pub lr: f64,
+    /// `absolute` (lr as given) or `per_256` (lr × global_batch / 256, the linear scaling rule).
+    pub lr_scale: LrScale,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// SGD: use Nesterov momentum.
+    pub nesterov: bool,
+    /// Decoupled weight decay; never applied to biases, norm weights or the logit scale.
+    pub weight_decay: f64,
+    /// AdamW betas.
+    pub betas: [f64; 2],
+    /// AdamW epsilon.
+    pub eps: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            name: OptimizerName::Adamw,
+            lars: false,
+            trust_coefficient: 1e-3,
+            lr: 1e-3,
+            lr_scale: LrScale::Absolute,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+        }
+    }
+}
+
+/// `train.schedule.*`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// `cosine` (to `final_lr_frac` × lr) or `constant`, both after the warm-up.
+    pub name: ScheduleName,
+    /// Steps of linear warm-up from 0 to the peak learning rate.
+    pub warmup_steps: i64,
+    /// Cosine schedule ends at this fraction of the peak learning rate.
+    pub final_lr_frac: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { name: ScheduleName::Cosine, warmup_steps: 50, final_lr_frac: 0.0 }
+    }
+}
+
+/// How the EMA momentum of a method's target network moves over the run
+/// (`method.momentum_schedule` of MoCo and BYOL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MomentumSchedule {
+    /// m throughout (MoCo).
+    Constant,
+    /// 1 − (1 − m₀)(cos(πk/K) + 1)/2 (BYOL).
+    Cosine,
+}
+
+/// `train.optimizer.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    /// SGD with momentum (`torch.optim.SGD`).
+    Sgd,
+    /// AdamW (`torch.optim.AdamW`).
+    Adamw,
+}
+
+/// `train.optimizer.lr_scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScale {
+    /// The learning rate as given.
+    Absolute,
+    /// lr × global_batch / 256 (the linear scaling rule).
+    #[serde(rename = "per_256")]
+    Per256,
+}
+
+/// `train.schedule.name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleName {
+    /// Cosine decay after the warm-up.
+    Cosine,
+    /// Constant after the warm-up.
+    Constant,
+}
+
+/// The optimiser and schedule keys the chosen ones do not read.
+pub(crate) fn rules(t: &TrainConfig, r: &mut Rules) {
+    let o = &t.optimizer;
+    r.keys("train.optimizer", &["momentum", "nesterov"], "train.optimizer.name: adamw", o.name == OptimizerName::Adamw);
+    r.keys("train.optimizer", &["betas", "eps"], "train.optimizer.name: sgd", o.name == OptimizerName::Sgd);
+    r.keys("train.optimizer", &["trust_coefficient"], "train.optimizer.lars: false", !o.lars);
+    r.keys(
+        "train.schedule",
+        &["final_lr_frac"],
+        "train.schedule.name: constant",
+        t.schedule.name == ScheduleName::Constant,
+    );
+}
+
+/// Train keys; returns the global batch.
+pub(crate) fn check(c: &Config, loss: LossKind, p: usize) -> Result<usize, ConfigError> {
+    let t = &c.train;
+    if t.global_batch <= 0 {
+        return Err(invalid("train.global_batch", format!("must be positive, got {}", t.global_batch)));
+    }
+    let global_batch = t.global_batch as usize;
+    if global_batch % p != 0 {
+        return Err(invalid(
+            "train.global_batch",
+            format!(
+                "{global_batch} is not divisible by the world size {p} (local batch would be {:.2})",
+                global_batch as f64 / p as f64
+            ),
+        ));
+    }
+    if loss.needs_negatives() && global_batch < 2 {
+        return Err(invalid("train.global_batch", format!("{loss:?} needs at least 2 samples for a negative")));
+    }
+    if t.steps <= 0 {
+        return Err(invalid("train.steps", format!("must be positive, got {}", t.steps)));
+    }
+    if t.log_every <= 0 {
+        return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
+    }
+    if t.grad_clip < 0.0 {
+        return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));
+    }
+    match t.device.as_str() {
+        "cpu" | "cuda" | "auto" => {}
+        d if d.strip_prefix("cuda:").is_some_and(|k| k.parse::<usize>().is_ok()) => {}
+        d => return Err(invalid("train.device", format!("`{d}` is not cpu, cuda, cuda:K or auto"))),
+    }
+    let o = &t.optimizer;
+    if !(o.lr > 0.0) {
+        return Err(invalid("train.optimizer.lr", format!("must be > 0, got {}", o.lr)));
+    }
+    if o.weight_decay < 0.0 {
+        return Err(invalid("train.optimizer.weight_decay", format!("must be ≥ 0, got {}", o.weight_decay)));
+    }
+    if !(0.0..1.0).contains(&o.momentum) {
+        return Err(invalid("train.optimizer.momentum", format!("must lie in [0, 1), got {}", o.momentum)));
+    }
+    for (key, b) in [("train.optimizer.betas", o.betas[0]), ("train.optimizer.betas", o.betas[1])] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(invalid(key, format!("each β must lie in [0, 1), got {:?}", o.betas)));
+        }
+    }
+    if !(o.eps > 0.0 && o.eps.is_finite()) {
+        return Err(invalid("train.optimizer.eps", format!("must be > 0, got {}", o.eps)));
+    }
+    if !(0.0..=1.0).contains(&t.schedule.final_lr_frac) {
+        return Err(invalid(
+            "train.schedule.final_lr_frac",
+            format!("must lie in [0, 1], got {}", t.schedule.final_lr_frac),
+        ));
+    }
+    if o.lars && !(o.trust_coefficient > 0.0) {
+        return Err(invalid("train.optimizer.trust_coefficient", format!("must be > 0, got {}", o.trust_coefficient)));
+    }
+    if !(t.collapse_threshold >= 0.0) {
+        return Err(invalid("train.collapse_threshold", format!("must be ≥ 0, got {}", t.collapse_threshold)));
+    }
+    let s = &t.schedule;
+    if s.warmup_steps < 0 {
+        return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
+    }
+    Ok(global_batch)
+}
+
+/// libtorch threads per rank and where the number came from.
+pub(crate) fn threads_of(c: &Config, topo: Topology) -> (usize, String) {
+    let t = &c.train;
+    let local_size = topo.local_size.max(1);
+    if t.threads > 0 {
+        (t.threads, "train.threads".to_string())
+    } else {
+        let share = (topo.host_cores / local_size).max(1);
+        let n = share.min(topo.rank_cores.max(1));
+        (
+            n,
+            format!(
+                "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
+                topo.host_cores, local_size, topo.rank_cores
+            ),
+        )
+    }
+}

@@ -1,0 +1,171 @@
+//! Reading YAML: size and depth bounds before parsing, `--set` overrides, and
+//! the keys a file gives.
+
+use crate::{Config, ConfigError};
+use std::path::Path;
+
+/// The largest config file read (a config is a few kB).
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// The deepest nesting of mappings and sequences a config may have.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// Refuse a config that is too large or nested too deeply before the YAML
+/// parser sees it (a 100k-deep document costs the parser tens of seconds).
+/// Depth counts block indentation levels, `- ` sequence entries and flow
+/// brackets outside quotes and comments — an upper bound of the parser's.
+pub fn check_yaml_shape(text: &str) -> Result<(), String> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(format!("{} bytes; a config may be at most {MAX_CONFIG_BYTES}", text.len()));
+    }
+    let (mut indents, mut flow, mut deepest) = (Vec::<usize>::new(), 0usize, 0usize);
+    for (n, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches(' ');
+        if flow == 0 && !body.is_empty() && !body.starts_with('#') {
+            let indent = line.len() - body.len();
+            while indents.last().is_some_and(|&top| top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let dashes = body.split_inclusive("- ").take_while(|p| p.trim_start() == "- ").count();
+        deepest = deepest.max(indents.len() + dashes + flow);
+        let mut quote = None;
+        let mut prev = ' ';
+        for c in body.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q && prev != '\\' => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            deepest = deepest.max(indents.len() + dashes + flow);
+            prev = c;
+        }
+        if deepest > MAX_YAML_DEPTH {
+            return Err(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", n + 1));
+        }
+    }
+    Ok(())
+}
+
+/// Write numbers that came from `f32` fields as the f32's shortest decimal
+/// (`0.3`, not `0.30000001192092896`); an f64 value is never changed.
+pub(crate) fn shortest_f32(v: &mut serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match v {
+        Value::Number(n) => {
+            if let Some(x) = n.as_f64().filter(|x| x.fract() != 0.0 && (*x as f32) as f64 == *x) {
+                if let Ok(short) = (x as f32).to_string().parse::<f64>() {
+                    *v = Value::from(short);
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(shortest_f32),
+        Value::Mapping(m) => m.iter_mut().for_each(|(_, x)| shortest_f32(x)),
+        _ => {}
+    }
+}
+
+/// Parse YAML text after [`check_yaml_shape`].
+fn parse_yaml(text: &str, origin: &str) -> Result<serde_yaml_ng::Value, ConfigError> {
+    check_yaml_shape(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })?;
+    serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+}
+
+impl Config {
+    /// Parse YAML text; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let value = parse_yaml(text, origin)?;
+        Self::from_value(value, origin)
+    }
+
+    fn from_value(value: serde_yaml_ng::Value, origin: &str) -> Result<Self, ConfigError> {
+        let value = if value.is_null() { serde_yaml_ng::Value::Mapping(Default::default()) } else { value };
+        let mut given = std::collections::BTreeSet::new();
+        collect_keys(&value, "", &mut given);
+        // The path of the failing key (`model.norm: unknown variant ...`) comes with the message.
+        let mut c: Self = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let message = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
+            ConfigError::Parse { path: origin.into(), message }
+        })?;
+        c.given = given;
+        Ok(c)
+    }
+
+    /// Read a YAML file and apply `KEY=VALUE` overrides (values parsed as YAML).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = read_bounded(path)?;
+        let mut value = parse_yaml(&text, &origin)?;
+        if value.is_null() {
+            value = serde_yaml_ng::Value::Mapping(Default::default());
+        }
+        // Check the file alone first so that an unknown key is blamed on the file.
+        Self::from_value(value.clone(), &origin)?;
+        let mut only_overrides = serde_yaml_ng::Value::Mapping(Default::default());
+        for o in overrides {
+            apply_override(&mut value, o)?;
+            apply_override(&mut only_overrides, o)?;
+        }
+        let mut c = Self::from_value(value, &format!("{origin} (with --set overrides)"))?;
+        if text.starts_with(RESOLVED_HEADER) {
+            // A run's resolved config lists every default (in older versions also
+            // keys its components did not read): only the overrides are choices.
+            c.given.clear();
+            collect_keys(&only_overrides, "", &mut c.given);
+        }
+        Ok(c)
+    }
+}
+
+/// The first line of the config a run writes into its directory
+/// (`Plan::resolved_yaml` with this header): its keys are resolved values, not
+/// choices, so keys that do not apply are not refused when it is read back.
+pub const RESOLVED_HEADER: &str = "# The configuration this run resolved";
+
+/// A config file's text, reading at most one byte past [`MAX_CONFIG_BYTES`].
+fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read = |source| ConfigError::Read { path: path.to_path_buf(), source };
+    let mut text = String::new();
+    let file = std::fs::File::open(path).map_err(read)?;
+    file.take(MAX_CONFIG_BYTES as u64 + 1).read_to_string(&mut text).map_err(read)?;
+    Ok(text)
+}
+
+/// Every dotted key of a YAML mapping (`loss`, `loss.margin`, ...).
+fn collect_keys(v: &serde_yaml_ng::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    if let Some(map) = v.as_mapping() {
+        for (k, child) in map {
+            let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
+            let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+            collect_keys(child, &key, out);
+            out.insert(key);
+        }
+    }
+}
+
+/// Set `a.b.c=value` inside a YAML mapping, creating intermediate mappings.
+fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), ConfigError> {
+    use serde_yaml_ng::Value;
+    let (key, raw) = spec.split_once('=').ok_or_else(|| ConfigError::Override(spec.into()))?;
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(ConfigError::Override(spec.into()));
+    }
+    check_yaml_shape(raw).map_err(|message| ConfigError::Parse { path: format!("--set {key}"), message })?;
+    let parsed: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
+    let mut node = root;
+    for part in key.split('.') {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("mapping");
+        node = map.entry(Value::String(part.into())).or_insert(Value::Null);
+    }
+    *node = parsed;
+    Ok(())
+}
