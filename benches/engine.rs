@@ -8,7 +8,7 @@
 //! Prints milliseconds per step and the ratio engine / direct (1.00 = free).
 
 use contrast_comm::Solo;
-use contrast_config::{LossKind, MethodName, MethodPlan, ModelConfig, Norm};
+use contrast_config::{LossKind, ModelConfig, Norm};
 use contrast_nn::loss::{ntxent_share, Shard};
 use contrast_nn::method::{build, Batch, Spec};
 use contrast_nn::GlobalBatch;
@@ -21,15 +21,11 @@ fn main() {
     println!("engine overhead, SimCLR conv encoder (width 32, embed 1024, proj 64), 28×28 inputs, {threads} threads");
     println!("{:>6} {:>12} {:>12} {:>8}", "batch", "direct ms", "engine ms", "ratio");
     for n in [64i64, 128, 256] {
-        let mut spec = Spec::new(MethodPlan::of(MethodName::Simclr), LossKind::NtXent, n as usize);
-        spec.model = ModelConfig {
-            width: 32,
-            embed_dim: 1024,
-            proj_dim: 64,
-            proj_hidden: 512,
-            norm: Norm::Group,
-            ..Default::default()
-        };
+        let mut spec = Spec::new(contrast_nn::method::plan("simclr").unwrap(), LossKind::NtXent, n as usize);
+        spec.model = ModelConfig { proj_dim: 64, proj_hidden: 512, ..Default::default() };
+        spec.model.encoder_keys.set("width", 32);
+        spec.model.encoder_keys.set("embed_dim", 1024);
+        spec.model.encoder_keys.set("norm", Norm::Group);
         let method = build(&spec).unwrap();
         let params: Vec<Tensor> = method.params().into_iter().map(|p| p.tensor).collect();
         let views = [

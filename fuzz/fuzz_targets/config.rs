@@ -6,6 +6,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(c) = Config::from_yaml(text, "fuzz.yaml") {
-        let _ = Plan::resolve(c, Topology { world_size: 2, local_size: 2, host_cores: 2, rank_cores: 1 });
+        let topo = Topology { world_size: 2, local_size: 2, host_cores: 2, rank_cores: 1 };
+        let _ = Plan::resolve(c, topo, &contrast_nn::Registry);
     }
 });

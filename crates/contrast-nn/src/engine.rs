@@ -1,4 +1,4 @@
-//! The global-batch engine (DESIGN.md invariant 1).
+//! The global-batch engine (docs/design.md invariant 1).
 //!
 //! ```text
 //! z_r [B,d] (graph kept) ─ all_gather(detach) ─► Z [P·B,d] (leaf)
@@ -95,24 +95,15 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         if size.len() != 2 || size[0] as usize != self.local_batch {
             return Err(NnError::Shape(format!("local embeddings must be [B={}, d], got {size:?}", self.local_batch)));
         }
-        let d = size[1];
-        let p = self.comm.world_size() as i64;
-        let gathered = match local.kind() {
-            Kind::Double => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f64>(local))),
-            _ => Tensor::from_slice(&self.comm.all_gather(&crate::to_host::<f32>(local))),
-        };
-        Ok(gathered.view([p * self.local_batch as i64, d]).to_device(local.device()))
+        Ok(crate::wire::gather_rows(self.comm, local))
     }
 
     /// `∂L/∂z_r`: the reduce-scatter sum of every rank's `∂L_r/∂Z`.
     fn scatter_grad(&self, gathered: &Tensor, like: &Tensor) -> Tensor {
         let g = gathered.grad();
         let g = if g.defined() { g } else { gathered.zeros_like() };
-        let out = match like.kind() {
-            Kind::Double => Tensor::from_slice(&self.comm.reduce_scatter_sum(&crate::to_host::<f64>(&g))),
-            _ => Tensor::from_slice(&self.comm.reduce_scatter_sum(&crate::to_host::<f32>(&g))),
-        };
-        out.view(like.size().as_slice()).to_device(like.device()).to_kind(like.kind())
+        let out = crate::wire::on_host(&g.to_kind(like.kind()), &crate::wire::ReduceScatterSum(self.comm));
+        out.view(like.size().as_slice()).to_device(like.device())
     }
 
     /// One exact step: gather the towers, run `head` (returning L_r) on the

@@ -2,20 +2,26 @@
 //!
 //! Models here know nothing about distribution (torchtitan's rule): the
 //! [`engine`] gathers embeddings, runs a loss head on the global batch and
-//! scatters the gradient back, as DESIGN.md invariant 1 describes.
+//! scatters the gradient back, as docs/design.md invariant 1 describes.
+//! Methods and encoders each live in a file of their own with their config
+//! keys beside them, listed in the [`registry`].
 #![warn(missing_docs)]
 
 pub mod ema;
+pub mod encoder;
 pub mod engine;
+pub mod head;
 pub mod loss;
 pub mod method;
-pub mod model;
 pub mod optim;
 pub mod queue;
+pub mod registry;
 pub mod state;
+pub mod wire;
 
 pub use engine::{Gathered, GlobalBatch, StepOutput, Towers};
 pub use method::Method;
+pub use registry::Registry;
 pub use tch;
 
 /// Errors of the nn crate.

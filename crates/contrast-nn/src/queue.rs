@@ -1,4 +1,4 @@
-//! MoCo's queue of negative keys, sharded over the ranks (DESIGN.md, "The
+//! MoCo's queue of negative keys, sharded over the ranks (docs/design.md, "The
 //! sharded momentum queue").
 //!
 //! The queue holds K keys in K/N *blocks*, one per step, each block one step's
@@ -61,7 +61,7 @@ impl ShardedQueue {
             )));
         }
         let (blocks, b) = (k / n, n / p);
-        let rows = (0..blocks).flat_map(|blk| (0..b).map(move |j| blk * n + rank * b + j));
+        let rows = crate::state::row_shard_indices(k, n, rank, p);
         let v: Vec<f64> = rows.flat_map(|i| Self::initial_row(seed, i, d)).collect();
         let keys = Tensor::from_slice(&v).view([(blocks * b) as i64, d as i64]);
         Ok(Self { keys, blocks, local_batch: b, ptr: 0 })
@@ -87,12 +87,8 @@ impl ShardedQueue {
         if ptr >= blocks {
             return Err(NnError::Param(format!("queue pointer {ptr} is not below the {blocks} blocks")));
         }
-        let keys = canonical
-            .view([blocks as i64, world_size as i64, b as i64, d])
-            .select(1, rank as i64)
-            .reshape([(blocks * b) as i64, d])
-            .detach()
-            .copy();
+        let keys = crate::state::row_shard(canonical, n, rank, world_size).detach().copy();
+        debug_assert_eq!(keys.size(), [(blocks * b) as i64, d]);
         Ok(Self { keys, blocks, local_batch: b, ptr })
     }
 

@@ -11,7 +11,7 @@
 //! Nothing is averaged unless its item says so: a queue shard must never be.
 
 use contrast_comm::Collective;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// How an item lies across ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +88,7 @@ impl StateItem {
     pub fn from_canonical(&self, canonical: &Tensor, rank: usize, world_size: usize) -> Tensor {
         match self.layout {
             Layout::Replicated | Layout::Mean => canonical.shallow_clone(),
-            Layout::RowSharded { block } => {
-                let s = canonical.size();
-                let b = (block / world_size) as i64;
-                let rest: Vec<i64> = s[1..].to_vec();
-                let mut shape = vec![s[0] / block as i64, world_size as i64, b];
-                shape.extend(&rest);
-                let mut out = vec![s[0] / world_size as i64];
-                out.extend(&rest);
-                canonical.view(shape.as_slice()).select(1, rank as i64).reshape(out.as_slice())
-            }
+            Layout::RowSharded { block } => row_shard(canonical, block, rank, world_size),
         }
     }
 
@@ -110,36 +101,34 @@ impl StateItem {
     }
 }
 
-/// All-gather a tensor's elements in rank order (f64 and i64 exactly, other kinds through f32).
-pub fn all_gather_tensor<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
-    match t.kind() {
-        Kind::Double => Tensor::from_slice(&comm.all_gather(&crate::to_host::<f64>(t))),
-        Kind::Int64 => Tensor::from_slice(&comm.all_gather(&crate::to_host::<i64>(t))),
-        k => Tensor::from_slice(&comm.all_gather(&crate::to_host::<f32>(t))).to_kind(k),
-    }
+/// Rank `rank`'s rows of a [`Layout::RowSharded`] tensor: rows `[r·B, (r+1)·B)`
+/// of every block of `block` canonical rows (B = block / world_size), in block order.
+pub fn row_shard(canonical: &Tensor, block: usize, rank: usize, world_size: usize) -> Tensor {
+    let s = canonical.size();
+    let b = (block / world_size) as i64;
+    let rest: Vec<i64> = s[1..].to_vec();
+    let mut shape = vec![s[0] / block as i64, world_size as i64, b];
+    shape.extend(&rest);
+    let mut out = vec![s[0] / world_size as i64];
+    out.extend(&rest);
+    canonical.view(shape.as_slice()).select(1, rank as i64).reshape(out.as_slice())
 }
 
-/// Broadcast a tensor's elements from `root` into `t` (same shape on every rank).
+/// The canonical row indices of [`row_shard`], in the same order (for drawing a
+/// shard's rows without building the canonical tensor).
+pub fn row_shard_indices(rows: usize, block: usize, rank: usize, world_size: usize) -> impl Iterator<Item = usize> {
+    let b = block / world_size;
+    (0..rows / block).flat_map(move |blk| (0..b).map(move |j| blk * block + rank * b + j))
+}
+
+/// All-gather a tensor's elements in rank order (f64 and i64 exactly, other kinds through f32).
+pub fn all_gather_tensor<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
+    crate::wire::on_host(t, &crate::wire::AllGather(comm))
+}
+
+/// Broadcast a tensor's elements from `root` (same shape on every rank).
 pub fn broadcast_tensor<C: Collective>(comm: &C, t: &Tensor, root: usize) -> Tensor {
-    let shape = t.size();
-    let out = match t.kind() {
-        Kind::Double => {
-            let mut v = crate::to_host::<f64>(t);
-            comm.broadcast(&mut v, root);
-            Tensor::from_slice(&v)
-        }
-        Kind::Int64 => {
-            let mut v = crate::to_host::<i64>(t);
-            comm.broadcast(&mut v, root);
-            Tensor::from_slice(&v)
-        }
-        k => {
-            let mut v = crate::to_host::<f32>(t);
-            comm.broadcast(&mut v, root);
-            Tensor::from_slice(&v).to_kind(k)
-        }
-    };
-    out.view(shape.as_slice())
+    crate::wire::on_host(t, &crate::wire::Broadcast(comm, root)).view(t.size().as_slice())
 }
 
 /// Whether a var-store name is a batch-norm running statistic (averaged over ranks on save).

@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
-use contrast_config::{LossKind, MethodName, MethodPlan, ModelConfig, MomentumSchedule, Norm};
+use contrast_config::{LossKind, MomentumSchedule, Norm};
 use contrast_nn::ema::Ema;
 use contrast_nn::loss::{Ctx, Shard};
 use contrast_nn::method::{build, Batch, Method, Spec, StepInfo};
@@ -121,19 +121,18 @@ fn queue_blocks_keep_global_row_order_and_evict_the_oldest() {
     assert_eq!(shards[0], shards[1]);
 }
 
-fn spec(name: MethodName, p: usize, b: usize, kind: Kind) -> Spec {
+fn spec(name: &str, p: usize, b: usize, kind: Kind) -> Spec {
     let loss = match name {
-        MethodName::MocoV2 => LossKind::InfoNce,
-        MethodName::Byol => LossKind::NormalizedMse,
+        "moco_v2" => LossKind::InfoNce,
+        "byol" => LossKind::NormalizedMse,
         _ => LossKind::NegativeCosine,
     };
-    let mut method = MethodPlan::of(name);
-    method.queue_size = 3 * p * b;
-    method.predictor_hidden = 5;
-    method.momentum = 0.9;
+    let mut method = contrast_nn::method::plan(name).unwrap();
+    set_key(&mut method, "queue_size", 3 * p * b);
+    set_key(&mut method, "predictor_hidden", 5);
+    set_key(&mut method, "momentum", 0.9);
     let mut s = Spec::new(method, loss, p * b);
-    s.model =
-        ModelConfig { width: 4, embed_dim: 32, proj_hidden: 8, proj_dim: DIM, norm: Norm::Group, ..Default::default() };
+    s.model = convnet_model(4, 32, 8, DIM, Norm::Group);
     s.shard = Shard { rank: 0, world_size: p, local_batch: b };
     s.seed = 5;
     s.kind = kind;
@@ -200,7 +199,7 @@ fn sgd(m: &dyn Method) -> Optimizer {
 }
 
 /// Loss and gradient of every parameter after one step on P ranks (rank 0's view).
-fn one_step<C: Collective>(c: &C, name: MethodName, init: &Snapshot, b: usize) -> (f64, Vec<(String, Vec<f64>)>) {
+fn one_step<C: Collective>(c: &C, name: &str, init: &Snapshot, b: usize) -> (f64, Vec<(String, Vec<f64>)>) {
     one_step_with(c, name, init, b, false)
 }
 
@@ -208,14 +207,14 @@ fn one_step<C: Collective>(c: &C, name: MethodName, init: &Snapshot, b: usize) -
 /// are those of the rows the (seed, step) permutation gives it, as the pipeline makes them.
 fn one_step_with<C: Collective>(
     c: &C,
-    name: MethodName,
+    name: &str,
     init: &Snapshot,
     b: usize,
     shuffle: bool,
 ) -> (f64, Vec<(String, Vec<f64>)>) {
     let mut s = spec(name, c.world_size(), b, Kind::Double);
     s.shard.rank = c.rank();
-    s.method.shuffle_bn = shuffle;
+    set_key(&mut s.method, "shuffle_bn", shuffle);
     let m = build(&s).unwrap();
     load_snapshot(m.as_ref(), init);
     let mut opt = sgd(m.as_ref());
@@ -241,11 +240,11 @@ fn shuffle_bn_returns_each_key_to_its_row() {
     // Without batch statistics, shuffling which rank encodes which key view must change nothing:
     // every key comes back to the rank that owns its row.
     let (p, b) = (3usize, 2usize);
-    let init = snapshot(build(&spec(MethodName::MocoV2, p, b, Kind::Double)).unwrap().as_ref());
-    let (l1, g1) = one_step(&Solo, MethodName::MocoV2, &init, p * b);
+    let init = snapshot(build(&spec("moco_v2", p, b, Kind::Double)).unwrap().as_ref());
+    let (l1, g1) = one_step(&Solo, "moco_v2", &init, p * b);
     for shuffled in [
-        vec![one_step_with(&Solo, MethodName::MocoV2, &init, p * b, true)],
-        Threads::run(p, |c| one_step_with(&c, MethodName::MocoV2, &init, b, true)),
+        vec![one_step_with(&Solo, "moco_v2", &init, p * b, true)],
+        Threads::run(p, |c| one_step_with(&c, "moco_v2", &init, b, true)),
     ] {
         for (lp, gp) in &shuffled {
             assert!((lp - l1).abs() <= 1e-9 * l1.abs(), "{lp} vs {l1}");
@@ -256,7 +255,7 @@ fn shuffle_bn_returns_each_key_to_its_row() {
     }
     // The check can fail: keys of the wrong rows give another loss.
     let wrong = Threads::run(p, |c| {
-        let mut s = spec(MethodName::MocoV2, p, b, Kind::Double);
+        let mut s = spec("moco_v2", p, b, Kind::Double);
         s.shard.rank = c.rank();
         let m = build(&s).unwrap();
         load_snapshot(m.as_ref(), &init);
@@ -277,7 +276,7 @@ fn shuffle_bn_returns_each_key_to_its_row() {
 
 #[test]
 fn moco_byol_and_simsiam_are_exact_across_ranks() {
-    for name in [MethodName::MocoV2, MethodName::Byol, MethodName::Simsiam] {
+    for name in ["moco_v2", "byol", "simsiam"] {
         for (p, b) in [(2usize, 3usize), (3, 2), (4, 2)] {
             let init = snapshot(build(&spec(name, p, b, Kind::Double)).unwrap().as_ref());
             let (l1, g1) = one_step(&Solo, name, &init, p * b);
@@ -315,10 +314,10 @@ fn run_span(
 ) -> (Vec<f64>, Saved) {
     let b = b_global / p;
     let mut out = Threads::run(p, |c| {
-        let mut s = spec(MethodName::MocoV2, p, b, Kind::Double);
+        let mut s = spec("moco_v2", p, b, Kind::Double);
         s.shard.rank = c.rank();
         // The queue of K = 3·N keys needs the same N whatever P.
-        s.method.queue_size = 3 * b_global;
+        s.method.settings.set("queue_size", 3 * b_global);
         let mut m = build(&s).unwrap();
         load_snapshot(m.as_ref(), init);
         let mut opt = sgd(m.as_ref());
@@ -338,7 +337,7 @@ fn run_span(
 fn moco_resumes_onto_another_world_size_with_the_same_queue() {
     let n = 12;
     let (s, total) = (4usize, 24usize);
-    let init = snapshot(build(&spec(MethodName::MocoV2, 1, n, Kind::Double)).unwrap().as_ref());
+    let init = snapshot(build(&spec("moco_v2", 1, n, Kind::Double)).unwrap().as_ref());
     let (straight, end) = run_span(1, n, &init, None, 0..total, total);
     for (before, after) in [(2usize, 1usize), (1, 4), (3, 2)] {
         let (first, saved) = run_span(before, n, &init, None, 0..s, total);
@@ -371,7 +370,7 @@ fn ema_follows_the_online_weights_with_constant_or_cosine_momentum() {
     assert!((cos.momentum(50, 100) - 0.995).abs() < 1e-12);
     assert!((cos.momentum(100, 100) - 1.0).abs() < 1e-15);
     // No gradient reaches a momentum encoder: its variables are frozen.
-    let m = build(&spec(MethodName::MocoV2, 1, 4, Kind::Double)).unwrap();
+    let m = build(&spec("moco_v2", 1, 4, Kind::Double)).unwrap();
     let vars = m.var_store().variables();
     assert!(vars.iter().filter(|(n, _)| n.starts_with("momentum.")).all(|(_, t)| !t.requires_grad()));
     assert!(m.params().iter().all(|p| !p.name.starts_with("momentum.")));

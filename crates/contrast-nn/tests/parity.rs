@@ -1,26 +1,19 @@
-//! DESIGN.md invariant 1: P ranks × B gives the same loss and the same
+//! docs/design.md invariant 1: P ranks × B gives the same loss and the same
 //! gradient of every parameter as 1 rank × P·B (models without batch statistics).
 
 use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
-use contrast_config::{LossConfig, LossKind, MethodName, MethodPlan, ModelConfig, Norm, TextConfig};
+use contrast_config::{LossConfig, LossKind, ModelConfig, Norm, TextConfig};
+use contrast_nn::encoder::text::Captions;
 use contrast_nn::method::{build as build_method, Batch, Method, Spec};
-use contrast_nn::model::Captions;
 use contrast_nn::GlobalBatch;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 const SIDE: i64 = 8;
 const CTX: i64 = 12;
 
-fn model_config() -> ModelConfig {
-    ModelConfig {
-        width: 4,
-        embed_dim: 32,
-        proj_hidden: 8,
-        proj_dim: 6,
-        text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX },
-        ..Default::default()
-    }
+fn model_config(norm: Norm) -> ModelConfig {
+    ModelConfig { text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX }, ..convnet_model(4, 32, 8, 6, norm) }
 }
 
 struct Inputs {
@@ -45,9 +38,9 @@ fn inputs(n: usize, seed: u64) -> Inputs {
 type Snapshot = Vec<(String, Vec<f64>, Vec<i64>)>;
 
 fn build(loss: LossKind, norm: Norm, kind: Kind) -> Box<dyn Method> {
-    let name = if loss.is_image_text() { MethodName::Clip } else { MethodName::Simclr };
-    let mut spec = Spec::new(MethodPlan::of(name), loss, 1);
-    spec.model = ModelConfig { norm, ..model_config() };
+    let name = if loss.is_image_text() { "clip" } else { "simclr" };
+    let mut spec = Spec::new(contrast_nn::method::plan(name).unwrap(), loss, 1);
+    spec.model = model_config(norm);
     spec.loss_cfg =
         LossConfig { temperature: Some(if loss.is_image_text() { 0.07 } else { 0.2 }), ..Default::default() };
     spec.kind = kind;

@@ -2,10 +2,12 @@
 //!
 //! - losses: closed forms, slow loop references and central finite differences in f64;
 //! - parity: P ranks × B equals 1 rank × P·B for loss and every parameter gradient,
-//!   on the threaded backend (DESIGN.md invariant 1);
-//! - optim: SGD/AdamW against PyTorch's update formulas, the schedule.
+//!   on the threaded backend (docs/design.md invariant 1);
+//! - optim: SGD/AdamW against PyTorch's update formulas, the schedule;
+//! - config: plan resolution with the real registry, and a method registered from outside.
 
 mod common;
+mod config;
 mod losses;
 mod methods;
 mod optim;

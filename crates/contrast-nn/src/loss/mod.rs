@@ -72,7 +72,7 @@ impl Shard {
 
 /// The communicator as losses and methods see it: all-reduces of small host
 /// vectors (how a loss counts over the *global* batch: averages over non-zero
-/// terms, anchor counts, Sinkhorn sums, MoCo's log-sum-exp) and all-gathers.
+/// terms, anchor counts, Sinkhorn sums, MoCo's log-sum-exp) and row gathers.
 /// It is object safe (the communicator's own trait is generic), so losses and
 /// methods take it as `&dyn GlobalSum`.
 pub trait GlobalSum {
@@ -80,10 +80,8 @@ pub trait GlobalSum {
     fn sum(&self, v: &mut [f64]);
     /// Element-wise maximum over all ranks, in place.
     fn max(&self, v: &mut [f64]);
-    /// Concatenation of every rank's `v`, in rank order.
-    fn gather_f32(&self, v: &[f32]) -> Vec<f32>;
-    /// Concatenation of every rank's `v`, in rank order.
-    fn gather_f64(&self, v: &[f64]) -> Vec<f64>;
+    /// Every rank's `[B, d]` rows, concatenated in rank order (no gradient).
+    fn gather_rows(&self, local: &tch::Tensor) -> tch::Tensor;
 }
 
 impl<C: contrast_comm::Collective> GlobalSum for C {
@@ -93,11 +91,8 @@ impl<C: contrast_comm::Collective> GlobalSum for C {
     fn max(&self, v: &mut [f64]) {
         self.all_reduce_max(v)
     }
-    fn gather_f32(&self, v: &[f32]) -> Vec<f32> {
-        self.all_gather(v)
-    }
-    fn gather_f64(&self, v: &[f64]) -> Vec<f64> {
-        self.all_gather(v)
+    fn gather_rows(&self, local: &tch::Tensor) -> tch::Tensor {
+        crate::wire::gather_rows(self, local)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! # Conventions (the SwAV reference `main_swav.py`)
 //! - Scores are cosines between L2-normalised embeddings and the prototypes
-//!   (`[K, d]`, L2-normalised here; the trainer also renormalises them each step).
+//!   (`[K, d]`, L2-normalised inside the loss; no method trains prototypes yet, and
+//!   SwAV's renormalisation after each step belongs to the method that will).
 //! - Codes q = Sinkhorn(exp(scores / ε)) over the global batch, `iters`
 //!   iterations: the total and the per-prototype sums are all-reduced, the
 //!   per-sample sums stay local (`distributed_sinkhorn`); codes carry no gradient.

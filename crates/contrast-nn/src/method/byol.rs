@@ -9,23 +9,76 @@
 //! target projector on the gathered target features), so their batch
 //! statistics are the global batch's and parity with one process is exact.
 
-use super::{momentum_pairs, set_kind, Batch, Method, Share, Spec, StepInfo};
+use super::{check_momentum, check_predictor, describe_momentum, momentum_pairs, set_kind, settings};
+use super::{Batch, Method, MethodEntry, Share, Spec, StepInfo};
 use crate::ema::Ema;
+use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
+use crate::head::BnMlp;
 use crate::loss::{normalized_mse_share, Ctx, GlobalSum};
-use crate::model::{BnMlp, ConvBackbone};
 use crate::{NnError, Result};
-use contrast_config::MethodName;
+use contrast_config::{ConfigError, LossKind, MethodSpec, MomentumSchedule, RunInfo, Settings};
+use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
 use tch::Tensor;
+
+/// BYOL's `method.*` keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ByolKeys {
+    /// Hidden width of the predictor MLP (required).
+    pub predictor_hidden: Option<i64>,
+    /// m₀ of the target network's EMA (0.99 suits short runs; the reference's 0.996 long ones).
+    pub momentum: f64,
+    /// BYOL's `cosine` schedule from m₀ to 1, or a `constant` m.
+    pub momentum_schedule: MomentumSchedule,
+}
+
+impl Default for ByolKeys {
+    fn default() -> Self {
+        Self { predictor_hidden: None, momentum: 0.99, momentum_schedule: MomentumSchedule::Cosine }
+    }
+}
+
+/// BYOL's configuration.
+pub struct ByolSpec;
+
+impl MethodSpec for ByolSpec {
+    fn name(&self) -> &'static str {
+        "byol"
+    }
+
+    fn defaults(&self) -> Settings {
+        Settings::of(&ByolKeys::default())
+    }
+
+    fn own_loss(&self) -> LossKind {
+        LossKind::NormalizedMse
+    }
+
+    fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        let k: ByolKeys = settings.parse("method")?;
+        check_momentum(k.momentum)?;
+        check_predictor("Byol", k.predictor_hidden, run)
+    }
+
+    fn describe(&self, settings: &Settings, _run: &RunInfo) -> String {
+        let k: ByolKeys = settings.parse("method").unwrap_or_default();
+        let hidden = k.predictor_hidden.unwrap_or(0);
+        format!(" method=Byol predictor_hidden={hidden}{}", describe_momentum(k.momentum, k.momentum_schedule))
+    }
+}
+
+/// The registration of BYOL.
+pub const ENTRY: MethodEntry = MethodEntry { spec: &ByolSpec, build: |vs, spec| Ok(Box::new(Byol::new(vs, spec)?)) };
 
 /// Online and target networks.
 pub struct Byol {
     vs: VarStore,
-    backbone: ConvBackbone,
+    backbone: Box<dyn Encoder>,
     projector: BnMlp,
     predictor: BnMlp,
-    target_backbone: ConvBackbone,
+    target_backbone: Box<dyn Encoder>,
     target_projector: BnMlp,
     ema: Ema,
 }
@@ -34,23 +87,25 @@ impl Byol {
     /// Build into `vs` (`backbone.*`, `projector.*`, `predictor.*`; targets under `momentum.*`).
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, root) = (&spec.model, vs.root());
-        let hidden = spec.method.predictor_hidden;
-        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let projector = BnMlp::new(&(&root / "projector"), m.embed_dim, m.proj_hidden, m.proj_dim, false);
+        let keys: ByolKeys = settings(spec)?;
+        let hidden = keys.predictor_hidden.unwrap_or(0);
+        let backbone = encoder::build(&(&root / "backbone"), spec)?;
+        let dim = backbone.out_dim();
+        let projector = BnMlp::new(&(&root / "projector"), dim, m.proj_hidden, m.proj_dim, false);
         let predictor = BnMlp::new(&(&root / "predictor"), m.proj_dim, hidden, m.proj_dim, false);
         let t = &root / "momentum";
-        let target_backbone = ConvBackbone::new(&(&t / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let target_projector = BnMlp::new(&(&t / "projector"), m.embed_dim, m.proj_hidden, m.proj_dim, false);
+        let target_backbone = encoder::build(&(&t / "backbone"), spec)?;
+        let target_projector = BnMlp::new(&(&t / "projector"), dim, m.proj_hidden, m.proj_dim, false);
         set_kind(&mut vs, spec);
-        let ema = Ema::new(momentum_pairs(&vs, "momentum."), spec.method.momentum, spec.method.momentum_schedule);
+        let ema = Ema::new(momentum_pairs(&vs, "momentum."), keys.momentum, keys.momentum_schedule);
         ema.copy_online();
         Ok(Self { vs, backbone, projector, predictor, target_backbone, target_projector, ema })
     }
 }
 
 impl Method for Byol {
-    fn name(&self) -> MethodName {
-        MethodName::Byol
+    fn name(&self) -> &'static str {
+        "byol"
     }
 
     fn var_store(&self) -> &VarStore {
@@ -82,7 +137,7 @@ impl Method for Byol {
         Ok(())
     }
 
-    fn features(&self, images: &Tensor) -> Tensor {
-        self.backbone.forward_t(images, false)
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
     }
 }

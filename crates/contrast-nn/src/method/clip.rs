@@ -3,19 +3,60 @@
 //! parameters. After each step the log logit scale is clamped to [0, ln 100]
 //! (open_clip).
 
-use super::{set_kind, Batch, Method, Share, Spec};
+use super::{set_kind, Batch, Method, MethodEntry, Share, Spec};
+use crate::encoder::text::{Captions, TextTower};
+use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
 use crate::loss::{clip_share, siglip_share, Ctx, GlobalSum};
-use crate::model::{Captions, ConvBackbone, TextTower};
 use crate::{NnError, Result};
-use contrast_config::{LossKind, MethodName};
+use contrast_config::{ConfigError, LossKind, MethodSpec, RunInfo, Settings};
 use tch::nn::{self, VarStore};
 use tch::Tensor;
+
+/// CLIP's configuration: no `method.*` keys; CLIP or SigLIP; reads `model.text`.
+pub struct ClipSpec;
+
+impl MethodSpec for ClipSpec {
+    fn name(&self) -> &'static str {
+        "clip"
+    }
+
+    fn defaults(&self) -> Settings {
+        Settings::default()
+    }
+
+    fn own_loss(&self) -> LossKind {
+        LossKind::Clip
+    }
+
+    fn accepts_loss(&self, loss: LossKind) -> bool {
+        loss.is_image_text()
+    }
+
+    fn is_default_for(&self, loss: Option<LossKind>) -> bool {
+        loss.is_some_and(LossKind::is_image_text)
+    }
+
+    fn model_keys(&self) -> &'static [&'static str] {
+        &["proj_dim", "text"]
+    }
+
+    fn check(&self, _settings: &Settings, _run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        Ok(())
+    }
+
+    fn describe(&self, _settings: &Settings, _run: &RunInfo) -> String {
+        " method=Clip".into()
+    }
+}
+
+/// The registration of CLIP.
+pub const ENTRY: MethodEntry = MethodEntry { spec: &ClipSpec, build: |vs, spec| Ok(Box::new(Clip::new(vs, spec)?)) };
 
 /// Image and text towers.
 pub struct Clip {
     vs: VarStore,
-    backbone: ConvBackbone,
+    backbone: Box<dyn Encoder>,
     image_proj: nn::Linear,
     text: TextTower,
     /// log of the logit scale.
@@ -29,12 +70,12 @@ impl Clip {
     /// Build into `vs` (variables `backbone.*`, `text.*`, `image_proj.*`, `loss.*`).
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, l, root) = (&spec.model, &spec.loss_cfg, vs.root());
-        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
+        let backbone = encoder::build(&(&root / "backbone"), spec)?;
         let t = &m.text;
         let text =
             TextTower::new(&(&root / "text"), spec.text_vocab, t.context, t.width, t.layers, t.heads, m.proj_dim);
         let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
-        let image_proj = nn::linear(&root / "image_proj", m.embed_dim, m.proj_dim, no_bias);
+        let image_proj = nn::linear(&root / "image_proj", backbone.out_dim(), m.proj_dim, no_bias);
         let init = (1.0 / spec.temperature()).ln();
         let head = &root / "loss";
         let logit_scale = if l.learn_scale {
@@ -50,8 +91,8 @@ impl Clip {
 }
 
 impl Method for Clip {
-    fn name(&self) -> MethodName {
-        MethodName::Clip
+    fn name(&self) -> &'static str {
+        "clip"
     }
 
     fn var_store(&self) -> &VarStore {
@@ -84,8 +125,8 @@ impl Method for Clip {
         Ok(())
     }
 
-    fn features(&self, images: &Tensor) -> Tensor {
-        self.backbone.forward_t(images, false)
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
     }
 
     fn encode_image(&self, images: &Tensor) -> Option<Tensor> {

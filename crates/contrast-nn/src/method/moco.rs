@@ -14,18 +14,110 @@
 //! the same sequence of weights (they first differ at step 0, where the
 //! reference's update is a no-op since θ_k = θ_q).
 
-use super::{momentum_pairs, set_kind, Batch, Method, Share, Spec, StepInfo};
+use super::{check_momentum, describe_momentum, momentum_pairs, set_kind, settings, Batch, Method, MethodEntry};
+use super::{Share, Spec, StepInfo};
 use crate::ema::Ema;
+use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
+use crate::head::Mlp;
 use crate::loss::{l2_normalize, Ctx, GlobalSum};
-use crate::model::{ConvBackbone, Mlp};
 use crate::queue::ShardedQueue;
 use crate::state::{Layout, StateItem};
 use crate::{NnError, Result};
-use contrast_config::MethodName;
+use contrast_config::{invalid, ConfigError, LossKind, MethodSpec, MomentumSchedule, Norm, RunInfo, Settings};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::Tensor;
+
+/// MoCo-v2's `method.*` keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MocoKeys {
+    /// Queue size K (a multiple of the global batch); each rank keeps K/P keys.
+    pub queue_size: usize,
+    /// Momentum m of the EMA key encoder (0.99 suits short runs; the reference's 0.999 long ones).
+    pub momentum: f64,
+    /// `constant` m, or BYOL's `cosine` schedule from m to 1.
+    pub momentum_schedule: MomentumSchedule,
+    /// Shuffle the key encoder's batch across ranks (needs `model.norm: batch`).
+    pub shuffle_bn: bool,
+}
+
+impl Default for MocoKeys {
+    fn default() -> Self {
+        Self { queue_size: 4096, momentum: 0.99, momentum_schedule: MomentumSchedule::Constant, shuffle_bn: false }
+    }
+}
+
+/// MoCo-v2's configuration: its keys, InfoNCE, and the queue's fit to the global batch.
+pub struct MocoSpec;
+
+impl MocoSpec {
+    fn keys(settings: &Settings) -> std::result::Result<MocoKeys, ConfigError> {
+        settings.parse("method")
+    }
+}
+
+impl MethodSpec for MocoSpec {
+    fn name(&self) -> &'static str {
+        "moco_v2"
+    }
+
+    fn defaults(&self) -> Settings {
+        Settings::of(&MocoKeys::default())
+    }
+
+    fn own_loss(&self) -> LossKind {
+        LossKind::InfoNce
+    }
+
+    fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        let k = Self::keys(settings)?;
+        check_momentum(k.momentum)?;
+        let n = run.global_batch;
+        if k.queue_size == 0 || k.queue_size % n != 0 {
+            return Err(invalid(
+                "method.queue_size",
+                format!("{} is not a positive multiple of the global batch {n}", k.queue_size),
+            ));
+        }
+        if k.shuffle_bn && run.norm != Norm::Batch {
+            return Err(invalid(
+                "method.shuffle_bn",
+                format!("shuffles batch statistics, but model.norm is {:?}: set model.norm: batch", run.norm),
+            ));
+        }
+        Ok(())
+    }
+
+    fn describe(&self, settings: &Settings, run: &RunInfo) -> String {
+        let k = Self::keys(settings).unwrap_or_default();
+        format!(
+            " method=MocoV2 queue_size={} queue_shard={}{} shuffle_bn={}",
+            k.queue_size,
+            k.queue_size / run.world_size.max(1),
+            describe_momentum(k.momentum, k.momentum_schedule),
+            k.shuffle_bn
+        )
+    }
+
+    fn negatives_per_anchor(&self, settings: &Settings, _run: &RunInfo) -> Option<usize> {
+        Some(self.queue_size(settings))
+    }
+
+    fn queue_size(&self, settings: &Settings) -> usize {
+        Self::keys(settings).map(|k| k.queue_size).unwrap_or(0)
+    }
+
+    /// Shuffle-BN: the pipeline makes the key views (view 1) of a permuted slice.
+    fn shuffled_view(&self, settings: &Settings) -> Option<usize> {
+        Self::keys(settings).is_ok_and(|k| k.shuffle_bn).then_some(1)
+    }
+}
+
+/// The registration of MoCo-v2.
+pub const ENTRY: MethodEntry = MethodEntry { spec: &MocoSpec, build: |vs, spec| Ok(Box::new(MocoV2::new(vs, spec)?)) };
 
 /// Name of the queue in checkpoints (`[K, d]`, canonical layout).
 pub const QUEUE: &str = "method.queue";
@@ -35,9 +127,9 @@ pub const QUEUE_PTR: &str = "method.queue_ptr";
 /// Query encoder, momentum key encoder and this rank's queue shard.
 pub struct MocoV2 {
     vs: VarStore,
-    backbone: ConvBackbone,
+    backbone: Box<dyn Encoder>,
     head: Mlp,
-    key_backbone: ConvBackbone,
+    key_backbone: Box<dyn Encoder>,
     key_head: Mlp,
     ema: Ema,
     queue: ShardedQueue,
@@ -53,15 +145,16 @@ impl MocoV2 {
     /// the queue starts as K random unit vectors drawn from the seed.
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, root) = (&spec.model, vs.root());
-        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let head = Mlp::new(&(&root / "head"), m.embed_dim, m.proj_hidden, m.proj_dim);
+        let keys: MocoKeys = settings(spec)?;
+        let backbone = encoder::build(&(&root / "backbone"), spec)?;
+        let head = Mlp::new(&(&root / "head"), backbone.out_dim(), m.proj_hidden, m.proj_dim);
         let key = &root / "momentum";
-        let key_backbone = ConvBackbone::new(&(&key / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let key_head = Mlp::new(&(&key / "head"), m.embed_dim, m.proj_hidden, m.proj_dim);
+        let key_backbone = encoder::build(&(&key / "backbone"), spec)?;
+        let key_head = Mlp::new(&(&key / "head"), backbone.out_dim(), m.proj_hidden, m.proj_dim);
         set_kind(&mut vs, spec);
-        let ema = Ema::new(momentum_pairs(&vs, "momentum."), spec.method.momentum, spec.method.momentum_schedule);
+        let ema = Ema::new(momentum_pairs(&vs, "momentum."), keys.momentum, keys.momentum_schedule);
         ema.copy_online();
-        let (k, n, shard) = (spec.method.queue_size, spec.shard.global(), spec.shard);
+        let (k, n, shard) = (keys.queue_size, spec.shard.global(), spec.shard);
         if k == 0 || k % n != 0 {
             return Err(NnError::Param(format!(
                 "method.queue_size {k} is not a positive multiple of the global batch {n}"
@@ -81,7 +174,7 @@ impl MocoV2 {
             temperature,
             global_batch: n,
             shard,
-            shuffle_bn: spec.method.shuffle_bn,
+            shuffle_bn: keys.shuffle_bn,
             seed: spec.seed,
         })
     }
@@ -96,12 +189,8 @@ impl MocoV2 {
     /// the keys and keep those of this rank's own rows.
     fn unshuffle(&self, k: &Tensor, step: usize, comm: &dyn GlobalSum) -> Tensor {
         let (n, shard) = (self.global_batch, self.shard);
-        let d = k.size()[1];
-        let all = match k.kind() {
-            tch::Kind::Double => Tensor::from_slice(&comm.gather_f64(&crate::to_host::<f64>(k))),
-            _ => Tensor::from_slice(&comm.gather_f32(&crate::to_host::<f32>(k))),
-        };
-        let all = all.view([n as i64, d]).to_device(k.device()).to_kind(k.kind());
+        let all = comm.gather_rows(k);
+        debug_assert_eq!(all.size()[0], n as i64);
         let order = contrast_data::Sampler::shuffle_order(self.seed, step, n);
         let mut position = vec![0i64; n];
         for (j, &g) in order.iter().enumerate() {
@@ -113,8 +202,8 @@ impl MocoV2 {
 }
 
 impl Method for MocoV2 {
-    fn name(&self) -> MethodName {
-        MethodName::MocoV2
+    fn name(&self) -> &'static str {
+        "moco_v2"
     }
 
     fn var_store(&self) -> &VarStore {
@@ -174,7 +263,7 @@ impl Method for MocoV2 {
         Ok(())
     }
 
-    fn features(&self, images: &Tensor) -> Tensor {
-        self.backbone.forward_t(images, false)
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
     }
 }

@@ -1,4 +1,7 @@
-//! Methods: what is trained around a loss, one file each.
+//! Methods: what is trained around a loss, one file each. Each file holds the
+//! method, its `method.*` keys with their defaults and checks (a
+//! [`MethodSpec`]) and its [`MethodEntry`]; [`crate::registry`] lists the
+//! entries, one line each.
 //!
 //! A [`Method`] builds its modules into one var store, runs the forward pass of
 //! a local batch ([`Towers`]: outputs to gather and back-propagate, outputs to
@@ -25,13 +28,14 @@ pub mod moco;
 pub mod simclr;
 pub mod simsiam;
 
+use crate::encoder::text::Captions;
+use crate::encoder::Encoder;
 use crate::engine::{Gathered, Towers};
 use crate::loss::{Ctx, GlobalSum, Mix, Shard};
-use crate::model::Captions;
 use crate::optim::{named_params, Param};
 use crate::state::{var_store_items, StateItem};
 use crate::{NnError, Result};
-use contrast_config::{LossConfig, LossKind, MethodName, MethodPlan, ModelConfig, Norm};
+use contrast_config::{invalid, ConfigError, LossConfig, LossKind, MethodPlan, MethodSpec, ModelConfig, Settings};
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -112,11 +116,6 @@ impl Spec {
         }
     }
 
-    /// Encoder normalisation.
-    pub fn norm(&self) -> Norm {
-        self.model.norm
-    }
-
     /// The loss temperature in force.
     pub fn temperature(&self) -> f64 {
         self.loss_cfg.temperature_for(self.loss)
@@ -125,8 +124,8 @@ impl Spec {
 
 /// A training method (see the module doc).
 pub trait Method {
-    /// Which method this is.
-    fn name(&self) -> MethodName;
+    /// Which method this is (its `method.name`).
+    fn name(&self) -> &'static str;
 
     /// The var store that holds every module (trainable and momentum).
     fn var_store(&self) -> &VarStore;
@@ -161,8 +160,13 @@ pub trait Method {
         load_items(&self.state(), canonical, rank, world_size)
     }
 
+    /// The image encoder whose features evaluation embeds.
+    fn backbone(&self) -> &dyn Encoder;
+
     /// What evaluation embeds: the backbone's features `[B, embed_dim]` (eval mode).
-    fn features(&self, images: &Tensor) -> Tensor;
+    fn features(&self, images: &Tensor) -> Tensor {
+        self.backbone().forward_t(images, false)
+    }
 
     /// Image embeddings in a shared image–text space (image–text methods).
     fn encode_image(&self, _images: &Tensor) -> Option<Tensor> {
@@ -203,17 +207,69 @@ pub fn load_items(
     Ok(())
 }
 
+/// A registered method: its config and its constructor.
+#[derive(Clone, Copy)]
+pub struct MethodEntry {
+    /// Keys, defaults, losses and checks.
+    pub spec: &'static dyn MethodSpec,
+    /// Build the method into a fresh var store.
+    pub build: fn(VarStore, &Spec) -> Result<Box<dyn Method>>,
+}
+
 /// Build the method of `spec` (parameters in `spec.kind` on `spec.device`).
 /// The caller seeds libtorch first when initial weights must be reproducible.
 pub fn build(spec: &Spec) -> Result<Box<dyn Method>> {
-    let vs = VarStore::new(spec.device);
-    Ok(match spec.method.name {
-        MethodName::Simclr => Box::new(simclr::SimClr::new(vs, spec)?),
-        MethodName::Clip => Box::new(clip::Clip::new(vs, spec)?),
-        MethodName::MocoV2 => Box::new(moco::MocoV2::new(vs, spec)?),
-        MethodName::Byol => Box::new(byol::Byol::new(vs, spec)?),
-        MethodName::Simsiam => Box::new(simsiam::SimSiam::new(vs, spec)?),
-    })
+    let name = &spec.method.name;
+    let entry = crate::registry::method_entry(name)
+        .ok_or_else(|| NnError::Param(format!("method.name `{name}` is not a registered method")))?;
+    (entry.build)(VarStore::new(spec.device), spec)
+}
+
+/// The registered method `name` with its default settings (tests and tools).
+pub fn plan(name: &str) -> Result<MethodPlan> {
+    let entry = crate::registry::method_entry(name)
+        .ok_or_else(|| NnError::Param(format!("method.name `{name}` is not a registered method")))?;
+    Ok(MethodPlan::new(entry.spec, &Settings::default()))
+}
+
+/// A method's typed settings from its plan; a bad value is an error naming the key.
+pub(crate) fn settings<T: serde::de::DeserializeOwned>(spec: &Spec) -> Result<T> {
+    spec.method.parse().map_err(|e| NnError::Param(e.to_string()))
+}
+
+/// The check of an EMA momentum m (MoCo, BYOL): 0 ≤ m < 1.
+pub(crate) fn check_momentum(m: f64) -> std::result::Result<(), ConfigError> {
+    if !(0.0..1.0).contains(&m) {
+        return Err(invalid("method.momentum", format!("must lie in [0, 1), got {m}")));
+    }
+    Ok(())
+}
+
+/// The check of a predictor's hidden width (BYOL, SimSiam: required) and of
+/// the batch its batch-norm heads need.
+pub(crate) fn check_predictor(
+    method: &str,
+    hidden: Option<i64>,
+    run: &contrast_config::RunInfo,
+) -> std::result::Result<(), ConfigError> {
+    match hidden {
+        Some(h) if h > 0 => {}
+        other => {
+            return Err(invalid(
+                "method.predictor_hidden",
+                format!("{method} needs the predictor's hidden width (a positive integer), got {other:?}"),
+            ))
+        }
+    }
+    if run.global_batch < 2 {
+        return Err(invalid("train.global_batch", format!("{method}'s batch-norm heads need at least 2 samples")));
+    }
+    Ok(())
+}
+
+/// The plan line's momentum part (` momentum=0.99 (Constant)`).
+pub(crate) fn describe_momentum(m: f64, schedule: contrast_config::MomentumSchedule) -> String {
+    format!(" momentum={m} ({schedule:?})")
 }
 
 /// Convert a var store whose modules are built to the spec's float kind.

@@ -3,20 +3,63 @@
 //! DCL/DCLW, debiased, hard-negative, Barlow Twins, NCE, the soft targets of
 //! mixed batches) or a metric loss on the first view and the labels.
 
-use super::{set_kind, Batch, Method, Share, Spec};
+use super::{set_kind, Batch, Method, MethodEntry, Share, Spec};
+use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
+use crate::head::Mlp;
 use crate::loss::GlobalSum;
 use crate::loss::*;
-use crate::model::{ConvBackbone, Mlp};
 use crate::{NnError, Result};
-use contrast_config::{LossConfig, LossKind, MethodName};
+use contrast_config::{AugmentPreset, ConfigError, LossConfig, LossKind, MethodSpec, RunInfo, Settings};
 use tch::nn::VarStore;
 use tch::Tensor;
+
+/// SimCLR's configuration: no `method.*` keys; any two-view or metric loss.
+pub struct SimclrSpec;
+
+impl MethodSpec for SimclrSpec {
+    fn name(&self) -> &'static str {
+        "simclr"
+    }
+
+    fn defaults(&self) -> Settings {
+        Settings::default()
+    }
+
+    fn own_loss(&self) -> LossKind {
+        LossKind::NtXent
+    }
+
+    fn accepts_loss(&self, loss: LossKind) -> bool {
+        !loss.is_image_text() && !loss.is_method_own()
+    }
+
+    fn is_default_for(&self, loss: Option<LossKind>) -> bool {
+        !loss.is_some_and(LossKind::is_image_text)
+    }
+
+    /// Multi-crop views train with NT-Xent's multi-positive form.
+    fn accepts_augment(&self, preset: AugmentPreset, loss: LossKind) -> bool {
+        preset != AugmentPreset::Swav || loss == LossKind::NtXent
+    }
+
+    fn check(&self, _settings: &Settings, _run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        Ok(())
+    }
+
+    fn describe(&self, _settings: &Settings, _run: &RunInfo) -> String {
+        " method=Simclr".into()
+    }
+}
+
+/// The registration of SimCLR.
+pub const ENTRY: MethodEntry =
+    MethodEntry { spec: &SimclrSpec, build: |vs, spec| Ok(Box::new(SimClr::new(vs, spec)?)) };
 
 /// Backbone + projection head.
 pub struct SimClr {
     vs: VarStore,
-    backbone: ConvBackbone,
+    backbone: Box<dyn Encoder>,
     head: Mlp,
     loss: LossKind,
     cfg: LossConfig,
@@ -26,8 +69,8 @@ impl SimClr {
     /// Build into `vs` (variables `backbone.*`, `head.*`).
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, root) = (&spec.model, vs.root());
-        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let head = Mlp::new(&(&root / "head"), m.embed_dim, m.proj_hidden, m.proj_dim);
+        let backbone = encoder::build(&(&root / "backbone"), spec)?;
+        let head = Mlp::new(&(&root / "head"), backbone.out_dim(), m.proj_hidden, m.proj_dim);
         set_kind(&mut vs, spec);
         Ok(Self { vs, backbone, head, loss: spec.loss, cfg: spec.loss_cfg.clone() })
     }
@@ -89,8 +132,8 @@ impl SimClr {
 }
 
 impl Method for SimClr {
-    fn name(&self) -> MethodName {
-        MethodName::Simclr
+    fn name(&self) -> &'static str {
+        "simclr"
     }
 
     fn var_store(&self) -> &VarStore {
@@ -118,7 +161,7 @@ impl Method for SimClr {
         Ok(Share { loss, monitor: Some(towers[0].shallow_clone()) })
     }
 
-    fn features(&self, images: &Tensor) -> Tensor {
-        self.backbone.forward_t(images, false)
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
     }
 }

@@ -8,20 +8,61 @@
 //! run on the gathered backbone features, so their batch statistics are the
 //! global batch's and parity with one process is exact.
 
-use super::{set_kind, Batch, Method, Share, Spec};
+use super::{check_predictor, set_kind, settings, Batch, Method, MethodEntry, Share, Spec};
+use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
+use crate::head::BnMlp;
 use crate::loss::GlobalSum;
 use crate::loss::{negative_cosine_share, Ctx};
-use crate::model::{BnMlp, ConvBackbone};
 use crate::{NnError, Result};
-use contrast_config::MethodName;
+use contrast_config::{ConfigError, LossKind, MethodSpec, RunInfo, Settings};
+use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
 use tch::Tensor;
+
+/// SimSiam's `method.*` keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimsiamKeys {
+    /// Hidden width of the predictor MLP (required; the reference's bottleneck is a quarter of the projection).
+    pub predictor_hidden: Option<i64>,
+}
+
+/// SimSiam's configuration.
+pub struct SimsiamSpec;
+
+impl MethodSpec for SimsiamSpec {
+    fn name(&self) -> &'static str {
+        "simsiam"
+    }
+
+    fn defaults(&self) -> Settings {
+        Settings::of(&SimsiamKeys::default())
+    }
+
+    fn own_loss(&self) -> LossKind {
+        LossKind::NegativeCosine
+    }
+
+    fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        let k: SimsiamKeys = settings.parse("method")?;
+        check_predictor("Simsiam", k.predictor_hidden, run)
+    }
+
+    fn describe(&self, settings: &Settings, _run: &RunInfo) -> String {
+        let k: SimsiamKeys = settings.parse("method").unwrap_or_default();
+        format!(" method=Simsiam predictor_hidden={}", k.predictor_hidden.unwrap_or(0))
+    }
+}
+
+/// The registration of SimSiam.
+pub const ENTRY: MethodEntry =
+    MethodEntry { spec: &SimsiamSpec, build: |vs, spec| Ok(Box::new(SimSiam::new(vs, spec)?)) };
 
 /// Shared encoder and predictor.
 pub struct SimSiam {
     vs: VarStore,
-    backbone: ConvBackbone,
+    backbone: Box<dyn Encoder>,
     projector: BnMlp,
     predictor: BnMlp,
 }
@@ -30,17 +71,18 @@ impl SimSiam {
     /// Build into `vs` (`backbone.*`, `projector.*`, `predictor.*`).
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, root) = (&spec.model, vs.root());
-        let backbone = ConvBackbone::new(&(&root / "backbone"), spec.in_channels, m.width, m.embed_dim, m.norm);
-        let projector = BnMlp::new(&(&root / "projector"), m.embed_dim, m.proj_hidden, m.proj_dim, true);
-        let predictor = BnMlp::new(&(&root / "predictor"), m.proj_dim, spec.method.predictor_hidden, m.proj_dim, false);
+        let hidden = settings::<SimsiamKeys>(spec)?.predictor_hidden.unwrap_or(0);
+        let backbone = encoder::build(&(&root / "backbone"), spec)?;
+        let projector = BnMlp::new(&(&root / "projector"), backbone.out_dim(), m.proj_hidden, m.proj_dim, true);
+        let predictor = BnMlp::new(&(&root / "predictor"), m.proj_dim, hidden, m.proj_dim, false);
         set_kind(&mut vs, spec);
         Ok(Self { vs, backbone, projector, predictor })
     }
 }
 
 impl Method for SimSiam {
-    fn name(&self) -> MethodName {
-        MethodName::Simsiam
+    fn name(&self) -> &'static str {
+        "simsiam"
     }
 
     fn var_store(&self) -> &VarStore {
@@ -67,7 +109,7 @@ impl Method for SimSiam {
         Ok(Share { loss, monitor: Some(z[0].shallow_clone()) })
     }
 
-    fn features(&self, images: &Tensor) -> Tensor {
-        self.backbone.forward_t(images, false)
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the nn tests: deterministic data without torch's global RNG
 //! (tests run concurrently; `tch::manual_seed` is process-wide).
 
+use contrast_config::{MethodPlan, ModelConfig, Norm};
 use tch::{Kind, Tensor};
 
 /// Deterministic normal-ish values from a seed (sum of uniforms, xorshift).
@@ -55,4 +56,20 @@ pub fn autograd(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Vec<f64> {
     let x = x.to_kind(Kind::Double).detach().set_requires_grad(true);
     f(&x).backward();
     contrast_nn::to_host::<f64>(&x.grad())
+}
+
+/// `model.*` of a convnet with these sizes (its keys are the encoder's own).
+pub fn convnet_model(width: i64, embed_dim: i64, proj_hidden: i64, proj_dim: i64, norm: Norm) -> ModelConfig {
+    let mut m = ModelConfig { proj_hidden, proj_dim, ..Default::default() };
+    m.encoder_keys.set("width", width);
+    m.encoder_keys.set("embed_dim", embed_dim);
+    m.encoder_keys.set("norm", norm);
+    m
+}
+
+/// Set a method key where the method declares it (MoCo's queue, BYOL's predictor…).
+pub fn set_key(plan: &mut MethodPlan, key: &str, value: impl serde::Serialize) {
+    if plan.settings.get(key).is_some() {
+        plan.settings.set(key, value);
+    }
 }
