@@ -2,7 +2,7 @@
 //!
 //! No torch here: the pipeline hands the trainer [`HostBatch`]es of plain
 //! `f32`/`i64` buffers. Every random choice is keyed on (seed, epoch, global
-//! sample index) — DESIGN.md invariant 2 — so batches do not depend on the
+//! sample index) — docs/design.md invariant 2 — so batches do not depend on the
 //! world size, the rank, the worker count or thread timing.
 #![warn(missing_docs)]
 

@@ -1,7 +1,7 @@
 //! Batch-level Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019).
 //!
 //! Partners and coefficients depend only on (seed, step, global row) —
-//! DESIGN.md invariant 2. Rows are mixed within fixed groups of `group`
+//! docs/design.md invariant 2. Rows are mixed within fixed groups of `group`
 //! consecutive rows of the global batch (a permutation inside each group), so
 //! when the local batch is a multiple of the group every partner lives on the
 //! same rank and no images cross the network, whatever the world size.

@@ -1,0 +1,249 @@
+//! A data worker: takes a ticket (a step), builds that step's local batch
+//! (decode, augment, replace unreadable samples, mix, tokenise) into recycled
+//! buffers, and sends it back.
+
+use super::*;
+use crate::mix::{apply_mix, mix_plan};
+use crate::rgb::{decode, RgbAugmenter};
+use crate::rng::{key, sample_rng, Stream};
+use crate::sampler::Sampler;
+use crate::text;
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) struct Worker {
+    pub(super) input: Arc<Input>,
+    pub(super) rgb: Vec<RgbAugmenter>,
+    pub(super) bad: Arc<BadFiles>,
+    /// Source indices that failed while building the current batch.
+    pub(super) batch_bad: Vec<usize>,
+    pub(super) sampler: Sampler,
+    pub(super) cfg: PipelineConfig,
+    pub(super) perm: Option<(usize, Vec<usize>)>,
+    pub(super) pool: Receiver<Buffers>,
+    pub(super) allocated: Arc<AtomicUsize>,
+}
+
+/// Replacements tried for a bad sample before giving up.
+const MAX_REPLACEMENTS: u64 = 16;
+
+impl Worker {
+    /// Views, label and caption of sample `idx` written into `views` (one slice per view).
+    pub(super) fn sample(
+        &mut self,
+        idx: usize,
+        epoch: usize,
+        views: &mut [&mut [f32]],
+    ) -> Result<(i64, Option<String>), String> {
+        let seed = self.cfg.seed;
+        let view_rng = |v: usize| sample_rng(seed, epoch as u64, idx as u64, Stream::View as u64 + v as u64);
+        match &*self.input {
+            Input::Idx { images, augment } => {
+                let src = images.image(idx);
+                for (v, buf) in views.iter_mut().enumerate() {
+                    augment[v.min(augment.len() - 1)].apply(src, &mut view_rng(v), buf);
+                }
+                Ok((images.labels[idx] as i64, None))
+            }
+            Input::Files { source, .. } => {
+                let raw = source.fetch(idx)?;
+                let img = decode(&raw.bytes).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
+                for (v, buf) in views.iter_mut().enumerate() {
+                    let last = self.rgb.len() - 1;
+                    let aug = &mut self.rgb[v.min(last)];
+                    aug.apply(&img, &mut view_rng(v), buf).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
+                }
+                Ok((raw.label, raw.caption))
+            }
+        }
+    }
+
+    /// Sample `idx`, or its replacements when it cannot be read (chosen from (seed,
+    /// epoch, index, attempt) only); `sample` fills the buffers of one source index.
+    pub(super) fn with_replacement<T>(
+        &mut self,
+        idx: usize,
+        epoch: usize,
+        mut sample: impl FnMut(&mut Self, usize) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let n = self.input.len();
+        let (mut source_idx, mut attempt) = (idx, 0u64);
+        loop {
+            match sample(self, source_idx) {
+                Ok(x) => return Ok(x),
+                Err(what) => {
+                    self.bad.log(source_idx, &what);
+                    self.batch_bad.push(source_idx);
+                    if attempt >= MAX_REPLACEMENTS {
+                        return Err(format!(
+                            "sample {idx} and its {MAX_REPLACEMENTS} replacements are all unreadable; last: {what}"
+                        ));
+                    }
+                    attempt += 1;
+                    source_idx = (key(&[self.cfg.seed, epoch as u64, idx as u64, attempt]) % n as u64) as usize;
+                }
+            }
+        }
+    }
+
+    /// Shuffle-BN: overwrite view `k` with the view of the rows `order[r·B..(r+1)·B]`
+    /// of the global batch (each made from its own (seed, epoch, index) as its owner would).
+    pub(super) fn shuffle_view(
+        &mut self,
+        k: usize,
+        step: usize,
+        epoch: usize,
+        global: &[usize],
+        view: &mut [f32],
+    ) -> Result<(), String> {
+        let (n, r) = (global.len(), self.cfg.rank);
+        let b = n / self.cfg.world_size;
+        let len = self.input.view_len(k);
+        let mut scratch: Vec<Vec<f32>> = (0..self.input.views()).map(|v| vec![0.0; self.input.view_len(v)]).collect();
+        let order = Sampler::shuffle_order(self.cfg.seed, step, n);
+        for row in 0..b {
+            let idx = global[order[r * b + row]];
+            self.with_replacement(idx, epoch, |w, src| {
+                let mut slices: Vec<&mut [f32]> = scratch.iter_mut().map(|v| v.as_mut_slice()).collect();
+                w.sample(src, epoch, &mut slices)
+            })?;
+            view[row * len..(row + 1) * len].copy_from_slice(&scratch[k]);
+        }
+        Ok(())
+    }
+
+    /// Build the batches of the steps that arrive on `tickets` until the pipeline
+    /// is dropped. A panic while building becomes that batch's error (a bad
+    /// sample never takes the worker down).
+    pub(super) fn serve(mut self, w: usize, tickets: Receiver<usize>, results: Sender<Produced>) {
+        // Its log lines (a skipped sample) carry the rank, as the main thread's do.
+        let _rank = tracing::error_span!("rank", rank = self.cfg.rank).entered();
+        while let Ok(step) = tickets.recv() {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step))).unwrap_or_else(|e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(format!("worker data-{w} panicked on step {step}: {msg}"))
+            });
+            if results.send((step, out)).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Tokenise sample `idx`'s caption (its own, or a random template of its
+    /// class name) with the text augmentation into `row`; returns its end.
+    pub(super) fn caption_row(
+        &self,
+        idx: usize,
+        epoch: usize,
+        label: i64,
+        caption: Option<String>,
+        row: &mut [i64],
+    ) -> Result<i64, String> {
+        let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode else { return Ok(0) };
+        let stream = |k: u64| sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64 + k);
+        let cap = match caption {
+            Some(c) => c,
+            None => {
+                let name = usize::try_from(label).ok().and_then(|l| class_names.get(l));
+                text::random_caption(&mut stream(0), name.map(String::as_str).unwrap_or(&label.to_string()))
+            }
+        };
+        let mut rng = stream(1);
+        let cap = match &aug.eda {
+            Some((syn, alpha)) => crate::textaug::eda(&cap, syn, *alpha, &mut rng),
+            None => cap,
+        };
+        let end = tokenizer.encode_into(&cap, row)?;
+        if let Some((kind, ratio)) = aug.cutoff {
+            crate::textaug::cutoff(row, end, tokenizer.pad_id(), kind, ratio, &mut rng);
+        }
+        Ok(end as i64)
+    }
+
+    /// The distinct bad samples met while building the current batch, sorted.
+    pub(super) fn take_bad(&mut self) -> Vec<usize> {
+        let mut bad = std::mem::take(&mut self.batch_bad);
+        bad.sort_unstable();
+        bad.dedup();
+        bad
+    }
+
+    pub(super) fn build(&mut self, step: usize) -> Result<HostBatch, String> {
+        let epoch = self.sampler.epoch_of(step);
+        self.batch_bad.clear();
+        if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.perm = Some((epoch, self.sampler.permutation(epoch)));
+        }
+        let perm = &self.perm.as_ref().unwrap().1;
+        let global = self.sampler.global_batch_of(step, perm);
+        let Buffers { mut indices, mut views, mut labels, mut tokens, mut text_end } =
+            self.pool.try_recv().unwrap_or_else(|_| {
+                self.allocated.fetch_add(1, Ordering::Relaxed);
+                Buffers::default()
+            });
+        indices.clear();
+        indices.extend_from_slice(Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size));
+        let b = indices.len();
+        let n_views = match self.cfg.mode {
+            Mode::Views => self.input.views(),
+            Mode::ImageText { .. } => 1,
+        };
+        let lens: Vec<usize> = (0..n_views).map(|k| self.input.view_len(k)).collect();
+        // Every element of a view is written below, so a recycled buffer keeps no stale values.
+        views.resize_with(n_views, Vec::new);
+        for (v, l) in views.iter_mut().zip(&lens) {
+            v.resize(b * l, 0.0);
+        }
+        labels.clear();
+        text_end.clear();
+        let ctx = match &self.cfg.mode {
+            Mode::ImageText { context, .. } => *context,
+            Mode::Views => 0,
+        };
+        // Each caption row is rewritten whole by the tokenizer.
+        tokens.resize(b * ctx, 0);
+        for row in 0..b {
+            let idx = indices[row];
+            let (label, caption) = self.with_replacement(idx, epoch, |w, src| {
+                let mut slices: Vec<&mut [f32]> =
+                    views.iter_mut().zip(&lens).map(|(v, &l)| &mut v[row * l..(row + 1) * l]).collect();
+                w.sample(src, epoch, &mut slices)
+            })?;
+            labels.push(label);
+            if ctx > 0 {
+                text_end.push(self.caption_row(idx, epoch, label, caption, &mut tokens[row * ctx..(row + 1) * ctx])?);
+            }
+        }
+        if let Some(k) = self.cfg.shuffle_view.filter(|&k| k < views.len()) {
+            self.shuffle_view(k, step, epoch, &global, &mut views[k])?;
+        }
+        let mix = self.cfg.mix.map(|(mc, mixed_views)| {
+            let (_, h, w) = self.input.view_shape(0);
+            let plan = mix_plan(&mc, self.cfg.seed, step, self.cfg.global_batch, h, w);
+            for (k, v) in views.iter_mut().enumerate().take(mixed_views) {
+                let (c, vh, vw) = self.input.view_shape(k);
+                assert_eq!((vh, vw), (h, w), "mixed views must share one size");
+                apply_mix(&plan, v, self.cfg.rank * b, c, h, w);
+            }
+            (plan.partner, plan.lambda)
+        });
+        Ok(HostBatch {
+            step,
+            epoch,
+            indices,
+            views,
+            labels,
+            tokens,
+            text_end,
+            wait: Duration::ZERO,
+            bad: self.take_bad(),
+            mix,
+        })
+    }
+}

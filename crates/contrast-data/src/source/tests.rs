@@ -1,0 +1,205 @@
+//! Source tests: image folders, CSVs, shards and their index caches.
+
+use super::*;
+
+pub(crate) fn png_bytes(v: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(6, 5, |x, y| image::Rgb([v, x as u8, y as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn image_folder_sorts_classes_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for (class, files) in [("zebra", vec!["b.png", "a.png"]), ("ant", vec!["c.PNG", "notes.txt"])] {
+        std::fs::create_dir(dir.path().join(class)).unwrap();
+        for f in files {
+            std::fs::write(dir.path().join(class).join(f), png_bytes(1)).unwrap();
+        }
+    }
+    let s = ImageFolder::open(dir.path()).unwrap();
+    assert_eq!(s.class_names(), vec!["ant", "zebra"]);
+    assert_eq!(s.len(), 3);
+    assert!(s.locate(0).ends_with("ant/c.PNG") && s.locate(1).ends_with("zebra/a.png"));
+    assert_eq!(s.fetch(2).unwrap().label, 1);
+    let empty = tempfile::tempdir().unwrap();
+    assert!(ImageFolder::open(empty.path()).unwrap_err().to_string().contains("no images"));
+}
+
+#[test]
+fn csv_reads_open_clip_layout_and_names_missing_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.png"), png_bytes(9)).unwrap();
+    std::fs::write(dir.path().join("d.tsv"), "filepath\ttitle\nx.png\ta red square\n").unwrap();
+    let s = CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", Some(b'\t')).unwrap();
+    let r = s.fetch(0).unwrap();
+    assert_eq!(r.caption.as_deref(), Some("a red square"));
+    assert_eq!(r.bytes, png_bytes(9));
+    let err = CsvSource::open(&dir.path().join("d.tsv"), "image", "title", Some(b'\t')).unwrap_err().to_string();
+    assert!(err.contains("no column `image`") && err.contains("d.tsv"), "{err}");
+    // `auto`: a comma-separated .csv (quoted, with a comma inside a caption) reads as such.
+    std::fs::write(dir.path().join("d.csv"), "\"filepath\",title,extra\nx.png,\"a red, square\",1\n").unwrap();
+    let s = CsvSource::open(&dir.path().join("d.csv"), "filepath", "title", None).unwrap();
+    assert_eq!(s.fetch(0).unwrap().caption.as_deref(), Some("a red, square"));
+    assert!(CsvSource::open(&dir.path().join("d.tsv"), "filepath", "title", None).is_ok());
+    // A separator given wrongly: the error says which one was used and the key to change.
+    let err = CsvSource::open(&dir.path().join("d.csv"), "filepath", "title", Some(b'\t')).unwrap_err().to_string();
+    assert!(err.contains("separator '\\t'") && err.contains("data.csv_separator"), "{err}");
+    let err = CsvSource::open(&dir.path().join("d.csv"), "image", "title", None).unwrap_err().to_string();
+    assert!(err.contains("d.csv") && err.contains("data.csv_img_key"), "{err}");
+}
+
+fn write_shard(path: &Path, keys: &[(&str, u8, Option<&str>, Option<i64>)]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    let mut add = |name: String, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    for (key, v, txt, cls) in keys {
+        add(format!("{key}.png"), &png_bytes(*v));
+        if let Some(t) = txt {
+            add(format!("{key}.txt"), t.as_bytes());
+        }
+        if let Some(c) = cls {
+            add(format!("{key}.cls"), c.to_string().as_bytes());
+        }
+    }
+    b.finish().unwrap();
+}
+
+#[test]
+fn webdataset_cls_labels_outside_the_bound_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l-0.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    for (name, data) in [("k/a.png", png_bytes(1)), ("k/a.cls", b"1000000000000".to_vec())] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.finish().unwrap();
+    let err = WebDataset::open(path.to_str().unwrap()).err().unwrap().to_string();
+    assert!(err.contains("a.cls") && err.contains("l-0.tar"), "{err}");
+}
+
+#[test]
+fn webdataset_json_metadata_fills_caption_and_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j-0.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add("x/a.jpg", &png_bytes(4));
+    add("x/a.json", br#"{"caption": "from json", "label": 5, "width": 6}"#);
+    add("x/b.png", &png_bytes(5));
+    add("x/b.txt", b"from txt");
+    add("x/b.json", br#"{"caption": "ignored: .txt wins", "cls": 2}"#);
+    add("x/c.png", &png_bytes(6));
+    add("x/c.json", b"{not json");
+    add("x/d.png", &png_bytes(7));
+    add("x/d.json", br#"{"label": 1000000000000}"#);
+    b.finish().unwrap();
+    let ds = WebDataset::open(path.to_str().unwrap()).unwrap();
+    let a = ds.fetch(0).unwrap();
+    assert_eq!((a.caption.as_deref(), a.label), (Some("from json"), 5));
+    let b = ds.fetch(1).unwrap();
+    assert_eq!((b.caption.as_deref(), b.label), (Some("from txt"), 2));
+    // Captions alone (retrieval) come from the text members, the same as a fetch gives.
+    assert_eq!((ds.caption(0).as_deref(), ds.caption(1).as_deref()), (Some("from json"), Some("from txt")));
+    // A bad .json makes the sample unreadable (skipped and counted by the pipeline), naming it.
+    let err = ds.fetch(2).unwrap_err();
+    assert!(err.contains("c.json") && err.contains("j-0.tar"), "{err}");
+    // An absurd label is refused, naming the member, before evaluation could size a table by it.
+    let err = ds.fetch(3).unwrap_err();
+    assert!(err.contains("d.json") && err.contains("outside"), "{err}");
+    // The cached index keeps the .json spans.
+    assert_eq!(WebDataset::open(path.to_str().unwrap()).unwrap().samples, ds.samples);
+}
+
+#[test]
+fn webdataset_indexes_shards_and_reuses_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shard(&dir.path().join("s-00.tar"), &[("a", 1, Some("first"), Some(3)), ("b", 2, Some("second"), None)]);
+    write_shard(&dir.path().join("s-01.tar"), &[("c", 3, None, Some(7))]);
+    let pattern = format!("{}/s-{{00..01}}.tar", dir.path().display());
+    let ds = WebDataset::open(&pattern).unwrap();
+    assert_eq!(ds.len(), 3);
+    let s0 = ds.fetch(0).unwrap();
+    assert_eq!((s0.caption.as_deref(), s0.label, s0.bytes == png_bytes(1)), (Some("first"), 3, true));
+    assert_eq!(ds.fetch(2).unwrap().label, 7);
+    assert!(ds.locate(1).ends_with("s-00.tar#b"));
+    let idx = dir.path().join("s-00.tar.contrast-index");
+    assert!(idx.is_file());
+    // Cached index is read back identically; a changed shard is re-indexed.
+    assert_eq!(WebDataset::open(&pattern).unwrap().samples, ds.samples);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_shard(&dir.path().join("s-00.tar"), &[("z", 5, Some("new"), None)]);
+    let again = WebDataset::open(&pattern).unwrap();
+    assert_eq!(again.len(), 2);
+    assert_eq!(again.fetch(0).unwrap().caption.as_deref(), Some("new"));
+    assert_eq!(expand_braces("x{8..10}y").unwrap(), vec!["x8y", "x9y", "x10y"]);
+    assert_eq!(expand_braces("{000..002}.tar").unwrap(), vec!["000.tar", "001.tar", "002.tar"]);
+    assert!(WebDataset::open(&format!("{}/none-{{0..1}}.tar", dir.path().display())).is_err());
+}
+
+#[test]
+fn webdataset_cache_survives_hostile_names_and_refuses_torn_or_forged_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("h-0.tar");
+    write_shard(&shard, &[("tab\there\nnew", 1, Some("a"), Some(1)), ("b", 2, None, None), ("c", 3, None, Some(2))]);
+    let name = shard.to_str().unwrap();
+    let first = WebDataset::open(name).unwrap();
+    assert_eq!(first.samples[0].1.key, "tab\there\nnew");
+    assert_eq!(first.first_unlabelled(), Some(1));
+    let idx = dir.path().join("h-0.tar.contrast-index");
+    let cached = std::fs::read_to_string(&idx).unwrap();
+    // The key round-trips through the cache.
+    assert_eq!(WebDataset::open(name).unwrap().samples, first.samples);
+    // A cache torn at a line boundary, or with a forged span of 100 GB, is re-indexed.
+    let (head, _) = cached.split_once('\n').unwrap();
+    let forged = cached.replacen("\"len\":", "\"len\":100000000000", 1);
+    let stamp_only = format!("{head}\n");
+    for bad in [stamp_only, forged, cached[..cached.len() - 5].to_string()] {
+        std::fs::write(&idx, &bad).unwrap();
+        let again = WebDataset::open(name).unwrap();
+        assert_eq!(again.samples, first.samples);
+        assert_eq!(again.fetch(0).unwrap().label, 1);
+        assert_eq!(std::fs::read_to_string(&idx).unwrap(), cached, "the cache is rewritten whole");
+    }
+    // A forged span that passes the checksum (recomputed) still must lie inside the shard.
+    let body = cached.split_once('\n').unwrap().1.replacen("\"len\":", "\"len\":100000000000", 1);
+    let (size, stamp) = stamp(&shard).unwrap();
+    let err = parse_index(&format!("{stamp} members=3 sha256={}\n{body}", sha256_hex(body.as_bytes())), &stamp, size);
+    assert!(err.unwrap_err().contains("past the shard's end"));
+    // A truncated shard is refused naming the member that runs past its end.
+    let bytes = std::fs::read(&shard).unwrap();
+    let cut = dir.path().join("t-0.tar");
+    std::fs::write(&cut, &bytes[..1024 + 100]).unwrap();
+    let err = WebDataset::open(cut.to_str().unwrap()).err().unwrap().to_string();
+    assert!(err.contains("t-0.tar") && (err.contains("ends past") || err.contains("corrupt tar")), "{err}");
+    // No temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(left.is_empty());
+}
+
+#[test]
+fn brace_ranges_are_bounded_and_fingerprints_see_names() {
+    assert!(expand_braces("s{0..99999999999}.tar").unwrap_err().contains("more than"));
+    assert!(expand_braces("{0..2000}-{0..2000}.tar").unwrap_err().contains("more than"));
+    assert_ne!(crate::fingerprint([&b"ab"[..], b"c"]), crate::fingerprint([&b"a"[..], b"bc"]));
+}
