@@ -22,6 +22,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
+pub use crate::rundir::{step_dir_name, BEST_DIR};
+use crate::rundir::{LATEST_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE};
+
 /// `state.json`: where the run stands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
@@ -68,11 +71,6 @@ pub struct State {
     pub best_metric: Option<f64>,
 }
 
-/// Name of step `n`'s directory.
-pub fn step_dir_name(step: usize) -> String {
-    format!("step-{step}")
-}
-
 /// Write a checkpoint's files atomically and point `latest` at it; keep the
 /// newest `keep` (0 = all) of this run's checkpoints (those with the same
 /// `run_id`: another run's checkpoints in the directory are never removed, so
@@ -84,7 +82,7 @@ pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], 
     let latest_tmp = dir.join(".latest.tmp");
     std::fs::write(&latest_tmp, format!("{name}\n"))?;
     sync(&latest_tmp)?;
-    std::fs::rename(&latest_tmp, dir.join("latest"))?;
+    std::fs::rename(&latest_tmp, dir.join(LATEST_FILE))?;
     sync(dir)?;
     if keep > 0 {
         prune(dir, keep, state.run_id)?;
@@ -107,9 +105,9 @@ fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, T
             tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
         Tensor::write_safetensors(&cpu, tmp.join(file)).with_context(|| format!("writing {file}"))?;
     }
-    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
     // Durable before it becomes visible: the files, their directory, then each rename's directory.
-    for f in files.iter().map(|(f, _)| *f).chain(["state.json"]) {
+    for f in files.iter().map(|(f, _)| *f).chain([STATE_FILE]) {
         sync(&tmp.join(f))?;
     }
     sync(&tmp)?;
@@ -122,7 +120,6 @@ fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, T
 }
 
 /// The directory of the best checkpoint by `checkpoint.best`, apart from the step directories.
-pub const BEST_DIR: &str = "best";
 
 /// Where [`save`] writes.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +149,7 @@ pub fn save<C: Collective>(
         items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
     };
     let (m, o) = (canonical(model), canonical(optim));
-    let files: [(&str, &[(String, Tensor)]); 2] = [("model.safetensors", &m), ("optim.safetensors", &o)];
+    let files: [(&str, &[(String, Tensor)]); 2] = [(MODEL_FILE, &m), (OPTIM_FILE, &o)];
     let out = match (comm.rank(), slot) {
         (0, Slot::Step { keep }) => Some(commit(dir, state, &files, keep)?),
         (0, Slot::Best) => Some(write_dir(dir, BEST_DIR, state, &files)?),
@@ -178,7 +175,7 @@ fn sync(path: &Path) -> Result<()> {
 }
 
 /// The files of a complete checkpoint directory.
-const FILES: [&str; 3] = ["model.safetensors", "optim.safetensors", "state.json"];
+const FILES: [&str; 3] = [MODEL_FILE, OPTIM_FILE, STATE_FILE];
 
 /// Whether `p` holds every file of a checkpoint.
 fn intact(p: &Path) -> bool {
@@ -189,7 +186,7 @@ fn intact(p: &Path) -> bool {
 /// missing, unreadable or names a missing or incomplete directory, the newest
 /// intact `step-<N>` directory is used instead, with a warning naming both.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
-    let f = dir.join("latest");
+    let f = dir.join(LATEST_FILE);
     if !f.exists() {
         // A kill between a step directory's rename and the first `latest`'s.
         let newest = step_dirs(dir).unwrap_or_default().into_iter().rev().find(|(_, p)| intact(p));
@@ -236,7 +233,7 @@ fn step_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 
 /// A step directory, or a run directory resolved through `latest`.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join("state.json").is_file() {
+    if path.join(STATE_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
     latest(path)?.with_context(|| {
@@ -246,7 +243,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// Read `state.json` of a checkpoint.
 pub fn read_state(ckpt: &Path) -> Result<State> {
-    let f = ckpt.join("state.json");
+    let f = ckpt.join(STATE_FILE);
     let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))
 }
@@ -341,9 +338,9 @@ fn read_checked(
         }
         Ok(map)
     };
-    let m = check("model.safetensors", model)?;
+    let m = check(MODEL_FILE, model)?;
     let o = match optim {
-        Some(items) => check("optim.safetensors", items)?,
+        Some(items) => check(OPTIM_FILE, items)?,
         None => HashMap::new(),
     };
     Ok(Some((dir, state, m, o)))

@@ -13,12 +13,13 @@ pub mod eval;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
+pub mod rundir;
 pub mod signals;
 pub mod trainer;
 
 use anyhow::{bail, Context, Result};
 use contrast_comm::{Collective, Comm};
-use contrast_config::{Config, Plan, Topology};
+use contrast_config::{Config, ModelConfig, Plan, Topology};
 use contrast_data::pipeline::Input;
 use contrast_data::text::Tokenizer;
 use contrast_data::{Mode, Pipeline, PipelineConfig};
@@ -152,7 +153,7 @@ pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> 
         host_cores: host_cores(),
         rank_cores: rank_cores(),
     };
-    Ok(Plan::resolve(config, topo)?)
+    Ok(Plan::resolve(config, topo, &contrast_nn::Registry)?)
 }
 
 /// The method of the plan, identical on every rank: built from the seed, then
@@ -167,10 +168,10 @@ pub fn build_method<C: Collective>(
     let c = &plan.config;
     tch::manual_seed(c.seed as i64);
     let spec = Spec {
-        method: plan.method,
+        method: plan.method.clone(),
         loss: plan.loss,
         loss_cfg: c.loss.clone(),
-        model: c.model.clone(),
+        model: ModelConfig { encoder_keys: plan.encoder.clone(), ..c.model.clone() },
         in_channels: data::in_channels(plan),
         text_vocab: tokenizer.vocab_size(),
         seed: c.seed,
@@ -258,7 +259,7 @@ pub struct EvalFigures {
 /// Write `summary.json` and print it with a one-line digest.
 pub(crate) fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
     let text = serde_json::to_string_pretty(summary)?;
-    std::fs::write(dir.join("summary.json"), &text)?;
+    std::fs::write(dir.join(rundir::SUMMARY_FILE), &text)?;
     let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", 100.0 * x)).unwrap_or_else(|| "-".into());
     tracing::info!(
         "done: {} steps, final loss {:.4}, {:.0} samples/s | kNN top-1: trained {}  untrained {}  raw pixels {}{}",
@@ -397,7 +398,7 @@ fn pipeline_config<C: Collective>(comm: &C, plan: &Plan, start_step: usize, mode
         mode,
         mix: data::mix_config(plan),
         // Shuffle-BN: this rank's key views (view 1) are those of the rows the permutation of (seed, step) gives it.
-        shuffle_view: plan.method.shuffle_bn.then_some(1),
+        shuffle_view: plan.method.shuffled_view,
     }
 }
 
@@ -426,19 +427,17 @@ fn write_resolved_config(plan: &Plan) -> Result<()> {
     let dir = &plan.config.checkpoint.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint.dir {}", dir.display()))?;
     let text = format!(
-        "# The configuration this run resolved (every default filled in), written by trainer {}.\n\
+        "{} (every default filled in), written by trainer {}.\n\
          # `trainer eval --checkpoint {}` reads it when --config is omitted.\n{}",
+        contrast_config::RESOLVED_HEADER,
         env!("CARGO_PKG_VERSION"),
         dir.display(),
         plan.resolved_yaml()
     );
-    let (path, tmp) = (dir.join(CONFIG_FILE), dir.join(".config.yaml.tmp"));
+    let (path, tmp) = (dir.join(rundir::CONFIG_FILE), dir.join(".config.yaml.tmp"));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }
-
-/// The resolved configuration's file name in a run directory.
-pub const CONFIG_FILE: &str = "config.yaml";
 
 /// The config of a command: `--config FILE`, or else the `config.yaml` of the
 /// run directory that `checkpoint` is (or is a `step-<N>` directory of).
@@ -446,10 +445,10 @@ pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path
     if let Some(c) = config {
         return Ok(c.to_path_buf());
     }
-    let run_dir = if checkpoint.join("state.json").is_file() { checkpoint.parent() } else { Some(checkpoint) };
-    let found = run_dir.map(|d| d.join(CONFIG_FILE)).filter(|p| p.is_file());
+    let run_dir = if checkpoint.join(rundir::STATE_FILE).is_file() { checkpoint.parent() } else { Some(checkpoint) };
+    let found = run_dir.map(|d| d.join(rundir::CONFIG_FILE)).filter(|p| p.is_file());
     found.with_context(|| {
-        format!("no --config given and no {CONFIG_FILE} in the run directory of {}", checkpoint.display())
+        format!("no --config given and no {} in the run directory of {}", rundir::CONFIG_FILE, checkpoint.display())
     })
 }
 
@@ -464,7 +463,7 @@ fn training_only(name: &str) -> bool {
 /// safetensors file, optionally with floating-point tensors in bfloat16.
 pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
     let dir = checkpoint::resolve(ckpt)?;
-    let tensors = checkpoint::read_tensors(&dir, "model.safetensors")?;
+    let tensors = checkpoint::read_tensors(&dir, rundir::MODEL_FILE)?;
     let kept: Vec<(String, tch::Tensor)> = tensors
         .into_iter()
         .filter(|(n, _)| !training_only(n))
@@ -523,7 +522,7 @@ pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path,
     let plan = load_plan(&comm, path, overrides)?;
     let m = load_checkpointed(&comm, &plan, ckpt)?;
     let (set, name) = data::embed_set(&plan, test)?;
-    let dim = plan.config.model.embed_dim;
+    let dim = m.method.backbone().out_dim();
     let (x, labels) = eval::features(&comm, &set, m.device, dim, |x| m.method.features(x));
     if comm.rank() != 0 {
         return Ok(());

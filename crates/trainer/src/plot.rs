@@ -4,6 +4,7 @@
 //! licence in `assets/fonts/`) is compiled in, so no system font library or
 //! font file is needed where the trainer runs.
 
+use crate::rundir::{EVALS_FILE, PLOT_FILE, STEPS_FILE};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,6 @@ use std::path::{Path, PathBuf};
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
 /// The file name of the plot in a run directory.
-pub const PLOT_FILE: &str = "plot.png";
 
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -71,7 +71,7 @@ fn panel(area: &Area, title: &str, lines: &[(&str, Vec<(f64, f64)>)]) -> Result<
 /// evaluation figures (kNN top-1, linear probe, zero-shot top-1) by step.
 pub fn plot(run_dir: &Path) -> Result<PathBuf> {
     register_font();
-    let (steps, evals) = (run_dir.join("steps.jsonl"), run_dir.join(crate::trainer::EVALS_FILE));
+    let (steps, evals) = (run_dir.join(STEPS_FILE), run_dir.join(EVALS_FILE));
     let path = run_dir.join(PLOT_FILE);
     let tmp = run_dir.join(".plot.png.tmp.png");
     {

@@ -1,0 +1,152 @@
+//! Weighted kNN on frozen features (top-1/5, raw pixels as a baseline) and the
+//! linear probe (logistic regression on frozen features, gradients all-reduced).
+
+use super::*;
+use contrast_comm::Collective;
+use contrast_nn::optim::{Optimizer, OptimizerKind, Param};
+use tch::{Device, Kind, Tensor};
+
+/// Top-1 and top-5 hits of class scores `[b, classes]` against `truth` (−1: not counted).
+pub(super) fn hits(scores: &Tensor, truth: &Tensor) -> [i64; 3] {
+    let labelled = truth.ge(0);
+    let top1 = scores.argmax(1, false).eq_tensor(truth).logical_and(&labelled);
+    let k = scores.size()[1].min(5);
+    let (_, top) = scores.topk(k, 1, true, true);
+    let top5 = top.eq_tensor(&truth.unsqueeze(1)).any_dim(1, false).logical_and(&labelled);
+    let count = |t: &Tensor| t.sum(Kind::Int64).int64_value(&[]);
+    [count(&top1), count(&top5), count(&labelled)]
+}
+
+/// Weighted kNN top-1 and top-5 accuracy over the labelled test rows; each rank
+/// scores a slice of the test set. Memory rows labelled −1 vote for no class.
+#[allow(clippy::too_many_arguments)]
+pub fn knn_top1<C: Collective>(
+    comm: &C,
+    train: &Tensor,
+    train_labels: &[i64],
+    test: &Tensor,
+    test_labels: &[i64],
+    k: i64,
+    t: f64,
+    classes: i64,
+) -> [f64; 2] {
+    let device = train.device();
+    let n = test_labels.len();
+    let (lo, hi, _) = slice_of(comm, n);
+    // Column `classes` collects the votes of unlabelled memory rows and never wins.
+    let voters: Vec<i64> = train_labels.iter().map(|&l| if l < 0 { classes } else { l }).collect();
+    let labels = Tensor::from_slice(&voters).to_device(device);
+    let k = k.min(train.size()[0]);
+    let mut counts = [0i64; 3];
+    tch::no_grad(|| {
+        let mut s = lo;
+        while s < hi {
+            let e = (s + 500).min(hi);
+            let sim = test.narrow(0, s as i64, (e - s) as i64).matmul(&train.tr());
+            let (vals, idx) = sim.topk(k, 1, true, true);
+            let votes = labels.index_select(0, &idx.view([-1])).view([(e - s) as i64, k]);
+            let w = (vals / t).exp();
+            let scores = Tensor::zeros([(e - s) as i64, classes + 1], (Kind::Float, device)).scatter_add(1, &votes, &w);
+            let truth = Tensor::from_slice(&test_labels[s..e]).to_device(device);
+            let h = hits(&scores.narrow(1, 0, classes), &truth);
+            (0..3).for_each(|j| counts[j] += h[j]);
+            s = e;
+        }
+    });
+    comm.all_reduce_sum(&mut counts);
+    [counts[0] as f64 / counts[2].max(1) as f64, counts[1] as f64 / counts[2].max(1) as f64]
+}
+
+/// Number of classes seen in label lists (largest label + 1).
+pub(super) fn classes_of(a: &[i64], b: &[i64]) -> i64 {
+    a.iter().chain(b).copied().max().unwrap_or(-1).max(0) + 1
+}
+
+/// kNN top-1 and top-5 of a feature extractor with `memory` as the neighbours;
+/// `None` when the memory or the test set has no labelled image (e.g. WebDataset
+/// shards without `.cls`). Also hands back the features, for the linear probe.
+#[allow(clippy::too_many_arguments)]
+pub fn knn_of<C: Collective>(
+    comm: &C,
+    memory: &EvalSet,
+    test: &EvalSet,
+    device: Device,
+    dim: i64,
+    k: i64,
+    t: f64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> Option<([f64; 2], Features)> {
+    let (ftrain, ltrain) = features(comm, memory, device, dim, &f);
+    let (ftest, ltest) = features(comm, test, device, dim, &f);
+    if !ltrain.iter().any(|&l| l >= 0) || !ltest.iter().any(|&l| l >= 0) {
+        return None;
+    }
+    let classes = classes_of(&ltrain, &ltest);
+    let acc = knn_top1(comm, &ftrain, &ltrain, &ftest, &ltest, k, t, classes);
+    Some((acc, Features { train: (ftrain, ltrain), test: (ftest, ltest), classes }))
+}
+
+/// L2-normalised features and labels of the memory and the test set (identical on every rank).
+pub struct Features {
+    /// Memory (training) features `[n, D]` and labels.
+    pub train: (Tensor, Vec<i64>),
+    /// Test features `[m, D]` and labels.
+    pub test: (Tensor, Vec<i64>),
+    /// Number of classes.
+    pub classes: i64,
+}
+
+/// kNN top-1 on raw pixels (normalised inputs, flattened).
+pub fn raw_pixels_knn<C: Collective>(
+    comm: &C,
+    memory: &EvalSet,
+    test: &EvalSet,
+    device: Device,
+    k: i64,
+    t: f64,
+) -> Option<f64> {
+    let dim = memory.pixels() as i64;
+    knn_of(comm, memory, test, device, dim, k, t, |x| x.flatten(1, -1)).map(|(acc, _)| acc[0])
+}
+
+/// Linear probe: multinomial logistic regression on frozen, L2-normalised
+/// features of the memory set, trained full-batch with AdamW (lr 0.01, weight
+/// decay 1e-4, `steps` steps; features scaled by √D so logits start near
+/// unit scale), top-1 on the test set. Each rank computes the gradient of its
+/// slice of the memory rows; the sum is all-reduced, so every rank takes the
+/// same steps and holds the same classifier.
+pub fn linear_probe<C: Collective>(comm: &C, f: &Features, steps: usize) -> f64 {
+    let ((x, y), (xt, yt)) = (&f.train, &f.test);
+    let device = x.device();
+    let d = x.size()[1];
+    let scale = (d as f64).sqrt();
+    let labelled: Vec<i64> = (0..y.len() as i64).filter(|&i| y[i as usize] >= 0).collect();
+    let n = labelled.len();
+    let (lo, hi, _) = slice_of(comm, n);
+    let rows = Tensor::from_slice(&labelled[lo..hi]).to_device(device);
+    let (xs, ys) = (x.index_select(0, &rows) * scale, Tensor::from_slice(y).to_device(device).index_select(0, &rows));
+    let w = Tensor::zeros([d, f.classes], (Kind::Float, device)).set_requires_grad(true);
+    let b = Tensor::zeros([f.classes], (Kind::Float, device)).set_requires_grad(true);
+    let params = vec![Param::new("w".into(), w.shallow_clone()), Param::new("b".into(), b.shallow_clone())];
+    let adamw = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let mut opt = Optimizer::new(adamw, 1e-4, params);
+    let engine = contrast_nn::GlobalBatch::new(comm, 1);
+    for _ in 0..steps {
+        opt.zero_grad();
+        let logits = xs.matmul(&w) + &b;
+        let loss = logits.cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Sum, -100, 0.0) / n.max(1) as f64;
+        loss.backward();
+        engine.all_reduce_grads(&[w.shallow_clone(), b.shallow_clone()]);
+        opt.step(1e-2);
+    }
+    let (tlo, thi, _) = slice_of(comm, yt.len());
+    let mut counts = [0i64; 3];
+    if thi > tlo {
+        counts = tch::no_grad(|| {
+            let scores = (xt.narrow(0, tlo as i64, (thi - tlo) as i64) * scale).matmul(&w) + &b;
+            hits(&scores, &Tensor::from_slice(&yt[tlo..thi]).to_device(device))
+        });
+    }
+    comm.all_reduce_sum(&mut counts);
+    counts[0] as f64 / counts[2].max(1) as f64
+}

@@ -1,0 +1,229 @@
+//! Evaluation: weighted kNN on backbone features, and CLIP zero-shot.
+//!
+//! kNN follows instance discrimination (Wu et al. 2018) and the usual SSL
+//! monitors: L2-normalised features, cosine similarity, the k nearest training
+//! images vote for their class with weight exp(sim / t); top-1 accuracy on the
+//! test split. Work is split over the ranks (features by slices of images,
+//! kNN by slices of the test set) and joined with collectives, so no rank idles.
+//!
+//! An [`EvalSet`] is either IDX images or encoded files (image folder,
+//! WebDataset, CSV) seen through the evaluation transform: resize the shorter
+//! side, centre crop, normalise as in training. A file that cannot be read is
+//! logged, left out of the memory and of the test count.
+
+use contrast_comm::Collective;
+use contrast_data::idx::{Images, FASHION_MNIST_MEAN_STD};
+use contrast_data::rgb::{decode, RgbAugParams, RgbAugmenter};
+use contrast_data::source::Source;
+use contrast_nn::loss::l2_normalize;
+use rand::SeedableRng;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+mod align;
+mod knn;
+mod zero_shot;
+pub use align::*;
+pub use knn::*;
+pub use zero_shot::*;
+
+/// Images per forward pass during evaluation.
+const CHUNK: usize = 500;
+
+/// Images to evaluate and their labels (−1: unlabelled or unreadable, left out).
+pub enum EvalSet {
+    /// IDX images, normalised with the dataset statistics.
+    Idx(Images),
+    /// Encoded files at `transform.size`, a strided subset `indices` of `source`.
+    Files {
+        /// The files.
+        source: Arc<dyn Source>,
+        /// Which samples, in order.
+        indices: Vec<usize>,
+        /// The deterministic evaluation transform (no random op).
+        transform: RgbAugParams,
+        /// Decoding threads.
+        threads: usize,
+    },
+}
+
+impl EvalSet {
+    /// The files of `source`, at most `max` of them (0 = all) taken at an even stride, so every class stays.
+    pub fn files(source: Arc<dyn Source>, max: usize, transform: RgbAugParams, threads: usize) -> Self {
+        let n = source.len();
+        let m = if max == 0 { n } else { max.min(n) };
+        let indices = (0..m).map(|i| i * n / m.max(1)).collect();
+        EvalSet::Files { source, indices, transform, threads: threads.max(1) }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match self {
+            EvalSet::Idx(images) => images.len(),
+            EvalSet::Files { indices, .. } => indices.len(),
+        }
+    }
+
+    /// True when there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The source index of image `i` of a file set (None for IDX, whose index is `i`).
+    pub fn source_index(&self, i: usize) -> Option<usize> {
+        match self {
+            EvalSet::Idx(_) => None,
+            EvalSet::Files { indices, .. } => Some(indices[i]),
+        }
+    }
+
+    /// Shape (channels, height, width) of one input image.
+    pub fn shape(&self) -> (i64, i64, i64) {
+        match self {
+            EvalSet::Idx(images) => (1, images.height as i64, images.width as i64),
+            EvalSet::Files { transform, .. } => (3, transform.size as i64, transform.size as i64),
+        }
+    }
+
+    /// Floats of one input image (channels × height × width).
+    pub fn pixels(&self) -> usize {
+        match self {
+            EvalSet::Idx(images) => images.height * images.width,
+            EvalSet::Files { transform, .. } => 3 * (transform.size as usize).pow(2),
+        }
+    }
+
+    /// Normalised input tensor `[n, C, H, W]` of images `start..end` and their labels.
+    pub fn batch(&self, start: usize, end: usize, device: Device) -> (Tensor, Vec<i64>) {
+        match self {
+            EvalSet::Idx(images) => {
+                let (m, s) = FASHION_MNIST_MEAN_STD;
+                let pix = images.height * images.width;
+                let data: Vec<f32> =
+                    images.pixels[start * pix..end * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s).collect();
+                let x = Tensor::from_slice(&data)
+                    .view([(end - start) as i64, 1, images.height as i64, images.width as i64])
+                    .to_device(device);
+                (x, images.labels[start..end].iter().map(|&l| l as i64).collect())
+            }
+            EvalSet::Files { source, indices, transform, threads } => {
+                let pix = self.pixels();
+                let n = end - start;
+                let mut data = vec![0f32; n * pix];
+                let mut labels = vec![-1i64; n];
+                let per = n.div_ceil(*threads).max(1);
+                std::thread::scope(|scope| {
+                    for (k, (out, lab)) in data.chunks_mut(per * pix).zip(labels.chunks_mut(per)).enumerate() {
+                        let transform = transform.clone();
+                        scope.spawn(move || {
+                            let mut aug = RgbAugmenter::new(transform);
+                            // The transform has no random op; the generator is never drawn from.
+                            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                            for (j, (img, label)) in out.chunks_mut(pix).zip(lab.iter_mut()).enumerate() {
+                                let i = indices[start + k * per + j];
+                                let got = source.fetch(i).and_then(|raw| {
+                                    let rgb = decode(&raw.bytes)?;
+                                    aug.apply(&rgb, &mut rng, img)?;
+                                    Ok(raw.label)
+                                });
+                                match got {
+                                    Ok(l) => *label = l,
+                                    Err(e) => {
+                                        tracing::warn!("evaluation skips {}: {e}", source.locate(i));
+                                        img.iter_mut().for_each(|v| *v = 0.0);
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                let s = transform.size as i64;
+                (Tensor::from_slice(&data).view([n as i64, 3, s, s]).to_device(device), labels)
+            }
+        }
+    }
+}
+
+/// What evaluation runs on: the kNN memory (the training set, when it has
+/// labels), the labelled test set, and the class names zero-shot prompts use.
+pub struct EvalData {
+    /// kNN memory; `None` when the training set has no labels (a caption CSV).
+    pub memory: Option<EvalSet>,
+    /// The test set.
+    pub test: EvalSet,
+    /// Class names by label (empty: no zero-shot).
+    pub class_names: Vec<String>,
+    /// The training augmentation of the first two views, for alignment and uniformity.
+    pub views: Option<ViewAug>,
+}
+
+/// Two views' training augmentation, applied to evaluation images.
+pub enum ViewAug {
+    /// IDX input: the grayscale augmenters.
+    Idx(Vec<contrast_data::Augmenter>),
+    /// Decoded files: the RGB augmentation parameters.
+    Files(Vec<RgbAugParams>),
+}
+
+/// Rows `[lo, hi)` of `n` that rank r handles when n is split in P near-equal slices.
+fn slice_of<C: Collective>(comm: &C, n: usize) -> (usize, usize, usize) {
+    let per = n.div_ceil(comm.world_size());
+    let lo = (comm.rank() * per).min(n);
+    (lo, (lo + per).min(n), per)
+}
+
+/// Features and labels of every image, computed in slices across ranks and
+/// all-gathered; `f` maps an input batch to `[b, D]`. Returns L2-normalised
+/// `[n, D]` on `device` (zero rows for unreadable images) and the labels.
+pub fn features<C: Collective>(
+    comm: &C,
+    set: &EvalSet,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> (Tensor, Vec<i64>) {
+    features_with(comm, set.len(), device, dim, f, |s, e| set.batch(s, e, device))
+}
+
+/// [`features`] of `n` inputs that `batch(start, end)` makes (with labels, −1: unreadable).
+fn features_with<C: Collective>(
+    comm: &C,
+    n: usize,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+    batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
+) -> (Tensor, Vec<i64>) {
+    let (lo, hi, per) = slice_of(comm, n);
+    let mut parts = Vec::new();
+    let mut labels = Vec::with_capacity(per);
+    tch::no_grad(|| {
+        let mut s = lo;
+        while s < hi {
+            let e = (s + CHUNK).min(hi);
+            let (x, l) = batch(s, e);
+            let valid = Tensor::from_slice(&l.iter().map(|&v| f32::from(v >= 0)).collect::<Vec<_>>()).to_device(device);
+            parts.push(l2_normalize(&f(&x).to_kind(Kind::Float)) * valid.unsqueeze(1));
+            labels.extend(l);
+            s = e;
+        }
+    });
+    let mut local =
+        if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
+    let pad = per - (hi - lo);
+    if pad > 0 {
+        local = Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0);
+        labels.extend(std::iter::repeat_n(-1, pad));
+    }
+    let all = comm.all_gather(&contrast_nn::to_host::<f32>(&local));
+    let all_labels = comm.all_gather(&labels);
+    let (mut rows, mut out_labels) = (Vec::with_capacity(n * dim as usize), Vec::with_capacity(n));
+    for r in 0..comm.world_size() {
+        let lo = (r * per).min(n);
+        let hi = (lo + per).min(n);
+        let base = r * per * dim as usize;
+        rows.extend_from_slice(&all[base..base + (hi - lo) * dim as usize]);
+        out_labels.extend_from_slice(&all_labels[r * per..r * per + (hi - lo)]);
+    }
+    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), out_labels)
+}

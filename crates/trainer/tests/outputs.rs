@@ -1,0 +1,351 @@
+//! What a run serves and writes: metrics, logs, evaluations, the best
+//! checkpoint, export and embed, the summary.
+
+use crate::common::*;
+
+#[test]
+fn every_rank_serves_prometheus_metrics_during_a_run() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    // A base port of our own; rank 0's is taken: it warns and trains on, rank 1 serves base + 1.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = busy.local_addr().unwrap().port();
+    if base == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", base + 1)).is_err() {
+        eprintln!("skipped: port {} is taken", base + 1);
+        return;
+    }
+    let listen = format!("metrics.listen=127.0.0.1:{base}");
+    let textfile = format!("metrics.textfile_dir={}", fx.path("prom").display());
+    let cfg = fx.config("metrics", "ntxent", "");
+    let sets = ["train.steps=100000", "checkpoint.every=0", &listen, &textfile, "metrics.textfile_every=2"];
+    let (run_dir, log) = (fx.path("metrics"), fx.path("metrics.log"));
+    let mut job = spawn_mpirun(&cfg, &sets, &log);
+    // Rank 0 logs step 6 after that step's all-reduce, by which time rank 1 has reported step 5 at least.
+    wait_for_steps(&mut job, &run_dir, 6, &log);
+    let scraped = scrape(base + 1);
+    Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
+    let status = job.wait().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{base}")), "rank 0 names the port in use:\n{err}");
+    let m = scraped.unwrap();
+    let one = [("rank", "1")];
+    let step = value(&m, "contrast_step", &one).expect("contrast_step");
+    assert!(step >= 5.0, "step {step}");
+    assert!(value(&m, "contrast_samples_total", &one).unwrap() >= 5.0 * 8.0);
+    assert!(value(&m, "contrast_samples_per_second", &one).unwrap() > 0.0);
+    assert!(value(&m, "contrast_loss", &one).unwrap().is_finite());
+    assert_eq!(value(&m, "contrast_negatives_per_anchor", &one), Some(14.0));
+    assert!(value(&m, "contrast_collective_bytes_total", &[("rank", "1"), ("op", "all_gather")]).unwrap() > 0.0);
+    assert!(value(&m, "process_resident_memory_bytes", &one).unwrap() > 1e6, "RSS");
+    let phases: Vec<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "contrast_step_phase_seconds")
+        .filter_map(|s| s.labels.get("phase"))
+        .collect();
+    for phase in trainer::metrics::PHASES {
+        assert!(phases.contains(&phase), "no {phase} histogram: {phases:?}");
+    }
+    // Every series the shipped Grafana dashboard plots is one the endpoint serves.
+    let dash =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../launch/grafana-dashboard.json"));
+    let dash = dash.unwrap();
+    let served: std::collections::HashSet<&str> = m.samples.iter().map(|s| s.metric.as_str()).collect();
+    for word in dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        let base = word.trim_end_matches("_sum").trim_end_matches("_count");
+        if word.starts_with("contrast_") || word.starts_with("process_") {
+            assert!(served.contains(word) || served.contains(base), "the dashboard plots {word}, which is not served");
+        }
+    }
+    // The textfile of each rank parses too (node_exporter's collector reads it).
+    for rank in 0..2 {
+        let text = std::fs::read_to_string(fx.path(&format!("prom/contrast-rank{rank}.prom"))).unwrap();
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        assert!(value(&parsed, "contrast_step", &[("rank", &rank.to_string())]).unwrap() >= 2.0);
+    }
+    drop(busy);
+}
+
+#[test]
+fn log_lines_name_their_rank_plain_and_json() {
+    let fx = Fixture::new();
+    let cfg = fx.config("logs", "ntxent", "");
+    let base = ["--config", cfg.to_str().unwrap(), "--set", "train.steps=3", "--set", "checkpoint.every=0"];
+    // Plain: the step line keeps its form, after the rank and step spans.
+    let out = ok(run(2, &base, &[("CONTRAST_LOG", "info")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in err.lines() {
+        assert!(line.contains("rank{rank=0}") || line.contains("rank{rank=1}"), "a line without its rank: {line}");
+    }
+    assert!(
+        err.lines().any(|l| l.contains("rank{rank=0}:step{step=2}: step 2/3 loss ") && l.contains(" samples/s ")),
+        "{err}"
+    );
+    assert!(err.contains("rank{rank=1}"), "rank 1 logs at info when asked: {err}");
+    // At the default level rank 1 logs only warnings, and they carry its rank too (its metrics port is taken).
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = format!("metrics.listen=127.0.0.1:{}", busy.local_addr().unwrap().port() - 1);
+    let mut args = base.to_vec();
+    args.extend(["--set", &listen]);
+    let out = ok(run(2, &args, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().any(|l| l.contains("WARN") && l.contains("rank{rank=1}") && l.contains("cannot listen")),
+        "{err}"
+    );
+    // JSON: every line is an object; the rank and step are fields of its spans.
+    let mut args = vec!["--log-format", "json"];
+    args.extend(base);
+    let out = ok(run(2, &args, &[("CONTRAST_LOG", "info")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mut ranks = std::collections::BTreeSet::new();
+    let mut steps = 0;
+    for line in err.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let spans = v["spans"].as_array().unwrap_or_else(|| panic!("no spans: {line}"));
+        ranks.insert(spans[0]["rank"].as_u64().expect("rank span first"));
+        if v["fields"]["message"].as_str().unwrap_or("").starts_with("step ") {
+            assert_eq!(spans.last().unwrap()["name"], "step", "{line}");
+            steps += 1;
+        }
+    }
+    assert_eq!(ranks.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    assert!(steps >= 3, "{err}");
+    assert!(!err.contains("ETA"), "no progress bar without a terminal");
+    // On a terminal (a pty from `script`), rank 0 draws a progress bar, and log lines still come through.
+    if Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let cmd = format!("{BIN} --config {} --set train.steps=6 --set checkpoint.every=0", cfg.display());
+        let out = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("ETA") && text.contains("samples/s ["), "no progress bar on a terminal: {text}");
+        assert!(text.contains("step 6/6 loss"), "{text}");
+    }
+    // An error before MPI is up names the rank the launcher gave.
+    let out = run(0, &["--log-format", "json", "--config", "/no/such.yaml"], &[("PMIX_RANK", "3")]);
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!((v["rank"].as_u64(), v["level"].as_str()), (Some(3), Some("ERROR")), "{v}");
+}
+
+#[test]
+fn evaluations_give_known_answers_on_small_fixtures() {
+    use trainer::eval::{knn_top1, linear_probe, Features};
+    // 4 classes along 4 orthogonal directions, 6 memory rows each, slightly perturbed.
+    let cluster = |c: usize, j: usize| -> Vec<f32> {
+        (0..4).map(|d| if d == c { 1.0 } else { 0.05 * ((j * 7 + d * 3) % 5) as f32 / 5.0 }).collect()
+    };
+    let rows = |spec: &[(usize, usize)]| -> Vec<f32> { spec.iter().flat_map(|&(c, j)| cluster(c, j)).collect() };
+    let tensor = |v: &[f32]| contrast_nn::loss::l2_normalize(&Tensor::from_slice(v).view([v.len() as i64 / 4, 4]));
+    let memory: Vec<(usize, usize)> = (0..4).flat_map(|c| (0..6).map(move |j| (c, j))).collect();
+    let (xm, ym) = (rows(&memory), memory.iter().map(|&(c, _)| c as i64).collect::<Vec<_>>());
+    // Test: three rows sit in their class's cluster; the fourth, labelled 1, sits in cluster 0.
+    let (xt, yt) = (rows(&[(0, 9), (1, 9), (2, 9), (0, 8)]), vec![0i64, 1, 2, 1]);
+    for p in [1, 2, 3] {
+        let got = contrast_comm::Threads::run(p, |c| {
+            let (m, t) = (tensor(&xm), tensor(&xt));
+            let knn = knn_top1(&c, &m, &ym, &t, &yt, 5, 0.1, 4);
+            let f = Features { train: (m, ym.clone()), test: (t, yt.clone()), classes: 4 };
+            (knn, linear_probe(&c, &f, 200))
+        });
+        for (knn, probe) in got {
+            // Top-1: 3 of 4; top-5 over 4 classes: every row.
+            assert_eq!(knn, [0.75, 1.0], "kNN on {p} ranks");
+            assert_eq!(probe, 0.75, "linear probe on {p} ranks");
+        }
+        // Alignment and uniformity (Wang & Isola): 4 orthonormal rows, ‖zᵢ − zⱼ‖² = 2 for i ≠ j, so
+        // uniformity = log exp(−4) = −4; views equal: alignment 0; views opposite: ‖2z‖² = 4.
+        let got = contrast_comm::Threads::run(p, |c| {
+            let eye = Tensor::eye(4, (tch::Kind::Float, tch::Device::Cpu));
+            (trainer::eval::alignment_uniformity(&c, &eye, &eye), trainer::eval::alignment_uniformity(&c, &eye, &-&eye))
+        });
+        for ((a0, u0), (a1, u1)) in got {
+            assert!(a0.abs() < 1e-9 && (u0 + 4.0).abs() < 1e-6 && (a1 - 4.0).abs() < 1e-6 && (u1 + 4.0).abs() < 1e-6);
+        }
+        // Retrieval: images e0, e1, e2 and a fourth near e1 but captioned like image 0; texts t0 = e0, t1 = e1, t2 = e2.
+        // Image→text: the fourth misses at 1 and hits at 5 (3/4, 1, 1); text→image: every text's best image is its own.
+        let got = contrast_comm::Threads::run(p, |c| {
+            let img =
+                Tensor::from_slice(&[1f32, 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0., 0., 1., 0., 0.1]).view([4, 4]);
+            let txt = Tensor::eye(4, (tch::Kind::Float, tch::Device::Cpu)).narrow(0, 0, 3);
+            trainer::eval::retrieval(
+                &c,
+                &contrast_nn::loss::l2_normalize(&img),
+                &txt,
+                &[Some(0), Some(1), Some(2), Some(0)],
+            )
+        });
+        for r in got {
+            assert_eq!(r, [0.75, 1.0, 1.0, 1.0, 1.0, 1.0], "retrieval on {p} ranks");
+        }
+    }
+}
+
+#[test]
+fn the_best_checkpoint_is_kept_and_models_export_and_embed() {
+    let fx = Fixture::new();
+    let cfg = fx.config("best", "ntxent", "");
+    let sets = [
+        "train.steps=6",
+        "checkpoint.every=2",
+        "checkpoint.keep=1",
+        "eval.every=2",
+        "eval.at_end=true",
+        "eval.knn_k=5",
+        "checkpoint.best=knn_top1",
+    ];
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(sets.iter().flat_map(|s| ["--set", *s]));
+    let out = ok(run(2, &args, &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let run_dir = fx.path("best");
+    // best/ holds the best kNN top-1 of the evaluations (steps 2, 4 and the end), apart from the pruned step directories.
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("best/state.json")).unwrap()).unwrap();
+    let value = best["best_metric"].as_f64().expect("best_metric");
+    assert!(err.contains("best knn_top1 so far"), "{err}");
+    let out = ok(run(0, &["eval", "--checkpoint", run_dir.join("best").to_str().unwrap()], &[]));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["knn_top1"].as_f64(), Some(value), "best/ holds the model that scored it");
+    assert!(value >= summary(&run_dir)["knn_top1"].as_f64().unwrap());
+    assert!(!run_dir.join("step-2").exists() && run_dir.join("step-6").exists());
+    // Every evaluation is logged (the untrained encoder at step 0), and plot.png is drawn from the logs.
+    let evals: Vec<u64> = std::fs::read_to_string(run_dir.join("evals.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![0, 2, 4, 6]);
+    let png = image::open(run_dir.join("plot.png")).expect("plot.png decodes").to_rgb8();
+    assert_eq!(png.dimensions(), (1500, 450));
+    let colours: std::collections::HashSet<[u8; 3]> = png.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 20, "a blank plot ({} colours)", colours.len());
+    // Export: the model alone, in bfloat16.
+    let exported = fx.path("model-bf16.safetensors");
+    ok(run(
+        0,
+        &["export", "--checkpoint", run_dir.to_str().unwrap(), "--out", exported.to_str().unwrap(), "--bf16"],
+        &[],
+    ));
+    let tensors = Tensor::read_safetensors(&exported).unwrap();
+    let model = Tensor::read_safetensors(run_dir.join("step-6/model.safetensors")).unwrap();
+    assert_eq!(tensors.len(), model.len());
+    for (name, t) in &tensors {
+        assert_eq!(t.kind(), tch::Kind::BFloat16, "{name}");
+        let (_, w) = model.iter().find(|(n, _)| n == name).unwrap();
+        let diff = (t.to_kind(tch::Kind::Float) - w).abs().max().double_value(&[]);
+        assert!(diff <= 1e-2 * w.abs().max().double_value(&[]).max(1e-3), "{name} moved by {diff}");
+    }
+    // Embed the test split: the same on 1 and 2 ranks, with labels and source names.
+    let (one, two) = (fx.path("emb1.safetensors"), fx.path("emb2.safetensors"));
+    for (np, f) in [(0, &one), (2, &two)] {
+        let a = ["embed", "--checkpoint", run_dir.to_str().unwrap(), "--out", f.to_str().unwrap(), "--split", "test"];
+        ok(run(np, &a, &[]));
+    }
+    let (a, b) = (Tensor::read_safetensors(&one).unwrap(), Tensor::read_safetensors(&two).unwrap());
+    let get = |v: &[(String, Tensor)], n: &str| v.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    assert_eq!(get(&a, "embeddings").size(), vec![60, 32]);
+    assert!((get(&a, "embeddings") - get(&b, "embeddings")).abs().max().double_value(&[]) < 1e-5);
+    let labels: Vec<i64> = Vec::try_from(get(&a, "labels")).unwrap();
+    assert_eq!(labels, (0..60).map(|i| i % 10).collect::<Vec<i64>>());
+    let paths: Vec<String> = serde_json::from_str(safetensors_metadata(&one)["paths"].as_str().unwrap()).unwrap();
+    assert_eq!(paths.len(), 60);
+    assert!(paths[7].ends_with("t10k-images-idx3-ubyte#7"), "{}", paths[7]);
+}
+
+#[test]
+fn summary_eval_and_checkpoint_layout() {
+    let fx = Fixture::new();
+    let cfg = fx.config("full", "clip", "");
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "eval.at_end=true",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "checkpoint.keep=2",
+    ];
+    ok(run(0, &args, &[]));
+    let s = summary(&fx.path("full"));
+    let keys = [
+        "steps",
+        "stopped_by_signal",
+        "final_loss",
+        "samples_per_s",
+        "compute_samples_per_s",
+        "knn_top1",
+        "knn_top5",
+        "linear_top1",
+        "knn_top1_init",
+        "knn_top1_raw_pixels",
+        "zero_shot_top1",
+        "zero_shot_top5",
+        "alignment",
+        "uniformity",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+    ];
+    for key in keys {
+        assert!(s.get(key).is_some(), "summary.json lacks {key}: {s}");
+    }
+    // Wall-clock throughput counts the wait for data; the compute-only figure does not.
+    assert!(s["samples_per_s"].as_f64().unwrap() <= s["compute_samples_per_s"].as_f64().unwrap(), "{s}");
+    for key in ["knn_top1", "knn_top1_init", "knn_top1_raw_pixels", "zero_shot_top1"] {
+        let v = s[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}={v}");
+    }
+    // keep=2: only the two newest remain; latest names the newest; no temporary directories.
+    let mut names: Vec<String> = std::fs::read_dir(fx.path("full"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let want = ["config.yaml", "evals.jsonl", "latest", "plot.png", "step-3", "step-4", "steps.jsonl", "summary.json"];
+    assert_eq!(names, want);
+    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+        assert!(fx.path("full/step-4").join(f).is_file());
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("full/step-4/state.json")).unwrap()).unwrap();
+    assert_eq!(
+        (state["step"].as_u64(), state["seed"].as_u64(), state["world_size"].as_u64()),
+        (Some(4), Some(3), Some(1))
+    );
+
+    let out = ok(run(
+        0,
+        &["eval", "--config", cfg.to_str().unwrap(), "--checkpoint", fx.path("full").to_str().unwrap()],
+        &[],
+    ));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["step"], 4);
+    assert!((e["knn_top1"].as_f64().unwrap() - s["knn_top1"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(e["zero_shot_top1"].as_f64().is_some());
+    // Without --config, `trainer eval` reads the run directory's config.yaml (from a step directory too).
+    for ckpt in [fx.path("full"), fx.path("full/step-4")] {
+        let out = ok(run(0, &["eval", "--checkpoint", ckpt.to_str().unwrap()], &[]));
+        let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(again["knn_top1"], e["knn_top1"]);
+    }
+    // `trainer config --print` shows that file's content without running, and it loads back.
+    let mut printed = vec!["config", "--config", cfg.to_str().unwrap(), "--print"];
+    printed.extend(args.iter().skip(2).copied());
+    let out = ok(run(0, &printed, &[]));
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let written = std::fs::read_to_string(fx.path("full/config.yaml")).unwrap();
+    assert!(written.ends_with(&yaml), "config --print:\n{yaml}\nconfig.yaml:\n{written}");
+    assert!(yaml.contains("temperature: 0.2") && yaml.contains("knn_k: 5"), "{yaml}");
+    let out = run(0, &["eval", "--checkpoint", fx.path("nowhere").to_str().unwrap()], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no --config given and no config.yaml"));
+}
