@@ -39,13 +39,22 @@ impl Settings {
         self.0.insert(Value::String(key.into()), value);
     }
 
-    /// `defaults` with these settings laid over them.
+    /// `defaults` with these settings laid over them; nested mappings merge key
+    /// by key (`model.vit.patch_size` given keeps the preset's other `vit` keys).
     pub fn over(&self, defaults: &Settings) -> Settings {
-        let mut merged = defaults.clone();
-        for (k, v) in &self.0 {
-            merged.0.insert(k.clone(), v.clone());
+        fn merge(into: &mut Mapping, from: &Mapping) {
+            for (k, v) in from {
+                match (into.get_mut(k), v) {
+                    (Some(Value::Mapping(a)), Value::Mapping(b)) => merge(a, b),
+                    _ => {
+                        into.insert(k.clone(), v.clone());
+                    }
+                }
+            }
         }
-        merged
+        let mut merged = defaults.0.clone();
+        merge(&mut merged, &self.0);
+        Settings(merged)
     }
 
     /// The settings as the component's typed struct; an error names `section.key`.
@@ -115,15 +124,30 @@ pub trait MethodSpec: Send + Sync {
     }
 }
 
+/// What an encoder's checks see of its input.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageInfo {
+    /// Image channels (1 for IDX, 3 for decoded files).
+    pub channels: i64,
+    /// Side of the (large) square views (28 for IDX, `data.image_size` for files).
+    pub size: i64,
+}
+
 /// An image encoder's configuration: its keys among `model.*` and their checks.
 /// Implemented next to the encoder (`contrast-nn/src/encoder/<name>.rs`).
 pub trait EncoderSpec: Send + Sync {
     /// The `model.encoder` value.
     fn name(&self) -> &'static str;
-    /// Every `model.*` key of its own, with its default.
+    /// Every `model.*` key of its own, with its default (a preset's values).
     fn defaults(&self) -> Settings;
-    /// Check its settings (defaults filled in); errors name the key.
-    fn check(&self, settings: &Settings) -> Result<(), ConfigError>;
+    /// Check its settings (defaults filled in) for these images; errors name the key.
+    fn check(&self, settings: &Settings, image: &ImageInfo) -> Result<(), ConfigError>;
+    /// The dimension of its representation (`[B, out_dim]`).
+    fn out_dim(&self, settings: &Settings) -> i64;
+    /// The groups `model.freeze` may name (`stem`, `layer1`, `blocks.0`, …).
+    fn freeze_groups(&self, _settings: &Settings) -> Vec<String> {
+        Vec::new()
+    }
     /// Its normalisation (batch statistics break exact parity across layouts).
     fn norm(&self, settings: &Settings) -> Norm;
 }

@@ -30,13 +30,13 @@ mod run;
 mod train;
 mod yaml;
 
-pub use component::{Catalog, EncoderSpec, MethodPlan, MethodSpec, RunInfo, Settings};
+pub use component::{Catalog, EncoderSpec, ImageInfo, MethodPlan, MethodSpec, RunInfo, Settings};
 pub use data::{
     AugConfig, AugmentPreset, CutoffName, DataConfig, DatasetKind, MixName, TextAugConfig, MAX_BLUR_SIGMA,
     MAX_PREFETCH, MAX_WORKERS,
 };
 pub use loss::{LossConfig, LossKind, Mining};
-pub use model::{ModelConfig, Norm, TextConfig};
+pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig};
 pub use plan::{Plan, Topology};
 pub use run::{CheckpointConfig, EvalConfig, MetricsConfig, BEST_METRICS};
 pub use train::{LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, ScheduleConfig, ScheduleName, TrainConfig};

@@ -5,6 +5,7 @@
 use crate::applies::Rules;
 use crate::{invalid, ConfigError, Settings};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 
 /// `model.*`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -18,9 +19,44 @@ pub struct ModelConfig {
     pub proj_hidden: i64,
     /// Text tower (image–text methods).
     pub text: TextConfig,
+    /// Groups of the image encoder that get no gradient, no decay and no update
+    /// (ResNet `stem`, `layer1`…`layer4`; ViT `embed`, `blocks.N`); their batch
+    /// norm stays in eval mode.
+    pub freeze: Vec<String>,
+    /// A safetensors file of weights to start from (torchvision, timm or
+    /// open_clip names, or a `trainer export`); `train.resume` takes precedence.
+    pub pretrained: Option<PathBuf>,
+    /// The names in `pretrained`: `auto` (detected from the keys), `torchvision`,
+    /// `timm`, `open_clip` or `contrast`.
+    pub pretrained_format: PretrainedFormat,
+    /// A prefix stripped from every key of `pretrained` (`module.`, `backbone.`), as a prefix.
+    pub pretrained_prefix: String,
+    /// Globs of `pretrained` keys to leave out (`fc.*`, `head.*`).
+    pub pretrained_skip: Vec<String>,
+    /// Unused keys of `pretrained` are an error listing them (false: a warning).
+    pub pretrained_strict: bool,
+    /// The sha256 of `pretrained` (written by the run into its config.yaml; when
+    /// given, rank 0 checks the file against it).
+    pub pretrained_sha256: Option<String>,
     /// The encoder's own keys as given (`width`, `embed_dim`, `norm` for `convnet`).
     #[serde(flatten)]
     pub encoder_keys: Settings,
+}
+
+/// `model.pretrained_format`: whose names a weight file uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PretrainedFormat {
+    /// Detected from the key names.
+    Auto,
+    /// torchvision's ResNet names (`conv1`, `layer1.0.bn1`, `fc`).
+    Torchvision,
+    /// timm's ViT names (`patch_embed.proj`, `blocks.N.attn.qkv`, `head`).
+    Timm,
+    /// open_clip's names (`visual.*`, `transformer.resblocks.*`, `token_embedding`, …).
+    OpenClip,
+    /// This trainer's own names (`backbone.*`, a `trainer export` file).
+    Contrast,
 }
 
 impl Default for ModelConfig {
@@ -30,6 +66,13 @@ impl Default for ModelConfig {
             proj_dim: 64,
             proj_hidden: 512,
             text: TextConfig::default(),
+            freeze: Vec::new(),
+            pretrained: None,
+            pretrained_format: PretrainedFormat::Auto,
+            pretrained_prefix: String::new(),
+            pretrained_skip: Vec::new(),
+            pretrained_strict: true,
+            pretrained_sha256: None,
             encoder_keys: Settings::default(),
         }
     }
@@ -47,11 +90,23 @@ pub struct TextConfig {
     pub heads: i64,
     /// Context length in tokens (byte-level tokens plus start and end).
     pub context: i64,
+    /// Activation of the MLPs: `gelu` or `quick_gelu` (x·σ(1.702x), OpenAI CLIP's).
+    pub act: TextAct,
+}
+
+/// `model.text.act` (and `model.vit.act`): the transformer MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextAct {
+    /// The exact (erf) GELU.
+    Gelu,
+    /// x·σ(1.702x), as OpenAI's CLIP models (open_clip `QuickGELU`).
+    QuickGelu,
 }
 
 impl Default for TextConfig {
     fn default() -> Self {
-        Self { width: 64, layers: 2, heads: 4, context: 48 }
+        Self { width: 64, layers: 2, heads: 4, context: 48, act: TextAct::Gelu }
     }
 }
 
@@ -74,10 +129,42 @@ pub enum Norm {
 /// The head keys of `model.*` (besides the encoder's own): a method reads some of them.
 pub const HEAD_KEYS: [&str; 3] = ["proj_dim", "proj_hidden", "text"];
 
-/// The head keys of `model.*` the method does not read.
-pub(crate) fn rules(method: &str, reads: &[&str], r: &mut Rules) {
+/// The `model.*` keys of every encoder (the rest are the encoder's own).
+pub const SHARED_KEYS: &[&str] = &[
+    "encoder",
+    "proj_dim",
+    "proj_hidden",
+    "text",
+    "freeze",
+    "pretrained",
+    "pretrained_format",
+    "pretrained_prefix",
+    "pretrained_skip",
+    "pretrained_strict",
+    "pretrained_sha256",
+];
+
+/// The head keys of `model.*` the method does not read, and the import keys without a file.
+pub(crate) fn rules(m: &ModelConfig, method: &str, reads: &[&str], r: &mut Rules) {
     let unread: Vec<&str> = HEAD_KEYS.iter().copied().filter(|k| !reads.contains(k)).collect();
     r.keys("model", &unread, &format!("method {method}"), true);
+    let import =
+        ["pretrained_format", "pretrained_prefix", "pretrained_skip", "pretrained_strict", "pretrained_sha256"];
+    r.keys("model", &import, "a model without model.pretrained", m.pretrained.is_none());
+}
+
+/// `model.freeze` names groups of the encoder.
+pub(crate) fn check_freeze(m: &ModelConfig, groups: &[String]) -> Result<(), ConfigError> {
+    for g in &m.freeze {
+        if !groups.contains(g) {
+            let known = if groups.is_empty() { "none".to_string() } else { groups.join(", ") };
+            return Err(invalid(
+                "model.freeze",
+                format!("`{g}` is not a group of encoder {} (its groups: {known})", m.encoder),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The heads' sizes and the text tower.
@@ -101,6 +188,16 @@ pub(crate) fn check(m: &ModelConfig) -> Result<(), ConfigError> {
     }
     if m.text.context < 8 {
         return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", m.text.context)));
+    }
+    if let Some(p) = m.pretrained.as_ref().filter(|p| p.extension().is_some_and(|e| e != "safetensors")) {
+        return Err(invalid(
+            "model.pretrained",
+            format!(
+                "{} is not a .safetensors file: convert a .pth, .ckpt or TorchScript file with \
+                 tools/convert_weights.py (it runs in the project's venv)",
+                p.display()
+            ),
+        ));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! derived sizes computed once.
 
 use crate::applies::Rules;
-use crate::component::{Catalog, EncoderSpec, MethodPlan, MethodSpec, RunInfo, Settings};
+use crate::component::{Catalog, EncoderSpec, ImageInfo, MethodPlan, MethodSpec, RunInfo, Settings};
 use crate::{data, invalid, loss, model, run, train, yaml, Config, ConfigError, LossKind, LrScale, Norm};
 use std::collections::BTreeSet;
 
@@ -29,6 +29,10 @@ pub struct Plan {
     pub method: MethodPlan,
     /// The encoder's settings (its `model.*` keys, defaults filled in).
     pub encoder: Settings,
+    /// The encoder's output dimension (what evaluation embeds).
+    pub embed_dim: i64,
+    /// The images the encoder sees.
+    pub image: ImageInfo,
     /// Loss family.
     pub loss: LossKind,
     /// Encoder normalisation.
@@ -81,6 +85,15 @@ fn resolve_method(c: &Config, catalog: &dyn Catalog) -> Result<(&'static dyn Met
     Ok((spec, loss))
 }
 
+/// The images the encoder sees: 1 channel at 28 px for IDX, RGB at `data.image_size` for files.
+fn image_of(c: &Config) -> ImageInfo {
+    if c.data.dataset.is_files() {
+        ImageInfo { channels: 3, size: c.data.image_size as i64 }
+    } else {
+        ImageInfo { channels: 1, size: 28 }
+    }
+}
+
 /// The encoder and its settings, checked.
 fn resolve_encoder(c: &Config, catalog: &dyn Catalog) -> Result<(&'static dyn EncoderSpec, Settings), ConfigError> {
     let name = &c.model.encoder;
@@ -88,10 +101,11 @@ fn resolve_encoder(c: &Config, catalog: &dyn Catalog) -> Result<(&'static dyn En
         let known: Vec<_> = catalog.encoders().iter().map(|e| e.name()).collect();
         invalid("model.encoder", format!("`{name}` is not a known encoder ({})", known.join(", ")))
     })?;
-    let (fixed, what) = (["encoder", "proj_dim", "proj_hidden", "text"], format!("encoder {name}"));
+    let (fixed, what) = (model::SHARED_KEYS, format!("encoder {name}"));
     own_keys(&c.given, "model", &fixed, &spec.defaults(), &what)?;
     let settings = c.model.encoder_keys.over(&spec.defaults());
-    spec.check(&settings)?;
+    spec.check(&settings, &image_of(c))?;
+    model::check_freeze(&c.model, &spec.freeze_groups(&settings))?;
     Ok((spec, settings))
 }
 
@@ -136,7 +150,7 @@ impl Plan {
         loss::check(c, loss)?;
         let mut rules = Rules::default();
         loss::rules(loss, &mut rules);
-        model::rules(spec.name(), spec.model_keys(), &mut rules);
+        model::rules(&c.model, spec.name(), spec.model_keys(), &mut rules);
         data::rules(c, loss, &mut rules);
         train::rules(&c.train, &mut rules);
         run::rules(c, &mut rules);
@@ -169,6 +183,8 @@ impl Plan {
         Ok(Plan {
             describe_method: spec.describe(&method.settings, &info),
             method,
+            embed_dim: encoder.out_dim(&encoder_settings),
+            image: image_of(c),
             encoder: encoder_settings,
             loss,
             norm,

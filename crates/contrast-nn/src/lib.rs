@@ -11,6 +11,8 @@ pub mod ema;
 pub mod encoder;
 pub mod engine;
 pub mod head;
+pub mod import;
+mod import_table;
 pub mod loss;
 pub mod method;
 pub mod optim;

@@ -96,6 +96,9 @@ pub struct Optimizer {
     pub lars: Option<f64>,
     /// Steps taken.
     pub steps: i64,
+    /// Parameters left out of every update for now (no decay, no moments, no
+    /// change): the exclusion list a method sets for a while (frozen prototypes).
+    excluded: std::collections::BTreeSet<String>,
 }
 
 impl Optimizer {
@@ -106,7 +109,7 @@ impl Optimizer {
             OptimizerKind::AdamW { .. } => 2,
         };
         let state = params.iter().map(|p| (0..slots).map(|_| p.tensor.zeros_like().detach()).collect()).collect();
-        Self { kind, weight_decay, params, state, lars: None, steps: 0 }
+        Self { kind, weight_decay, params, state, lars: None, steps: 0, excluded: Default::default() }
     }
 
     /// Wrap in LARS with trust coefficient `eta` (parameters with `lars` set are adapted).
@@ -119,6 +122,19 @@ impl Optimizer {
         match self.kind {
             OptimizerKind::Sgd { .. } => &["momentum"],
             OptimizerKind::AdamW { .. } => &["exp_avg", "exp_avg_sq"],
+        }
+    }
+
+    /// Leave the parameters named `names` out of every update until
+    /// [`Optimizer::include`] (no decay, no moments, no change).
+    pub fn exclude<S: AsRef<str>>(&mut self, names: &[S]) {
+        self.excluded.extend(names.iter().map(|n| n.as_ref().to_string()));
+    }
+
+    /// Update the parameters named `names` again.
+    pub fn include<S: AsRef<str>>(&mut self, names: &[S]) {
+        for n in names {
+            self.excluded.remove(n.as_ref());
         }
     }
 
@@ -176,7 +192,7 @@ impl Optimizer {
         tch::no_grad(|| {
             for (p, st) in self.params.iter().zip(self.state.iter_mut()) {
                 let g = p.tensor.grad();
-                if !g.defined() {
+                if !g.defined() || self.excluded.contains(&p.name) {
                     continue;
                 }
                 let mut w = p.tensor.shallow_clone();

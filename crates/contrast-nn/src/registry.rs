@@ -20,7 +20,12 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
     ])
 });
 
-static ENCODERS: LazyLock<RwLock<Vec<EncoderEntry>>> = LazyLock::new(|| RwLock::new(vec![encoder::convnet::ENTRY]));
+static ENCODERS: LazyLock<RwLock<Vec<EncoderEntry>>> = LazyLock::new(|| {
+    let mut all = vec![encoder::convnet::ENTRY];
+    all.extend(encoder::resnet::ENTRIES);
+    all.extend(encoder::vit::ENTRIES);
+    RwLock::new(all)
+});
 
 /// Register a method; its name must be new.
 pub fn register_method(entry: MethodEntry) -> Result<()> {

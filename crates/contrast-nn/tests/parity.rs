@@ -13,7 +13,10 @@ const SIDE: i64 = 8;
 const CTX: i64 = 12;
 
 fn model_config(norm: Norm) -> ModelConfig {
-    ModelConfig { text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX }, ..convnet_model(4, 32, 8, 6, norm) }
+    ModelConfig {
+        text: TextConfig { width: 8, layers: 1, heads: 2, context: CTX, ..Default::default() },
+        ..convnet_model(4, 32, 8, 6, norm)
+    }
 }
 
 struct Inputs {

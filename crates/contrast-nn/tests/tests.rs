@@ -8,6 +8,7 @@
 
 mod common;
 mod config;
+mod encoders;
 mod losses;
 mod methods;
 mod optim;

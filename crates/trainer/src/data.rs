@@ -55,15 +55,6 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
     }
 }
 
-/// Image channels the encoder sees: 1 for IDX, 3 for decoded files.
-pub fn in_channels(plan: &Plan) -> i64 {
-    if plan.config.data.dataset.is_files() {
-        3
-    } else {
-        1
-    }
-}
-
 /// The RGB augmentation of each view of `data.augment` (`simclr` takes the `data.aug` parameters).
 pub fn rgb_augment(plan: &Plan) -> Vec<RgbAugParams> {
     let (d, a) = (&plan.config.data, &plan.config.data.aug);

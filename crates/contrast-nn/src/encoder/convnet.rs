@@ -5,11 +5,12 @@
 //! coarse layout (on Fashion-MNIST this beats global pooling by several kNN
 //! points) → `[B, embed_dim]`.
 
+use super::NormLayer;
 use super::{Encoder, EncoderEntry, EncoderInput};
 use crate::Result;
-use contrast_config::{invalid, ConfigError, EncoderSpec, Norm, Settings};
+use contrast_config::{invalid, ConfigError, EncoderSpec, ImageInfo, Norm, Settings};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, Module, ModuleT};
+use tch::nn;
 use tch::Tensor;
 
 /// Side of the spatial grid the last feature map is average-pooled to; the
@@ -48,7 +49,7 @@ impl EncoderSpec for ConvnetSpec {
         Settings::of(&ConvnetKeys::default())
     }
 
-    fn check(&self, settings: &Settings) -> std::result::Result<(), ConfigError> {
+    fn check(&self, settings: &Settings, _image: &ImageInfo) -> std::result::Result<(), ConfigError> {
         let k: ConvnetKeys = settings.parse("model")?;
         for (key, v) in [("model.width", k.width), ("model.embed_dim", k.embed_dim)] {
             if v <= 0 {
@@ -65,6 +66,10 @@ impl EncoderSpec for ConvnetSpec {
         Ok(())
     }
 
+    fn out_dim(&self, settings: &Settings) -> i64 {
+        settings.parse::<ConvnetKeys>("model").map(|k| k.embed_dim).unwrap_or(0)
+    }
+
     fn norm(&self, settings: &Settings) -> Norm {
         settings.parse::<ConvnetKeys>("model").map(|k| k.norm).unwrap_or(Norm::Group)
     }
@@ -75,36 +80,7 @@ pub const ENTRY: EncoderEntry = EncoderEntry { spec: &ConvnetSpec, build: build_
 
 fn build_convnet(p: &nn::Path, input: &EncoderInput) -> Result<Box<dyn Encoder>> {
     let k: ConvnetKeys = input.settings.parse("model").map_err(|e| crate::NnError::Param(e.to_string()))?;
-    Ok(Box::new(ConvBackbone::new(p, input.in_channels, k.width, k.embed_dim, k.norm)))
-}
-
-enum NormLayer {
-    Batch(nn::BatchNorm),
-    Group(nn::GroupNorm),
-    Identity,
-}
-
-impl NormLayer {
-    fn new(p: nn::Path, norm: Norm, channels: i64) -> Self {
-        match norm {
-            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(p, channels, Default::default())),
-            Norm::Group => {
-                let groups = [8, 4, 2, 1].into_iter().find(|g| channels % g == 0).unwrap();
-                NormLayer::Group(nn::group_norm(p, groups, channels, Default::default()))
-            }
-            // LayerNorm over (C, H, W) of each sample is GroupNorm with one group.
-            Norm::Layer => NormLayer::Group(nn::group_norm(p, 1, channels, Default::default())),
-            Norm::None => NormLayer::Identity,
-        }
-    }
-
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        match self {
-            NormLayer::Batch(b) => b.forward_t(x, train),
-            NormLayer::Group(g) => g.forward(x),
-            NormLayer::Identity => x.shallow_clone(),
-        }
-    }
+    Ok(Box::new(ConvBackbone::new(p, input.image.channels, k.width, k.embed_dim, k.norm)))
 }
 
 /// The small convolutional encoder (variables `conv<k>.*`, `norm<k>.*`).
@@ -131,7 +107,7 @@ impl ConvBackbone {
             .map(|(k, &(i, o, stride))| {
                 let cfg = nn::ConvConfig { stride, padding: 1, bias: norm == Norm::None, ..Default::default() };
                 let conv = nn::conv2d(p / format!("conv{k}"), i, o, 3, cfg);
-                (conv, NormLayer::new(p / format!("norm{k}"), norm, o))
+                (conv, NormLayer::new(p / format!("norm{k}"), norm, o, &[8, 4, 2, 1]))
             })
             .collect();
         Self { layers, embed_dim }

@@ -4,6 +4,7 @@
 //! finds with an argmax over CLIP's ids, given explicitly so any vocabulary
 //! works) and a linear projection.
 
+use contrast_config::{TextAct, TextConfig};
 use tch::nn;
 use tch::{Kind, Tensor};
 
@@ -15,10 +16,11 @@ struct Block {
     fc1: nn::Linear,
     fc2: nn::Linear,
     heads: i64,
+    act: TextAct,
 }
 
 impl Block {
-    fn new(p: &nn::Path, width: i64, heads: i64) -> Self {
+    fn new(p: &nn::Path, width: i64, heads: i64, act: TextAct) -> Self {
         Self {
             ln1: nn::layer_norm(p / "ln1", vec![width], Default::default()),
             qkv: nn::linear(p / "qkv", width, 3 * width, Default::default()),
@@ -27,6 +29,7 @@ impl Block {
             fc1: nn::linear(p / "fc1", width, 4 * width, Default::default()),
             fc2: nn::linear(p / "fc2", 4 * width, width, Default::default()),
             heads,
+            act,
         }
     }
 
@@ -40,7 +43,7 @@ impl Block {
             .softmax(-1, x.kind());
         let o = att.matmul(&v).permute([0, 2, 1, 3]).reshape([b, t, w]).apply(&self.out);
         let x = x + o;
-        let m = x.apply(&self.ln2).apply(&self.fc1).gelu("none").apply(&self.fc2);
+        let m = activation(&x.apply(&self.ln2).apply(&self.fc1), self.act).apply(&self.fc2);
         x + m
     }
 }
@@ -75,8 +78,9 @@ pub struct TextTower {
 }
 
 impl TextTower {
-    /// Build under `p`.
-    pub fn new(p: &nn::Path, vocab: i64, context: i64, width: i64, layers: i64, heads: i64, out: i64) -> Self {
+    /// Build under `p` for a vocabulary of `vocab` ids, projecting to `out`.
+    pub fn new(p: &nn::Path, vocab: i64, t: &TextConfig, out: i64) -> Self {
+        let (context, width, layers, heads) = (t.context, t.width, t.layers, t.heads);
         Self {
             tokens: nn::embedding(
                 p / "token_embedding",
@@ -85,7 +89,7 @@ impl TextTower {
                 nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() },
             ),
             positions: p.var("positional_embedding", &[context, width], nn::Init::Randn { mean: 0.0, stdev: 0.01 }),
-            blocks: (0..layers).map(|k| Block::new(&(p / format!("block{k}")), width, heads)).collect(),
+            blocks: (0..layers).map(|k| Block::new(&(p / format!("block{k}")), width, heads, t.act)).collect(),
             ln_final: nn::layer_norm(p / "ln_final", vec![width], Default::default()),
             proj: nn::linear(p / "proj", width, out, nn::LinearConfig { bias: false, ..Default::default() }),
             context,
@@ -105,5 +109,13 @@ impl TextTower {
         let x = x.apply(&self.ln_final);
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
         x.index(&[Some(rows), Some(captions.ends.shallow_clone())]).apply(&self.proj)
+    }
+}
+
+/// The MLP activation: exact GELU, or OpenAI CLIP's x·σ(1.702x).
+pub fn activation(x: &Tensor, act: TextAct) -> Tensor {
+    match act {
+        TextAct::Gelu => x.gelu("none"),
+        TextAct::QuickGelu => x * (x * 1.702).sigmoid(),
     }
 }

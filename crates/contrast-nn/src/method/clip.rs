@@ -71,9 +71,7 @@ impl Clip {
     pub fn new(mut vs: VarStore, spec: &Spec) -> Result<Self> {
         let (m, l, root) = (&spec.model, &spec.loss_cfg, vs.root());
         let backbone = encoder::build(&(&root / "backbone"), spec)?;
-        let t = &m.text;
-        let text =
-            TextTower::new(&(&root / "text"), spec.text_vocab, t.context, t.width, t.layers, t.heads, m.proj_dim);
+        let text = TextTower::new(&(&root / "text"), spec.text_vocab, &m.text, m.proj_dim);
         let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
         let image_proj = nn::linear(&root / "image_proj", backbone.out_dim(), m.proj_dim, no_bias);
         let init = (1.0 / spec.temperature()).ln();

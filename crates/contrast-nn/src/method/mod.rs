@@ -87,6 +87,8 @@ pub struct Spec {
     pub model: ModelConfig,
     /// Image channels (1 for IDX, 3 for decoded files).
     pub in_channels: i64,
+    /// Side of the (large) square views the encoder sees (28 for IDX).
+    pub image_size: i64,
     /// Token ids of the text tower (image–text methods).
     pub text_vocab: i64,
     /// Master seed (MoCo's initial queue).
@@ -108,6 +110,7 @@ impl Spec {
             loss_cfg: LossConfig::default(),
             model: ModelConfig::default(),
             in_channels: 1,
+            image_size: 28,
             text_vocab: 258,
             seed: 0,
             shard: Shard::solo(global_batch),
@@ -222,7 +225,22 @@ pub fn build(spec: &Spec) -> Result<Box<dyn Method>> {
     let name = &spec.method.name;
     let entry = crate::registry::method_entry(name)
         .ok_or_else(|| NnError::Param(format!("method.name `{name}` is not a registered method")))?;
-    (entry.build)(VarStore::new(spec.device), spec)
+    let method = (entry.build)(VarStore::new(spec.device), spec)?;
+    freeze(method.as_ref(), &spec.model.freeze);
+    Ok(method)
+}
+
+/// `model.freeze`: the groups' variables of the online backbone get no
+/// gradient, so no optimiser state, decay or update ([`Method::params`] leaves
+/// them out); their batch norm stays in eval mode (the encoder's own flag).
+fn freeze(method: &dyn Method, groups: &[String]) {
+    let prefixes: Vec<String> =
+        method.backbone().freeze_prefixes(groups).into_iter().map(|p| format!("backbone.{p}")).collect();
+    for (name, var) in method.var_store().variables() {
+        if prefixes.iter().any(|p| name.starts_with(p.as_str()) || name == p.trim_end_matches('.')) {
+            let _ = var.set_requires_grad(false);
+        }
+    }
 }
 
 /// The registered method `name` with its default settings (tests and tools).
