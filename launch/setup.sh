@@ -35,6 +35,10 @@ fi
 if ! "$venv/bin/python" -c "import torchvision, sys; sys.exit(0 if torchvision.__version__.split('+')[0] == '0.28.0' else 1)" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
 fi
+# safetensors: tools/convert_weights.py and the weight-import round-trip test.
+if ! "$venv/bin/python" -c "import safetensors" 2>/dev/null; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check safetensors
+fi
 ln -sfn "$venv" "$root/.venv"
 
 if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then

@@ -69,12 +69,22 @@ pub enum DatasetKind {
     Csv,
     /// Tar shards.
     Webdataset,
+    /// CIFAR-10: the Python pickle or binary batches (`data.root` holds them or their folder).
+    Cifar10,
+    /// CIFAR-100 (fine labels), pickle or binary.
+    Cifar100,
 }
 
 impl DatasetKind {
-    /// True for decoded image files (every kind but IDX).
+    /// True for decoded RGB images (every kind but IDX).
     pub fn is_files(self) -> bool {
         self != DatasetKind::FashionMnist
+    }
+
+    /// True when `data.root` also holds the labelled test split (IDX `t10k`,
+    /// CIFAR's test batch), so evaluation needs no `eval.root`.
+    pub fn has_test_split(self) -> bool {
+        matches!(self, DatasetKind::FashionMnist | DatasetKind::Cifar10 | DatasetKind::Cifar100)
     }
 }
 
@@ -244,7 +254,9 @@ pub(crate) fn root_exists(dataset: DatasetKind, root: &Path) -> bool {
     match dataset {
         DatasetKind::Csv => root.is_file(),
         DatasetKind::Webdataset => root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
-        DatasetKind::FashionMnist | DatasetKind::ImageFolder => root.is_dir(),
+        DatasetKind::FashionMnist | DatasetKind::ImageFolder | DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            root.is_dir()
+        }
     }
 }
 

@@ -45,8 +45,10 @@ pub struct Plan {
     pub global_batch: usize,
     /// Negatives each anchor is contrasted with (over the global batch).
     pub negatives_per_anchor: usize,
-    /// Optimiser steps.
+    /// Optimiser steps (0 until [`Plan::resolve_epochs`] when the run gives `train.epochs`).
     pub steps: usize,
+    /// `train.epochs` and the steps of one epoch, once resolved.
+    pub epochs: Option<(f64, usize)>,
     /// libtorch intra-op threads per rank.
     pub threads: usize,
     /// Where `threads` came from.
@@ -192,7 +194,8 @@ impl Plan {
             local_batch: global_batch / p,
             global_batch,
             negatives_per_anchor,
-            steps: c.train.steps as usize,
+            steps: if c.train.epochs.is_some() { 0 } else { c.train.steps as usize },
+            epochs: None,
             threads,
             threads_source,
             workers,
@@ -220,10 +223,34 @@ impl Plan {
         serde_yaml_ng::to_string(&v).expect("YAML text")
     }
 
+    /// Whether `train.epochs` still awaits the dataset's length.
+    pub fn needs_dataset_len(&self) -> bool {
+        self.config.train.epochs.is_some() && self.epochs.is_none()
+    }
+
+    /// Resolve `train.epochs` into `train.steps` for a training set of `len`
+    /// samples: ⌊len / global_batch⌋ steps per epoch (the last partial batch is
+    /// dropped, as the sampler does), rounded to whole steps. A no-op without epochs.
+    pub fn resolve_epochs(&mut self, len: usize) -> Result<(), ConfigError> {
+        let Some(e) = self.config.train.epochs else { return Ok(()) };
+        let per_epoch = len / self.global_batch;
+        let steps = (e * per_epoch as f64).round() as usize;
+        if steps == 0 {
+            return Err(invalid(
+                "train.epochs",
+                format!("{e} epoch(s) of {len} samples at global batch {} is no whole step", self.global_batch),
+            ));
+        }
+        (self.steps, self.epochs) = (steps, Some((e, per_epoch)));
+        self.config.train.steps = steps as i64;
+        self.config.train.epochs = None;
+        Ok(())
+    }
+
     /// One human-readable block of the derived sizes, printed at start.
     pub fn describe(&self) -> String {
         format!(
-            "plan: loss={:?} temperature={} world_size={} local_batch={} global_batch={} negatives_per_anchor={} steps={} \
+            "plan: loss={:?} temperature={} world_size={} local_batch={} global_batch={} negatives_per_anchor={} steps={}{} \
              threads/rank={} ({}) data_workers/rank={} peak_lr={:.6} norm={:?}",
             self.loss,
             self.temperature,
@@ -232,6 +259,7 @@ impl Plan {
             self.global_batch,
             self.negatives_per_anchor,
             self.steps,
+            self.epochs.map(|(e, s)| format!(" (epochs={e} × {s} steps)")).unwrap_or_default(),
             self.threads,
             self.threads_source,
             self.workers,

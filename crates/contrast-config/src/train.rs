@@ -10,8 +10,12 @@ use serde::{Deserialize, Serialize};
 pub struct TrainConfig {
     /// Samples per optimiser step over all ranks (N = P·B).
     pub global_batch: i64,
-    /// Optimiser steps of the whole run.
+    /// Optimiser steps of the whole run (or give `epochs`; a file may give only one).
     pub steps: i64,
+    /// Passes over the training set instead of `steps`: each is ⌊len / global_batch⌋
+    /// steps (the last partial batch is dropped); resolved to `steps` once the data is open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// `cpu`, `cuda`, `cuda:K` or `auto` (CUDA if present; device = local rank mod GPUs).
     pub device: String,
     /// libtorch intra-op threads per rank (0 = cores ÷ ranks on this host).
@@ -36,6 +40,7 @@ impl Default for TrainConfig {
         Self {
             global_batch: 256,
             steps: 1000,
+            epochs: None,
             device: "cpu".into(),
             threads: 0,
             resume: false,
@@ -184,8 +189,12 @@ pub(crate) fn check(c: &Config, loss: LossKind, p: usize) -> Result<usize, Confi
     if loss.needs_negatives() && global_batch < 2 {
         return Err(invalid("train.global_batch", format!("{loss:?} needs at least 2 samples for a negative")));
     }
-    if t.steps <= 0 {
-        return Err(invalid("train.steps", format!("must be positive, got {}", t.steps)));
+    match t.epochs {
+        Some(e) if !(e > 0.0 && e.is_finite()) => {
+            return Err(invalid("train.epochs", format!("must be positive, got {e}")));
+        }
+        None if t.steps <= 0 => return Err(invalid("train.steps", format!("must be positive, got {}", t.steps))),
+        _ => {}
     }
     if t.log_every <= 0 {
         return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));

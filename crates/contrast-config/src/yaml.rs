@@ -105,7 +105,21 @@ impl Config {
             value = serde_yaml_ng::Value::Mapping(Default::default());
         }
         // Check the file alone first so that an unknown key is blamed on the file.
-        Self::from_value(value.clone(), &origin)?;
+        let alone = Self::from_value(value.clone(), &origin)?;
+        if alone.given.contains("train.steps") && alone.given.contains("train.epochs") {
+            return Err(ConfigError::Parse {
+                path: origin,
+                message: "train.steps and train.epochs: give one (epochs resolve to steps)".into(),
+            });
+        }
+        // A `--set` of either replaces the other from the file.
+        for (set, other) in [("train.steps=", "epochs"), ("train.epochs=", "steps")] {
+            if let Some(serde_yaml_ng::Value::Mapping(t)) = value.get_mut("train") {
+                if overrides.iter().any(|o| o.starts_with(set)) {
+                    t.remove(other);
+                }
+            }
+        }
         let mut only_overrides = serde_yaml_ng::Value::Mapping(Default::default());
         for o in overrides {
             apply_override(&mut value, o)?;

@@ -277,3 +277,45 @@ fn a_group_norm_resnet18_on_2_ranks_equals_1_rank_of_the_whole_batch() {
         assert!(diff <= 1e-9 * scale, "{name}: 2 ranks differ from 1 by {diff:e} (scale {scale:e})");
     }
 }
+
+#[test]
+fn frozen_groups_get_no_gradient_no_update_and_keep_their_statistics() {
+    let mut s = spec("simclr", "resnet18", "{norm: batch, stem: cifar}", 16, Kind::Float);
+    s.model.freeze = vec!["stem".into(), "layer1".into()];
+    let m = build(&s).unwrap();
+    let names: Vec<String> = m.params().into_iter().map(|p| p.name).collect();
+    assert!(names.iter().all(|n| !n.starts_with("backbone.layer1.") && !n.starts_with("backbone.conv1")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("backbone.layer2.")));
+    let vars = m.var_store().variables();
+    let (stat, live) =
+        (vars["backbone.layer1.0.bn1.running_mean"].copy(), vars["backbone.layer2.0.bn1.running_mean"].copy());
+    let x = images(&[4, 3, 16, 16]).to_kind(Kind::Float);
+    let views = [x.shallow_clone(), x.flip([3])];
+    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+    let _ = m.forward(&batch, &Solo).unwrap();
+    assert!(vars["backbone.layer1.0.bn1.running_mean"].equal(&stat), "a frozen group's batch norm stays in eval mode");
+    assert!(!vars["backbone.layer2.0.bn1.running_mean"].equal(&live), "the others update their statistics");
+    // The optimiser's exclusion list (what a method sets for a while): no decay, no update.
+    let params = m.params();
+    let head = params.iter().find(|p| p.name == "head.fc1.weight").unwrap().tensor.shallow_clone();
+    let mut opt = contrast_nn::optim::Optimizer::new(
+        contrast_nn::optim::OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        0.1,
+        params,
+    );
+    let before = head.copy();
+    let loss = m
+        .forward(&batch, &Solo)
+        .unwrap()
+        .grad
+        .iter()
+        .map(|t| t.square().sum(Kind::Float))
+        .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
+    loss.backward();
+    opt.exclude(&["head.fc1.weight"]);
+    opt.step(0.1);
+    assert!(head.equal(&before), "an excluded parameter is not updated, not even decayed");
+    opt.include(&["head.fc1.weight"]);
+    opt.step(0.1);
+    assert!(!head.equal(&before));
+}

@@ -375,3 +375,39 @@ fn broadcast_string<C: Collective>(comm: &C, s: String) -> String {
     comm.broadcast(&mut bytes, 0);
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+/// Write `tensors` as one safetensors file with `metadata` in its header
+/// (`tch`'s writer has no metadata): each tensor's bytes as they lie, little endian.
+pub fn write_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: std::collections::BTreeMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    use tch::Kind;
+    let mut bytes = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Double => Dtype::F64,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Half => Dtype::F16,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            Kind::Uint8 => Dtype::U8,
+            Kind::Bool => Dtype::BOOL,
+            k => bail!("`{name}`: no safetensors dtype for {k:?}"),
+        };
+        let flat = t.to_device(tch::Device::Cpu).contiguous().view([-1]).view_dtype(Kind::Uint8);
+        let data = Vec::<u8>::try_from(&flat).with_context(|| format!("`{name}`: reading its bytes"))?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        bytes.push((name.clone(), dtype, shape, data));
+    }
+    let views = bytes
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.as_str(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta: std::collections::HashMap<String, String> = metadata.into_iter().collect();
+    safetensors::tensor::serialize_to_file(views, &Some(meta), path)?;
+    Ok(())
+}

@@ -8,7 +8,7 @@ use contrast_config::{AugmentPreset, CutoffName, DatasetKind, MixName, Plan};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::pipeline::Input;
 use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
-use contrast_data::source::{CsvSource, ImageFolder, Source, WebDataset};
+use contrast_data::source::{Cifar, CifarSource, CsvSource, ImageFolder, Source, WebDataset};
 use contrast_data::text::Tokenizer;
 use contrast_data::{AugParams, Augmenter, Mode};
 use std::path::Path;
@@ -111,7 +111,7 @@ pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
         let names = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
         return Ok((Input::Idx { images: Arc::new(images), augment }, names));
     }
-    let source = open_source(plan, d.dataset, &d.root)?;
+    let source = open_source(plan, d.dataset, &d.root, true)?;
     if let (true, Some(i)) = (plan.loss.is_supervised(), source.first_unlabelled()) {
         bail!(
             "loss.name: {:?} needs a class label for every sample, and {} has none (no .cls, no label in its .json)",
@@ -131,11 +131,14 @@ pub fn tokenizer(plan: &Plan) -> Result<Arc<Tokenizer>> {
     Ok(Arc::new(Tokenizer::from_spec(&c.data.text.tokenizer, c.model.text.context as usize)?))
 }
 
-/// Open a file dataset of kind `dataset` at `root` (image folder, CSV, WebDataset).
-fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path) -> Result<Box<dyn Source>> {
+/// Open a file dataset of kind `dataset` at `root` (image folder, CSV,
+/// WebDataset, or CIFAR's training or test split).
+fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path, train: bool) -> Result<Box<dyn Source>> {
     let d = &plan.config.data;
     let sep = (d.csv_separator != "auto").then(|| d.csv_separator.as_bytes()[0]);
     Ok(match dataset {
+        DatasetKind::Cifar10 => Box::new(CifarSource::open(root, Cifar::Ten, train)?),
+        DatasetKind::Cifar100 => Box::new(CifarSource::open(root, Cifar::Hundred, train)?),
         DatasetKind::ImageFolder => Box::new(ImageFolder::open(root)?),
         DatasetKind::Csv => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, sep)?),
         DatasetKind::Webdataset => Box::new(WebDataset::open(&root.to_string_lossy())?),
@@ -156,10 +159,12 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
         let views = Some(ViewAug::Idx(augmenter(plan, &test).into_iter().take(2).collect()));
         return Ok(Ok(EvalData { memory: Some(EvalSet::Idx(train)), test: EvalSet::Idx(test), class_names, views }));
     }
-    let Some(root) = &e.root else { return Ok(Err("set eval.root to a labelled test split")) };
     let kind = e.dataset.unwrap_or(d.dataset);
+    // CIFAR's test batch lives beside its training batches.
+    let root = e.root.as_ref().or(kind.has_test_split().then_some(&d.root));
+    let Some(root) = root else { return Ok(Err("set eval.root to a labelled test split")) };
     let test: Arc<dyn Source> =
-        open_source(plan, kind, root).with_context(|| format!("eval.root {}", root.display()))?.into();
+        open_source(plan, kind, root, false).with_context(|| format!("eval.root {}", root.display()))?.into();
     let (transform, threads) = (eval_transform(plan), plan.workers.max(1));
     let mut class_names = test.class_names();
     let memory = if d.dataset == DatasetKind::Csv {
@@ -167,7 +172,7 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
     } else {
         let train = match opened {
             Some(source) => source,
-            None => open_source(plan, d.dataset, &d.root)?.into(),
+            None => open_source(plan, d.dataset, &d.root, true)?.into(),
         };
         if class_names.is_empty() {
             class_names = train.class_names();
@@ -199,9 +204,10 @@ pub fn embed_set(plan: &Plan, test: bool) -> Result<(EvalSet, Box<dyn Fn(usize) 
     let (kind, root) = match (test, &e.root) {
         (false, _) => (d.dataset, &d.root),
         (true, Some(root)) => (e.dataset.unwrap_or(d.dataset), root),
+        (true, None) if d.dataset.has_test_split() => (d.dataset, &d.root),
         (true, None) => bail!("--split test needs eval.root"),
     };
-    let source: Arc<dyn Source> = open_source(plan, kind, root)?.into();
+    let source: Arc<dyn Source> = open_source(plan, kind, root, !test)?.into();
     let set = EvalSet::files(source.clone(), 0, eval_transform(plan), plan.workers.max(1));
     Ok((set, Box::new(move |i| source.locate(i))))
 }

@@ -60,6 +60,9 @@ pub struct Summary {
     pub world_size: usize,
     /// Global batch.
     pub global_batch: usize,
+    /// The sha256 of `model.pretrained`, when the run imported weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained_sha256: Option<String>,
 }
 
 /// Log line format (`--log-format`).
@@ -181,6 +184,9 @@ pub fn build_method<C: Collective>(
         device,
     };
     let method = contrast_nn::method::build(&spec)?;
+    if comm.rank() == 0 && plan.config.model.pretrained.is_some() && !resuming(plan)? {
+        import_pretrained(plan, method.as_ref())?;
+    }
     if comm.world_size() > 1 {
         for item in contrast_nn::state::var_store_items(method.var_store()) {
             let src = contrast_nn::state::broadcast_tensor(comm, &item.tensor, 0);
@@ -188,6 +194,60 @@ pub fn build_method<C: Collective>(
         }
     }
     Ok(method)
+}
+
+/// Whether the run continues a checkpoint (`train.resume` with one in `checkpoint.dir`):
+/// then the checkpoint's weights take precedence over `model.pretrained`.
+fn resuming(plan: &Plan) -> Result<bool> {
+    Ok(plan.config.train.resume && checkpoint::latest(&plan.config.checkpoint.dir)?.is_some())
+}
+
+/// `model.pretrained` into the method (rank 0; the caller broadcasts), and the
+/// momentum copies follow the imported weights.
+fn import_pretrained(plan: &Plan, method: &dyn Method) -> Result<()> {
+    let m = &plan.config.model;
+    let Some(path) = m.pretrained.as_ref() else { return Ok(()) };
+    let opts = contrast_nn::import::ImportOptions {
+        format: m.pretrained_format,
+        prefix: m.pretrained_prefix.clone(),
+        skip: m.pretrained_skip.clone(),
+        strict: m.pretrained_strict,
+    };
+    let tensors = contrast_nn::import::read(path)?;
+    let r =
+        contrast_nn::import::import(method.var_store(), tensors, &opts).with_context(|| path.display().to_string())?;
+    method.sync_momentum();
+    tracing::info!(
+        "model.pretrained {}: {:?} names, {} tensors loaded, {} skipped, {} unused",
+        path.display(),
+        r.format.unwrap_or(m.pretrained_format),
+        r.loaded.len(),
+        r.skipped.len(),
+        r.unused.len()
+    );
+    if !r.unused.is_empty() {
+        tracing::warn!("model.pretrained: keys with no variable here: {}", r.unused.join(", "));
+    }
+    if !r.missing.is_empty() {
+        tracing::info!("model.pretrained: variables kept at their initial values: {}", r.missing.join(", "));
+    }
+    Ok(())
+}
+
+/// The sha256 of `model.pretrained` as hex (rank 0 reads the file); a given
+/// `model.pretrained_sha256` that differs is an error naming both.
+fn pretrained_sha256(plan: &Plan) -> Result<Option<String>> {
+    use sha2::Digest;
+    let m = &plan.config.model;
+    let Some(path) = m.pretrained.as_ref() else { return Ok(None) };
+    let mut file = std::fs::File::open(path).with_context(|| format!("model.pretrained {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading model.pretrained {}", path.display()))?;
+    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(want) = m.pretrained_sha256.as_ref().filter(|w| !w.eq_ignore_ascii_case(&hex)) {
+        bail!("model.pretrained {} has sha256 {hex}, but model.pretrained_sha256 is {want}", path.display());
+    }
+    Ok(Some(hex))
 }
 
 /// Retrieval recall of a CLIP model (fractions in [0, 1]).
@@ -330,18 +390,21 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Train with an explicit communicator (tests pass the threaded backend).
 pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Summary> {
-    let plan = load_plan(comm, path, overrides)?;
+    let mut plan = load_plan(comm, path, overrides)?;
+    if comm.rank() == 0 && !resuming(&plan)? {
+        // Recorded in config.yaml and summary.json; only rank 0 reads the file.
+        plan.config.model.pretrained_sha256 = pretrained_sha256(&plan)?;
+    }
     tch::set_num_threads(plan.threads as i32);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
+    let (input, class_names) = open_training_input(comm, &plan)?;
+    plan.resolve_epochs(input.len())?;
     if comm.rank() == 0 {
         tracing::info!("{}", plan.describe());
         let n = tch::get_num_threads();
         tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {n})", plan.threads);
-    }
-    if comm.rank() == 0 {
         write_resolved_config(&plan)?;
     }
-    let (input, class_names) = open_training_input(comm, &plan)?;
     let view_shapes = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler = contrast_data::Sampler::new(input.len(), plan.global_batch, plan.config.seed)?;
     let tokenizer = data::tokenizer(&plan)?;
@@ -474,16 +537,43 @@ pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
         })
         .collect();
     let bytes: i64 = kept.iter().map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum();
-    tch::Tensor::write_safetensors(&kept, out).with_context(|| format!("writing {}", out.display()))?;
+    let metadata = export_metadata(&dir)?;
+    checkpoint::write_safetensors(&kept, metadata, out).with_context(|| format!("writing {}", out.display()))?;
     tracing::info!("exported {} tensors ({bytes} bytes) of {} to {}", kept.len(), dir.display(), out.display());
     Ok(())
+}
+
+/// What an exported file says of itself (`__metadata__`): `format: pt` (as
+/// PyTorch's safetensors writers mark theirs), and, from the run directory,
+/// `method`, `encoder` and `config_sha256` (of its config.yaml).
+fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    use sha2::Digest;
+    let mut meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let state = checkpoint::read_state(step_dir)?;
+    if let Some(m) = state.method {
+        meta.insert("method".into(), m);
+    }
+    let config = step_dir.parent().map(|d| d.join(rundir::CONFIG_FILE)).filter(|p| p.is_file());
+    if let Some(text) = config.and_then(|p| std::fs::read(p).ok()) {
+        let hex: String = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
+        meta.insert("config_sha256".into(), hex);
+        let yaml: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_slice(&text).ok();
+        let encoder = yaml.as_ref().and_then(|v| v.get("model")?.get("encoder")?.as_str().map(str::to_string));
+        meta.insert("encoder".into(), encoder.unwrap_or_else(|| "convnet".into()));
+    }
+    Ok(meta)
 }
 
 /// `trainer config --config FILE [--set ...] [--print]`: resolve the
 /// configuration (every check training makes before it starts) and print the
 /// plan; with `--print`, the resolved YAML on stdout.
 pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<()> {
-    let plan = load_plan(&contrast_comm::Solo, path, overrides)?;
+    let mut plan = load_plan(&contrast_comm::Solo, path, overrides)?;
+    if plan.needs_dataset_len() {
+        // train.epochs: the training set's length decides the steps.
+        let (input, _) = data::training_input(&plan)?;
+        plan.resolve_epochs(input.len())?;
+    }
     if print {
         print!("{}", plan.resolved_yaml());
     } else {

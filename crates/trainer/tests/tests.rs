@@ -7,6 +7,7 @@
 
 mod common;
 mod configs;
+mod encoders;
 mod faults;
 mod outputs;
 mod parity;

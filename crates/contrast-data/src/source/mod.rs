@@ -251,8 +251,10 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+mod cifar;
 #[cfg(test)]
 mod tests;
 mod webdataset;
 
+pub use cifar::{Cifar, CifarSource};
 pub use webdataset::*;

@@ -1,5 +1,6 @@
 //! Source tests: image folders, CSVs, shards and their index caches.
 
+use super::cifar::pickle_batch;
 use super::*;
 
 pub(crate) fn png_bytes(v: u8) -> Vec<u8> {
@@ -202,4 +203,116 @@ fn brace_ranges_are_bounded_and_fingerprints_see_names() {
     assert!(expand_braces("s{0..99999999999}.tar").unwrap_err().contains("more than"));
     assert!(expand_braces("{0..2000}-{0..2000}.tar").unwrap_err().contains("more than"));
     assert_ne!(crate::fingerprint([&b"ab"[..], b"c"]), crate::fingerprint([&b"a"[..], b"bc"]));
+}
+
+/// A CIFAR pickle as the Python 2 `cPickle` of the CIFAR release lays it out
+/// (protocol 2, byte-string keys, `data` a numpy uint8 array `[n, 3072]`
+/// pickled through `numpy.core.multiarray._reconstruct`), from opcodes.
+pub(crate) fn cifar_pickle(labels_key: &str, labels: &[u8], pixels: &[u8]) -> Vec<u8> {
+    let s = |out: &mut Vec<u8>, b: &[u8]| {
+        out.push(b'U');
+        out.push(b.len() as u8);
+        out.extend_from_slice(b);
+    };
+    let int = |out: &mut Vec<u8>, v: i32| {
+        out.push(b'J');
+        out.extend_from_slice(&v.to_le_bytes());
+    };
+    let mut o = vec![0x80, 2, b'}', b'('];
+    s(&mut o, labels_key.as_bytes());
+    o.extend([b']', b'(']);
+    for &l in labels {
+        o.extend([b'K', l]);
+    }
+    o.push(b'e');
+    s(&mut o, b"data");
+    o.extend_from_slice(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85");
+    s(&mut o, b"b");
+    o.extend([0x87, b'R', b'(', b'K', 1]);
+    int(&mut o, labels.len() as i32);
+    int(&mut o, 3072);
+    o.extend_from_slice(b"\x86cnumpy\ndtype\n");
+    s(&mut o, b"u1");
+    o.extend([0x89, 0x88, 0x87, b'R', b'(', b'K', 3]);
+    s(&mut o, b"|");
+    o.extend([b'N', b'N', b'N']);
+    int(&mut o, -1);
+    int(&mut o, -1);
+    o.extend([b'K', 0, b't', b'b', 0x89, b'T']);
+    o.extend_from_slice(&(pixels.len() as u32).to_le_bytes());
+    o.extend_from_slice(pixels);
+    o.extend([b't', b'b', b'u', b'.']);
+    o
+}
+
+fn cifar_images(n: usize, salt: u8) -> (Vec<u8>, Vec<u8>) {
+    let pixels = (0..n * 3072).map(|i| (i as u8).wrapping_mul(7).wrapping_add(salt)).collect();
+    let labels = (0..n).map(|i| (i as u8 * 3 + salt) % 10).collect();
+    (pixels, labels)
+}
+
+#[test]
+fn cifar_reads_the_pickle_and_the_binary_batches_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (py, bin) = (dir.path().join("cifar-10-batches-py"), dir.path().join("bin/cifar-10-batches-bin"));
+    std::fs::create_dir_all(&py).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let mut all = (Vec::new(), Vec::new());
+    for b in 1..=5u8 {
+        let (p, l) = cifar_images(2, b);
+        std::fs::write(py.join(format!("data_batch_{b}")), cifar_pickle("labels", &l, &p)).unwrap();
+        let records: Vec<u8> =
+            l.iter().zip(p.chunks(3072)).flat_map(|(&l, px)| std::iter::once(l).chain(px.iter().copied())).collect();
+        std::fs::write(bin.join(format!("data_batch_{b}.bin")), records).unwrap();
+        all.0.extend(p);
+        all.1.extend(l);
+    }
+    let (p, l) = cifar_images(3, 9);
+    std::fs::write(py.join("test_batch"), cifar_pickle("labels", &l, &p)).unwrap();
+    let names = (0..10).map(|i| format!("c{i}\n")).collect::<String>();
+    std::fs::write(bin.join("batches.meta.txt"), names).unwrap();
+    let a = CifarSource::open(dir.path(), Cifar::Ten, true).unwrap();
+    let b = CifarSource::open(&dir.path().join("bin"), Cifar::Ten, true).unwrap();
+    assert_eq!((a.len(), b.len()), (10, 10));
+    assert_eq!(a.fingerprint(), b.fingerprint(), "the two layouts hold the same images");
+    assert_eq!(b.class_names()[3], "c3");
+    // Sample 7 decodes to the planar pixels of image 7, interleaved.
+    let rgb = crate::rgb::decode(&a.fetch(7).unwrap().bytes).unwrap();
+    assert_eq!((rgb.width, rgb.height), (32, 32));
+    let planes = &all.0[7 * 3072..8 * 3072];
+    assert_eq!(&rgb.data[..6], &[planes[0], planes[1024], planes[2048], planes[1], planes[1025], planes[2049]]);
+    assert_eq!(a.fetch(7).unwrap().label, all.1[7] as i64);
+    assert_eq!(CifarSource::open(dir.path(), Cifar::Ten, false).unwrap().len(), 3);
+    // A pickle as Python 3 and numpy 2 write it (bytes through `_codecs.encode`).
+    let real = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/assets/cifar_numpy2_protocol2.pkl")).unwrap();
+    let (pixels, labels) = pickle_batch(Path::new("real.pkl"), &real, Cifar::Ten).unwrap();
+    assert_eq!((labels, pixels.len(), pixels[3073]), (vec![3, 7], 6144, (3073 % 256) as u8));
+}
+
+#[test]
+fn cifar_100_and_broken_batches_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = cifar_images(4, 1);
+    let fine = [0u8, 42, 99, 7];
+    let records: Vec<u8> =
+        fine.iter().zip(p.chunks(3072)).flat_map(|(&l, px)| [5u8, l].into_iter().chain(px.iter().copied())).collect();
+    std::fs::write(dir.path().join("train.bin"), &records).unwrap();
+    let s = CifarSource::open(dir.path(), Cifar::Hundred, true).unwrap();
+    assert_eq!((0..4).map(|i| s.fetch(i).unwrap().label).collect::<Vec<_>>(), [0, 42, 99, 7]);
+    std::fs::write(dir.path().join("train.bin"), &records[..records.len() - 1]).unwrap();
+    let e = CifarSource::open(dir.path(), Cifar::Hundred, true).err().unwrap().to_string();
+    assert!(e.contains("train.bin") && e.contains("records"), "{e}");
+    let mut bad = records.clone();
+    bad[1] = 100;
+    std::fs::write(dir.path().join("train.bin"), &bad).unwrap();
+    let e = CifarSource::open(dir.path(), Cifar::Hundred, true).err().unwrap().to_string();
+    assert!(e.contains("label 100"), "{e}");
+    std::fs::write(dir.path().join("train"), cifar_pickle("fine_labels", &fine, &p[..3072 * 3])).unwrap();
+    let e = CifarSource::open(dir.path(), Cifar::Hundred, true).err().unwrap().to_string();
+    assert!(e.contains("`data` has 9216 bytes for 4 labels"), "{e}");
+    std::fs::write(dir.path().join("train"), b"\x80\x02not a pickle").unwrap();
+    let e = CifarSource::open(dir.path(), Cifar::Hundred, true).err().unwrap().to_string();
+    assert!(e.contains("train") && e.contains("pickle"), "{e}");
+    let e = CifarSource::open(&dir.path().join("nowhere"), Cifar::Ten, true).err().unwrap().to_string();
+    assert!(e.contains("no CIFAR batches"), "{e}");
 }

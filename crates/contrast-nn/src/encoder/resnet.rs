@@ -16,12 +16,13 @@
 //! - `model.norm`: `group` (32 groups, Wu & He; the default, since it keeps
 //!   P ranks × B = 1 rank × P·B exact), `batch` (per-rank statistics: parity
 //!   across world sizes is no longer exact), `layer` or `none`.
-//! - `model.zero_init_residual`: the last norm of each block starts at zero
-//!   (torchvision's flag; each block then starts as the identity).
+//! - `model.zero_init_residual` (default true; torchvision's default is false):
+//!   the last norm of each block starts at zero, so each block starts as the
+//!   identity. Without it a group-norm ResNet collapsed under SimCLR here.
 
 use super::{Encoder, EncoderEntry, EncoderInput, NormLayer};
 use crate::Result;
-use contrast_config::{invalid, ConfigError, EncoderSpec, ImageInfo, Norm, Settings};
+use contrast_config::{ConfigError, EncoderSpec, ImageInfo, Norm, Settings};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tch::Tensor;
@@ -47,13 +48,17 @@ pub struct ResnetKeys {
     pub norm: Norm,
     /// `auto` (`cifar` at image size ≤ 64), `imagenet` or `cifar`.
     pub stem: Stem,
-    /// Zero the last norm's weight of every residual block (torchvision's `zero_init_residual`).
+    /// Zero the last norm's weight of every residual block, so each block starts
+    /// as the identity (torchvision's `zero_init_residual`, whose default is
+    /// false). On by default here: a group-norm ResNet-18 trained by SimCLR on
+    /// Fashion-MNIST collapsed without it (embedding spread 0.0128 → 0.0002 in
+    /// 20 steps) and trained with it.
     pub zero_init_residual: bool,
 }
 
 impl Default for ResnetKeys {
     fn default() -> Self {
-        Self { norm: Norm::Group, stem: Stem::Auto, zero_init_residual: false }
+        Self { norm: Norm::Group, stem: Stem::Auto, zero_init_residual: true }
     }
 }
 
@@ -102,16 +107,9 @@ impl EncoderSpec for ResnetSpec {
         Settings::of(&ResnetKeys::default())
     }
 
-    fn check(&self, settings: &Settings, image: &ImageInfo) -> std::result::Result<(), ConfigError> {
-        let k: ResnetKeys = settings.parse("model")?;
-        let stride = if stem_of(k.stem, image.size) == Stem::Cifar { 8 } else { 32 };
-        if image.size < stride {
-            return Err(invalid(
-                "model.stem",
-                format!("a {} stem downsamples by {stride}: images of {} px are too small", self.name, image.size),
-            ));
-        }
-        Ok(())
+    /// Any size works: the last map is average-pooled, however small.
+    fn check(&self, settings: &Settings, _image: &ImageInfo) -> std::result::Result<(), ConfigError> {
+        settings.parse::<ResnetKeys>("model").map(|_| ())
     }
 
     fn out_dim(&self, _settings: &Settings) -> i64 {

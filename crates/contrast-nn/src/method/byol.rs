@@ -108,6 +108,10 @@ impl Method for Byol {
         "byol"
     }
 
+    fn sync_momentum(&self) {
+        self.ema.copy_online();
+    }
+
     fn var_store(&self) -> &VarStore {
         &self.vs
     }

@@ -206,6 +206,10 @@ impl Method for MocoV2 {
         "moco_v2"
     }
 
+    fn sync_momentum(&self) {
+        self.ema.copy_online();
+    }
+
     fn var_store(&self) -> &VarStore {
         &self.vs
     }

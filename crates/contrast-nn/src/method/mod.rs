@@ -140,6 +140,10 @@ pub trait Method {
     /// This rank's share of the loss on the gathered towers.
     fn loss_share(&self, gathered: &Gathered, batch: &Batch, ctx: &Ctx) -> Result<Share>;
 
+    /// After weights were written from outside (a weight import): copy the
+    /// online weights into the momentum or target copies, as at the start.
+    fn sync_momentum(&self) {}
+
     /// After the optimiser step: EMA updates, enqueues, clamps.
     fn after_step(&mut self, _info: &StepInfo, _comm: &dyn GlobalSum) -> Result<()> {
         Ok(())

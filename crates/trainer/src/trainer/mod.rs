@@ -497,6 +497,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             knn_top1_raw_pixels: p.init.1,
             world_size: plan.world_size,
             global_batch: plan.global_batch,
+            pretrained_sha256: plan.config.model.pretrained_sha256.clone(),
             ..Default::default()
         };
         if let Some(f) = final_eval {

@@ -1,0 +1,255 @@
+//! Real encoders through the binary: the presets (CIFAR, ImageNet folders, a
+//! CLIP ViT) resolve and train two steps on files written here in their
+//! formats; weight import from an export (every rank starts identical: 2 ranks
+//! equal 1), its sha256 recorded, a `.pth` refused naming the converter; and an
+//! exported batch-norm ResNet-18 that torchvision loads and evaluates alike.
+
+use crate::common::*;
+
+/// CIFAR-10's binary release: 5 training batches of `per_batch` records and a test batch.
+fn write_cifar10_bin(root: &Path, per_batch: usize) {
+    let dir = root.join("cifar-10-batches-bin").tap_mkdir();
+    let batch = |salt: usize| -> Vec<u8> {
+        (0..per_batch)
+            .flat_map(|i| {
+                let label = ((i + salt) % 10) as u8;
+                let px = (0..3072).map(move |p| ((p * (label as usize + 1) + i * 7 + salt) % 251) as u8);
+                std::iter::once(label).chain(px)
+            })
+            .collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(b)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), batch(0)).unwrap();
+}
+
+fn image_folder(root: &Path, per_class: usize) {
+    for (c, rgb) in [("cat", [200u8, 40, 40]), ("dog", [40, 40, 200])] {
+        let d = root.join(c).tap_mkdir();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(72, 64, |x, y| {
+                let n = ((x as usize * 13 + y as usize * 7 + i * 31) % 29) as u8;
+                image::Rgb([rgb[0].saturating_sub(n), rgb[1].saturating_sub(n), rgb[2].saturating_sub(n)])
+            });
+            img.save(d.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn preset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/{name}.yaml"))
+}
+
+#[test]
+fn presets_resolve_their_epochs_and_train_two_steps_on_their_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let cifar = dir.path().join("cifar");
+    write_cifar10_bin(&cifar, 16);
+    for name in ["cifar10/simclr_resnet18", "cifar10/mocov2_resnet18", "cifar10/byol_resnet18"] {
+        let root = format!("data.root={}", cifar.display());
+        let cfg = preset(name);
+        let out = ok(run(
+            0,
+            &["config", "--config", cfg.to_str().unwrap(), "--set", &root, "--set", "train.global_batch=8"],
+            &[],
+        ));
+        let plan = String::from_utf8_lossy(&out.stdout);
+        assert!(plan.contains("steps=10000 (epochs=1000 × 10 steps)"), "{name}: {plan}");
+        let run_dir = dir.path().join(name.replace('/', "-"));
+        let sets = [
+            root,
+            "train.steps=2".into(),
+            "train.global_batch=8".into(),
+            "eval.knn_k=5".into(),
+            format!("checkpoint.dir={}", run_dir.display()),
+        ];
+        run_with_sets(0, &[], &cfg, &sets, &[]);
+        let s = summary(&run_dir);
+        assert_eq!(s["steps"], 2, "{name}");
+        assert!(s["knn_top1"].as_f64().is_some(), "{name}: evaluated on CIFAR's test batch: {s}");
+    }
+    let folder = dir.path().join("folder");
+    image_folder(&folder, 4);
+    let run_dir = dir.path().join("imagenet");
+    let sets = [
+        format!("data.root={}", folder.display()),
+        format!("eval.root={}", folder.display()),
+        "data.image_size=64".into(),
+        "data.workers=2".into(),
+        "train.steps=2".into(),
+        "train.global_batch=4".into(),
+        "eval.knn_k=3".into(),
+        format!("checkpoint.dir={}", run_dir.display()),
+    ];
+    run_with_sets(0, &[], &preset("imagenet/simclr_resnet50"), &sets, &[]);
+    assert_eq!(summary(&run_dir)["steps"], 2);
+    let pairs = dir.path().join("pairs").tap_mkdir();
+    let rows = caption_dataset(&pairs, 8);
+    let csv: String = std::iter::once("filepath\ttitle\n".to_string())
+        .chain(rows.iter().map(|(f, c)| format!("{}\t{c}\n", pairs.join(f).display())))
+        .collect();
+    std::fs::write(pairs.join("pairs.csv"), csv).unwrap();
+    let run_dir = dir.path().join("clip-vit");
+    let sets = [
+        format!("data.root={}", pairs.join("pairs.csv").display()),
+        "data.image_size=64".into(),
+        "data.workers=2".into(),
+        "model.vit.depth=1".into(),
+        "model.text.layers=1".into(),
+        "train.steps=2".into(),
+        "train.global_batch=4".into(),
+        format!("checkpoint.dir={}", run_dir.display()),
+    ];
+    run_with_sets(0, &[], &preset("clip_vit"), &sets, &[]);
+    assert_eq!(summary(&run_dir)["steps"], 2);
+}
+
+/// A ResNet-18 config on the fixture's 28-px IDX images (CIFAR stem).
+fn resnet_config(fx: &Fixture, name: &str, norm: &str, extra: &str) -> PathBuf {
+    let yaml = format!(
+        "seed: 3\n\
+         data: {{root: {data}, workers: 1, prefetch: 2}}\n\
+         model: {{encoder: resnet18, norm: {norm}, proj_hidden: 16, proj_dim: 8{extra}}}\n\
+         loss: {{name: ntxent, temperature: 0.2}}\n\
+         train: {{global_batch: 8, steps: 2, threads: 1, log_every: 1,\n\
+                  optimizer: {{name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0001}}, schedule: {{warmup_steps: 0}}}}\n\
+         checkpoint: {{dir: {run}, every: 0}}\n\
+         eval: {{at_end: false}}\n",
+        data = fx.path("data").display(),
+        run = fx.path(name).display(),
+    );
+    let f = fx.path(&format!("{name}.yaml"));
+    std::fs::write(&f, yaml).unwrap();
+    f
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn imported_weights_start_every_rank_alike_and_are_recorded() {
+    let fx = Fixture::new();
+    ok(run(0, &["--config", resnet_config(&fx, "src", "group", "").to_str().unwrap()], &[]));
+    let export = fx.path("src.safetensors");
+    ok(run(0, &["export", "--checkpoint", fx.path("src").to_str().unwrap(), "--out", export.to_str().unwrap()], &[]));
+    let meta = safetensors_metadata(&export);
+    assert_eq!(
+        (meta["format"].as_str(), meta["encoder"].as_str(), meta["method"].as_str()),
+        (Some("pt"), Some("resnet18"), Some("simclr"))
+    );
+    let from = format!(", pretrained: {}, pretrained_format: contrast", export.display());
+    let one = resnet_config(&fx, "one", "group", &from);
+    ok(run(0, &["--config", one.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    let two = resnet_config(&fx, "two", "group", &from);
+    ok(run(2, &["--config", two.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    let d = max_rel_diff(&fx.path("two/step-1"), &fx.path("one/step-1"));
+    assert!(d < 1e-4, "2 ranks from the imported weights differ from 1 by {d:e}");
+    // The first step moved the imported weights, and did not start from the seed's.
+    let fresh = resnet_config(&fx, "fresh", "group", "");
+    ok(run(0, &["--config", fresh.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    assert!(max_rel_diff(&fx.path("fresh/step-1"), &fx.path("one/step-1")) > 1e-3);
+    let sha = sha256_hex(&export);
+    assert_eq!(summary(&fx.path("one"))["pretrained_sha256"], sha.as_str());
+    let config = std::fs::read_to_string(fx.path("one/config.yaml")).unwrap();
+    assert!(config.contains(&format!("pretrained_sha256: {sha}")), "{config}");
+    // A wrong sha256, a .pth file and a stem that does not fit: refused, naming the key or the tool.
+    let bad = [
+        ("model.pretrained_sha256=00ff", "has sha256"),
+        ("model.pretrained=/tmp/weights.pth", "tools/convert_weights.py"),
+    ];
+    for (set, needle) in bad {
+        let out = run(
+            0,
+            &["--config", one.to_str().unwrap(), "--set", set, "--set", "checkpoint.dir=/tmp/contrast-never"],
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{set}: {err}");
+    }
+    let imagenet = resnet_config(&fx, "stem", "group", &format!("{from}, stem: imagenet"));
+    let out = run(0, &["--config", imagenet.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("conv1.weight") && err.contains("[64, 1, 3, 3]"), "{err}");
+}
+
+#[test]
+fn an_exported_batch_norm_resnet18_loads_into_torchvision_and_embeds_alike() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
+        return;
+    }
+    let fx = Fixture::new();
+    ok(run(0, &["--config", resnet_config(&fx, "bn", "batch", "").to_str().unwrap()], &[]));
+    let (export, embed) = (fx.path("bn.safetensors"), fx.path("embed.safetensors"));
+    let ck = fx.path("bn").display().to_string();
+    ok(run(0, &["export", "--checkpoint", &ck, "--out", export.to_str().unwrap()], &[]));
+    ok(run(0, &["embed", "--checkpoint", &ck, "--split", "test", "--out", embed.to_str().unwrap()], &[]));
+    let (mean, std) = contrast_data::idx::FASHION_MNIST_MEAN_STD;
+    let script = format!(
+        r#"
+import gzip, numpy, torch, torchvision
+from safetensors.torch import load_file
+sd = {{k[len("backbone."):]: v for k, v in load_file("{export}").items() if k.startswith("backbone.")}}
+m = torchvision.models.resnet18()
+m.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+m.maxpool, m.fc = torch.nn.Identity(), torch.nn.Identity()
+missing, unexpected = m.load_state_dict(sd, strict=False)
+assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+raw = open("{images}", "rb").read()
+x = torch.tensor(numpy.frombuffer(raw[16:], dtype=numpy.uint8).reshape(-1, 1, 28, 28).astype("float32"))
+x = (x / 255 - {mean}) / {std}
+with torch.no_grad():
+    f = torch.nn.functional.normalize(m.eval()(x), dim=1)
+want = load_file("{embed}")["embeddings"]
+print("max abs diff", (f - want).abs().max().item())
+assert torch.allclose(f, want, atol=1e-4), (f - want).abs().max()
+"#,
+        export = export.display(),
+        embed = embed.display(),
+        images = fx.path("data/t10k-images-idx3-ubyte").display(),
+    );
+    let out = Command::new(&python).arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// The README's ResNet-18 row, in small: SimCLR with a group-norm ResNet-18
+/// (CIFAR stem, 28 px) on the real Fashion-MNIST over 2 ranks trains (the
+/// loss falls, the embeddings keep their spread) and evaluates end to end.
+#[test]
+fn resnet18_simclr_trains_and_evaluates_on_fashion_mnist_over_2_ranks() {
+    let root = Path::new("/usr/share/datasets/fashion-mnist");
+    if !root.join("train-images-idx3-ubyte.gz").exists() && !root.join("train-images-idx3-ubyte").exists() {
+        eprintln!("skipped: no Fashion-MNIST in {} (launch/setup.sh installs it)", root.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("r18.yaml");
+    let yaml = format!(
+        "data: {{dataset: fashion_mnist, workers: 1}}\n\
+         model: {{encoder: resnet18, proj_hidden: 512, proj_dim: 64}}\n\
+         loss: {{name: ntxent, temperature: 0.2}}\n\
+         train: {{global_batch: 128, steps: 16, log_every: 4, optimizer: {{name: adamw, lr: 0.001, weight_decay: 0.0001}},\n\
+                  schedule: {{warmup_steps: 4}}}}\n\
+         checkpoint: {{dir: {}, every: 0}}\n\
+         eval: {{at_end: true, max_train: 2000, max_test: 1000, linear_probe_steps: 50}}\n",
+        dir.path().join("run").display()
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    ok(run(2, &["--config", cfg.to_str().unwrap()], &[]));
+    let run_dir = dir.path().join("run");
+    let (first, last) = (mean_loss(&run_dir, 0..4), mean_loss(&run_dir, 12..16));
+    assert!(last < first - 0.1, "the loss did not fall: {first} → {last}");
+    let s = summary(&run_dir);
+    let knn = s["knn_top1"].as_f64().unwrap();
+    assert!(knn > 0.5 && s["linear_top1"].as_f64().unwrap() > 0.5, "{s}");
+    let spread: Vec<f64> = std::fs::read_to_string(run_dir.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["embedding_std"].as_f64())
+        .collect();
+    assert!(spread.last().is_some_and(|&s| s > 0.01), "collapsing: {spread:?}");
+}
