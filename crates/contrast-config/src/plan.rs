@@ -265,6 +265,7 @@ impl Plan {
             self.workers,
             self.peak_lr,
             self.norm
-        ) + &self.describe_method
+        ) + if self.norm == Norm::Batch { " (batch statistics per rank: not exact across world sizes)" } else { "" }
+            + &self.describe_method
     }
 }

@@ -216,9 +216,10 @@ assert torch.allclose(f, want, atol=1e-4), (f - want).abs().max()
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
-/// The README's ResNet-18 row, in small: SimCLR with a group-norm ResNet-18
-/// (CIFAR stem, 28 px) on the real Fashion-MNIST over 2 ranks trains (the
-/// loss falls, the embeddings keep their spread) and evaluates end to end.
+/// The README's ResNet-18 row (`configs/simclr_resnet18.yaml`), in small:
+/// SimCLR with a group-norm ResNet-18 (CIFAR stem, 28 px) on the real
+/// Fashion-MNIST over 2 ranks trains (the loss falls, the embeddings keep
+/// their spread) and evaluates end to end.
 #[test]
 fn resnet18_simclr_trains_and_evaluates_on_fashion_mnist_over_2_ranks() {
     let root = Path::new("/usr/share/datasets/fashion-mnist");
@@ -227,19 +228,16 @@ fn resnet18_simclr_trains_and_evaluates_on_fashion_mnist_over_2_ranks() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("r18.yaml");
-    let yaml = format!(
-        "data: {{dataset: fashion_mnist, workers: 1}}\n\
-         model: {{encoder: resnet18, proj_hidden: 512, proj_dim: 64}}\n\
-         loss: {{name: ntxent, temperature: 0.2}}\n\
-         train: {{global_batch: 128, steps: 16, log_every: 4, optimizer: {{name: adamw, lr: 0.001, weight_decay: 0.0001}},\n\
-                  schedule: {{warmup_steps: 4}}}}\n\
-         checkpoint: {{dir: {}, every: 0}}\n\
-         eval: {{at_end: true, max_train: 2000, max_test: 1000, linear_probe_steps: 50}}\n",
-        dir.path().join("run").display()
-    );
-    std::fs::write(&cfg, yaml).unwrap();
-    ok(run(2, &["--config", cfg.to_str().unwrap()], &[]));
+    let sets = [
+        "train.steps=16".to_string(),
+        "train.log_every=4".into(),
+        "train.schedule.warmup_steps=4".into(),
+        "eval.max_train=2000".into(),
+        "eval.max_test=1000".into(),
+        "eval.linear_probe_steps=50".into(),
+        format!("checkpoint.dir={}", dir.path().join("run").display()),
+    ];
+    run_with_sets(2, &[], &preset("simclr_resnet18"), &sets, &[]);
     let run_dir = dir.path().join("run");
     let (first, last) = (mean_loss(&run_dir, 0..4), mean_loss(&run_dir, 12..16));
     assert!(last < first - 0.1, "the loss did not fall: {first} → {last}");
