@@ -98,6 +98,16 @@ def headless(m):
     return m
 
 
+def bn_train_step(model, x):
+    """One train-mode forward: the running statistics torchvision's batch norm keeps."""
+    model.train()
+    model(x)
+    sd = model.state_dict()
+    names = ["bn1", "layer1.0.bn1", "layer4.1.bn2"]
+    return {"running": {n: {"mean": sd[n + ".running_mean"].sum().item(), "var": sd[n + ".running_var"].sum().item()}
+                        for n in names}}
+
+
 def tiny_clip(quick_gelu):
     vision = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 4.0}
     text = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
@@ -134,6 +144,7 @@ def main():
     cases = [
         case("resnet18_cifar_32", cifar_resnet18(), images(2, 3, 32, 32)),
         case("resnet50_imagenet_64", headless(torchvision.models.resnet50()), images(2, 3, 64, 64)),
+        case("resnet18_cifar_32_train_step", cifar_resnet18(), images(4, 3, 32, 32), bn_train_step),
         case("vit_2_blocks_cls", timm.models.VisionTransformer(**vit), images(2, 3, 32, 32)),
         case("vit_2_blocks_mean", timm.models.VisionTransformer(**vit, global_pool="avg"), images(2, 3, 32, 32)),
         case("open_clip_gelu", tiny_clip(False), images(2, 3, 32, 32), clip_run),
@@ -141,7 +152,18 @@ def main():
     ]
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "timm": timm.__version__, "open_clip": open_clip.__version__}
-    doc = {"versions": versions, "keys": {k: keys(m) for k, m in full.items()}, "cases": cases}
+    # Full-size forward passes (CONTRAST_FULL_ENCODERS=1 in the Rust tests): one image each.
+    full_cases = [
+        case("full_resnet50_224", headless(torchvision.models.resnet50()), images(1, 3, 224, 224)),
+        case("full_vit_base_224", timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0),
+             images(1, 3, 224, 224)),
+        case("full_open_clip_vit_b_32", open_clip.create_model("ViT-B-32", pretrained=None), images(1, 3, 224, 224),
+             lambda m, x: {"image": stats(m.encode_image(x))}),
+    ]
+    for c in full_cases:
+        del c["keys"]  # the same as "keys" above
+    doc = {"versions": versions, "keys": {k: keys(m) for k, m in full.items()}, "cases": cases,
+           "full_cases": full_cases}
     OUT.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)", versions)
 

@@ -170,6 +170,20 @@ fn small_encoders_match_torchvision_timm_and_open_clip() {
             close(&stats(&m.encode_text(&captions).unwrap()), &c["text"], name);
             continue;
         }
+        if name == "resnet18_cifar_32_train_step" {
+            let m = build(&spec("simclr", "resnet18", "{norm: batch, stem: cifar}", 32, Kind::Double)).unwrap();
+            import_as(m.as_ref(), state(&keys, false), PretrainedFormat::Torchvision, &[]);
+            let _ = m.backbone().forward_t(&x, true);
+            let vars = m.var_store().variables();
+            for (bn, want) in c["running"].as_object().unwrap() {
+                for (stat, key) in [("running_mean", "mean"), ("running_var", "var")] {
+                    let got = vars[&format!("backbone.{bn}.{stat}")].sum(Kind::Double).double_value(&[]);
+                    let w = want[key].as_f64().unwrap();
+                    assert!((got - w).abs() <= 1e-9 * w.abs().max(1.0), "{name} {bn}.{stat}: {got} against {w}");
+                }
+            }
+            continue;
+        }
         let (encoder, keys_yaml, format, size) = match name {
             "resnet18_cifar_32" => {
                 ("resnet18", "{norm: batch, stem: cifar}".to_string(), PretrainedFormat::Torchvision, 32)
@@ -223,7 +237,9 @@ fn the_importer_refuses_what_does_not_fit_naming_the_key() {
 
 #[test]
 fn a_vit_position_embedding_resamples_to_another_grid() {
-    let keys = keys_of(&fixture()["cases"][2]["keys"]); // vit_2_blocks_cls at 32 px: a 4×4 grid
+    let cases = fixture()["cases"].as_array().unwrap();
+    let case = cases.iter().find(|c| c["name"] == "vit_2_blocks_cls").unwrap(); // at 32 px: a 4×4 grid
+    let keys = keys_of(&case["keys"]);
     let m =
         build(&spec("simclr", "vit", "{vit: {patch_size: 8, dim: 64, depth: 2, heads: 4}}", 64, Kind::Double)).unwrap();
     let opts = ImportOptions { format: PretrainedFormat::Timm, prefix: String::new(), skip: vec![], strict: true };
@@ -318,4 +334,105 @@ fn frozen_groups_get_no_gradient_no_update_and_keep_their_statistics() {
     opt.include(&["head.fc1.weight"]);
     opt.step(0.1);
     assert!(!head.equal(&before));
+}
+
+/// Full-size forward passes against the libraries (one 224-px image each):
+/// ResNet-50, ViT-B/16 and open_clip's ViT-B-32, float64. Behind
+/// `CONTRAST_FULL_ENCODERS=1` (about a minute and several GB on 2 cores).
+#[test]
+fn full_size_encoders_match_the_libraries_behind_a_flag() {
+    if std::env::var("CONTRAST_FULL_ENCODERS").as_deref() != Ok("1") {
+        eprintln!("skipped: set CONTRAST_FULL_ENCODERS=1 for the full-size forward passes");
+        return;
+    }
+    let f = fixture();
+    let without = |upstream: &str, head: &str| -> Vec<(String, Vec<i64>)> {
+        keys_of(&f["keys"][upstream]).into_iter().filter(|(k, _)| !k.starts_with(head)).collect()
+    };
+    let x = images(&[1, 3, 224, 224]);
+    for c in f["full_cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        match name {
+            "full_resnet50_224" => {
+                let m = build(&spec("simclr", "resnet50", "{norm: batch, stem: imagenet}", 224, Kind::Double)).unwrap();
+                import_as(
+                    m.as_ref(),
+                    state(&without("torchvision_resnet50", "fc."), false),
+                    PretrainedFormat::Torchvision,
+                    &[],
+                );
+                close(&stats(&m.features(&x)), &c["features"], name);
+            }
+            "full_vit_base_224" => {
+                let m = build(&spec("simclr", "vit_base", "{}", 224, Kind::Double)).unwrap();
+                import_as(
+                    m.as_ref(),
+                    state(&without("timm_vit_base_patch16_224", "head."), false),
+                    PretrainedFormat::Timm,
+                    &[],
+                );
+                close(&stats(&m.features(&x)), &c["features"], name);
+            }
+            "full_open_clip_vit_b_32" => {
+                let vit = "{vit: {patch_size: 32, pre_norm: true, ln_eps: 1.0e-5, patch_bias: false}}";
+                let mut s = spec("clip", "vit_base", vit, 224, Kind::Double);
+                s.model.text = TextConfig { width: 512, layers: 12, heads: 8, context: 77, act: TextAct::Gelu };
+                (s.model.proj_dim, s.text_vocab) = (512, 49408);
+                let m = build(&s).unwrap();
+                import_as(
+                    m.as_ref(),
+                    state(&keys_of(&f["keys"]["open_clip_ViT-B-32"]), false),
+                    PretrainedFormat::OpenClip,
+                    &[],
+                );
+                close(&stats(&m.encode_image(&x).unwrap()), &c["image"], name);
+            }
+            other => panic!("unknown full case {other}"),
+        }
+    }
+}
+
+/// Every method trains a step on every encoder family (momentum copies and
+/// batch-norm heads included): the encoder is built in one place for all.
+#[test]
+fn every_method_takes_a_step_on_every_encoder() {
+    let encoders = [
+        ("convnet", "{width: 4, embed_dim: 32}"),
+        ("resnet18", "{stem: cifar}"),
+        ("vit", "{vit: {patch_size: 8, dim: 32, depth: 1, heads: 2}}"),
+    ];
+    let losses = [
+        ("simclr", LossKind::NtXent),
+        ("clip", LossKind::Clip),
+        ("moco_v2", LossKind::InfoNce),
+        ("byol", LossKind::NormalizedMse),
+        ("simsiam", LossKind::NegativeCosine),
+    ];
+    let n = 4;
+    let views: Vec<Tensor> = (0..2).map(|v| images(&[n, 3, 16, 16]).to_kind(Kind::Float) * (1.0 + v as f64)).collect();
+    let tokens: Vec<i64> = (0..n * 12).map(|i| i % 50 + 1).collect();
+    let captions = Captions::from_host(&tokens, &[5, 6, 7, 8], Device::Cpu);
+    for (encoder, keys) in encoders {
+        for (method, loss) in losses {
+            let mut s = spec(method, encoder, keys, 16, Kind::Float);
+            s.loss = loss;
+            if method == "moco_v2" {
+                s.method.settings.set("queue_size", 8);
+            }
+            if matches!(method, "byol" | "simsiam") {
+                s.method.settings.set("predictor_hidden", 8);
+            }
+            s.model.text = TextConfig { width: 16, layers: 1, heads: 2, context: 12, act: TextAct::Gelu };
+            (s.model.proj_dim, s.model.proj_hidden, s.text_vocab) = (8, 16, 64);
+            let m = build(&s).unwrap_or_else(|e| panic!("{method} on {encoder}: {e}"));
+            let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: None, mix: None };
+            let params: Vec<Tensor> = m.params().into_iter().map(|p| p.tensor).collect();
+            let towers = m.forward(&batch, &Solo).unwrap();
+            let out = GlobalBatch::new(&Solo, n as usize)
+                .step_towers(&towers, &params, &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
+                .unwrap();
+            assert!(out.loss.is_finite(), "{method} on {encoder}");
+            assert_eq!(m.features(&views[0]).size()[1], m.backbone().out_dim(), "{method} on {encoder}");
+        }
+    }
 }

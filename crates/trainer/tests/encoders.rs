@@ -251,3 +251,31 @@ fn resnet18_simclr_trains_and_evaluates_on_fashion_mnist_over_2_ranks() {
         .collect();
     assert!(spread.last().is_some_and(|&s| s > 0.01), "collapsing: {spread:?}");
 }
+
+/// `tools/convert_weights.py` turns a torchvision `.pth` into safetensors that
+/// `model.pretrained` imports: 100 tensors (the 3-channel ImageNet stem summed
+/// into the IDX images' one channel), `fc.*` skipped by glob.
+#[test]
+fn a_converted_torchvision_pth_imports_into_a_resnet18() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
+        return;
+    }
+    let fx = Fixture::new();
+    let (pth, st) = (fx.path("r18.pth"), fx.path("r18.safetensors"));
+    let save = format!(
+        "import torch, torchvision; torch.manual_seed(0); torch.save(torchvision.models.resnet18().state_dict(), '{}')",
+        pth.display()
+    );
+    let out = Command::new(&python).args(["-c", &save]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&python).arg(root.join("tools/convert_weights.py")).args([&pth, &st]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("102 tensors"), "{out:?}");
+    let extra = format!(", stem: imagenet, pretrained: {}, pretrained_skip: ['fc.*']", st.display());
+    let cfg = resnet_config(&fx, "converted", "batch", &extra);
+    let out = ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("Torchvision names, 100 tensors loaded, 2 skipped, 0 unused"), "{log}");
+}
