@@ -12,6 +12,7 @@ pub mod data;
 pub mod eval;
 pub mod metrics;
 pub mod plot;
+pub mod pretrained;
 pub mod progress;
 pub mod rundir;
 pub mod signals;
@@ -184,8 +185,8 @@ pub fn build_method<C: Collective>(
         device,
     };
     let method = contrast_nn::method::build(&spec)?;
-    if comm.rank() == 0 && plan.config.model.pretrained.is_some() && !resuming(plan)? {
-        import_pretrained(plan, method.as_ref())?;
+    if comm.rank() == 0 && plan.config.model.pretrained.is_some() && !pretrained::resuming(plan)? {
+        pretrained::import_pretrained(plan, method.as_ref())?;
     }
     if comm.world_size() > 1 {
         for item in contrast_nn::state::var_store_items(method.var_store()) {
@@ -194,60 +195,6 @@ pub fn build_method<C: Collective>(
         }
     }
     Ok(method)
-}
-
-/// Whether the run continues a checkpoint (`train.resume` with one in `checkpoint.dir`):
-/// then the checkpoint's weights take precedence over `model.pretrained`.
-fn resuming(plan: &Plan) -> Result<bool> {
-    Ok(plan.config.train.resume && checkpoint::latest(&plan.config.checkpoint.dir)?.is_some())
-}
-
-/// `model.pretrained` into the method (rank 0; the caller broadcasts), and the
-/// momentum copies follow the imported weights.
-fn import_pretrained(plan: &Plan, method: &dyn Method) -> Result<()> {
-    let m = &plan.config.model;
-    let Some(path) = m.pretrained.as_ref() else { return Ok(()) };
-    let opts = contrast_nn::import::ImportOptions {
-        format: m.pretrained_format,
-        prefix: m.pretrained_prefix.clone(),
-        skip: m.pretrained_skip.clone(),
-        strict: m.pretrained_strict,
-    };
-    let tensors = contrast_nn::import::read(path)?;
-    let r =
-        contrast_nn::import::import(method.var_store(), tensors, &opts).with_context(|| path.display().to_string())?;
-    method.sync_momentum();
-    tracing::info!(
-        "model.pretrained {}: {:?} names, {} tensors loaded, {} skipped, {} unused",
-        path.display(),
-        r.format.unwrap_or(m.pretrained_format),
-        r.loaded.len(),
-        r.skipped.len(),
-        r.unused.len()
-    );
-    if !r.unused.is_empty() {
-        tracing::warn!("model.pretrained: keys with no variable here: {}", r.unused.join(", "));
-    }
-    if !r.missing.is_empty() {
-        tracing::info!("model.pretrained: variables kept at their initial values: {}", r.missing.join(", "));
-    }
-    Ok(())
-}
-
-/// The sha256 of `model.pretrained` as hex (rank 0 reads the file); a given
-/// `model.pretrained_sha256` that differs is an error naming both.
-fn pretrained_sha256(plan: &Plan) -> Result<Option<String>> {
-    use sha2::Digest;
-    let m = &plan.config.model;
-    let Some(path) = m.pretrained.as_ref() else { return Ok(None) };
-    let mut file = std::fs::File::open(path).with_context(|| format!("model.pretrained {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading model.pretrained {}", path.display()))?;
-    let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    if let Some(want) = m.pretrained_sha256.as_ref().filter(|w| !w.eq_ignore_ascii_case(&hex)) {
-        bail!("model.pretrained {} has sha256 {hex}, but model.pretrained_sha256 is {want}", path.display());
-    }
-    Ok(Some(hex))
 }
 
 /// Retrieval recall of a CLIP model (fractions in [0, 1]).
@@ -391,9 +338,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// Train with an explicit communicator (tests pass the threaded backend).
 pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Summary> {
     let mut plan = load_plan(comm, path, overrides)?;
-    if comm.rank() == 0 && !resuming(&plan)? {
+    if comm.rank() == 0 && !pretrained::resuming(&plan)? {
         // Recorded in config.yaml and summary.json; only rank 0 reads the file.
-        plan.config.model.pretrained_sha256 = pretrained_sha256(&plan)?;
+        plan.config.model.pretrained_sha256 = pretrained::pretrained_sha256(&plan)?;
     }
     tch::set_num_threads(plan.threads as i32);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
