@@ -142,8 +142,6 @@ pub trait EncoderSpec: Send + Sync {
     fn defaults(&self) -> Settings;
     /// Check its settings (defaults filled in) for these images; errors name the key.
     fn check(&self, settings: &Settings, image: &ImageInfo) -> Result<(), ConfigError>;
-    /// The dimension of its representation (`[B, out_dim]`).
-    fn out_dim(&self, settings: &Settings) -> i64;
     /// The groups `model.freeze` may name (`stem`, `layer1`, `blocks.0`, …).
     fn freeze_groups(&self, _settings: &Settings) -> Vec<String> {
         Vec::new()

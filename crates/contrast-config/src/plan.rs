@@ -29,8 +29,6 @@ pub struct Plan {
     pub method: MethodPlan,
     /// The encoder's settings (its `model.*` keys, defaults filled in).
     pub encoder: Settings,
-    /// The encoder's output dimension (what evaluation embeds).
-    pub embed_dim: i64,
     /// The images the encoder sees.
     pub image: ImageInfo,
     /// Loss family.
@@ -185,7 +183,6 @@ impl Plan {
         Ok(Plan {
             describe_method: spec.describe(&method.settings, &info),
             method,
-            embed_dim: encoder.out_dim(&encoder_settings),
             image: image_of(c),
             encoder: encoder_settings,
             loss,

@@ -66,10 +66,6 @@ impl EncoderSpec for ConvnetSpec {
         Ok(())
     }
 
-    fn out_dim(&self, settings: &Settings) -> i64 {
-        settings.parse::<ConvnetKeys>("model").map(|k| k.embed_dim).unwrap_or(0)
-    }
-
     fn norm(&self, settings: &Settings) -> Norm {
         settings.parse::<ConvnetKeys>("model").map(|k| k.norm).unwrap_or(Norm::Group)
     }

@@ -16,7 +16,7 @@ pub mod vit;
 
 use crate::method::Spec;
 use crate::{NnError, Result};
-use contrast_config::{Catalog, EncoderSpec, ImageInfo, Norm, Settings};
+use contrast_config::{EncoderSpec, ImageInfo, Norm, Settings, TextAct};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
@@ -62,11 +62,6 @@ pub fn build(p: &nn::Path, spec: &Spec) -> Result<Box<dyn Encoder>> {
     (entry.build)(p, &EncoderInput { image, settings: &settings, frozen: &spec.model.freeze })
 }
 
-/// The names of the registered encoders (for messages).
-pub fn names() -> Vec<&'static str> {
-    crate::registry::Registry.encoders().iter().map(|e| e.name()).collect()
-}
-
 /// A 2-d normalisation layer as `model.norm` chooses it (variables `weight`,
 /// `bias` and, for batch norm, the running statistics).
 pub(crate) enum NormLayer {
@@ -110,5 +105,13 @@ impl NormLayer {
             NormLayer::Group(g) => g.forward(x),
             NormLayer::Identity => x.shallow_clone(),
         }
+    }
+}
+
+/// The transformer MLPs' activation (text tower, ViT): exact GELU, or OpenAI CLIP's x·σ(1.702x).
+pub fn activation(x: &Tensor, act: TextAct) -> Tensor {
+    match act {
+        TextAct::Gelu => x.gelu("none"),
+        TextAct::QuickGelu => x * (x * 1.702).sigmoid(),
     }
 }

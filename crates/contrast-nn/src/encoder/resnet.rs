@@ -112,10 +112,6 @@ impl EncoderSpec for ResnetSpec {
         settings.parse::<ResnetKeys>("model").map(|_| ())
     }
 
-    fn out_dim(&self, _settings: &Settings) -> i64 {
-        512 * self.expansion()
-    }
-
     fn norm(&self, settings: &Settings) -> Norm {
         settings.parse::<ResnetKeys>("model").map(|k| k.norm).unwrap_or(Norm::Group)
     }

@@ -4,6 +4,7 @@
 //! finds with an argmax over CLIP's ids, given explicitly so any vocabulary
 //! works) and a linear projection.
 
+use super::activation;
 use contrast_config::{TextAct, TextConfig};
 use tch::nn;
 use tch::{Kind, Tensor};
@@ -109,13 +110,5 @@ impl TextTower {
         let x = x.apply(&self.ln_final);
         let rows = Tensor::arange(b, (Kind::Int64, tokens.device()));
         x.index(&[Some(rows), Some(captions.ends.shallow_clone())]).apply(&self.proj)
-    }
-}
-
-/// The MLP activation: exact GELU, or OpenAI CLIP's x·σ(1.702x).
-pub fn activation(x: &Tensor, act: TextAct) -> Tensor {
-    match act {
-        TextAct::Gelu => x.gelu("none"),
-        TextAct::QuickGelu => x * (x * 1.702).sigmoid(),
     }
 }

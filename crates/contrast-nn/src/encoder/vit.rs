@@ -17,8 +17,7 @@
 //! `dynamic_img_size` does. Attention runs through libtorch's
 //! `scaled_dot_product_attention`.
 
-use super::text::activation;
-use super::{Encoder, EncoderEntry, EncoderInput};
+use super::{activation, Encoder, EncoderEntry, EncoderInput};
 use crate::Result;
 use contrast_config::{invalid, ConfigError, EncoderSpec, ImageInfo, Norm, Settings, TextAct};
 use serde::{Deserialize, Serialize};
@@ -150,10 +149,6 @@ impl EncoderSpec for VitSpec {
             return Err(invalid("model.vit.mlp_ratio", "mlp_ratio and ln_eps must be > 0"));
         }
         Ok(())
-    }
-
-    fn out_dim(&self, settings: &Settings) -> i64 {
-        params(settings).map(|v| v.dim).unwrap_or(0)
     }
 
     /// LayerNorm only: no batch statistics.
