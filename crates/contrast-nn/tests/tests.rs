@@ -4,6 +4,7 @@
 //! - parity: P ranks × B equals 1 rank × P·B for loss and every parameter gradient,
 //!   on the threaded backend (docs/design.md invariant 1);
 //! - optim: SGD/AdamW against PyTorch's update formulas, the schedule;
+//! - stream: the streaming loss heads against their materialised reference forms;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
 mod common;
@@ -13,4 +14,5 @@ mod losses;
 mod methods;
 mod optim;
 mod parity;
+mod stream;
 mod survey;

@@ -7,6 +7,7 @@
 //! log and the summary, and evaluates.
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
@@ -349,7 +350,15 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     if comm.rank() == 0 {
         tracing::info!("{}", plan.describe());
         let n = tch::get_num_threads();
-        tracing::info!("device={device:?} intra-op threads per rank={} (libtorch reports {n})", plan.threads);
+        let allocator = match alloc::dirty_decay_ms() {
+            Some(-1) => "jemalloc, freed pages kept for reuse",
+            Some(_) => "jemalloc, freed pages decay (MALLOC_CONF)",
+            None => "the system's",
+        };
+        tracing::info!(
+            "device={device:?} intra-op threads per rank={} (libtorch reports {n}); allocator: {allocator}",
+            plan.threads
+        );
         write_resolved_config(&plan)?;
     }
     let view_shapes = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();

@@ -10,6 +10,12 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// jemalloc serves the whole process: its malloc symbols are unprefixed, so
+/// libtorch's `posix_memalign` comes here too; its options are
+/// [`trainer::alloc::MALLOC_CONF`].
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "trainer",

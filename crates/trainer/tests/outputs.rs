@@ -313,6 +313,12 @@ fn summary_eval_and_checkpoint_layout() {
     names.sort();
     let want = ["config.yaml", "evals.jsonl", "latest", "plot.png", "step-3", "step-4", "steps.jsonl", "summary.json"];
     assert_eq!(names, want);
+    // Each step line reports the rank's page faults and peak RSS (the allocator's regression signal).
+    for line in std::fs::read_to_string(fx.path("full/steps.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["minor_faults"].is_u64(), "{line}");
+        assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{line}");
+    }
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert!(fx.path("full/step-4").join(f).is_file());
     }
@@ -348,4 +354,20 @@ fn summary_eval_and_checkpoint_layout() {
     assert!(yaml.contains("temperature: 0.2") && yaml.contains("knn_k: 5"), "{yaml}");
     let out = run(0, &["eval", "--checkpoint", fx.path("nowhere").to_str().unwrap()], &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no --config given and no config.yaml"));
+}
+
+#[test]
+fn jemalloc_serves_the_process_with_freed_pages_kept() {
+    // The options symbol is linked in (a dropped symbol would leave jemalloc's default, 10 s decay).
+    assert_eq!(trainer::alloc::dirty_decay_ms(), Some(-1));
+    let before = trainer::alloc::MemoryCounters::now();
+    let buffers: Vec<tch::Tensor> = (0..2).map(|_| tch::Tensor::ones([64 << 20], tch::kind::FLOAT_CPU)).collect();
+    drop(buffers);
+    trainer::alloc::release();
+    // A 256 MiB buffer allocated again after a release is served; the peak counter covers it.
+    let again = tch::Tensor::ones([64 << 20], tch::kind::FLOAT_CPU);
+    assert_eq!(again.sum(tch::Kind::Double).double_value(&[]), (64u64 << 20) as f64);
+    let after = trainer::alloc::MemoryCounters::now();
+    assert!(after.peak_rss_bytes >= before.peak_rss_bytes.max(256 << 20), "{before:?} {after:?}");
+    assert!(after.minor_faults > before.minor_faults, "{before:?} {after:?}");
 }

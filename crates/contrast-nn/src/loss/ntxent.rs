@@ -13,15 +13,46 @@
 //! - `za`, `zb`: `[N, d]` gathered views A and B (global rows, rank order).
 //! - returns: scalar, this rank's share: the sum of its 2B anchors' terms / 2N.
 //!
-//! Only the local anchor rows are scored against all 2N columns: the logits
-//! are `[2B, 2N]` per rank, never `[2N, 2N]`.
+//! [`ntxent_share`] streams the local anchors in blocks (loss/stream.rs): the
+//! logits never exceed `[R, 2N]` and the head costs three GEMMs.
+//! [`ntxent_dense_share`] builds the `[2B, 2N]` logits whole and lets autograd
+//! differentiate them: the reference the parity tests hold the stream to.
 
+use super::stream::{with_gradients, SoftmaxCe};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Ctx, Shard};
 use crate::Result;
 use tch::{Kind, Tensor};
 
-/// This rank's share of NT-Xent over the gathered views.
+/// This rank's share of NT-Xent over the gathered views (streamed).
 pub fn ntxent_share(za: &Tensor, zb: &Tensor, temperature: f64, shard: Shard) -> Result<Tensor> {
+    ntxent_share_blocked(za, zb, temperature, shard, 0)
+}
+
+/// [`ntxent_share`] with `rows` anchors per block (0: the default size).
+pub fn ntxent_share_blocked(za: &Tensor, zb: &Tensor, temperature: f64, shard: Shard, rows: i64) -> Result<Tensor> {
+    check_temperature("NT-Xent", temperature)?;
+    check_views("NT-Xent", &[za, zb], shard)?;
+    let n = shard.global() as i64;
+    let z = l2_normalize(&Tensor::cat(&[za, zb], 0)); // [2N, d], in the graph
+    let zd = z.detach();
+    let own = owned_rows(shard, 2, z.device()); // [2B]: A rows, then B rows
+    let positive = (&own + n).remainder(2 * n);
+    let anchors = zd.index_select(0, &own) / temperature;
+    let ce = SoftmaxCe { anchors: &anchors, columns: &zd, positive: &positive, skip: Some(&own), rows };
+    let out = ce.run(z.requires_grad());
+    let scale = 1.0 / (2 * n) as f64;
+    let grads = match (out.d_anchors, out.d_columns) {
+        (Some(da), Some(dc)) => {
+            let g = dc.index_add(0, &own, &(da / temperature)) * scale;
+            vec![(&z, g)]
+        }
+        _ => vec![],
+    };
+    Ok(with_gradients(out.loss * scale, &grads))
+}
+
+/// NT-Xent with the `[2B, 2N]` logits materialised (the reference form).
+pub fn ntxent_dense_share(za: &Tensor, zb: &Tensor, temperature: f64, shard: Shard) -> Result<Tensor> {
     check_temperature("NT-Xent", temperature)?;
     check_views("NT-Xent", &[za, zb], shard)?;
     let n = shard.global() as i64;

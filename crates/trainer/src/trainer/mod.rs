@@ -335,6 +335,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
     fn step(&mut self, mut batch: HostBatch, pipeline: &mut Pipeline) -> Result<StepRecord> {
         let t0 = Instant::now();
+        let mem0 = crate::alloc::MemoryCounters::now();
         let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
         if self.progress.epoch != Some(batch.epoch) {
             self.method.on_epoch(batch.epoch);
@@ -375,6 +376,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.method.after_step(&info, self.comm)?;
         let p = out.phases;
         let (wait, optimizer) = (wait.as_secs_f64(), t_opt.elapsed().as_secs_f64());
+        let mem = crate::alloc::MemoryCounters::now();
         Ok(StepRecord {
             done: step + 1,
             loss,
@@ -386,6 +388,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
             embedding_std: monitor.as_ref().map(embedding_std).unwrap_or(f64::NAN),
             stop_ranks: out.control[control::STOP].round() as usize,
             phases: [wait, forward, p.gather, p.loss, p.reduce_scatter, p.backward, p.all_reduce, optimizer],
+            minor_faults: mem.minor_faults.saturating_sub(mem0.minor_faults),
+            peak_rss_bytes: mem.peak_rss_bytes,
         })
     }
 
@@ -472,6 +476,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// is the step a stop signal ended the run at.
     fn finish(mut self, stopped_at: Option<usize>) -> Result<Summary> {
         crate::progress::finish();
+        // Training's buffers are free now: hand their pages back before evaluating.
+        crate::alloc::release();
         let final_eval = match self.evaluator.as_ref().filter(|e| e.at_end && stopped_at.is_none()) {
             Some(ev) => {
                 Some(evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?)

@@ -206,6 +206,10 @@ pub(super) struct StepRecord {
     pub(super) stop_ranks: usize,
     /// Seconds of each of [`crate::metrics::PHASES`].
     pub(super) phases: [f64; 8],
+    /// Minor page faults of this rank during the step (data wait excluded).
+    pub(super) minor_faults: u64,
+    /// This rank's peak resident set size so far, in bytes.
+    pub(super) peak_rss_bytes: u64,
 }
 
 /// The device tensors of one step.
@@ -238,6 +242,8 @@ impl StepLog {
                 "compute_samples_per_s": global_batch as f64 / r.seconds,
                 "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "grad_norm": r.grad_norm,
                 "embedding_std": finite_or_null(r.embedding_std),
+                // Rank 0's: a jump in faults per step is the allocator mapping buffers afresh.
+                "minor_faults": r.minor_faults, "peak_rss_bytes": r.peak_rss_bytes,
             });
             writeln!(f, "{line}")?;
         }
