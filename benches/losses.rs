@@ -3,7 +3,11 @@
 //! matrix multiply (the logits' cost) measured in the same run.
 //!
 //!     source launch/env.sh && cargo bench -p contrast-benches --bench losses
-//!     (CONTRAST_BENCH_SIZES=256,1024 to choose the sizes)
+//!     (CONTRAST_BENCH_SIZES=256,1024 to choose the sizes;
+//!      CONTRAST_BENCH_ONLY=ntxent,clip for the losses whose names start so)
+//!
+//! NT-Xent, CLIP and SigLIP stream their logits in blocks (loss/stream.rs);
+//! the `_dense` rows are the materialised reference forms, for comparison.
 //!
 //! Triplet "all" and "semi_hard" enumerate N² triplets per anchor (O(N³)) and
 //! are measured up to N = 1024.
@@ -29,6 +33,12 @@ fn main() {
             2,
             None,
             Box::new(|v, _, _| ntxent_share(&v[0], &v[1], 0.2, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "ntxent_dense",
+            2,
+            None,
+            Box::new(|v, _, _| ntxent_dense_share(&v[0], &v[1], 0.2, Shard::solo(v[0].size()[0] as usize)).unwrap()),
         ),
         (
             "ntxent_multi(3)",
@@ -72,10 +82,24 @@ fn main() {
             Box::new(|v, _, p| clip_share(&v[0], &v[1], &p[0], Shard::solo(v[0].size()[0] as usize)).unwrap()),
         ),
         (
+            "clip_dense",
+            2,
+            None,
+            Box::new(|v, _, p| clip_dense_share(&v[0], &v[1], &p[0], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
             "siglip",
             2,
             None,
             Box::new(|v, _, p| siglip_share(&v[0], &v[1], &p[0], &p[1], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "siglip_dense",
+            2,
+            None,
+            Box::new(|v, _, p| {
+                siglip_dense_share(&v[0], &v[1], &p[0], &p[1], Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
         ),
         (
             "barlow_twins",
@@ -175,7 +199,13 @@ fn main() {
             let _ = a.matmul(&b.tr()).sum(Kind::Float).double_value(&[]);
         });
         let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(64);
+        let only: Vec<String> = std::env::var("CONTRAST_BENCH_ONLY")
+            .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
+            .unwrap_or_default();
         for (name, views, max_n, f) in &losses {
+            if !only.is_empty() && !only.iter().any(|o| name.starts_with(o.as_str())) {
+                continue;
+            }
             if max_n.is_some_and(|m| n > m) {
                 println!("{name:>20} {n:>6} {:>10} {:>10.2} {:>8}", "O(N³): -", mm * 1e3, "-");
                 continue;

@@ -61,14 +61,21 @@ pub fn clip_share_blocked(img: &Tensor, txt: &Tensor, logit_scale: &Tensor, shar
         (Some(dai), Some(dct), Some(dat), Some(dci)) => {
             // ∂/∂s of Σ CE(s·X Yᵀ) is Σ_rows ⟨∂/∂anchor, x⟩ (the anchors are s·x).
             let ds = (&dai * id.narrow(0, off, b)).sum(Kind::Double) + (&dat * td.narrow(0, off, b)).sum(Kind::Double);
-            let gi = dci.index_add(0, &labels, &(dai * s)) * w;
-            let gt = dct.index_add(0, &labels, &(dat * s)) * w;
+            let gi = add_rows(dci, &labels, dai * s, w);
+            let gt = add_rows(dct, &labels, dat * s, w);
             let gs = (ds * w).to_kind(scale.kind());
             vec![(&i, gi), (&t, gt), (&scale, gs)]
         }
         _ => vec![],
     };
     Ok(with_gradients(loss, &grads))
+}
+
+/// `(columns + rows added at labels) · w`, in place.
+fn add_rows(mut columns: Tensor, labels: &Tensor, rows: Tensor, w: f64) -> Tensor {
+    let _ = columns.index_add_(0, labels, &rows);
+    columns *= w;
+    columns
 }
 
 /// The CLIP loss with each direction's `[B, N]` logits materialised (the reference form).

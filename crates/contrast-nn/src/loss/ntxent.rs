@@ -42,9 +42,11 @@ pub fn ntxent_share_blocked(za: &Tensor, zb: &Tensor, temperature: f64, shard: S
     let out = ce.run(z.requires_grad());
     let scale = 1.0 / (2 * n) as f64;
     let grads = match (out.d_anchors, out.d_columns) {
-        (Some(da), Some(dc)) => {
-            let g = dc.index_add(0, &own, &(da / temperature)) * scale;
-            vec![(&z, g)]
+        (Some(mut da), Some(mut dc)) => {
+            da *= 1.0 / temperature;
+            let _ = dc.index_add_(0, &own, &da);
+            dc *= scale;
+            vec![(&z, dc)]
         }
         _ => vec![],
     };

@@ -41,7 +41,8 @@ pub fn with_gradients(value: Tensor, grads: &[(&Tensor, Tensor)]) -> Tensor {
     let mut out = value.detach();
     for (x, g) in grads {
         if x.requires_grad() {
-            let s = (*x * g.detach()).sum(out.kind());
+            // A dot product: no temporary the size of x.
+            let s = x.reshape([-1]).dot(&g.detach().reshape([-1])).to_kind(out.kind());
             out = out + (&s - s.detach());
         }
     }
@@ -147,7 +148,7 @@ impl SigmoidPairs<'_> {
             let pos = self.positive.narrow(0, start, len).unsqueeze(1);
             let x = a.matmul(&self.columns.tr()); // [R, K], unscaled similarities
             let mut z = &x * self.scale + self.bias; // logits
-            // y·z: the positives' sign flips back to +.
+                                                     // y·z: the positives' sign flips back to +.
             let _ = z.scatter_(1, &pos, &(z.gather(1, &pos, false) * -1.0));
             let neg_yz = z; // −y·z everywhere
             loss -= neg_yz.neg().log_sigmoid().sum(kind);
