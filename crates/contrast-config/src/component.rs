@@ -122,6 +122,12 @@ pub trait MethodSpec: Send + Sync {
     fn shuffled_view(&self, _settings: &Settings) -> Option<usize> {
         None
     }
+    /// Whether its forward is a function of each row alone (no batch statistics
+    /// in its heads, no exchange inside it), so the gradient cache
+    /// (`train.micro_batch`) may run it in chunks of rows.
+    fn runs_in_chunks(&self) -> bool {
+        false
+    }
 }
 
 /// What an encoder's checks see of its input.

@@ -176,6 +176,7 @@ impl Plan {
         let info = RunInfo { global_batch, world_size: p, loss, norm };
         let method = MethodPlan::new(spec, &c.method.keys);
         spec.check(&method.settings, &info)?;
+        train::check_micro_batch(c, norm, spec)?;
         let (threads, threads_source) = train::threads_of(c, topo);
         let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
         let negatives_per_anchor =
@@ -264,5 +265,9 @@ impl Plan {
             self.norm
         ) + if self.norm == Norm::Batch { " (batch statistics per rank: not exact across world sizes)" } else { "" }
             + &self.describe_method
+            + &match self.config.train.micro_batch {
+                m if m > 0 && m < self.local_batch => format!(" micro_batch={m} (gradient cache)"),
+                _ => String::new(),
+            }
     }
 }

@@ -1,7 +1,7 @@
 //! `train.*`: batch, steps, device, threads, the optimiser and the schedule.
 
 use crate::applies::Rules;
-use crate::{invalid, Config, ConfigError, LossKind, Topology};
+use crate::{invalid, Config, ConfigError, LossKind, MethodSpec, Norm, Topology};
 use serde::{Deserialize, Serialize};
 
 /// `train.*`
@@ -29,6 +29,12 @@ pub struct TrainConfig {
     /// Collapse guard: warn when the batch standard deviation of the L2-normalised embeddings,
     /// times √d (1 when healthy, 0 when collapsed), stays below this for 20 steps (0 = off).
     pub collapse_threshold: f64,
+    /// The gradient cache: rows per chunk of each rank's forward and backward
+    /// (0 = off). The step runs the model over the local batch in chunks without
+    /// a graph, computes the loss's gradient for the whole global batch, then runs
+    /// each chunk again with a graph; memory holds one chunk's activations, the
+    /// cost is one more forward pass. Exact; not with `model.norm: batch`.
+    pub micro_batch: usize,
     /// Optimiser.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -47,6 +53,7 @@ impl Default for TrainConfig {
             grad_clip: 0.0,
             log_every: 20,
             collapse_threshold: 0.2,
+            micro_batch: 0,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
         }
@@ -242,6 +249,29 @@ pub(crate) fn check(c: &Config, loss: LossKind, p: usize) -> Result<usize, Confi
         return Err(invalid("train.schedule.warmup_steps", format!("must be ≥ 0, got {}", s.warmup_steps)));
     }
     Ok(global_batch)
+}
+
+/// `train.micro_batch` needs a forward that is a function of each row alone.
+pub(crate) fn check_micro_batch(c: &Config, norm: Norm, method: &dyn MethodSpec) -> Result<(), ConfigError> {
+    if c.train.micro_batch == 0 {
+        return Ok(());
+    }
+    if norm == Norm::Batch {
+        return Err(invalid(
+            "train.micro_batch",
+            "chunks would change the batch statistics of model.norm: batch; use group or layer norm, or 0",
+        ));
+    }
+    if !method.runs_in_chunks() {
+        return Err(invalid(
+            "train.micro_batch",
+            format!(
+                "method {} cannot run in chunks (batch statistics in its heads or an exchange inside its forward); use 0",
+                method.name()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// libtorch threads per rank and where the number came from.

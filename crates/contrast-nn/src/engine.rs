@@ -40,6 +40,9 @@ pub struct StepOutput {
 /// Seconds of each phase of [`GlobalBatch::step_towers`] on this rank.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Phases {
+    /// The gradient cache's first, graph-free forward pass (0 without it: the
+    /// method's forward runs before the engine).
+    pub forward: f64,
     /// All-gather of the towers.
     pub gather: f64,
     /// The method's loss share and its backward to the gathered embeddings.
@@ -127,33 +130,86 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     where
         F: FnOnce(&Gathered, &Ctx) -> Result<Tensor>,
     {
-        let mut clock = std::time::Instant::now();
-        let mut lap = || std::mem::replace(&mut clock, std::time::Instant::now()).elapsed().as_secs_f64();
+        let mut clock = Lap::new();
+        let (share, grads, mut phases) = self.head_and_scatter(towers, head, &mut clock)?;
+        backward_surrogate(&towers.grad, &grads);
+        phases.backward = clock.lap();
+        self.close(params, control, share, phases, &mut clock)
+    }
+
+    /// The gradient cache (`train.micro_batch`): the same step as
+    /// [`GlobalBatch::step_towers`] in memory bounded by one chunk's graph.
+    ///
+    /// `forward(start, len)` runs the method on local rows `[start, start+len)`.
+    /// Pass 1 runs it chunk by chunk without a graph and concatenates the towers;
+    /// the head and the exchange run on them as usual, giving `∂L/∂z_r`; pass 2
+    /// runs each chunk again with a graph and back-propagates its rows of
+    /// `∂L/∂z_r`. Exact when the forward is a function of each row alone (no
+    /// batch statistics, no random draw that differs between the two passes).
+    pub fn step_chunked<M, F>(
+        &self,
+        chunk: usize,
+        params: &[Tensor],
+        control: &[f64],
+        forward: M,
+        head: F,
+    ) -> Result<StepOutput>
+    where
+        M: Fn(i64, i64) -> Result<Towers>,
+        F: FnOnce(&Gathered, &Ctx) -> Result<Tensor>,
+    {
+        let (b, chunk) = (self.local_batch as i64, chunk.max(1) as i64);
+        let ranges: Vec<(i64, i64)> = (0..b).step_by(chunk as usize).map(|s| (s, chunk.min(b - s))).collect();
+        let mut clock = Lap::new();
+        let parts = tch::no_grad(|| ranges.iter().map(|&(s, n)| forward(s, n)).collect::<Result<Vec<_>>>())?;
+        let cat = |pick: fn(&Towers) -> &Vec<Tensor>| -> Vec<Tensor> {
+            let k = pick(&parts[0]).len();
+            (0..k).map(|i| Tensor::cat(&parts.iter().map(|p| &pick(p)[i]).collect::<Vec<_>>(), 0)).collect()
+        };
+        let towers = Towers { grad: cat(|t| &t.grad), aux: cat(|t| &t.aux), local: cat(|t| &t.local) };
+        drop(parts);
+        let forward_s = clock.lap();
+        let (share, grads, mut phases) = self.head_and_scatter(&towers, head, &mut clock)?;
+        for &(s, n) in &ranges {
+            let part = forward(s, n)?;
+            let rows: Vec<Tensor> = grads.iter().map(|g| g.narrow(0, s, n)).collect();
+            backward_surrogate(&part.grad, &rows);
+        }
+        // The recompute with its graph and the backward through it.
+        phases.backward = clock.lap();
+        phases.forward = forward_s;
+        self.close(params, control, share, phases, &mut clock)
+    }
+
+    /// Gather the towers, run the head and its backward, and reduce-scatter the
+    /// embedding gradients to their owners: `(L_r, ∂L/∂z_r per tower, phases)`.
+    fn head_and_scatter<F>(&self, towers: &Towers, head: F, clock: &mut Lap) -> Result<(f64, Vec<Tensor>, Phases)>
+    where
+        F: FnOnce(&Gathered, &Ctx) -> Result<Tensor>,
+    {
         let mut phases = Phases::default();
         let gathered = towers.grad.iter().map(|z| self.gather(z)).collect::<Result<Vec<_>>>()?;
         let aux = towers.aux.iter().map(|z| self.gather_data(z)).collect::<Result<Vec<_>>>()?;
-        phases.gather = lap();
+        phases.gather = clock.lap();
         let ctx = Ctx { shard: self.shard(), reduce: self.comm };
         let share_t = head(&Gathered { towers: &gathered, aux: &aux, local: &towers.local }, &ctx)?;
         let share = share_t.double_value(&[]);
         share_t.backward();
-        phases.loss = lap();
-        let mut surrogate: Option<Tensor> = None;
-        for (z, zg) in towers.grad.iter().zip(&gathered) {
-            let g = self.scatter_grad(zg, z);
-            let term = (z * g).sum(z.kind());
-            surrogate = Some(match surrogate {
-                None => term,
-                Some(s) => s + term,
-            });
-        }
-        phases.reduce_scatter = lap();
-        if let Some(s) = surrogate {
-            if s.requires_grad() {
-                s.backward();
-            }
-        }
-        phases.backward = lap();
+        phases.loss = clock.lap();
+        let grads = towers.grad.iter().zip(&gathered).map(|(z, zg)| self.scatter_grad(zg, z)).collect();
+        phases.reduce_scatter = clock.lap();
+        Ok((share, grads, phases))
+    }
+
+    /// All-reduce the parameter gradients, the loss and the control vector.
+    fn close(
+        &self,
+        params: &[Tensor],
+        control: &[f64],
+        share: f64,
+        mut phases: Phases,
+        clock: &mut Lap,
+    ) -> Result<StepOutput> {
         // A parameter no rank used gets a zero gradient on every layout (P = 1 too), so
         // decay and momentum treat it alike whatever the world size.
         define_grads(params);
@@ -162,7 +218,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         l.push(share);
         l.extend_from_slice(control);
         self.comm.all_reduce_sum(&mut l);
-        phases.all_reduce = lap();
+        phases.all_reduce = clock.lap();
         Ok(StepOutput { loss: l[0], share, control: l[1..].to_vec(), phases })
     }
 
@@ -205,6 +261,36 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
                 }
             });
             start = end;
+        }
+    }
+}
+
+/// Seconds since the last lap.
+struct Lap(std::time::Instant);
+
+impl Lap {
+    fn new() -> Self {
+        Self(std::time::Instant::now())
+    }
+    fn lap(&mut self) -> f64 {
+        std::mem::replace(&mut self.0, std::time::Instant::now()).elapsed().as_secs_f64()
+    }
+}
+
+/// Back-propagate `Σ_k z_k · g_k` through the encoders (`g` detached; no-op
+/// when nothing requires grad).
+fn backward_surrogate(z: &[Tensor], g: &[Tensor]) {
+    let mut surrogate: Option<Tensor> = None;
+    for (z, g) in z.iter().zip(g) {
+        let term = (z * g).sum(z.kind());
+        surrogate = Some(match surrogate {
+            None => term,
+            Some(s) => s + term,
+        });
+    }
+    if let Some(s) = surrogate {
+        if s.requires_grad() {
+            s.backward();
         }
     }
 }

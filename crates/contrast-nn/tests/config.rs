@@ -149,6 +149,20 @@ fn keys_that_do_not_apply_are_errors() {
 }
 
 #[test]
+fn the_gradient_cache_is_refused_where_chunks_change_the_step() {
+    resolve("train: {micro_batch: 16}", 2).unwrap();
+    resolve("loss: {name: clip}\ntrain: {micro_batch: 16}", 2).unwrap();
+    for (yaml, why) in [
+        ("model: {norm: batch}\ntrain: {micro_batch: 16}", "model.norm: batch"),
+        ("method: {name: moco_v2}\ntrain: {micro_batch: 16}", "method moco_v2 cannot run in chunks"),
+        ("method: {name: byol, predictor_hidden: 64}\ntrain: {micro_batch: 16}", "method byol cannot run in chunks"),
+    ] {
+        let err = resolve(yaml, 2).unwrap_err().to_string();
+        assert!(err.contains("train.micro_batch") && err.contains(why), "{yaml}: {err}");
+    }
+}
+
+#[test]
 fn methods_resolve_their_loss_and_check_their_keys() {
     let p = resolve("method: {name: moco_v2, queue_size: 1024}\ntrain: {global_batch: 256}", 4).unwrap();
     assert_eq!((p.loss, p.method.queue_size, p.temperature), (LossKind::InfoNce, 1024, 0.2));

@@ -70,12 +70,11 @@ fn load(vs: &VarStore, snap: &Snapshot) {
 /// One rank's loss and parameter gradients (by name).
 fn run_rank<C: Collective>(
     comm: &C,
-    loss: LossKind,
-    norm: Norm,
-    kind: Kind,
+    (loss, norm, kind): (LossKind, Norm, Kind),
     init: &Snapshot,
     data: &Inputs,
     b: usize,
+    chunk: usize,
 ) -> (f64, Snapshot) {
     let model = build(loss, norm, kind);
     load(model.var_store(), init);
@@ -96,8 +95,19 @@ fn run_rank<C: Collective>(
     let engine = GlobalBatch::new(comm, b);
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
     let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
-    let towers = model.forward(&batch, comm).unwrap();
-    let out = engine.step_towers(&towers, &tensors, &[], |g, ctx| Ok(model.loss_share(g, &batch, ctx)?.loss)).unwrap();
+    let head = |g: &contrast_nn::Gathered, ctx: &contrast_nn::loss::Ctx| Ok(model.loss_share(g, &batch, ctx)?.loss);
+    let out = if chunk > 0 {
+        // The gradient cache: the model runs on rows [s, s+n) of every input, twice.
+        let forward = |s: i64, n: i64| {
+            let views: Vec<Tensor> = views.iter().map(|v| v.narrow(0, s, n)).collect();
+            let captions = captions.rows(s, n);
+            model.forward(&Batch { views: &views, captions: Some(&captions), ..batch }, comm)
+        };
+        engine.step_chunked(chunk, &tensors, &[], forward, head).unwrap()
+    } else {
+        let towers = model.forward(&batch, comm).unwrap();
+        engine.step_towers(&towers, &tensors, &[], head).unwrap()
+    };
     let grads = params
         .iter()
         .map(|p| (p.name.clone(), contrast_nn::to_host::<f64>(&p.tensor.grad()), p.tensor.size()))
@@ -106,11 +116,17 @@ fn run_rank<C: Collective>(
 }
 
 fn check(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, tol: f64) {
+    check_chunked(loss, norm, kind, worlds, b, 0, tol)
+}
+
+/// P ranks × B, each rank running its model in chunks of `chunk` rows (0: whole),
+/// against 1 rank × P·B run whole.
+fn check_chunked(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, chunk: usize, tol: f64) {
     let init = snapshot(build(loss, norm, kind).var_store());
     for &p in worlds {
         let data = inputs(p * b, p as u64);
-        let (l1, g1) = run_rank(&Solo, loss, norm, kind, &init, &data, p * b);
-        let ranks = Threads::run(p, |c| run_rank(&c, loss, norm, kind, &init, &data, b));
+        let (l1, g1) = run_rank(&Solo, (loss, norm, kind), &init, &data, p * b, 0);
+        let ranks = Threads::run(p, |c| run_rank(&c, (loss, norm, kind), &init, &data, b, chunk));
         for (r, (lp, gp)) in ranks.iter().enumerate() {
             assert!((lp - l1).abs() <= tol * l1.abs(), "{loss:?} P={p} rank {r}: loss {lp} vs {l1}");
             assert_eq!(gp.len(), g1.len());
@@ -151,6 +167,15 @@ fn model_level_parity_of_the_trainer_losses() {
         check(loss, Norm::Group, Kind::Double, &[2, 3], 3, 1e-9);
     }
     check(LossKind::SigLip, Norm::Layer, Kind::Double, &[2, 4], 2, 1e-9);
+}
+
+#[test]
+fn the_gradient_cache_gives_the_plain_step_in_f64() {
+    // Chunks of 2 and 3 rows (3 does not divide B = 5; 1 and 5 are the edges), P = 1 and 2.
+    for chunk in [1, 2, 3, 5] {
+        check_chunked(LossKind::NtXent, Norm::Group, Kind::Double, &[1, 2], 5, chunk, 1e-9);
+        check_chunked(LossKind::Clip, Norm::Layer, Kind::Double, &[2], 5, chunk, 1e-9);
+    }
 }
 
 #[test]

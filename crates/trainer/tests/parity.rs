@@ -45,6 +45,16 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
             assert_eq!(s["steps"], 3);
         }
     }
+    // The gradient cache (chunks of 3 rows: 3 + 3 + 2 on one rank, 3 + 1 on each of two) trains
+    // the same weights as the plain step.
+    for (name, np) in [("ntxent", 1), ("ntxent", 2), ("clip", 2)] {
+        let run_name = format!("{name}-micro{np}");
+        let cfg = fx.config(&run_name, name, "");
+        let out = ok(run(np, &["--config", cfg.to_str().unwrap(), "--set", "train.micro_batch=3"], &[]));
+        let log = String::from_utf8_lossy(&out.stderr);
+        let d = max_rel_diff(&fx.path(&format!("{run_name}/step-3")), &fx.path(&format!("{name}-solo/step-3")));
+        assert!(d < 1e-4, "{name}: micro-batched at {np} ranks differs from the plain step by {d:e}\n{log}");
+    }
     // Mixing changes the run (the comparison above would see a lost mix).
     assert!(max_rel_diff(&fx.path("imix-solo/step-3"), &fx.path("ntxent-solo/step-3")) > 1e-4);
     assert!(max_rel_diff(&fx.path("multi-crop-solo/step-3"), &fx.path("ntxent-solo/step-3")) > 1e-4);

@@ -58,6 +58,11 @@ pub struct Captions {
 }
 
 impl Captions {
+    /// Rows `[start, start+len)` (views of the same storage).
+    pub fn rows(&self, start: i64, len: i64) -> Self {
+        Self { tokens: self.tokens.narrow(0, start, len), ends: self.ends.narrow(0, start, len) }
+    }
+
     /// Captions from host buffers: `tokens` row-major `[b, T]`, `ends` `[b]`.
     pub fn from_host(tokens: &[i64], ends: &[i64], device: tch::Device) -> Self {
         let b = ends.len() as i64;

@@ -17,6 +17,11 @@ use tch::Tensor;
 pub struct ClipSpec;
 
 impl MethodSpec for ClipSpec {
+    fn runs_in_chunks(&self) -> bool {
+        // two towers, row by row: the gradient cache may split it.
+        true
+    }
+
     fn name(&self) -> &'static str {
         "clip"
     }

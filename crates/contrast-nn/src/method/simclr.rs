@@ -18,6 +18,11 @@ use tch::Tensor;
 pub struct SimclrSpec;
 
 impl MethodSpec for SimclrSpec {
+    fn runs_in_chunks(&self) -> bool {
+        // an encoder and an MLP head, row by row: the gradient cache may split it.
+        true
+    }
+
     fn name(&self) -> &'static str {
         "simclr"
     }

@@ -21,7 +21,9 @@ use contrast_data::pipeline::BadBudget;
 use contrast_data::text::Tokenizer;
 use contrast_data::{HostBatch, Pipeline};
 use contrast_nn::encoder::text::Captions;
-use contrast_nn::method::{embedding_std, Method, StepInfo};
+use contrast_nn::engine::{Gathered, StepOutput, Towers};
+use contrast_nn::loss::Ctx;
+use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
 use contrast_nn::optim::{Optimizer, Schedule};
 use contrast_nn::GlobalBatch;
 use std::sync::Arc;
@@ -48,6 +50,15 @@ struct Progress {
     run_id: u64,
     /// The best `checkpoint.best` figure so far (kept across resumes).
     best: Option<f64>,
+    /// The data workers' CPU seconds when the previous step ended.
+    data_cpu: f64,
+}
+
+impl Progress {
+    /// The data workers' CPU seconds since the previous call, given the total now.
+    fn data_cpu_since(&mut self, total: f64) -> f64 {
+        (total - std::mem::replace(&mut self.data_cpu, total)).max(0.0)
+    }
 }
 
 /// The training loop and its parts.
@@ -128,6 +139,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 epoch: None,
                 run_id: fresh_run_id(),
                 best: None,
+                data_cpu: 0.0,
             },
             metrics: start_metrics(comm, &plan)?,
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -347,19 +359,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
         pipeline.recycle(batch);
         let batch = inputs.batch(step);
         self.opt.zero_grad();
-        let towers = self.method.forward(&batch, self.comm)?;
-        let forward = t0.elapsed().as_secs_f64();
-        let mut monitor = None;
         let mut ctl = [0.0; control::LEN];
         ctl[control::BAD_SAMPLES] = bad.len() as f64;
         ctl[control::STOP] = if crate::signals::received().is_some() { 1.0 } else { 0.0 };
-        let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
-        let method = self.method.as_ref();
-        let out = engine.step_towers(&towers, &self.opt.tensors(), &ctl, |g, ctx| {
-            let share = method.loss_share(g, &batch, ctx)?;
-            monitor = share.monitor;
-            Ok(share.loss)
-        })?;
+        let (towers, out, monitor, forward) = self.exchange(&batch, &ctl, t0)?;
         let loss = if self.fault_step == Some(step + 1) { f64::NAN } else { out.loss };
         self.faults(step + 1);
         let t_opt = Instant::now();
@@ -390,7 +393,38 @@ impl<'c, C: Collective> Trainer<'c, C> {
             phases: [wait, forward, p.gather, p.loss, p.reduce_scatter, p.backward, p.all_reduce, optimizer],
             minor_faults: mem.minor_faults.saturating_sub(mem0.minor_faults),
             peak_rss_bytes: mem.peak_rss_bytes,
+            data_cpu_s: self.progress.data_cpu_since(mem.data_cpu_s),
         })
+    }
+
+    /// The method's forward and the exact engine, whole or with the gradient
+    /// cache (`train.micro_batch`): the towers, the engine's output, the
+    /// embeddings the collapse guard reads and the forward's seconds.
+    fn exchange(&self, batch: &Batch, ctl: &[f64], t0: Instant) -> Result<(Towers, StepOutput, Option<Tensor>, f64)> {
+        let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
+        let (method, comm) = (self.method.as_ref(), self.comm);
+        let mut monitor = None;
+        let head = |g: &Gathered, ctx: &Ctx| {
+            let share = method.loss_share(g, batch, ctx)?;
+            monitor = share.monitor;
+            Ok(share.loss)
+        };
+        let micro = self.plan.config.train.micro_batch;
+        if micro > 0 && micro < self.plan.local_batch {
+            let forward = |start: i64, len: i64| {
+                let views: Vec<Tensor> = batch.views.iter().map(|v| v.narrow(0, start, len)).collect();
+                let captions = batch.captions.map(|c| c.rows(start, len));
+                let part = Batch { step: batch.step, views: &views, captions: captions.as_ref(), ..*batch };
+                method.forward(&part, comm)
+            };
+            let out = engine.step_chunked(micro, &self.opt.tensors(), ctl, forward, head)?;
+            let forward = out.phases.forward;
+            return Ok((Towers::default(), out, monitor, forward));
+        }
+        let towers = method.forward(batch, comm)?;
+        let forward = t0.elapsed().as_secs_f64();
+        let out = engine.step_towers(&towers, &self.opt.tensors(), ctl, head)?;
+        Ok((towers, out, monitor, forward))
     }
 
     /// Hand the step's figures to the metrics.
