@@ -67,20 +67,41 @@ pub fn dirty_decay_ms() -> Option<i64> {
     (rc == 0).then_some(value as i64)
 }
 
-/// This process's memory counters, from `/proc/self` (Linux; zeros elsewhere).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// This process's counters, from `/proc/self` (Linux; zeros elsewhere).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MemoryCounters {
     /// Minor page faults since the process started (`/proc/self/stat` field 10).
     pub minor_faults: u64,
     /// Peak resident set size in bytes (`VmHWM` of `/proc/self/status`).
     pub peak_rss_bytes: u64,
+    /// CPU seconds the data workers (threads named `data-<k>`) have run so far
+    /// (`/proc/self/task/<tid>/schedstat`): the data cost a step's wait hides.
+    pub data_cpu_s: f64,
 }
 
 impl MemoryCounters {
     /// Read the counters now.
     pub fn now() -> Self {
-        Self { minor_faults: minor_faults().unwrap_or(0), peak_rss_bytes: peak_rss().unwrap_or(0) }
+        Self {
+            minor_faults: minor_faults().unwrap_or(0),
+            peak_rss_bytes: peak_rss().unwrap_or(0),
+            data_cpu_s: data_cpu_s(),
+        }
     }
+}
+
+fn data_cpu_s() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    let mut ns = 0u64;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let is_worker = std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.starts_with("data-"));
+        if is_worker {
+            let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+            ns += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ns as f64 * 1e-9
 }
 
 fn minor_faults() -> Option<u64> {

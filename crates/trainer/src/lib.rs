@@ -525,6 +525,8 @@ fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String,
 /// plan; with `--print`, the resolved YAML on stdout.
 pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<()> {
     let mut plan = load_plan(&contrast_comm::Solo, path, overrides)?;
+    // `train.device: cuda` on a host without a GPU fails here as it would before training.
+    resolve_device(&plan.config.train.device, 0)?;
     if plan.needs_dataset_len() {
         // train.epochs: the training set's length decides the steps.
         let (input, _) = data::training_input(&plan)?;

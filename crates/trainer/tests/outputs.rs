@@ -318,6 +318,8 @@ fn summary_eval_and_checkpoint_layout() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["minor_faults"].is_u64(), "{line}");
         assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{line}");
+        assert!(v["phase_s"]["backward"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(v["data_cpu_s"].as_f64().unwrap() >= 0.0, "{line}");
     }
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
         assert!(fx.path("full/step-4").join(f).is_file());
@@ -354,6 +356,12 @@ fn summary_eval_and_checkpoint_layout() {
     assert!(yaml.contains("temperature: 0.2") && yaml.contains("knn_k: 5"), "{yaml}");
     let out = run(0, &["eval", "--checkpoint", fx.path("nowhere").to_str().unwrap()], &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no --config given and no config.yaml"));
+    // `trainer config` fails on a device the host lacks, as training would before step 1.
+    if tch::Cuda::device_count() == 0 {
+        let out = run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", "train.device=cuda"], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("train.device=cuda"), "{err}");
+    }
 }
 
 #[test]

@@ -210,6 +210,8 @@ pub(super) struct StepRecord {
     pub(super) minor_faults: u64,
     /// This rank's peak resident set size so far, in bytes.
     pub(super) peak_rss_bytes: u64,
+    /// CPU seconds of this rank's data workers since the previous step ended.
+    pub(super) data_cpu_s: f64,
 }
 
 /// The device tensors of one step.
@@ -243,7 +245,8 @@ impl StepLog {
                 "data_wait_s": r.wait, "bad_files": r.bad_samples as u64, "grad_norm": r.grad_norm,
                 "embedding_std": finite_or_null(r.embedding_std),
                 // Rank 0's: a jump in faults per step is the allocator mapping buffers afresh.
-                "minor_faults": r.minor_faults, "peak_rss_bytes": r.peak_rss_bytes,
+                "minor_faults": r.minor_faults, "peak_rss_bytes": r.peak_rss_bytes, "data_cpu_s": r.data_cpu_s,
+                "phase_s": crate::metrics::PHASES.iter().zip(r.phases).map(|(k, v)| (k.to_string(), v.into())).collect::<serde_json::Map<_, _>>(),
             });
             writeln!(f, "{line}")?;
         }

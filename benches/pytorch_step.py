@@ -1,0 +1,130 @@
+"""The PyTorch side of benches/step_vs_ddp.py: the same SimCLR step as
+target/release/step_bench, as users write it with PyTorch DDP.
+
+    python -m torch.distributed.run --nproc_per_node P benches/pytorch_step.py --dir DIR --steps S
+
+- model: configs/simclr.yaml's encoder and head, built from torch.nn modules with
+  the parameter names of contrast (`backbone.conv0.weight`, `head.fc1.bias`, ...),
+  initial weights loaded from DIR/init.safetensors;
+- data: DIR/batches.safetensors (`b<k>`, `[2, G, 1, 28, 28]`), rank r takes rows
+  [r·B, (r+1)·B) of each view; step s uses batch s mod K;
+- DDP over gloo; embeddings gathered with `torch.distributed.nn.functional.all_gather`
+  (its backward sums the gradients into their owners); NT-Xent on the local 2B
+  anchors against the global 2N columns, mean over the local anchors (lightly's
+  `NTXentLoss(gather_distributed=True)` convention), so DDP's average of the
+  gradients is the gradient of the mean over all 2N anchors, as in contrast;
+- AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0), one intra-op thread.
+
+Rank 0 writes DIR/torch.json: losses (the global mean), seconds per step, peak RSS per rank.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+class Backbone(nn.Module):
+    """contrast's convnet: 4 conv3×3 (stride 1, 2, 1, 2) + GroupNorm(8) + ReLU, 4×4 average pool."""
+
+    def __init__(self, width=32, embed=1024):
+        super().__init__()
+        last = embed // 16
+        spec = [(1, width, 1), (width, 2 * width, 2), (2 * width, 2 * width, 1), (2 * width, last, 2)]
+        for k, (i, o, s) in enumerate(spec):
+            setattr(self, f"conv{k}", nn.Conv2d(i, o, 3, stride=s, padding=1, bias=False))
+            setattr(self, f"norm{k}", nn.GroupNorm(8, o))
+
+    def forward(self, x):
+        for k in range(4):
+            x = F.relu(getattr(self, f"norm{k}")(getattr(self, f"conv{k}")(x)))
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(1024, 512), nn.Linear(512, 64)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class SimCLR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = Backbone(), Head()
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def ntxent(z_local, rank, world, t=0.2):
+    """Local 2B anchors (A rows then B rows) against all 2N gathered rows."""
+    b = z_local.shape[0] // 2
+    za, zb = F.normalize(z_local[:b], dim=1), F.normalize(z_local[b:], dim=1)
+    ga, gb = torch.cat(dnn.all_gather(za)), torch.cat(dnn.all_gather(zb))
+    n = ga.shape[0]
+    z = torch.cat([ga, gb])  # [2N, d]
+    rows = torch.arange(rank * b, (rank + 1) * b)
+    anchors = torch.cat([rows, rows + n])
+    logits = torch.cat([za, zb]) @ z.T / t  # [2B, 2N]
+    logits[torch.arange(2 * b), anchors] = float("-inf")
+    return F.cross_entropy(logits, (anchors + n) % (2 * n))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--double", action="store_true", help="train in float64 (the parity check)")
+    args = ap.parse_args()
+    dtype = torch.float64 if args.double else torch.float32
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = SimCLR()
+    model.load_state_dict(load_file(os.path.join(args.dir, "init.safetensors")))
+    model.to(dtype)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    batches = load_file(os.path.join(args.dir, "batches.safetensors"))
+    views = []
+    for k in range(len(batches)):
+        g = batches[f"b{k}"]
+        b = g.shape[1] // world
+        views.append(torch.cat([g[0, rank * b:(rank + 1) * b], g[1, rank * b:(rank + 1) * b]]).to(dtype).contiguous())
+    del batches
+    losses, seconds = [], []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = ntxent(ddp(views[step % len(views)]), rank, world)
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / world)
+        seconds.append(time.perf_counter() - t0)
+    rss = torch.zeros(world, dtype=torch.float64)
+    rss[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    dist.all_reduce(rss)
+    if rank == 0:
+        with open(os.path.join(args.dir, "torch.json"), "w") as f:
+            json.dump({"losses": losses, "seconds": seconds, "peak_rss_bytes": rss.tolist()}, f)
+    dist.barrier()
+    # Exit without gloo's teardown, which was seen to hang one rank after a large run.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

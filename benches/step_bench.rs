@@ -1,0 +1,126 @@
+//! Our side of `benches/step_vs_ddp.py`: SimCLR steps (configs/simclr.yaml's
+//! encoder and head, NT-Xent over the global batch, AdamW at a constant rate,
+//! no weight decay) on in-memory batches, under `mpirun -n P`.
+//!
+//!     launch/mpirun.sh -n 2 target/release/step_bench --global-batch 256 --steps 10 --out DIR [--write] [--double]
+//!
+//! `--double` trains in f64 (the parity check: f32 rounding, amplified by
+//! Adam's normalised updates, drifts past 1e-4 within ten steps).
+//!
+//! With `--write`, rank 0 first writes the initial weights (`DIR/init.safetensors`)
+//! and the batches (`DIR/batches.safetensors`, `b<k>`: `[2, G, 1, 28, 28]`) that
+//! the PyTorch side (`benches/pytorch_step.py`) loads. Rank 0 writes
+//! `DIR/ours.json`: losses, seconds per step, peak RSS of every rank. The
+//! allocator and its options are the trainer's (`trainer::alloc`).
+
+use contrast_comm::{Collective, Comm};
+use contrast_config::{LossKind, ModelConfig, Norm};
+use contrast_nn::method::{build, Batch, Method, Spec};
+use contrast_nn::optim::{Optimizer, OptimizerKind};
+use contrast_nn::GlobalBatch;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Distinct batches the steps cycle through.
+const BATCHES: usize = 2;
+const LR: f64 = 1e-3;
+
+struct Args {
+    global: usize,
+    steps: usize,
+    out: PathBuf,
+    write: bool,
+    double: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args { global: 256, steps: 10, out: PathBuf::from("."), write: false, double: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "--global-batch" => a.global = it.next().and_then(|v| v.parse().ok()).expect("--global-batch N"),
+            "--steps" => a.steps = it.next().and_then(|v| v.parse().ok()).expect("--steps N"),
+            "--out" => a.out = PathBuf::from(it.next().expect("--out DIR")),
+            "--write" => a.write = true,
+            "--double" => a.double = true,
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// configs/simclr.yaml's model: convnet width 32, embed 1024, group norm; head 1024→512→64.
+fn method(local: usize, kind: Kind) -> Box<dyn Method> {
+    let mut spec = Spec::new(contrast_nn::method::plan("simclr").unwrap(), LossKind::NtXent, local);
+    spec.model = ModelConfig { proj_dim: 64, proj_hidden: 512, ..Default::default() };
+    spec.model.encoder_keys.set("width", 32);
+    spec.model.encoder_keys.set("embed_dim", 1024);
+    spec.model.encoder_keys.set("norm", Norm::Group);
+    spec.loss_cfg.temperature = Some(0.2);
+    spec.kind = kind;
+    build(&spec).unwrap()
+}
+
+/// Global batch k: `[2, G, 1, 28, 28]`, the same on every rank.
+fn global_batch(k: usize, global: usize) -> Tensor {
+    tch::manual_seed(1000 + k as i64);
+    Tensor::randn([2, global as i64, 1, 28, 28], tch::kind::FLOAT_CPU)
+}
+
+fn main() {
+    let a = args();
+    let comm = Comm::from_env().unwrap();
+    assert_eq!(trainer::alloc::dirty_decay_ms(), Some(-1), "the trainer's allocator options");
+    tch::set_num_threads(1);
+    let (rank, world) = (comm.rank(), comm.world_size());
+    assert_eq!(a.global % world, 0, "--global-batch must be a multiple of the ranks");
+    let local = a.global / world;
+    tch::manual_seed(0);
+    let kind = if a.double { Kind::Double } else { Kind::Float };
+    let m = method(local, kind);
+    let params = m.params();
+    let batches: Vec<Tensor> = (0..BATCHES).map(|k| global_batch(k, a.global)).collect();
+    if a.write && rank == 0 {
+        std::fs::create_dir_all(&a.out).unwrap();
+        let named: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
+        Tensor::write_safetensors(&named, a.out.join("init.safetensors")).unwrap();
+        let named: Vec<(String, Tensor)> =
+            batches.iter().enumerate().map(|(k, b)| (format!("b{k}"), b.shallow_clone())).collect();
+        Tensor::write_safetensors(&named, a.out.join("batches.safetensors")).unwrap();
+    }
+    let local_views: Vec<[Tensor; 2]> = batches
+        .iter()
+        .map(|b| [0, 1].map(|v| b.get(v).narrow(0, (rank * local) as i64, local as i64).to_kind(kind).contiguous()))
+        .collect();
+    drop(batches);
+    let adamw = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let mut opt = Optimizer::new(adamw, 0.0, params);
+    let engine = GlobalBatch::new(&comm, local);
+    let (mut losses, mut seconds) = (Vec::new(), Vec::new());
+    for step in 0..a.steps {
+        let t0 = Instant::now();
+        let views = &local_views[step % BATCHES];
+        let batch = Batch { step, views, captions: None, labels: None, mix: None };
+        opt.zero_grad();
+        let towers = m.forward(&batch, &comm).unwrap();
+        let out =
+            engine.step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss)).unwrap();
+        opt.step(LR);
+        losses.push(out.loss);
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    let mut rss = vec![0.0; world];
+    rss[rank] = trainer::alloc::MemoryCounters::now().peak_rss_bytes as f64;
+    comm.all_reduce_sum(&mut rss);
+    if rank == 0 {
+        let json = format!(
+            "{{\"losses\": {losses:?}, \"seconds\": {seconds:?}, \"peak_rss_bytes\": {rss:?}, \"kind\": \"{kind:?}\"}}"
+        );
+        std::fs::write(a.out.join("ours.json"), json).unwrap();
+    }
+}
