@@ -6,7 +6,7 @@
 //!     (CONTRAST_BENCH_SIZES=256,1024 to choose the sizes;
 //!      CONTRAST_BENCH_ONLY=ntxent,clip for the losses whose names start so)
 //!
-//! NT-Xent, CLIP and SigLIP stream their logits in blocks (loss/stream.rs);
+//! NT-Xent, CLIP, SigLIP and DCL/DCLW stream their logits in blocks (loss/stream.rs);
 //! the `_dense` rows are the materialised reference forms, for comparison.
 //!
 //! Triplet "all" and "semi_hard" enumerate N² triplets per anchor (O(N³)) and
@@ -52,6 +52,14 @@ fn main() {
             2,
             None,
             Box::new(|v, _, _| dcl_share(&v[0], &v[1], 0.1, None, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "dclw_dense",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                dcl_dense_share(&v[0], &v[1], 0.1, Some(0.5), Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
         ),
         (
             "dclw",

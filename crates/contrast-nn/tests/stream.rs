@@ -5,8 +5,8 @@
 
 use crate::common::*;
 use contrast_nn::loss::{
-    clip_dense_share, clip_share_blocked, ntxent_dense_share, ntxent_share_blocked, siglip_dense_share,
-    siglip_share_blocked, Shard,
+    clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, ntxent_dense_share, ntxent_share_blocked,
+    siglip_dense_share, siglip_share_blocked, Shard,
 };
 use tch::{Kind, Tensor};
 
@@ -46,6 +46,18 @@ fn streamed_ntxent_matches_the_materialised_form_in_value_and_gradient() {
         let s = value_and_grads(&inputs, |x| ntxent_share_blocked(&x[0], &x[1], 0.2, shard, rows).unwrap());
         let d = value_and_grads(&inputs, |x| ntxent_dense_share(&x[0], &x[1], 0.2, shard).unwrap());
         agree(&format!("NT-Xent {shard:?} rows={rows}"), s, d, 1e-10);
+    }
+}
+
+#[test]
+fn streamed_dcl_and_dclw_match_the_materialised_form() {
+    let inputs = [randn(12, 6, 9), randn(12, 6, 10) * 3.0];
+    for sigma in [None, Some(0.5)] {
+        for (shard, rows) in layouts() {
+            let s = value_and_grads(&inputs, |x| dcl_share_blocked(&x[0], &x[1], 0.1, sigma, shard, rows).unwrap());
+            let d = value_and_grads(&inputs, |x| dcl_dense_share(&x[0], &x[1], 0.1, sigma, shard).unwrap());
+            agree(&format!("DCL sigma={sigma:?} {shard:?} rows={rows}"), s, d, 1e-10);
+        }
     }
 }
 

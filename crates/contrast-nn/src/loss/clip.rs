@@ -52,7 +52,16 @@ pub fn clip_share_blocked(img: &Tensor, txt: &Tensor, logit_scale: &Tensor, shar
     // One direction: the local rows of `x` against every row of `y`.
     let direction = |x: &Tensor, y: &Tensor| {
         let anchors = x.narrow(0, off, b) * s;
-        SoftmaxCe { anchors: &anchors, columns: y, positive: &labels, skip: None, rows }.run(grad)
+        SoftmaxCe {
+            anchors: &anchors,
+            columns: y,
+            positive: &labels,
+            skip: None,
+            exclude_positive: false,
+            positive_weight: None,
+            rows,
+        }
+        .run(grad)
     };
     let (it, ti) = (direction(&id, &td), direction(&td, &id));
     let w = 1.0 / (2 * n) as f64;

@@ -12,13 +12,70 @@
 //!
 //! # Shapes
 //! `za`, `zb`: `[N, d]`; returns this rank's share (its 2B anchors / 2N).
+//!
+//! [`dcl_share`] streams blocks of anchor rows (loss/stream.rs);
+//! [`dcl_dense_share`] materialises the `[2B, 2N]` logits (the reference form).
 
+use super::stream::{with_gradients, SoftmaxCe};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Shard};
 use crate::Result;
 use tch::{Kind, Tensor};
 
-/// This rank's share of DCL (or DCLW when `sigma` is given).
+/// This rank's share of DCL (or DCLW when `sigma` is given), streamed.
 pub fn dcl_share(za: &Tensor, zb: &Tensor, temperature: f64, sigma: Option<f64>, shard: Shard) -> Result<Tensor> {
+    dcl_share_blocked(za, zb, temperature, sigma, shard, 0)
+}
+
+/// DCLW's weights `[2N]` (view-major), without gradient: 2 − N·softmax(cos(a_j, b_j)/σ).
+fn weights(a: &Tensor, b: &Tensor, sigma: f64, n: i64) -> Tensor {
+    let sim = (a * b).sum_dim_intlist([1i64].as_slice(), false, a.kind()).detach() / sigma;
+    (sim.softmax(0, a.kind()) * -(n as f64) + 2.0).repeat([2])
+}
+
+/// [`dcl_share`] with `rows` anchors per block (0: the default size).
+pub fn dcl_share_blocked(
+    za: &Tensor,
+    zb: &Tensor,
+    temperature: f64,
+    sigma: Option<f64>,
+    shard: Shard,
+    rows: i64,
+) -> Result<Tensor> {
+    check_temperature("DCL", temperature)?;
+    check_views("DCL", &[za, zb], shard)?;
+    let n = shard.global() as i64;
+    let (a, b) = (l2_normalize(za), l2_normalize(zb));
+    let z = Tensor::cat(&[&a, &b], 0);
+    let zd = z.detach();
+    let own = owned_rows(shard, 2, z.device());
+    let positive = (&own + n).remainder(2 * n);
+    let w = sigma.map(|s| weights(&a, &b, s, n).index_select(0, &own));
+    let anchors = zd.index_select(0, &own) / temperature;
+    let ce = SoftmaxCe {
+        anchors: &anchors,
+        columns: &zd,
+        positive: &positive,
+        skip: Some(&own),
+        exclude_positive: true,
+        positive_weight: w.as_ref(),
+        rows,
+    };
+    let out = ce.run(z.requires_grad());
+    let scale = 1.0 / (2 * n) as f64;
+    let grads = match (out.d_anchors, out.d_columns) {
+        (Some(mut da), Some(mut dc)) => {
+            da *= 1.0 / temperature;
+            let _ = dc.index_add_(0, &own, &da);
+            dc *= scale;
+            vec![(&z, dc)]
+        }
+        _ => vec![],
+    };
+    Ok(with_gradients(out.loss * scale, &grads))
+}
+
+/// DCL / DCLW with the `[2B, 2N]` logits materialised (the reference form).
+pub fn dcl_dense_share(za: &Tensor, zb: &Tensor, temperature: f64, sigma: Option<f64>, shard: Shard) -> Result<Tensor> {
     check_temperature("DCL", temperature)?;
     check_views("DCL", &[za, zb], shard)?;
     let n = shard.global() as i64;
@@ -33,11 +90,7 @@ pub fn dcl_share(za: &Tensor, zb: &Tensor, temperature: f64, sigma: Option<f64>,
     let positive = logits.gather(1, &pos.unsqueeze(1), false).squeeze_dim(1);
     let positive = match sigma {
         None => positive,
-        Some(sigma) => {
-            let sim = (&a * &b).sum_dim_intlist([1i64].as_slice(), false, a.kind()).detach() / sigma;
-            let w = (sim.softmax(0, a.kind()) * -(n as f64) + 2.0).repeat([2]); // [2N], view-major
-            positive * w.index_select(0, &rows)
-        }
+        Some(sigma) => positive * weights(&a, &b, sigma, n).index_select(0, &rows),
     };
     Ok((negative - positive).sum(logits.kind()) / (2 * n) as f64)
 }

@@ -28,7 +28,7 @@ pub use barlow::{barlow_twins_share, Standardise};
 pub use byol::{negative_cosine_share, normalized_mse_share};
 pub use clip::{clip_dense_share, clip_share, clip_share_blocked};
 pub use contrastive::contrastive_share;
-pub use dcl::dcl_share;
+pub use dcl::{dcl_dense_share, dcl_share, dcl_share_blocked};
 pub use debiased::debiased_share;
 pub use infonce::{cpc_share, infonce_share};
 pub use lifted::{generalized_lifted_share, lifted_hard_share, lifted_smooth_share};

@@ -38,7 +38,15 @@ pub fn ntxent_share_blocked(za: &Tensor, zb: &Tensor, temperature: f64, shard: S
     let own = owned_rows(shard, 2, z.device()); // [2B]: A rows, then B rows
     let positive = (&own + n).remainder(2 * n);
     let anchors = zd.index_select(0, &own) / temperature;
-    let ce = SoftmaxCe { anchors: &anchors, columns: &zd, positive: &positive, skip: Some(&own), rows };
+    let ce = SoftmaxCe {
+        anchors: &anchors,
+        columns: &zd,
+        positive: &positive,
+        skip: Some(&own),
+        exclude_positive: false,
+        positive_weight: None,
+        rows,
+    };
     let out = ce.run(z.requires_grad());
     let scale = 1.0 / (2 * n) as f64;
     let grads = match (out.d_anchors, out.d_columns) {

@@ -49,8 +49,9 @@ pub fn with_gradients(value: Tensor, grads: &[(&Tensor, Tensor)]) -> Tensor {
     out
 }
 
-/// Cross-entropy of anchors against columns, streamed: Σ_i (logsumexp_k S_ik − S_i,pos_i)
-/// with `S = A Cᵀ`, column `skip_i` (if given) excluded from row i.
+/// Cross-entropy of anchors against columns, streamed:
+/// Σ_i (logsumexp_{k ∈ K_i} S_ik − w_i·S_i,pos_i) with `S = A Cᵀ`, where K_i
+/// leaves out column `skip_i` (if given) and, with `exclude_positive`, `pos_i`.
 pub struct SoftmaxCe<'a> {
     /// `[M, d]` anchors, any scale already applied (detached).
     pub anchors: &'a Tensor,
@@ -60,6 +61,10 @@ pub struct SoftmaxCe<'a> {
     pub positive: &'a Tensor,
     /// `[M]` a column each anchor does not see (itself), or none.
     pub skip: Option<&'a Tensor>,
+    /// Leave the positive out of the log-sum-exp too (DCL's decoupled denominator).
+    pub exclude_positive: bool,
+    /// `[M]` a weight w_i on each anchor's positive term (DCLW; no gradient), or 1.
+    pub positive_weight: Option<&'a Tensor>,
     /// Anchor rows per block (0: [`block_rows`] decides).
     pub rows: i64,
 }
@@ -89,15 +94,23 @@ impl SoftmaxCe<'_> {
             let a = self.anchors.narrow(0, start, len);
             let pos = self.positive.narrow(0, start, len).unsqueeze(1);
             let mut s = a.matmul(&self.columns.tr()); // [R, K]
+            let positive = s.gather(1, &pos, false); // before any masking
             if let Some(skip) = self.skip {
                 let _ = s.scatter_value_(1, &skip.narrow(0, start, len).unsqueeze(1), f64::NEG_INFINITY);
             }
+            if self.exclude_positive {
+                let _ = s.scatter_value_(1, &pos, f64::NEG_INFINITY);
+            }
             let lse = s.logsumexp([1i64].as_slice(), true); // [R, 1]
-            loss += (&lse - s.gather(1, &pos, false)).sum(kind);
+            let w = match self.positive_weight {
+                Some(w) => w.narrow(0, start, len).unsqueeze(1).to_kind(kind),
+                None => Tensor::ones([len, 1], (kind, s.device())),
+            };
+            loss += (&lse - &positive * &w).sum(kind);
             if let (Some(da), Some(dc)) = (d_anchors.as_mut(), d_columns.as_mut()) {
                 s -= &lse;
-                let _ = s.exp_(); // softmax; the skipped entries are exp(−∞) = 0
-                let _ = s.scatter_add_(1, &pos, &Tensor::full([len, 1], -1.0, (kind, s.device())));
+                let _ = s.exp_(); // softmax; the left-out entries are exp(−∞) = 0
+                let _ = s.scatter_add_(1, &pos, &-w);
                 let _ = da.narrow(0, start, len).copy_(&s.matmul(self.columns));
                 let _ = dc.addmm_(&s.tr(), &a);
             }
