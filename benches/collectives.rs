@@ -14,6 +14,10 @@ use contrast_comm::{Collective, Comm};
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
+/// The trainer's allocator and options (`trainer::alloc`), as in a training run.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Median seconds of `f` over 21 calls after 3, each ended by a barrier-free sync:
 /// every rank times the same sequence, and rank 0's figures are printed.
 fn time(mut f: impl FnMut()) -> f64 {
@@ -44,6 +48,7 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 
 fn main() {
     let comm = Comm::from_env().unwrap();
+    assert_eq!(trainer::alloc::dirty_decay_ms(), Some(-1), "the trainer's allocator options");
     tch::set_num_threads(1);
     let json = std::env::args().skip_while(|a| a != "--json").nth(1);
     let (p, rank) = (comm.world_size(), comm.rank());

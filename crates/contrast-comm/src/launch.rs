@@ -131,6 +131,12 @@ impl Collective for Comm {
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
         counted::<T, _>(Op::ReduceScatter, send.len(), || delegate!(self, c => c.reduce_scatter_sum(send)))
     }
+    fn all_gather_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        counted::<T, _>(Op::AllGather, send.len(), || delegate!(self, c => c.all_gather_into(send, recv)))
+    }
+    fn reduce_scatter_sum_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        counted::<T, _>(Op::ReduceScatter, send.len(), || delegate!(self, c => c.reduce_scatter_sum_into(send, recv)))
+    }
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
         let n = buf.len();
         counted::<T, _>(Op::AllReduce, n, || delegate!(self, c => c.all_reduce_sum(buf)))

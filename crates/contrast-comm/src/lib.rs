@@ -80,6 +80,15 @@ pub trait Collective {
     fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T>;
     /// `send` has P equal blocks; returns block `rank` summed over all ranks.
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T>;
+    /// [`Collective::all_gather`] into `recv` (length P·len): a backend that can
+    /// write there directly (MPI) copies nothing more.
+    fn all_gather_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        recv.copy_from_slice(&self.all_gather(send));
+    }
+    /// [`Collective::reduce_scatter_sum`] into `recv` (length len/P).
+    fn reduce_scatter_sum_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        recv.copy_from_slice(&self.reduce_scatter_sum(send));
+    }
     /// Element-wise sum over ranks, in place.
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]);
     /// Element-wise maximum over ranks, in place.

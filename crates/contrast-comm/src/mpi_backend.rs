@@ -50,6 +50,14 @@ impl Collective for MpiComm {
         self.world.all_gather_into(send, &mut out[..]);
         out
     }
+    fn all_gather_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        assert_eq!(recv.len(), send.len() * self.world_size(), "all_gather_into: receive buffer length");
+        self.world.all_gather_into(send, recv);
+    }
+    fn reduce_scatter_sum_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        assert_eq!(recv.len() * self.world_size(), send.len(), "reduce_scatter_sum_into: buffer lengths");
+        self.world.reduce_scatter_block_into(send, recv, SystemOperation::sum());
+    }
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
         let p = self.world_size();
         assert_eq!(send.len() % p, 0, "reduce_scatter_sum: length {} not divisible by P={p}", send.len());

@@ -105,7 +105,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     fn scatter_grad(&self, gathered: &Tensor, like: &Tensor) -> Tensor {
         let g = gathered.grad();
         let g = if g.defined() { g } else { gathered.zeros_like() };
-        let out = crate::wire::on_host(&g.to_kind(like.kind()), &crate::wire::ReduceScatterSum(self.comm));
+        let out = crate::wire::reduce_scatter_sum(self.comm, &g.to_kind(like.kind()));
         out.view(like.size().as_slice()).to_device(like.device())
     }
 
@@ -239,18 +239,10 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
                 end += 1;
             }
             let bucket = &grads[start..end];
-            let double = bucket[0].kind() == Kind::Double;
+            // The bucket's one flat copy is reduced in place (f32/f64 on the CPU), then copied back.
             let flat = Tensor::cat(&bucket.iter().map(|g| g.view([-1])).collect::<Vec<_>>(), 0);
-            let reduced = if double {
-                let mut v = crate::to_host::<f64>(&flat);
-                self.comm.all_reduce_sum(&mut v);
-                Tensor::from_slice(&v)
-            } else {
-                let mut v = crate::to_host::<f32>(&flat);
-                self.comm.all_reduce_sum(&mut v);
-                Tensor::from_slice(&v)
-            };
-            let reduced = reduced.to_device(flat.device());
+            let device = flat.device();
+            let reduced = crate::wire::all_reduce_sum(self.comm, flat).to_device(device);
             let mut off = 0i64;
             tch::no_grad(|| {
                 for g in bucket {

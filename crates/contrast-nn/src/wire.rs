@@ -5,7 +5,7 @@
 //! tensor of the input's kind on the input's device.
 
 use contrast_comm::{Collective, Element};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A collective over a host slice of any wire element type.
 pub trait HostOp {
@@ -53,6 +53,100 @@ pub fn on_host(t: &Tensor, op: &impl HostOp) -> Tensor {
 }
 
 /// Gather local `[B, d]` rows into `[P·B, d]` in rank order (no gradient).
+///
+/// A contiguous f32 or f64 CPU tensor goes to MPI as it lies and the result is
+/// written straight into the output tensor (no host copies; see
+/// `benches/collectives.rs`); other kinds and devices go through [`on_host`].
 pub fn gather_rows<C: Collective>(comm: &C, local: &Tensor) -> Tensor {
-    on_host(local, &AllGather(comm)).view([-1, local.size()[1]])
+    let d = local.size()[1];
+    let local = local.detach().contiguous();
+    let out = |kind| Tensor::empty([local.size()[0] * comm.world_size() as i64, d], (kind, Device::Cpu));
+    if direct::<f32>(&local) {
+        let mut out = out(Kind::Float);
+        comm.all_gather_into(host_slice::<f32>(&local), host_slice_mut::<f32>(&mut out));
+        out
+    } else if direct::<f64>(&local) {
+        let mut out = out(Kind::Double);
+        comm.all_gather_into(host_slice::<f64>(&local), host_slice_mut::<f64>(&mut out));
+        out
+    } else {
+        on_host(&local, &AllGather(comm)).view([-1, d])
+    }
+}
+
+/// The sum over ranks of `t` (P equal blocks of rows), of which this rank keeps
+/// block `rank`, flat; f32 and f64 CPU tensors without host copies, like [`gather_rows`].
+pub fn reduce_scatter_sum<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
+    let t = t.detach().contiguous();
+    let n = t.numel() as i64 / comm.world_size() as i64;
+    if direct::<f32>(&t) {
+        let mut out = Tensor::empty([n], (Kind::Float, Device::Cpu));
+        comm.reduce_scatter_sum_into(host_slice::<f32>(&t), host_slice_mut::<f32>(&mut out));
+        out
+    } else if direct::<f64>(&t) {
+        let mut out = Tensor::empty([n], (Kind::Double, Device::Cpu));
+        comm.reduce_scatter_sum_into(host_slice::<f64>(&t), host_slice_mut::<f64>(&mut out));
+        out
+    } else {
+        on_host(&t, &ReduceScatterSum(comm))
+    }
+}
+
+/// The element-wise sum over ranks of a flat tensor, in place for f32 and f64
+/// CPU tensors (MPI's own send copy aside), through [`on_host`] otherwise.
+pub fn all_reduce_sum<C: Collective>(comm: &C, mut t: Tensor) -> Tensor {
+    if direct::<f32>(&t) {
+        comm.all_reduce_sum(host_slice_mut::<f32>(&mut t));
+        t
+    } else if direct::<f64>(&t) {
+        comm.all_reduce_sum(host_slice_mut::<f64>(&mut t));
+        t
+    } else {
+        on_host(&t, &AllReduceSum(comm))
+    }
+}
+
+/// The element-wise sum over ranks.
+struct AllReduceSum<'a, C>(&'a C);
+
+impl<C: Collective> HostOp for AllReduceSum<'_, C> {
+    fn run<T: Element + tch::kind::Element>(&self, mut v: Vec<T>) -> Vec<T> {
+        self.0.all_reduce_sum(&mut v);
+        v
+    }
+}
+
+/// Whether `t`'s memory can be handed to a collective as a `[T]`: a contiguous
+/// CPU tensor of `T`'s kind.
+fn direct<T: tch::kind::Element>(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == T::KIND && t.is_contiguous()
+}
+
+/// The elements of a tensor that passes [`direct`], borrowed.
+#[allow(unsafe_code)]
+fn host_slice<T: tch::kind::Element>(t: &Tensor) -> &[T] {
+    assert!(direct::<T>(t), "host_slice: not a contiguous CPU tensor of the element type");
+    let n = t.numel();
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: `t` is a contiguous CPU tensor of n elements of type T (asserted), so its
+    // data pointer addresses n initialised, aligned T. The borrow of `t` keeps the
+    // tensor, and so its storage, alive as long as the slice; nothing here resizes it.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
+}
+
+/// The elements of a tensor that passes [`direct`], mutably. Only for tensors
+/// this module created or owns alone (no other handle writes their storage).
+#[allow(unsafe_code)]
+fn host_slice_mut<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
+    assert!(direct::<T>(t), "host_slice_mut: not a contiguous CPU tensor of the element type");
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: as in `host_slice`; the exclusive borrow of `t` and the callers' use
+    // (fresh outputs, or the engine's own flat gradient bucket) leave no other
+    // reference to the storage while the slice lives.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) }
 }
