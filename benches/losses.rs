@@ -6,7 +6,7 @@
 //!     (CONTRAST_BENCH_SIZES=256,1024 to choose the sizes;
 //!      CONTRAST_BENCH_ONLY=ntxent,clip for the losses whose names start so)
 //!
-//! NT-Xent, CLIP, SigLIP and DCL/DCLW stream their logits in blocks (loss/stream.rs);
+//! NT-Xent (and its multi-positive form), SupCon, CLIP, SigLIP and DCL/DCLW stream their logits in blocks (loss/stream.rs);
 //! the `_dense` rows are the materialised reference forms, for comparison.
 //!
 //! Triplet "all" and "semi_hard" enumerate N² triplets per anchor (O(N³)) and
@@ -47,6 +47,17 @@ fn main() {
             Box::new(move |v, _, _| ntxent_multi_share(v, 0.2, &solo(v[0].size()[0])).unwrap()),
         ),
         ("supcon", 2, None, Box::new(move |v, y, _| supcon_share(v, y, 0.1, &solo(v[0].size()[0])).unwrap())),
+        (
+            "supcon_dense",
+            2,
+            None,
+            Box::new(move |v, y, _| {
+                let (n, views) = (v[0].size()[0], v.len() as i64);
+                let ids = y.repeat([views]);
+                multi_positive_dense(&Tensor::cat(v, 0), &ids, 0.1, &solo(n), views as usize, Reduce::AvgNonZero)
+                    .unwrap()
+            }),
+        ),
         (
             "dcl",
             2,

@@ -5,8 +5,9 @@
 
 use crate::common::*;
 use contrast_nn::loss::{
-    clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, ntxent_dense_share, ntxent_share_blocked,
-    siglip_dense_share, siglip_share_blocked, Shard,
+    clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, multi_positive_blocked,
+    multi_positive_dense, ntxent_dense_share, ntxent_share_blocked, siglip_dense_share, siglip_share_blocked, Ctx,
+    GlobalSum, Reduce, Shard,
 };
 use tch::{Kind, Tensor};
 
@@ -97,4 +98,47 @@ fn streamed_heads_in_f32_agree_and_need_no_graph_without_gradients() {
     assert!(!plain.requires_grad());
     let want = ntxent_dense_share(&a, &b, 0.1, shard).unwrap().double_value(&[]);
     assert!((plain.double_value(&[]) - want).abs() <= 1e-4 * want.abs());
+}
+
+/// A communicator of one rank that pretends to be rank `shard.rank` of a larger
+/// layout: the global counts of AvgNonZero are this rank's only, the same in both forms.
+struct OneOf;
+
+impl GlobalSum for OneOf {
+    fn sum(&self, _v: &mut [f64]) {}
+    fn max(&self, _v: &mut [f64]) {}
+    fn gather_rows(&self, local: &Tensor) -> Tensor {
+        local.shallow_clone()
+    }
+}
+
+#[test]
+fn streamed_supcon_and_multi_positive_ntxent_match_the_materialised_form() {
+    // Three views of 12 samples; ids: SupCon's labels (4 classes, one class alone in
+    // one view so some anchors have few positives) and the multi-positive sample ids.
+    let z = randn(36, 6, 11);
+    let labels: Vec<i64> = (0..36).map(|i| [0, 1, 2, 1, 3, 0][i % 6]).collect();
+    let samples: Vec<i64> = (0..36).map(|i| i % 12).collect();
+    for (ids, reduce) in [(&labels, Reduce::AvgNonZero), (&samples, Reduce::Mean)] {
+        let ids = Tensor::from_slice(ids);
+        for (shard, rows) in layouts() {
+            let ctx = Ctx { shard, reduce: &OneOf };
+            let how = (3, reduce);
+            let s = value_and_grads(&[z.shallow_clone()], |x| {
+                multi_positive_blocked(&x[0], &ids, 0.1, &ctx, how, rows).unwrap()
+            });
+            let d = value_and_grads(&[z.shallow_clone()], |x| {
+                multi_positive_dense(&x[0], &ids, 0.1, &ctx, 3, reduce).unwrap()
+            });
+            agree(&format!("multi-positive {reduce:?} {shard:?} rows={rows}"), s, d, 1e-10);
+        }
+    }
+    // No positives anywhere: a zero loss whose (zero) gradient still reaches the input.
+    let ids = Tensor::arange(36, (Kind::Int64, tch::Device::Cpu));
+    let ctx = Ctx { shard: Shard::solo(12), reduce: &OneOf };
+    let (loss, grads) = value_and_grads(&[z.shallow_clone()], |x| {
+        multi_positive_blocked(&x[0], &ids, 0.1, &ctx, (3, Reduce::AvgNonZero), 0).unwrap()
+    });
+    assert_eq!(loss, 0.0);
+    assert!(grads[0].iter().all(|g| *g == 0.0));
 }

@@ -38,7 +38,7 @@ pub use ntxent::{ntxent_dense_share, ntxent_multi_share, ntxent_share, ntxent_sh
 pub use siglip::{siglip_dense_share, siglip_share, siglip_share_blocked};
 pub use snn::snn_share;
 pub use soft::{infonce_soft_share, ntxent_soft_share, supcon_soft_share, Mix};
-pub use supcon::supcon_share;
+pub use supcon::{multi_positive_blocked, multi_positive_dense, supcon_share, Reduce};
 pub use swav::{sinkhorn, swav_share};
 pub use triplet::{triplet_share, Mining};
 

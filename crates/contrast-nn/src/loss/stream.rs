@@ -181,3 +181,72 @@ impl SigmoidPairs<'_> {
         SigmoidOut { loss, grads: grad.then_some((da, dc, ds, db)) }
     }
 }
+
+/// Multi-positive cross-entropy of anchors against columns, streamed (SupCon,
+/// multi-positive NT-Xent): per anchor
+/// ℓ_i = −Σ_{k ∈ P_i} (S_ik − logsumexp_{k≠i} S_ik) / (|P_i| + tiny), where P_i
+/// holds the columns whose id equals the anchor's, itself (`skip_i`) left out.
+pub struct MultiPositiveCe<'a> {
+    /// `[M, d]` anchors, temperature applied (detached).
+    pub anchors: &'a Tensor,
+    /// `[K, d]` columns (detached).
+    pub columns: &'a Tensor,
+    /// `[M]` the anchors' ids.
+    pub anchor_ids: &'a Tensor,
+    /// `[K]` the columns' ids.
+    pub column_ids: &'a Tensor,
+    /// `[M]` the column each anchor does not see (itself).
+    pub skip: &'a Tensor,
+    /// Added to |P_i| (pytorch-metric-learning's smallest positive float).
+    pub tiny: f64,
+    /// Anchor rows per block (0: [`block_rows`] decides).
+    pub rows: i64,
+}
+
+/// [`MultiPositiveCe::run`]'s per-anchor terms and, when asked, the gradients
+/// of their sum with respect to the anchors and the columns.
+pub struct MultiOut {
+    /// `[M]` ℓ_i.
+    pub per_anchor: Tensor,
+    /// `[M, d]` ∂Σℓ/∂anchors (with `grad`).
+    pub d_anchors: Option<Tensor>,
+    /// `[K, d]` ∂Σℓ/∂columns (with `grad`).
+    pub d_columns: Option<Tensor>,
+}
+
+impl MultiPositiveCe<'_> {
+    /// Stream the blocks; gradients only when `grad`.
+    pub fn run(&self, grad: bool) -> MultiOut {
+        let (m, kind) = (self.anchors.size()[0], self.anchors.kind());
+        let r = block_rows(self.columns.size()[0], self.rows);
+        let mut terms = Vec::new();
+        let mut d_anchors = grad.then(|| self.anchors.zeros_like());
+        let mut d_columns = grad.then(|| self.columns.zeros_like());
+        let mut start = 0;
+        while start < m {
+            let len = r.min(m - start);
+            let a = self.anchors.narrow(0, start, len);
+            let skip = self.skip.narrow(0, start, len).unsqueeze(1);
+            let positive = self.anchor_ids.narrow(0, start, len).unsqueeze(1).eq_tensor(&self.column_ids.unsqueeze(0));
+            let mut positive = positive.to_kind(kind);
+            let _ = positive.scatter_value_(1, &skip, 0.0); // not its own positive
+            let count = positive.sum_dim_intlist([1i64].as_slice(), true, kind); // [R, 1]
+            let mut s = a.matmul(&self.columns.tr()); // [R, K]
+            let pos_sum = (&s * &positive).sum_dim_intlist([1i64].as_slice(), true, kind); // before the −∞
+            let _ = s.scatter_value_(1, &skip, f64::NEG_INFINITY);
+            let lse = s.logsumexp([1i64].as_slice(), true);
+            let denom = &count + self.tiny;
+            terms.push(((&count * &lse - pos_sum) / &denom).squeeze_dim(1));
+            if let (Some(da), Some(dc)) = (d_anchors.as_mut(), d_columns.as_mut()) {
+                s -= &lse;
+                let _ = s.exp_(); // softmax (0 at self)
+                s *= &(&count / &denom);
+                s -= &(positive / &denom);
+                let _ = da.narrow(0, start, len).copy_(&s.matmul(self.columns));
+                let _ = dc.addmm_(&s.tr(), &a);
+            }
+            start += len;
+        }
+        MultiOut { per_anchor: Tensor::cat(&terms, 0), d_anchors, d_columns }
+    }
+}

@@ -14,7 +14,11 @@
 //! - `views`: V tensors `[N, d]` (V = 1 for one embedding per sample, 2 for
 //!   SimCLR-style views); `labels`: `[N]` int64 class of each sample.
 //! - returns this rank's share: the sum over its V·B anchors / the global count.
+//!
+//! The core streams blocks of anchor rows (loss/stream.rs, [`multi_positive_blocked`]);
+//! [`multi_positive_dense`] materialises the `[V·B, V·N]` logits (the reference form).
 
+use super::stream::{with_gradients, MultiPositiveCe};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Ctx};
 use crate::{NnError, Result};
 use tch::{Kind, Tensor};
@@ -47,8 +51,80 @@ pub fn supcon_share(views: &[Tensor], labels: &Tensor, temperature: f64, ctx: &C
     multi_positive_share(&z, &all_labels, temperature, ctx, views.len(), Reduce::AvgNonZero)
 }
 
-/// The shared core: `z` `[V·N, d]` view-major, `ids` `[V·N]` (same id = positive).
+/// The shared core: `z` `[V·N, d]` view-major, `ids` `[V·N]` (same id = positive),
+/// streamed over blocks of anchor rows (loss/stream.rs).
 pub(crate) fn multi_positive_share(
+    z: &Tensor,
+    ids: &Tensor,
+    t: f64,
+    ctx: &Ctx,
+    views: usize,
+    reduce: Reduce,
+) -> Result<Tensor> {
+    multi_positive_blocked(z, ids, t, ctx, (views, reduce), 0)
+}
+
+/// [`multi_positive_share`] with `rows` anchors per block (0: the default size).
+pub fn multi_positive_blocked(
+    z: &Tensor,
+    ids: &Tensor,
+    t: f64,
+    ctx: &Ctx,
+    (views, reduce): (usize, Reduce),
+    rows: i64,
+) -> Result<Tensor> {
+    let z = l2_normalize(z);
+    let zd = z.detach();
+    let own = owned_rows(ctx.shard, views, z.device());
+    let anchors = zd.index_select(0, &own) / t;
+    let kind = z.kind();
+    let ce = MultiPositiveCe {
+        anchors: &anchors,
+        columns: &zd,
+        anchor_ids: &ids.index_select(0, &own),
+        column_ids: ids,
+        skip: &own,
+        tiny: tiny(kind),
+        rows,
+    };
+    let out = ce.run(z.requires_grad());
+    let denom = denominator(&out.per_anchor, ctx, views, reduce);
+    if denom <= 0.0 {
+        // No anchor has a positive anywhere: the loss is 0, and so is its gradient
+        // (still attached to the graph, so the engine's backward runs as usual).
+        return Ok(with_gradients(out.per_anchor.sum(kind) * 0.0, &[(&z, z.zeros_like())]));
+    }
+    let grads = match (out.d_anchors, out.d_columns) {
+        (Some(mut da), Some(mut dc)) => {
+            da *= 1.0 / t;
+            let _ = dc.index_add_(0, &own, &da);
+            dc *= 1.0 / denom;
+            vec![(&z, dc)]
+        }
+        _ => vec![],
+    };
+    Ok(with_gradients(out.per_anchor.sum(kind) / denom, &grads))
+}
+
+/// pytorch-metric-learning's `small_val` of the kind.
+fn tiny(kind: Kind) -> f64 {
+    if kind == Kind::Double {
+        f64::MIN_POSITIVE
+    } else {
+        f32::MIN_POSITIVE as f64
+    }
+}
+
+/// The reduction's denominator over the global batch.
+fn denominator(per_anchor: &Tensor, ctx: &Ctx, views: usize, reduce: Reduce) -> f64 {
+    match reduce {
+        Reduce::Mean => (views as f64) * ctx.shard.global() as f64,
+        Reduce::AvgNonZero => ctx.global(per_anchor.gt(0.0).sum(Kind::Int64).int64_value(&[]) as f64),
+    }
+}
+
+/// The multi-positive core with the `[V·B, V·N]` logits materialised (the reference form).
+pub fn multi_positive_dense(
     z: &Tensor,
     ids: &Tensor,
     t: f64,
@@ -69,12 +145,8 @@ pub(crate) fn multi_positive_share(
     let zeros = log_prob.zeros_like();
     let pos_sum = log_prob.where_self(&pos_mask, &zeros).sum_dim_intlist([1i64].as_slice(), false, logits.kind());
     let pos_count = pos_mask.sum_dim_intlist([1i64].as_slice(), false, logits.kind());
-    let tiny = if logits.kind() == Kind::Double { f64::MIN_POSITIVE } else { f32::MIN_POSITIVE as f64 };
-    let per_anchor = -(pos_sum / (pos_count + tiny));
+    let per_anchor = -(pos_sum / (pos_count + tiny(logits.kind())));
     let total = per_anchor.sum(logits.kind());
-    let denom = match reduce {
-        Reduce::Mean => (views as f64) * ctx.shard.global() as f64,
-        Reduce::AvgNonZero => ctx.global(per_anchor.gt(0.0).sum(Kind::Int64).int64_value(&[]) as f64),
-    };
+    let denom = denominator(&per_anchor, ctx, views, reduce);
     Ok(if denom > 0.0 { total / denom } else { total * 0.0 })
 }
