@@ -3,9 +3,16 @@
 // and, where the wheel carries CUDA, a forced dependency on `libtorch_cuda`
 // (the linker's `--as-needed` would drop it, and CUDA would then be absent).
 // `torch-sys` announces the directory as `DEP_TCH_LIBTORCH_LIB`.
+//
+// For contrast-nn itself it also compiles `src/autocast.cpp` (libtorch's
+// autocast with a chosen dtype, which tch does not expose) against libtorch's
+// headers, found beside its library directory as in the PyTorch wheel.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("contrast-nn") {
+        compile_shim(std::path::Path::new(&dir));
+    }
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
@@ -15,4 +22,21 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// `src/autocast.cpp` into a static library linked into contrast-nn.
+fn compile_shim(lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/autocast.cpp");
+    let include = lib.join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        // The functions called take no std::string, so the ABI flag does not change their symbols.
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .file("src/autocast.cpp")
+        .compile("contrast_autocast");
 }

@@ -39,7 +39,9 @@ pub use loss::{LossConfig, LossKind, Mining};
 pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig};
 pub use plan::{Plan, Topology};
 pub use run::{CheckpointConfig, EvalConfig, MetricsConfig, BEST_METRICS};
-pub use train::{LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, ScheduleConfig, ScheduleName, TrainConfig};
+pub use train::{
+    LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, Precision, ScheduleConfig, ScheduleName, TrainConfig,
+};
 pub use yaml::{check_yaml_shape, MAX_CONFIG_BYTES, MAX_YAML_DEPTH, RESOLVED_HEADER};
 
 use serde::{Deserialize, Serialize};

@@ -265,6 +265,7 @@ impl Plan {
             self.norm
         ) + if self.norm == Norm::Batch { " (batch statistics per rank: not exact across world sizes)" } else { "" }
             + &self.describe_method
+            + if self.config.train.precision == crate::Precision::Bf16 { " precision=bf16 (encoders under autocast)" } else { "" }
             + &match self.config.train.micro_batch {
                 m if m > 0 && m < self.local_batch => format!(" micro_batch={m} (gradient cache)"),
                 _ => String::new(),

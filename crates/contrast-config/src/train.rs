@@ -18,6 +18,10 @@ pub struct TrainConfig {
     pub epochs: Option<f64>,
     /// `cpu`, `cuda`, `cuda:K` or `auto` (CUDA if present; device = local rank mod GPUs).
     pub device: String,
+    /// Compute precision of the encoders: `fp32`, or `bf16` (libtorch's autocast:
+    /// matrix products and convolutions in bf16, weights, gradients, normalisations
+    /// and the loss head in fp32), on the CPU and on CUDA.
+    pub precision: Precision,
     /// libtorch intra-op threads per rank (0 = cores ÷ ranks on this host).
     pub threads: usize,
     /// Continue from `checkpoint.dir/latest` when it exists.
@@ -48,6 +52,7 @@ impl Default for TrainConfig {
             steps: 1000,
             epochs: None,
             device: "cpu".into(),
+            precision: Precision::Fp32,
             threads: 0,
             resume: false,
             grad_clip: 0.0,
@@ -130,6 +135,16 @@ pub enum MomentumSchedule {
     Constant,
     /// 1 − (1 − m₀)(cos(πk/K) + 1)/2 (BYOL).
     Cosine,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in fp32.
+    Fp32,
+    /// The encoders under bf16 autocast; the loss head in fp32.
+    Bf16,
 }
 
 /// `train.optimizer.name`.

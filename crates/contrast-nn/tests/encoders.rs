@@ -436,3 +436,27 @@ fn every_method_takes_a_step_on_every_encoder() {
         }
     }
 }
+
+#[test]
+fn bf16_autocast_runs_matrix_products_in_bf16_on_the_cpu_and_restores_the_state() {
+    use contrast_nn::precision::{autocast, to_f32};
+    use tch::nn::Module;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let layer = tch::nn::linear(vs.root() / "fc", 8, 4, Default::default());
+    let x = tch::Tensor::ones([3, 8], tch::kind::FLOAT_CPU);
+    let plain = layer.forward(&x);
+    let cast = autocast(true, tch::Device::Cpu, || layer.forward(&x));
+    assert_eq!((plain.kind(), cast.kind()), (tch::Kind::Float, tch::Kind::BFloat16));
+    // Off again afterwards, and off when not asked for.
+    assert_eq!(layer.forward(&x).kind(), tch::Kind::Float);
+    assert_eq!(autocast(false, tch::Device::Cpu, || layer.forward(&x)).kind(), tch::Kind::Float);
+    // The same numbers to bf16's precision; the fp32 copy keeps the graph to the fp32 weights.
+    let back = to_f32(&cast);
+    assert_eq!(back.kind(), tch::Kind::Float);
+    let err = (&back - &plain).abs().max().double_value(&[]);
+    assert!(err <= 1e-2 * plain.abs().max().double_value(&[]).max(1.0), "{err}");
+    back.sum(tch::Kind::Float).backward();
+    let w = &vs.variables()["fc.weight"];
+    assert_eq!(w.kind(), tch::Kind::Float);
+    assert!(w.grad().defined() && w.grad().kind() == tch::Kind::Float);
+}

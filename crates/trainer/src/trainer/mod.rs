@@ -16,7 +16,7 @@ use crate::rundir::{EVALS_FILE, STEPS_FILE};
 use crate::{EvalFigures, Summary};
 use anyhow::{bail, Context, Result};
 use contrast_comm::Collective;
-use contrast_config::Plan;
+use contrast_config::{Plan, Precision};
 use contrast_data::pipeline::BadBudget;
 use contrast_data::text::Tokenizer;
 use contrast_data::{HostBatch, Pipeline};
@@ -25,7 +25,7 @@ use contrast_nn::engine::{Gathered, StepOutput, Towers};
 use contrast_nn::loss::Ctx;
 use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
 use contrast_nn::optim::{Optimizer, Schedule};
-use contrast_nn::GlobalBatch;
+use contrast_nn::{precision, GlobalBatch};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -409,19 +409,25 @@ impl<'c, C: Collective> Trainer<'c, C> {
             monitor = share.monitor;
             Ok(share.loss)
         };
+        let bf16 = self.plan.config.train.precision == Precision::Bf16;
+        // The method's forward, under autocast with bf16; the towers leave it in fp32.
+        let run = |b: &Batch| -> contrast_nn::Result<Towers> {
+            let t = precision::autocast(bf16, self.device, || method.forward(b, comm))?;
+            let f32 = |v: Vec<Tensor>| v.iter().map(precision::to_f32).collect();
+            Ok(Towers { grad: f32(t.grad), aux: f32(t.aux), local: f32(t.local) })
+        };
         let micro = self.plan.config.train.micro_batch;
         if micro > 0 && micro < self.plan.local_batch {
             let forward = |start: i64, len: i64| {
                 let views: Vec<Tensor> = batch.views.iter().map(|v| v.narrow(0, start, len)).collect();
                 let captions = batch.captions.map(|c| c.rows(start, len));
-                let part = Batch { step: batch.step, views: &views, captions: captions.as_ref(), ..*batch };
-                method.forward(&part, comm)
+                run(&Batch { step: batch.step, views: &views, captions: captions.as_ref(), ..*batch })
             };
             let out = engine.step_chunked(micro, &self.opt.tensors(), ctl, forward, head)?;
             let forward = out.phases.forward;
             return Ok((Towers::default(), out, monitor, forward));
         }
-        let towers = method.forward(batch, comm)?;
+        let towers = run(batch)?;
         let forward = t0.elapsed().as_secs_f64();
         let out = engine.step_towers(&towers, &self.opt.tensors(), ctl, head)?;
         Ok((towers, out, monitor, forward))
