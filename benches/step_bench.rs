@@ -115,7 +115,7 @@ fn main() {
         seconds.push(t0.elapsed().as_secs_f64());
     }
     let mut rss = vec![0.0; world];
-    rss[rank] = trainer::alloc::MemoryCounters::now().peak_rss_bytes as f64;
+    rss[rank] = trainer::alloc::ProcessCounters::now().peak_rss_bytes as f64;
     comm.all_reduce_sum(&mut rss);
     if rank == 0 {
         let json = format!(

@@ -1,4 +1,5 @@
-//! The process allocator and what the trainer reads of the process's memory.
+//! The process allocator, and the counters the trainer reads of the process
+//! (page faults, peak RSS, the data workers' CPU time).
 //!
 //! jemalloc serves every allocation of the trainer, libtorch's included: its
 //! malloc symbols are unprefixed (`tikv-jemallocator`'s
@@ -69,7 +70,7 @@ pub fn dirty_decay_ms() -> Option<i64> {
 
 /// This process's counters, from `/proc/self` (Linux; zeros elsewhere).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct MemoryCounters {
+pub struct ProcessCounters {
     /// Minor page faults since the process started (`/proc/self/stat` field 10).
     pub minor_faults: u64,
     /// Peak resident set size in bytes (`VmHWM` of `/proc/self/status`).
@@ -79,7 +80,7 @@ pub struct MemoryCounters {
     pub data_cpu_s: f64,
 }
 
-impl MemoryCounters {
+impl ProcessCounters {
     /// Read the counters now.
     pub fn now() -> Self {
         Self {

@@ -368,14 +368,14 @@ fn summary_eval_and_checkpoint_layout() {
 fn jemalloc_serves_the_process_with_freed_pages_kept() {
     // The options symbol is linked in (a dropped symbol would leave jemalloc's default, 10 s decay).
     assert_eq!(trainer::alloc::dirty_decay_ms(), Some(-1));
-    let before = trainer::alloc::MemoryCounters::now();
+    let before = trainer::alloc::ProcessCounters::now();
     let buffers: Vec<tch::Tensor> = (0..2).map(|_| tch::Tensor::ones([64 << 20], tch::kind::FLOAT_CPU)).collect();
     drop(buffers);
     trainer::alloc::release();
     // A 256 MiB buffer allocated again after a release is served; the peak counter covers it.
     let again = tch::Tensor::ones([64 << 20], tch::kind::FLOAT_CPU);
     assert_eq!(again.sum(tch::Kind::Double).double_value(&[]), (64u64 << 20) as f64);
-    let after = trainer::alloc::MemoryCounters::now();
+    let after = trainer::alloc::ProcessCounters::now();
     assert!(after.peak_rss_bytes >= before.peak_rss_bytes.max(256 << 20), "{before:?} {after:?}");
     assert!(after.minor_faults > before.minor_faults, "{before:?} {after:?}");
 }

@@ -347,7 +347,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// One step: tensors from the host batch, the exact engine, the optimiser, the method's after-step work.
     fn step(&mut self, mut batch: HostBatch, pipeline: &mut Pipeline) -> Result<StepRecord> {
         let t0 = Instant::now();
-        let mem0 = crate::alloc::MemoryCounters::now();
+        let mem0 = crate::alloc::ProcessCounters::now();
         let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
         if self.progress.epoch != Some(batch.epoch) {
             self.method.on_epoch(batch.epoch);
@@ -379,7 +379,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         self.method.after_step(&info, self.comm)?;
         let p = out.phases;
         let (wait, optimizer) = (wait.as_secs_f64(), t_opt.elapsed().as_secs_f64());
-        let mem = crate::alloc::MemoryCounters::now();
+        let mem = crate::alloc::ProcessCounters::now();
         Ok(StepRecord {
             done: step + 1,
             loss,
