@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod host;
 pub mod metrics;
 pub mod plot;
 pub mod pretrained;
@@ -28,6 +29,7 @@ use contrast_data::{Mode, Pipeline, PipelineConfig};
 use contrast_nn::loss::Shard;
 use contrast_nn::method::{Method, Spec};
 use eval::EvalData;
+pub use host::resolve_device;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -106,57 +108,14 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Cores this process may use (its affinity mask, as `available_parallelism` reads it).
-fn rank_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
-/// Logical cores online on this host (`/sys/devices/system/cpu/online`, e.g. `0-7,16-23`),
-/// whatever this process's affinity; falls back to the affinity count.
-fn host_cores() -> usize {
-    let parsed = std::fs::read_to_string("/sys/devices/system/cpu/online").ok().and_then(|s| {
-        s.trim()
-            .split(',')
-            .map(|r| match r.split_once('-') {
-                Some((a, b)) => Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?),
-                None => r.parse::<usize>().ok().map(|_| 1),
-            })
-            .sum::<Option<usize>>()
-    });
-    parsed.filter(|&n| n > 0).unwrap_or_else(rank_cores)
-}
-
-/// Pick the device: `cpu`, `cuda[:K]`, or `auto` (GPU local_rank mod count when CUDA is present).
-pub fn resolve_device(spec: &str, local_rank: usize) -> Result<Device> {
-    let gpus = tch::Cuda::device_count() as usize;
-    Ok(match spec {
-        "cpu" => Device::Cpu,
-        "auto" if gpus == 0 => Device::Cpu,
-        "auto" | "cuda" => {
-            if gpus == 0 {
-                bail!("train.device=cuda but libtorch sees no CUDA device");
-            }
-            Device::Cuda(local_rank % gpus)
-        }
-        s => {
-            let k: usize =
-                s.strip_prefix("cuda:").and_then(|k| k.parse().ok()).with_context(|| format!("train.device `{s}`"))?;
-            if k >= gpus {
-                bail!("train.device={s} but libtorch sees {gpus} CUDA device(s)");
-            }
-            Device::Cuda(k)
-        }
-    })
-}
-
 /// Load a plan for this communicator (fails before any training on bad input).
 pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
     let config = Config::load(path, overrides)?;
     let topo = Topology {
         world_size: comm.world_size(),
         local_size: comm.local_size(),
-        host_cores: host_cores(),
-        rank_cores: rank_cores(),
+        host_cores: host::host_cores(),
+        rank_cores: host::rank_cores(),
     };
     Ok(Plan::resolve(config, topo, &contrast_nn::Registry)?)
 }

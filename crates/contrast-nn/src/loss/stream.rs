@@ -43,7 +43,7 @@ pub fn with_gradients(value: Tensor, grads: &[(&Tensor, Tensor)]) -> Tensor {
         if x.requires_grad() {
             // A dot product: no temporary the size of x.
             let s = x.reshape([-1]).dot(&g.detach().reshape([-1])).to_kind(out.kind());
-            out = out + (&s - s.detach());
+            out += &s - s.detach();
         }
     }
     out
@@ -111,7 +111,7 @@ impl SoftmaxCe<'_> {
                 s -= &lse;
                 let _ = s.exp_(); // softmax; the left-out entries are exp(−∞) = 0
                 let _ = s.scatter_add_(1, &pos, &-w);
-                let _ = da.narrow(0, start, len).copy_(&s.matmul(self.columns));
+                da.narrow(0, start, len).copy_(&s.matmul(self.columns));
                 let _ = dc.addmm_(&s.tr(), &a);
             }
             start += len;
@@ -173,7 +173,7 @@ impl SigmoidPairs<'_> {
                 ds += (&g * &x).sum(kind);
                 db += g.sum(kind);
                 g *= self.scale;
-                let _ = da.narrow(0, start, len).copy_(&g.matmul(self.columns));
+                da.narrow(0, start, len).copy_(&g.matmul(self.columns));
                 let _ = dc.addmm_(&g.tr(), &a);
             }
             start += len;
@@ -242,7 +242,7 @@ impl MultiPositiveCe<'_> {
                 let _ = s.exp_(); // softmax (0 at self)
                 s *= &(&count / &denom);
                 s -= &(positive / &denom);
-                let _ = da.narrow(0, start, len).copy_(&s.matmul(self.columns));
+                da.narrow(0, start, len).copy_(&s.matmul(self.columns));
                 let _ = dc.addmm_(&s.tr(), &a);
             }
             start += len;
