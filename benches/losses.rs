@@ -6,7 +6,7 @@
 //!     (CONTRAST_BENCH_SIZES=256,1024 to choose the sizes;
 //!      CONTRAST_BENCH_ONLY=ntxent,clip for the losses whose names start so)
 //!
-//! NT-Xent (and its multi-positive form), SupCon, CLIP, SigLIP and DCL/DCLW stream their logits in blocks (loss/stream.rs);
+//! NT-Xent (and its multi-positive form), SupCon, CLIP, SigLIP, DCL/DCLW and NCE stream their logits in blocks (loss/stream.rs);
 //! the `_dense` rows are the materialised reference forms, for comparison.
 //!
 //! Triplet "all" and "semi_hard" enumerate N² triplets per anchor (O(N³)) and
@@ -158,6 +158,14 @@ fn main() {
             2,
             None,
             Box::new(|v, _, _| nce_share(&v[0], &v[1], 0.1, 60000.0, Shard::solo(v[0].size()[0] as usize)).unwrap()),
+        ),
+        (
+            "nce_dense",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                nce_dense_share(&v[0], &v[1], 0.1, 60000.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
         ),
         (
             "contrastive",

@@ -6,8 +6,8 @@
 use crate::common::*;
 use contrast_nn::loss::{
     clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, multi_positive_blocked,
-    multi_positive_dense, ntxent_dense_share, ntxent_share_blocked, siglip_dense_share, siglip_share_blocked, Ctx,
-    GlobalSum, Reduce, Shard,
+    multi_positive_dense, nce_dense_share, nce_share_blocked, ntxent_dense_share, ntxent_share_blocked,
+    siglip_dense_share, siglip_share_blocked, Ctx, GlobalSum, Reduce, Shard,
 };
 use tch::{Kind, Tensor};
 
@@ -59,6 +59,16 @@ fn streamed_dcl_and_dclw_match_the_materialised_form() {
             let d = value_and_grads(&inputs, |x| dcl_dense_share(&x[0], &x[1], 0.1, sigma, shard).unwrap());
             agree(&format!("DCL sigma={sigma:?} {shard:?} rows={rows}"), s, d, 1e-10);
         }
+    }
+}
+
+#[test]
+fn streamed_nce_matches_the_materialised_form() {
+    let inputs = [randn(12, 6, 12), randn(12, 6, 13)];
+    for (shard, rows) in layouts() {
+        let s = value_and_grads(&inputs, |x| nce_share_blocked(&x[0], &x[1], (0.2, 6000.0), shard, rows).unwrap());
+        let d = value_and_grads(&inputs, |x| nce_dense_share(&x[0], &x[1], 0.2, 6000.0, shard).unwrap());
+        agree(&format!("NCE {shard:?} rows={rows}"), s, d, 1e-10);
     }
 }
 

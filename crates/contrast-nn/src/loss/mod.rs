@@ -32,7 +32,7 @@ pub use dcl::{dcl_dense_share, dcl_share, dcl_share_blocked};
 pub use debiased::debiased_share;
 pub use infonce::{cpc_share, infonce_share};
 pub use lifted::{generalized_lifted_share, lifted_hard_share, lifted_smooth_share};
-pub use nce::nce_share;
+pub use nce::{nce_dense_share, nce_share, nce_share_blocked};
 pub use npair::{npair_share, NPairForm};
 pub use ntxent::{ntxent_dense_share, ntxent_multi_share, ntxent_share, ntxent_share_blocked};
 pub use siglip::{siglip_dense_share, siglip_share, siglip_share_blocked};

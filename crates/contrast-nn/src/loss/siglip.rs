@@ -56,6 +56,7 @@ pub fn siglip_share_blocked(
         positive: &positive,
         scale: scale.double_value(&[]),
         bias: bias.double_value(&[]),
+        skip: None,
         rows,
     };
     let out = pairs.run(grad);

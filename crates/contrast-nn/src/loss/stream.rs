@@ -121,7 +121,8 @@ impl SoftmaxCe<'_> {
 }
 
 /// Pairwise sigmoid loss of anchors against columns, streamed:
-/// −Σ_ik log σ(y_ik (s·A_i·C_k + b)), y = +1 at column `positive_i`, −1 elsewhere.
+/// −Σ_ik log σ(y_ik (s·A_i·C_k + b)), y = +1 at column `positive_i`, −1 elsewhere,
+/// column `skip_i` (if given) left out (SigLIP; binary NCE).
 pub struct SigmoidPairs<'a> {
     /// `[M, d]` anchors (detached, unscaled).
     pub anchors: &'a Tensor,
@@ -133,6 +134,8 @@ pub struct SigmoidPairs<'a> {
     pub scale: f64,
     /// The logit bias b.
     pub bias: f64,
+    /// `[M]` a column each anchor leaves out of its sum (itself), or none.
+    pub skip: Option<&'a Tensor>,
     /// Anchor rows per block (0: [`block_rows`] decides).
     pub rows: i64,
 }
@@ -163,7 +166,11 @@ impl SigmoidPairs<'_> {
             let mut z = &x * self.scale + self.bias; // logits
                                                      // y·z: the positives' sign flips back to +.
             let _ = z.scatter_(1, &pos, &(z.gather(1, &pos, false) * -1.0));
-            let neg_yz = z; // −y·z everywhere
+            let mut neg_yz = z; // −y·z everywhere
+            if let Some(skip) = self.skip {
+                // −log σ(+∞) = 0 and σ(−∞) = 0: a left-out column adds nothing, nor its gradient.
+                let _ = neg_yz.scatter_value_(1, &skip.narrow(0, start, len).unsqueeze(1), f64::NEG_INFINITY);
+            }
             loss -= neg_yz.neg().log_sigmoid().sum(kind);
             if grad {
                 // ∂ℓ/∂z = −y·σ(−y·z): +σ(z) off the diagonal, −σ(−z) at the positives.
