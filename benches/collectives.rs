@@ -11,28 +11,15 @@
 //! `--json` writes the fit and the table.
 
 use contrast_comm::{Collective, Comm};
-use std::time::Instant;
 use tch::{Kind, Tensor};
 
 /// The trainer's allocator and options (`trainer::alloc`), as in a training run.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Median seconds of `f` over 21 calls after 3, each ended by a barrier-free sync:
-/// every rank times the same sequence, and rank 0's figures are printed.
-fn time(mut f: impl FnMut()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    let mut t: Vec<f64> = (0..21)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[t.len() / 2]
+/// Median seconds of `f` over 21 calls after 3 warm-ups (rank 0's figures are printed).
+fn time(f: impl FnMut()) -> f64 {
+    contrast_benches::median_secs(3, 21, f)
 }
 
 /// Least-squares α, β of t = α + β·x.

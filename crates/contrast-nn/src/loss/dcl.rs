@@ -16,7 +16,7 @@
 //! [`dcl_share`] streams blocks of anchor rows (loss/stream.rs);
 //! [`dcl_dense_share`] materialises the `[2B, 2N]` logits (the reference form).
 
-use super::stream::{with_gradients, SoftmaxCe};
+use super::stream::{own_rows_gradient, with_gradients, SoftmaxCe};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Shard};
 use crate::Result;
 use tch::{Kind, Tensor};
@@ -62,15 +62,8 @@ pub fn dcl_share_blocked(
     };
     let out = ce.run(z.requires_grad());
     let scale = 1.0 / (2 * n) as f64;
-    let grads = match (out.d_anchors, out.d_columns) {
-        (Some(mut da), Some(mut dc)) => {
-            da *= 1.0 / temperature;
-            let _ = dc.index_add_(0, &own, &da);
-            dc *= scale;
-            vec![(&z, dc)]
-        }
-        _ => vec![],
-    };
+    let g = own_rows_gradient(out.d_anchors, out.d_columns, &own, 1.0 / temperature, scale);
+    let grads: Vec<_> = g.into_iter().map(|g| (&z, g)).collect();
     Ok(with_gradients(out.loss * scale, &grads))
 }
 

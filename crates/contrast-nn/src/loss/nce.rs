@@ -16,7 +16,7 @@
 //! loss/stream.rs: a positive at the other view, noise elsewhere, itself left
 //! out); [`nce_dense_share`] materialises the `[2B, 2N]` logits (the reference form).
 
-use super::stream::{with_gradients, SigmoidPairs};
+use super::stream::{own_rows_gradient, with_gradients, SigmoidPairs};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Shard};
 use crate::{NnError, Result};
 use tch::{Kind, Tensor};
@@ -67,14 +67,9 @@ pub fn nce_share_blocked(za: &Tensor, zb: &Tensor, params: (f64, f64), shard: Sh
     };
     let out = pairs.run(z.requires_grad());
     let w = 1.0 / (2 * n) as f64;
-    let grads = match out.grads {
-        Some((da, mut dc, _, _)) => {
-            let _ = dc.index_add_(0, &own, &da);
-            dc *= w;
-            vec![(&z, dc)]
-        }
-        None => vec![],
-    };
+    // The anchors are z's own rows, unscaled (the pairs apply 1/t themselves).
+    let g = out.grads.and_then(|(da, dc, _, _)| own_rows_gradient(Some(da), Some(dc), &own, 1.0, w));
+    let grads: Vec<_> = g.into_iter().map(|g| (&z, g)).collect();
     Ok(with_gradients(out.loss * w, &grads))
 }
 

@@ -49,6 +49,23 @@ pub fn with_gradients(value: Tensor, grads: &[(&Tensor, Tensor)]) -> Tensor {
     out
 }
 
+/// The gradient of `z` (`[V·N, d]`) when the anchors were `z[own] · anchor_scale`
+/// and the columns `z` itself: `(dC + dA·anchor_scale at the rows own) · weight`.
+/// `None` when the stream computed no gradient.
+pub fn own_rows_gradient(
+    d_anchors: Option<Tensor>,
+    d_columns: Option<Tensor>,
+    own: &Tensor,
+    anchor_scale: f64,
+    weight: f64,
+) -> Option<Tensor> {
+    let (mut da, mut dc) = (d_anchors?, d_columns?);
+    da *= anchor_scale;
+    let _ = dc.index_add_(0, own, &da);
+    dc *= weight;
+    Some(dc)
+}
+
 /// Cross-entropy of anchors against columns, streamed:
 /// Σ_i (logsumexp_{k ∈ K_i} S_ik − w_i·S_i,pos_i) with `S = A Cᵀ`, where K_i
 /// leaves out column `skip_i` (if given) and, with `exclude_positive`, `pos_i`.

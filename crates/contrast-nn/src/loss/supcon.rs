@@ -18,7 +18,7 @@
 //! The core streams blocks of anchor rows (loss/stream.rs, [`multi_positive_blocked`]);
 //! [`multi_positive_dense`] materialises the `[V·B, V·N]` logits (the reference form).
 
-use super::stream::{with_gradients, MultiPositiveCe};
+use super::stream::{own_rows_gradient, with_gradients, MultiPositiveCe};
 use super::{check_temperature, check_views, l2_normalize, owned_rows, Ctx};
 use crate::{NnError, Result};
 use tch::{Kind, Tensor};
@@ -94,15 +94,8 @@ pub fn multi_positive_blocked(
         // (still attached to the graph, so the engine's backward runs as usual).
         return Ok(with_gradients(out.per_anchor.sum(kind) * 0.0, &[(&z, z.zeros_like())]));
     }
-    let grads = match (out.d_anchors, out.d_columns) {
-        (Some(mut da), Some(mut dc)) => {
-            da *= 1.0 / t;
-            let _ = dc.index_add_(0, &own, &da);
-            dc *= 1.0 / denom;
-            vec![(&z, dc)]
-        }
-        _ => vec![],
-    };
+    let g = own_rows_gradient(out.d_anchors, out.d_columns, &own, 1.0 / t, 1.0 / denom);
+    let grads: Vec<_> = g.into_iter().map(|g| (&z, g)).collect();
     Ok(with_gradients(out.per_anchor.sum(kind) / denom, &grads))
 }
 
