@@ -5,7 +5,7 @@ run, jemalloc returning freed pages at once (MALLOC_CONF=dirty_decay_ms:0,...,
 which behaves like glibc's mmap of large buffers: every step faults its buffers in).
 
     target/release/trainer must be built (cargo build --release);
-    python3 benches/global_batch_sweep.py [--ranks 2] [--batches 256,1024,4096,16384] [--steps 6]
+    python3 benches/global_batch_sweep.py [--ranks 2] [--batches 256,1024,4096,16384] [--steps 6] [--set KEY=VALUE]
 
 Per run it prints the wall-clock samples/s of steps.jsonl (data wait included,
 median of steps 2..steps-1), its ratio to the smallest batch of the same policy,
@@ -59,12 +59,15 @@ def main():
     ap.add_argument("--policies", default="kept,returned")
     ap.add_argument("--config", default=os.path.join(ROOT, "configs/simclr.yaml"))
     ap.add_argument("--micro-batch", type=int, default=0, help="train.micro_batch (the gradient cache; 0 = off)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another config override")
     args = ap.parse_args()
     extra = [("train.micro_batch", args.micro_batch)] if args.micro_batch else []
+    extra += [tuple(kv.split("=", 1)) for kv in args.set]
     batches = [int(b) for b in args.batches.split(",")]
     short = {"data_wait": "wait", "forward": "fwd", "gather": "gath", "loss": "loss",
              "reduce_scatter": "rs", "backward": "bwd", "all_reduce": "ar", "optimizer": "opt"}
     micro = f", train.micro_batch={args.micro_batch}" if args.micro_batch else ""
+    micro += "".join(f", {kv}" for kv in args.set)
     print(f"SimCLR ({os.path.relpath(args.config, ROOT)}{micro}) on {args.ranks} ranks; median of steps 2..{args.steps - 1}")
     head = f"{'pages':>9} {'G':>6} {'samples/s':>10} {'vs first':>8} {'faults/step':>12} {'RSS GiB':>8}  "
     print(head + " ".join(f"{short[p]:>5}" for p in PHASES) + f" {'data cpu':>8}  (fractions of the step)")

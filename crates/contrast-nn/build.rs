@@ -4,9 +4,10 @@
 // (the linker's `--as-needed` would drop it, and CUDA would then be absent).
 // `torch-sys` announces the directory as `DEP_TCH_LIBTORCH_LIB`.
 //
-// For contrast-nn itself it also compiles `src/autocast.cpp` (libtorch's
-// autocast with a chosen dtype, which tch does not expose) against libtorch's
-// headers, found beside its library directory as in the PyTorch wheel.
+// For contrast-nn itself it also compiles two small C++ shims against
+// libtorch's headers, found beside its library directory as in the PyTorch
+// wheel: `src/autocast.cpp` (autocast with a chosen dtype) and
+// `src/grad_hooks.cpp` (post-accumulate gradient hooks); tch exposes neither.
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
@@ -24,9 +25,10 @@ fn main() {
     }
 }
 
-/// `src/autocast.cpp` into a static library linked into contrast-nn.
+/// The C++ shims into a static library linked into contrast-nn.
 fn compile_shim(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/autocast.cpp");
+    println!("cargo:rerun-if-changed=src/grad_hooks.cpp");
     let include = lib.join("../include");
     cc::Build::new()
         .cpp(true)
@@ -38,5 +40,6 @@ fn compile_shim(lib: &std::path::Path) {
         // The functions called take no std::string, so the ABI flag does not change their symbols.
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .file("src/autocast.cpp")
+        .file("src/grad_hooks.cpp")
         .compile("contrast_autocast");
 }

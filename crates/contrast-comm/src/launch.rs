@@ -4,7 +4,7 @@
 use crate::stats::{counted, Op};
 #[cfg(feature = "mpi")]
 use crate::MpiComm;
-use crate::{Collective, Element, Solo, Threads};
+use crate::{Collective, Element, Pending, Solo, Threads};
 
 /// The backend chosen at run time.
 pub enum Comm {
@@ -140,6 +140,16 @@ impl Collective for Comm {
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
         let n = buf.len();
         counted::<T, _>(Op::AllReduce, n, || delegate!(self, c => c.all_reduce_sum(buf)))
+    }
+    #[allow(unsafe_code)]
+    unsafe fn all_reduce_sum_start<'b, T: Element>(&self, send: &'b [T], recv: &'b mut [T]) -> Box<dyn Pending + 'b> {
+        // Counted when started: the seconds are the start's (or, by default, the blocking sum's).
+        // SAFETY: the caller keeps this method's contract, which the backends' share.
+        counted::<T, _>(
+            Op::AllReduce,
+            send.len(),
+            || delegate!(self, c => unsafe { c.all_reduce_sum_start(send, recv) }),
+        )
     }
     fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
         let n = buf.len();

@@ -91,6 +91,23 @@ pub trait Collective {
     }
     /// Element-wise sum over ranks, in place.
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]);
+    /// Start the element-wise sum over ranks of `send` into `recv` (equal
+    /// lengths) and return without waiting for it, so that computation
+    /// overlaps it (the engine reduces gradient buckets during backward).
+    /// Every rank must start such sums in the same order. The default runs the
+    /// blocking sum at once.
+    ///
+    /// # Safety
+    /// The returned [`Pending`] borrows both buffers and must end by
+    /// [`Pending::wait`] or by being dropped (which waits). Leaking it
+    /// (`mem::forget`, a reference cycle) would let the backend write `recv`
+    /// after the borrow ends.
+    #[allow(unsafe_code)]
+    unsafe fn all_reduce_sum_start<'b, T: Element>(&self, send: &'b [T], recv: &'b mut [T]) -> Box<dyn Pending + 'b> {
+        recv.copy_from_slice(send);
+        self.all_reduce_sum(recv);
+        Box::new(Done)
+    }
     /// Element-wise maximum over ranks, in place.
     fn all_reduce_max<T: Element>(&self, buf: &mut [T]);
     /// `send` has P equal blocks; block j goes to rank j. Returns the blocks
@@ -100,6 +117,25 @@ pub trait Collective {
     fn broadcast<T: Element>(&self, buf: &mut [T], root: usize);
     /// Wait for every rank.
     fn barrier(&self);
+}
+
+/// A collective started by [`Collective::all_reduce_sum_start`].
+pub trait Pending {
+    /// Whether it has completed. MPI progresses a non-blocking collective only
+    /// inside MPI calls, so calling this now and then also moves it along.
+    fn test(&mut self) -> bool;
+    /// Block until it completes.
+    fn wait(self: Box<Self>);
+}
+
+/// A collective that completed when it was started.
+struct Done;
+
+impl Pending for Done {
+    fn test(&mut self) -> bool {
+        true
+    }
+    fn wait(self: Box<Self>) {}
 }
 
 /// A single process: every collective is the identity.

@@ -1,10 +1,11 @@
 //! MPI backend through the `mpi` crate. Implementation neutral: only MPI-3
 //! calls (`MPI_Allgather`, `MPI_Reduce_scatter_block`, `MPI_Allreduce`,
-//! `MPI_Alltoall`, `MPI_Bcast`, `MPI_Comm_split_type(SHARED)` for the local
-//! rank), so Open MPI and MPICH behave alike, under `mpirun` or `srun`.
+//! `MPI_Iallreduce`, `MPI_Alltoall`, `MPI_Bcast`, `MPI_Comm_split_type(SHARED)`
+//! for the local rank), so Open MPI and MPICH behave alike, under `mpirun` or `srun`.
 
-use crate::{Collective, Element};
+use crate::{Collective, Element, Pending};
 use mpi::collective::SystemOperation;
+use mpi::ffi;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 
@@ -17,9 +18,11 @@ pub struct MpiComm {
 }
 
 impl MpiComm {
-    /// Initialise MPI (threads funneled through the main thread).
+    /// Initialise MPI. Serialized threading is asked for: on CUDA, libtorch runs
+    /// the gradient hooks that start bucket all-reduces on its device thread
+    /// while the main thread waits in backward, so one thread calls MPI at a time.
     pub fn init() -> Result<Self, String> {
-        let (universe, _level) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+        let (universe, _level) = mpi::initialize_with_threading(mpi::Threading::Serialized)
             .ok_or_else(|| "MPI was already initialised in this process".to_string())?;
         let world = universe.world();
         let node = world.split_shared(world.rank());
@@ -69,6 +72,29 @@ impl Collective for MpiComm {
         let send = buf.to_vec();
         self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
     }
+    #[allow(unsafe_code)]
+    unsafe fn all_reduce_sum_start<'b, T: Element>(&self, send: &'b [T], recv: &'b mut [T]) -> Box<dyn Pending + 'b> {
+        assert_eq!(send.len(), recv.len(), "all_reduce_sum_start: buffer lengths");
+        let count = i32::try_from(send.len()).expect("all_reduce_sum_start: more than 2^31 elements");
+        let mut request = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        // SAFETY: `send` and `recv` are valid for `count` elements of T's MPI datatype and
+        // stay borrowed by the returned request, which waits for completion before the
+        // borrow can end (its `wait` or its `Drop`; the caller promises not to leak it).
+        // The communicator outlives the call; MPI fills `request` before returning.
+        let request = unsafe {
+            ffi::MPI_Iallreduce(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                count,
+                T::equivalent_datatype().as_raw(),
+                ffi::RSMPI_SUM,
+                self.world.as_raw(),
+                request.as_mut_ptr(),
+            );
+            request.assume_init()
+        };
+        Box::new(MpiPending { request, done: false, _buffers: std::marker::PhantomData })
+    }
     fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
         let send = buf.to_vec();
         self.world.all_reduce_into(&send[..], buf, SystemOperation::max());
@@ -83,5 +109,46 @@ impl Collective for MpiComm {
     }
     fn barrier(&self) {
         self.world.barrier();
+    }
+}
+
+/// An `MPI_Iallreduce` in flight, borrowing its buffers until it completes.
+struct MpiPending<'b> {
+    request: ffi::MPI_Request,
+    done: bool,
+    _buffers: std::marker::PhantomData<&'b mut [u8]>,
+}
+
+#[allow(unsafe_code)]
+impl Pending for MpiPending<'_> {
+    fn test(&mut self) -> bool {
+        if !self.done {
+            let mut flag = 0;
+            // SAFETY: `request` is an active request from MPI_Iallreduce (MPI sets it to
+            // MPI_REQUEST_NULL once complete, and `done` stops further calls).
+            unsafe { ffi::MPI_Test(&mut self.request, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+            self.done = flag != 0;
+        }
+        self.done
+    }
+    fn wait(mut self: Box<Self>) {
+        self.finish();
+    }
+}
+
+impl MpiPending<'_> {
+    #[allow(unsafe_code)]
+    fn finish(&mut self) {
+        if !self.done {
+            // SAFETY: as in `test`; MPI_Wait returns once the buffers are no longer in use.
+            unsafe { ffi::MPI_Wait(&mut self.request, ffi::RSMPI_STATUS_IGNORE) };
+            self.done = true;
+        }
+    }
+}
+
+impl Drop for MpiPending<'_> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     /// each chunk again with a graph; memory holds one chunk's activations, the
     /// cost is one more forward pass. Exact; not with `model.norm: batch`.
     pub micro_batch: usize,
+    /// Sum the gradient buckets over ranks while backward still runs (as DDP
+    /// does); off, the sum runs after backward. The sums are the same.
+    pub overlap: bool,
     /// Optimiser.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -59,6 +62,7 @@ impl Default for TrainConfig {
             log_every: 20,
             collapse_threshold: 0.2,
             micro_batch: 0,
+            overlap: true,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
         }

@@ -8,9 +8,12 @@
 //! ```
 //!
 //! No custom autograd function is needed: communication sits between the small
-//! loss-head graph and the encoder graph.
+//! loss-head graph and the encoder graph. The gradient all-reduce overlaps the
+//! encoder's backward ([`crate::overlap`]) unless [`GlobalBatch::overlap`] turns
+//! it off.
 
 use crate::loss::{Ctx, Shard};
+use crate::overlap::Overlap;
 use crate::{NnError, Result};
 use contrast_comm::Collective;
 use tch::{Kind, Tensor};
@@ -22,6 +25,8 @@ pub const BUCKET_ELEMENTS: usize = 1 << 22;
 pub struct GlobalBatch<'c, C: Collective> {
     comm: &'c C,
     local_batch: usize,
+    overlap: bool,
+    bucket_elements: usize,
 }
 
 /// What one step produced.
@@ -49,9 +54,12 @@ pub struct Phases {
     pub loss: f64,
     /// Reduce-scatter of the embedding gradients to their owners.
     pub reduce_scatter: f64,
-    /// Backward through the encoder from the local embeddings.
+    /// Backward through the encoder from the local embeddings (with the
+    /// gradient buckets' sums started during it).
     pub backward: f64,
-    /// All-reduce of the parameter gradients, the loss and the control vector.
+    /// All-reduce of the parameter gradients (what backward did not hide: the
+    /// wait for the sums in flight and the buckets started after it), the loss
+    /// and the control vector.
     pub all_reduce: f64,
 }
 
@@ -79,7 +87,21 @@ pub struct Gathered<'a> {
 impl<'c, C: Collective> GlobalBatch<'c, C> {
     /// An engine for local batches of `local_batch` rows.
     pub fn new(comm: &'c C, local_batch: usize) -> Self {
-        Self { comm, local_batch }
+        Self { comm, local_batch, overlap: true, bucket_elements: BUCKET_ELEMENTS }
+    }
+
+    /// Elements per gradient bucket (default [`BUCKET_ELEMENTS`]): smaller
+    /// buckets start sooner in backward and cost more calls.
+    pub fn bucket_elements(mut self, n: usize) -> Self {
+        self.bucket_elements = n.max(1);
+        self
+    }
+
+    /// Whether the gradient all-reduce overlaps the encoder's backward (default
+    /// true); off, it runs after backward. The sums are the same either way.
+    pub fn overlap(mut self, on: bool) -> Self {
+        self.overlap = on;
+        self
     }
 
     /// The rows this rank owns.
@@ -106,7 +128,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         let g = gathered.grad();
         let g = if g.defined() { g } else { gathered.zeros_like() };
         let out = crate::wire::reduce_scatter_sum(self.comm, &g.to_kind(like.kind()));
-        out.view(like.size().as_slice()).to_device(like.device())
+        out.view(like.size().as_slice())
     }
 
     /// One exact step: gather the towers, run `head` (returning L_r) on the
@@ -132,9 +154,9 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     {
         let mut clock = Lap::new();
         let (share, grads, mut phases) = self.head_and_scatter(towers, head, &mut clock)?;
-        backward_surrogate(&towers.grad, &grads);
-        phases.backward = clock.lap();
-        self.close(params, control, share, phases, &mut clock)
+        let reduced = self.backward_reducing(params, || backward_surrogate(&towers.grad, &grads));
+        phases.backward = clock.lap() - reduced.unwrap_or(0.0);
+        self.close(params, control, share, phases, &mut clock, reduced)
     }
 
     /// The gradient cache (`train.micro_batch`): the same step as
@@ -170,15 +192,41 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         drop(parts);
         let forward_s = clock.lap();
         let (share, grads, mut phases) = self.head_and_scatter(&towers, head, &mut clock)?;
-        for &(s, n) in &ranges {
+        let mut reduced = None;
+        for (j, &(s, n)) in ranges.iter().enumerate() {
             let part = forward(s, n)?;
             let rows: Vec<Tensor> = grads.iter().map(|g| g.narrow(0, s, n)).collect();
-            backward_surrogate(&part.grad, &rows);
+            if j + 1 < ranges.len() {
+                backward_surrogate(&part.grad, &rows);
+            } else {
+                // Only the last chunk's backward completes the gradients: the sums start there.
+                reduced = self.backward_reducing(params, || backward_surrogate(&part.grad, &rows));
+            }
         }
         // The recompute with its graph and the backward through it.
-        phases.backward = clock.lap();
+        phases.backward = clock.lap() - reduced.unwrap_or(0.0);
         phases.forward = forward_s;
-        self.close(params, control, share, phases, &mut clock)
+        self.close(params, control, share, phases, &mut clock, reduced)
+    }
+
+    /// Run `backward` (the last backward of the step) with the gradient
+    /// all-reduce overlapped, when on and possible. `Some(seconds)` when the
+    /// gradients are summed, the seconds spent after `backward` waiting for the sums.
+    fn backward_reducing(&self, params: &[Tensor], backward: impl FnOnce()) -> Option<f64> {
+        let plan = if self.overlap && self.comm.world_size() > 1 {
+            Overlap::plan(self.comm, params, self.bucket_elements)
+        } else {
+            None
+        };
+        let Some(mut overlap) = plan else {
+            backward();
+            return None;
+        };
+        let flight = overlap.during(backward);
+        let t = std::time::Instant::now();
+        flight.finish();
+        overlap.copy_back();
+        Some(t.elapsed().as_secs_f64())
     }
 
     /// Gather the towers, run the head and its backward, and reduce-scatter the
@@ -201,7 +249,8 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         Ok((share, grads, phases))
     }
 
-    /// All-reduce the parameter gradients, the loss and the control vector.
+    /// All-reduce the parameter gradients (unless `reduced` says the overlap
+    /// did, in how many seconds after backward), the loss and the control vector.
     fn close(
         &self,
         params: &[Tensor],
@@ -209,21 +258,24 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         share: f64,
         mut phases: Phases,
         clock: &mut Lap,
+        reduced: Option<f64>,
     ) -> Result<StepOutput> {
         // A parameter no rank used gets a zero gradient on every layout (P = 1 too), so
         // decay and momentum treat it alike whatever the world size.
         define_grads(params);
-        self.all_reduce_grads(params);
+        if reduced.is_none() {
+            self.all_reduce_grads(params);
+        }
         let mut l = Vec::with_capacity(1 + control.len());
         l.push(share);
         l.extend_from_slice(control);
         self.comm.all_reduce_sum(&mut l);
-        phases.all_reduce = clock.lap();
+        phases.all_reduce = clock.lap() + reduced.unwrap_or(0.0);
         Ok(StepOutput { loss: l[0], share, control: l[1..].to_vec(), phases })
     }
 
     /// Sum every parameter's gradient over ranks, in buckets of at most
-    /// [`BUCKET_ELEMENTS`] elements. Undefined gradients count as zero.
+    /// [`GlobalBatch::bucket_elements`]. Undefined gradients count as zero.
     pub fn all_reduce_grads(&self, params: &[Tensor]) {
         if self.comm.world_size() == 1 {
             return;
@@ -234,15 +286,14 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
         while start < grads.len() {
             let mut end = start;
             let mut count = 0;
-            while end < grads.len() && (end == start || count + grads[end].numel() <= BUCKET_ELEMENTS) {
+            while end < grads.len() && (end == start || count + grads[end].numel() <= self.bucket_elements) {
                 count += grads[end].numel();
                 end += 1;
             }
             let bucket = &grads[start..end];
             // The bucket's one flat copy is reduced in place (f32/f64 on the CPU), then copied back.
             let flat = Tensor::cat(&bucket.iter().map(|g| g.view([-1])).collect::<Vec<_>>(), 0);
-            let device = flat.device();
-            let reduced = crate::wire::all_reduce_sum(self.comm, flat).to_device(device);
+            let reduced = crate::wire::all_reduce_sum(self.comm, flat);
             let mut off = 0i64;
             tch::no_grad(|| {
                 for g in bucket {

@@ -16,6 +16,7 @@ mod import_table;
 pub mod loss;
 pub mod method;
 pub mod optim;
+mod overlap;
 pub mod precision;
 pub mod queue;
 pub mod registry;

@@ -52,57 +52,87 @@ pub fn on_host(t: &Tensor, op: &impl HostOp) -> Tensor {
     out.to_device(t.device())
 }
 
-/// Gather local `[B, d]` rows into `[P·B, d]` in rank order (no gradient).
+/// Gather local `[B, d]` rows into `[P·B, d]` in rank order (no gradient), on
+/// the input's device.
 ///
-/// A contiguous f32 or f64 CPU tensor goes to MPI as it lies and the result is
-/// written straight into the output tensor (no host copies; see
-/// `benches/collectives.rs`); other kinds and devices go through [`on_host`].
+/// A contiguous f32 or f64 tensor goes to MPI as it lies in host memory, and the
+/// result is written straight into the output tensor (no host copies; see
+/// `benches/collectives.rs`). A GPU tensor is staged through pinned host memory
+/// ([`staged`]); other kinds go through [`on_host`].
 pub fn gather_rows<C: Collective>(comm: &C, local: &Tensor) -> Tensor {
-    let d = local.size()[1];
-    let local = local.detach().contiguous();
-    let out = |kind| Tensor::empty([local.size()[0] * comm.world_size() as i64, d], (kind, Device::Cpu));
+    let (d, device) = (local.size()[1], local.device());
+    let local = staged(&local.detach().contiguous());
+    let out = |kind| host_buffer(&[local.size()[0] * comm.world_size() as i64, d], kind, device);
     if direct::<f32>(&local) {
         let mut out = out(Kind::Float);
         comm.all_gather_into(host_slice::<f32>(&local), host_slice_mut::<f32>(&mut out));
-        out
+        out.to_device(device)
     } else if direct::<f64>(&local) {
         let mut out = out(Kind::Double);
         comm.all_gather_into(host_slice::<f64>(&local), host_slice_mut::<f64>(&mut out));
-        out
+        out.to_device(device)
     } else {
-        on_host(&local, &AllGather(comm)).view([-1, d])
+        on_host(&local, &AllGather(comm)).view([-1, d]).to_device(device)
     }
 }
 
 /// The sum over ranks of `t` (P equal blocks of rows), of which this rank keeps
-/// block `rank`, flat; f32 and f64 CPU tensors without host copies, like [`gather_rows`].
+/// block `rank`, flat, on `t`'s device; staged like [`gather_rows`].
 pub fn reduce_scatter_sum<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
-    let t = t.detach().contiguous();
+    let device = t.device();
+    let t = staged(&t.detach().contiguous());
     let n = t.numel() as i64 / comm.world_size() as i64;
     if direct::<f32>(&t) {
-        let mut out = Tensor::empty([n], (Kind::Float, Device::Cpu));
+        let mut out = host_buffer(&[n], Kind::Float, device);
         comm.reduce_scatter_sum_into(host_slice::<f32>(&t), host_slice_mut::<f32>(&mut out));
-        out
+        out.to_device(device)
     } else if direct::<f64>(&t) {
-        let mut out = Tensor::empty([n], (Kind::Double, Device::Cpu));
+        let mut out = host_buffer(&[n], Kind::Double, device);
         comm.reduce_scatter_sum_into(host_slice::<f64>(&t), host_slice_mut::<f64>(&mut out));
-        out
+        out.to_device(device)
     } else {
-        on_host(&t, &ReduceScatterSum(comm))
+        on_host(&t, &ReduceScatterSum(comm)).to_device(device)
     }
 }
 
-/// The element-wise sum over ranks of a flat tensor, in place for f32 and f64
-/// CPU tensors (MPI's own send copy aside), through [`on_host`] otherwise.
-pub fn all_reduce_sum<C: Collective>(comm: &C, mut t: Tensor) -> Tensor {
+/// The element-wise sum over ranks of a flat tensor, on its device: in place
+/// for f32 and f64 CPU tensors (MPI's own send copy aside), staged like
+/// [`gather_rows`] from a GPU, through [`on_host`] otherwise.
+pub fn all_reduce_sum<C: Collective>(comm: &C, t: Tensor) -> Tensor {
+    let device = t.device();
+    let mut t = if device == Device::Cpu { t } else { staged(&t) };
     if direct::<f32>(&t) {
         comm.all_reduce_sum(host_slice_mut::<f32>(&mut t));
-        t
+        t.to_device(device)
     } else if direct::<f64>(&t) {
         comm.all_reduce_sum(host_slice_mut::<f64>(&mut t));
+        t.to_device(device)
+    } else {
+        on_host(&t, &AllReduceSum(comm)).to_device(device)
+    }
+}
+
+/// `t` in host memory for a collective: itself when on the CPU; from a GPU, a
+/// copy in pinned (page-locked) memory, which the device copies into at full
+/// speed and which MPI reads without another copy. (CUDA-aware MPI could take
+/// device pointers; this build always stages, which works with any MPI.)
+pub fn staged(t: &Tensor) -> Tensor {
+    if t.device() == Device::Cpu {
+        return t.shallow_clone();
+    }
+    let host = host_buffer(&t.size(), t.kind(), t.device());
+    tch::no_grad(|| host.shallow_clone().copy_(t));
+    host
+}
+
+/// An uninitialised contiguous host tensor; pinned when its data comes from or
+/// goes to the GPU `device`.
+pub(crate) fn host_buffer(size: &[i64], kind: Kind, device: Device) -> Tensor {
+    let t = Tensor::empty(size, (kind, Device::Cpu));
+    if device == Device::Cpu {
         t
     } else {
-        on_host(&t, &AllReduceSum(comm))
+        t.pin_memory(device)
     }
 }
 
@@ -118,13 +148,13 @@ impl<C: Collective> HostOp for AllReduceSum<'_, C> {
 
 /// Whether `t`'s memory can be handed to a collective as a `[T]`: a contiguous
 /// CPU tensor of `T`'s kind.
-fn direct<T: tch::kind::Element>(t: &Tensor) -> bool {
+pub(crate) fn direct<T: tch::kind::Element>(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == T::KIND && t.is_contiguous()
 }
 
 /// The elements of a tensor that passes [`direct`], borrowed.
 #[allow(unsafe_code)]
-fn host_slice<T: tch::kind::Element>(t: &Tensor) -> &[T] {
+pub(crate) fn host_slice<T: tch::kind::Element>(t: &Tensor) -> &[T] {
     assert!(direct::<T>(t), "host_slice: not a contiguous CPU tensor of the element type");
     let n = t.numel();
     if n == 0 {
@@ -139,7 +169,7 @@ fn host_slice<T: tch::kind::Element>(t: &Tensor) -> &[T] {
 /// The elements of a tensor that passes [`direct`], mutably. Only for tensors
 /// this module created or owns alone (no other handle writes their storage).
 #[allow(unsafe_code)]
-fn host_slice_mut<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
+pub(crate) fn host_slice_mut<T: tch::kind::Element>(t: &mut Tensor) -> &mut [T] {
     assert!(direct::<T>(t), "host_slice_mut: not a contiguous CPU tensor of the element type");
     let n = t.numel();
     if n == 0 {

@@ -47,6 +47,7 @@ fn build(loss: LossKind, norm: Norm, kind: Kind) -> Box<dyn Method> {
     spec.loss_cfg =
         LossConfig { temperature: Some(if loss.is_image_text() { 0.07 } else { 0.2 }), ..Default::default() };
     spec.kind = kind;
+    spec.device = test_device();
     build_method(&spec).unwrap()
 }
 
@@ -67,6 +68,17 @@ fn load(vs: &VarStore, snap: &Snapshot) {
     });
 }
 
+/// How the engine runs a step: gradient-cache chunk rows (0: whole), bucket
+/// elements of the gradient all-reduce, and whether it overlaps backward.
+#[derive(Clone, Copy)]
+struct Run {
+    chunk: usize,
+    bucket: usize,
+    overlap: bool,
+}
+
+const PLAIN: Run = Run { chunk: 0, bucket: contrast_nn::engine::BUCKET_ELEMENTS, overlap: true };
+
 /// One rank's loss and parameter gradients (by name).
 fn run_rank<C: Collective>(
     comm: &C,
@@ -74,7 +86,7 @@ fn run_rank<C: Collective>(
     init: &Snapshot,
     data: &Inputs,
     b: usize,
-    chunk: usize,
+    run: Run,
 ) -> (f64, Snapshot) {
     let model = build(loss, norm, kind);
     load(model.var_store(), init);
@@ -83,27 +95,31 @@ fn run_rank<C: Collective>(
     let views: Vec<Tensor> = data
         .views
         .iter()
-        .map(|v| Tensor::from_slice(&v[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE]).to_kind(kind))
+        .map(|v| {
+            let t = Tensor::from_slice(&v[r * b * pix..(r + 1) * b * pix]).view([b as i64, 1, SIDE, SIDE]);
+            t.to_kind(kind).to_device(test_device())
+        })
         .collect();
     let captions = Captions::from_host(
         &data.tokens[r * b * CTX as usize..(r + 1) * b * CTX as usize],
         &data.ends[r * b..(r + 1) * b],
-        Device::Cpu,
+        test_device(),
     );
     let params = model.params();
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
-    let engine = GlobalBatch::new(comm, b);
-    let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>());
+    let engine = GlobalBatch::new(comm, b).bucket_elements(run.bucket).overlap(run.overlap);
+    let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>())
+        .to_device(test_device());
     let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
     let head = |g: &contrast_nn::Gathered, ctx: &contrast_nn::loss::Ctx| Ok(model.loss_share(g, &batch, ctx)?.loss);
-    let out = if chunk > 0 {
+    let out = if run.chunk > 0 {
         // The gradient cache: the model runs on rows [s, s+n) of every input, twice.
         let forward = |s: i64, n: i64| {
             let views: Vec<Tensor> = views.iter().map(|v| v.narrow(0, s, n)).collect();
             let captions = captions.rows(s, n);
             model.forward(&Batch { views: &views, captions: Some(&captions), ..batch }, comm)
         };
-        engine.step_chunked(chunk, &tensors, &[], forward, head).unwrap()
+        engine.step_chunked(run.chunk, &tensors, &[], forward, head).unwrap()
     } else {
         let towers = model.forward(&batch, comm).unwrap();
         engine.step_towers(&towers, &tensors, &[], head).unwrap()
@@ -116,17 +132,20 @@ fn run_rank<C: Collective>(
 }
 
 fn check(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, tol: f64) {
-    check_chunked(loss, norm, kind, worlds, b, 0, tol)
+    check_run(loss, norm, kind, worlds, b, PLAIN, tol)
 }
 
-/// P ranks × B, each rank running its model in chunks of `chunk` rows (0: whole),
-/// against 1 rank × P·B run whole.
 fn check_chunked(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, chunk: usize, tol: f64) {
+    check_run(loss, norm, kind, worlds, b, Run { chunk, ..PLAIN }, tol)
+}
+
+/// P ranks × B, each rank's engine set up as `run`, against 1 rank × P·B run whole.
+fn check_run(loss: LossKind, norm: Norm, kind: Kind, worlds: &[usize], b: usize, run: Run, tol: f64) {
     let init = snapshot(build(loss, norm, kind).var_store());
     for &p in worlds {
         let data = inputs(p * b, p as u64);
-        let (l1, g1) = run_rank(&Solo, (loss, norm, kind), &init, &data, p * b, 0);
-        let ranks = Threads::run(p, |c| run_rank(&c, (loss, norm, kind), &init, &data, b, chunk));
+        let (l1, g1) = run_rank(&Solo, (loss, norm, kind), &init, &data, p * b, PLAIN);
+        let ranks = Threads::run(p, |c| run_rank(&c, (loss, norm, kind), &init, &data, b, run));
         for (r, (lp, gp)) in ranks.iter().enumerate() {
             assert!((lp - l1).abs() <= tol * l1.abs(), "{loss:?} P={p} rank {r}: loss {lp} vs {l1}");
             assert_eq!(gp.len(), g1.len());
@@ -175,6 +194,19 @@ fn the_gradient_cache_gives_the_plain_step_in_f64() {
     for chunk in [1, 2, 3, 5] {
         check_chunked(LossKind::NtXent, Norm::Group, Kind::Double, &[1, 2], 5, chunk, 1e-9);
         check_chunked(LossKind::Clip, Norm::Layer, Kind::Double, &[2], 5, chunk, 1e-9);
+    }
+}
+
+#[test]
+fn small_buckets_overlapped_with_backward_give_the_plain_sums() {
+    // Buckets of 50 elements start one by one while backward runs (on Threads, each
+    // sum runs inside the gradient hook); with and without the gradient cache.
+    for chunk in [0, 2] {
+        for overlap in [true, false] {
+            let run = Run { chunk, bucket: 50, overlap };
+            check_run(LossKind::NtXent, Norm::Group, Kind::Double, &[2, 3], 4, run, 1e-9);
+            check_run(LossKind::Clip, Norm::Layer, Kind::Double, &[2], 4, run, 1e-9);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! - parity: P ranks × B equals 1 rank × P·B for loss and every parameter gradient,
 //!   on the threaded backend (docs/design.md invariant 1);
 //! - optim: SGD/AdamW against PyTorch's update formulas, the schedule;
+//! - overlap: gradient sums started during backward, in order;
 //! - stream: the streaming loss heads against their materialised reference forms;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
@@ -13,6 +14,7 @@ mod encoders;
 mod losses;
 mod methods;
 mod optim;
+mod overlap;
 mod parity;
 mod stream;
 mod survey;

@@ -2,7 +2,7 @@
 //! (tests run concurrently; `tch::manual_seed` is process-wide).
 
 use contrast_config::{MethodPlan, ModelConfig, Norm};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Deterministic normal-ish values from a seed (sum of uniforms, xorshift).
 pub fn randn_vec(n: usize, seed: u64) -> Vec<f64> {
@@ -71,5 +71,19 @@ pub fn convnet_model(width: i64, embed_dim: i64, proj_hidden: i64, proj_dim: i64
 pub fn set_key(plan: &mut MethodPlan, key: &str, value: impl serde::Serialize) {
     if plan.settings.get(key).is_some() {
         plan.settings.set(key, value);
+    }
+}
+
+/// The device the parity tests run on: `CONTRAST_TEST_DEVICE` (`cpu`, the
+/// default, or `cuda`: `launch/gpu-check.sh` sets it). Asking for `cuda`
+/// where there is none fails, naming the variable, rather than testing the CPU.
+pub fn test_device() -> Device {
+    match std::env::var("CONTRAST_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => {
+            assert!(tch::Cuda::is_available(), "CONTRAST_TEST_DEVICE=cuda, but libtorch sees no GPU");
+            Device::Cuda(0)
+        }
+        Ok(other) => panic!("CONTRAST_TEST_DEVICE={other}: expected cpu or cuda"),
     }
 }

@@ -401,7 +401,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// cache (`train.micro_batch`): the towers, the engine's output, the
     /// embeddings the collapse guard reads and the forward's seconds.
     fn exchange(&self, batch: &Batch, ctl: &[f64], t0: Instant) -> Result<(Towers, StepOutput, Option<Tensor>, f64)> {
-        let engine = GlobalBatch::new(self.comm, self.plan.local_batch);
+        let engine = GlobalBatch::new(self.comm, self.plan.local_batch).overlap(self.plan.config.train.overlap);
         let (method, comm) = (self.method.as_ref(), self.comm);
         let mut monitor = None;
         let head = |g: &Gathered, ctx: &Ctx| {
