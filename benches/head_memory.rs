@@ -39,6 +39,8 @@ fn child(name: &str, n: i64) {
         "siglip" => siglip_share(&a, &b, &scale, &bias, shard),
         "dclw" => dcl_share(&a, &b, 0.1, Some(0.5), shard),
         "dclw_dense" => dcl_dense_share(&a, &b, 0.1, Some(0.5), shard),
+        "hard_negative" => debiased_share(&a, &b, 0.5, 0.1, 1.0, shard),
+        "hard_negative_dense" => debiased_dense_share(&a, &b, 0.5, 0.1, 1.0, shard),
         _ => siglip_dense_share(&a, &b, &scale, &bias, shard),
     }
     .unwrap();
@@ -60,7 +62,18 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     println!("loss-head peak memory of rank 0, local batch {LOCAL}, d={D}, f32 (MiB; per 1k of global batch)");
     println!("{:>14} {:>7} {:>10} {:>12}", "loss", "N", "peak MiB", "MiB per 1k");
-    for name in ["ntxent", "ntxent_dense", "clip", "clip_dense", "siglip", "siglip_dense", "dclw", "dclw_dense"] {
+    for name in [
+        "ntxent",
+        "ntxent_dense",
+        "clip",
+        "clip_dense",
+        "siglip",
+        "siglip_dense",
+        "dclw",
+        "dclw_dense",
+        "hard_negative",
+        "hard_negative_dense",
+    ] {
         for &n in &sizes {
             let out = std::process::Command::new(&exe).args(["--child", name, &n.to_string()]).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout);

@@ -87,11 +87,27 @@ fn main() {
             }),
         ),
         (
+            "debiased_dense",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                debiased_dense_share(&v[0], &v[1], 0.5, 0.1, 0.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
+        ),
+        (
             "hard_negative",
             2,
             None,
             Box::new(|v, _, _| {
                 debiased_share(&v[0], &v[1], 0.5, 0.1, 1.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
+            }),
+        ),
+        (
+            "hard_negative_dense",
+            2,
+            None,
+            Box::new(|v, _, _| {
+                debiased_dense_share(&v[0], &v[1], 0.5, 0.1, 1.0, Shard::solo(v[0].size()[0] as usize)).unwrap()
             }),
         ),
         (

@@ -5,9 +5,9 @@
 
 use crate::common::*;
 use contrast_nn::loss::{
-    clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, multi_positive_blocked,
-    multi_positive_dense, nce_dense_share, nce_share_blocked, ntxent_dense_share, ntxent_share_blocked,
-    siglip_dense_share, siglip_share_blocked, Ctx, GlobalSum, Reduce, Shard,
+    clip_dense_share, clip_share_blocked, dcl_dense_share, dcl_share_blocked, debiased_dense_share,
+    debiased_share_blocked, multi_positive_blocked, multi_positive_dense, nce_dense_share, nce_share_blocked,
+    ntxent_dense_share, ntxent_share_blocked, siglip_dense_share, siglip_share_blocked, Ctx, GlobalSum, Reduce, Shard,
 };
 use tch::{Kind, Tensor};
 
@@ -58,6 +58,22 @@ fn streamed_dcl_and_dclw_match_the_materialised_form() {
             let s = value_and_grads(&inputs, |x| dcl_share_blocked(&x[0], &x[1], 0.1, sigma, shard, rows).unwrap());
             let d = value_and_grads(&inputs, |x| dcl_dense_share(&x[0], &x[1], 0.1, sigma, shard).unwrap());
             agree(&format!("DCL sigma={sigma:?} {shard:?} rows={rows}"), s, d, 1e-10);
+        }
+    }
+}
+
+#[test]
+fn streamed_debiased_and_hard_negative_losses_match_the_materialised_form() {
+    // τ⁺ = 0.1 with β = 0 (debiased) and β = 1 (hard negatives); τ⁺ = 0.9 clamps
+    // N_g for some anchors, whose negatives then get no gradient.
+    let inputs = [randn(12, 6, 14) * 2.0, randn(12, 6, 15)];
+    for (tau, beta) in [(0.1, 0.0), (0.1, 1.0), (0.9, 0.0), (0.5, 0.5)] {
+        for (shard, rows) in layouts() {
+            let s = value_and_grads(&inputs, |x| {
+                debiased_share_blocked(&x[0], &x[1], (0.5, tau, beta), shard, rows).unwrap()
+            });
+            let d = value_and_grads(&inputs, |x| debiased_dense_share(&x[0], &x[1], 0.5, tau, beta, shard).unwrap());
+            agree(&format!("debiased τ⁺={tau} β={beta} {shard:?} rows={rows}"), s, d, 1e-10);
         }
     }
 }

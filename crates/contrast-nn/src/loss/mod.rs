@@ -29,7 +29,7 @@ pub use byol::{negative_cosine_share, normalized_mse_share};
 pub use clip::{clip_dense_share, clip_share, clip_share_blocked};
 pub use contrastive::contrastive_share;
 pub use dcl::{dcl_dense_share, dcl_share, dcl_share_blocked};
-pub use debiased::debiased_share;
+pub use debiased::{debiased_dense_share, debiased_share, debiased_share_blocked};
 pub use infonce::{cpc_share, infonce_share};
 pub use lifted::{generalized_lifted_share, lifted_hard_share, lifted_smooth_share};
 pub use nce::{nce_dense_share, nce_share, nce_share_blocked};
