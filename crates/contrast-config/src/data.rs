@@ -81,6 +81,12 @@ impl DatasetKind {
         self != DatasetKind::FashionMnist
     }
 
+    /// True for formats whose samples are compressed images to decode (PNG,
+    /// JPEG): their data workers keep cores busy, so the thread budget counts them.
+    pub fn decodes_images(self) -> bool {
+        matches!(self, DatasetKind::ImageFolder | DatasetKind::Csv | DatasetKind::Webdataset)
+    }
+
     /// True when `data.root` also holds the labelled test split (IDX `t10k`,
     /// CIFAR's test batch), so evaluation needs no `eval.root`.
     pub fn has_test_split(self) -> bool {

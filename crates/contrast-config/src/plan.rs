@@ -177,8 +177,7 @@ impl Plan {
         let method = MethodPlan::new(spec, &c.method.keys);
         spec.check(&method.settings, &info)?;
         train::check_micro_batch(c, norm, spec)?;
-        let (threads, threads_source) = train::threads_of(c, topo);
-        let workers = if c.data.workers > 0 { c.data.workers } else { threads.clamp(1, 4) };
+        let (threads, workers, threads_source) = train::threads_of(c, topo);
         let negatives_per_anchor =
             spec.negatives_per_anchor(&method.settings, &info).unwrap_or_else(|| negatives_of(loss, global_batch));
         Ok(Plan {

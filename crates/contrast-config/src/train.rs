@@ -294,20 +294,22 @@ pub(crate) fn check_micro_batch(c: &Config, norm: Norm, method: &dyn MethodSpec)
 }
 
 /// libtorch threads per rank and where the number came from.
-pub(crate) fn threads_of(c: &Config, topo: Topology) -> (usize, String) {
+pub(crate) fn threads_of(c: &Config, topo: Topology) -> (usize, usize, String) {
     let t = &c.train;
     let local_size = topo.local_size.max(1);
+    let share = (topo.host_cores / local_size).max(1).min(topo.rank_cores.max(1));
+    let workers = if c.data.workers > 0 { c.data.workers } else { share.clamp(1, 4) };
     if t.threads > 0 {
-        (t.threads, "train.threads".to_string())
-    } else {
-        let share = (topo.host_cores / local_size).max(1);
-        let n = share.min(topo.rank_cores.max(1));
-        (
-            n,
-            format!(
-                "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
-                topo.host_cores, local_size, topo.rank_cores
-            ),
-        )
+        return (t.threads, workers, "train.threads".to_string());
     }
+    let source = format!(
+        "min({} host cores ÷ {} local ranks, {} cores bound to this rank)",
+        topo.host_cores, local_size, topo.rank_cores
+    );
+    if !c.data.dataset.decodes_images() {
+        return (share, workers, source);
+    }
+    // Decoding workers keep cores busy: they count against the budget, up to half of it.
+    let n = share.saturating_sub(workers).max(share.div_ceil(2)).max(1);
+    (n, workers, format!("{source} − {} decoding workers, at least half", share - n))
 }

@@ -196,6 +196,31 @@ fn methods_resolve_their_loss_and_check_their_keys() {
 }
 
 #[test]
+fn decoding_data_workers_count_against_the_thread_budget() {
+    // 64 cores, 8 ranks: 8 cores each. IDX needs no decoding: 8 threads, 4 workers.
+    let topo = Topology { world_size: 8, local_size: 8, host_cores: 64, rank_cores: 64 };
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("pairs.csv");
+    std::fs::write(&csv, "image,caption\n").unwrap();
+    let plan = |data: &str| {
+        let root = if data.contains("csv") { csv.clone() } else { dir.path().to_path_buf() };
+        let text = format!("data: {{root: {}, {data}}}\ntrain: {{global_batch: 64}}\n", root.display());
+        let plan = Plan::resolve(Config::from_yaml(&text, "a.yaml").unwrap(), topo, &Registry).unwrap();
+        (plan.threads, plan.workers, plan.threads_source)
+    };
+    assert_eq!(plan("dataset: fashion_mnist").0, 8);
+    // Image folders decode: the 4 default workers take 4 of the 8 cores.
+    let (threads, workers, source) = plan("dataset: image_folder");
+    assert_eq!((threads, workers), (4, 4), "{source}");
+    assert!(source.contains("decoding workers"), "{source}");
+    // Never under half the share; train.threads overrides the budget.
+    assert_eq!(plan("dataset: image_folder, workers: 7").0, 4);
+    assert_eq!(plan("dataset: csv, workers: 2").0, 6);
+    let text = format!("data: {{root: {}, dataset: csv}}\ntrain: {{global_batch: 64, threads: 8}}\n", csv.display());
+    assert_eq!(Plan::resolve(Config::from_yaml(&text, "a.yaml").unwrap(), topo, &Registry).unwrap().threads, 8);
+}
+
+#[test]
 fn the_resolved_yaml_loads_back_into_the_same_plan() {
     let topo = Topology { world_size: 2, local_size: 2, host_cores: 2, rank_cores: 1 };
     let dir = tempfile::tempdir().unwrap();
