@@ -1,7 +1,13 @@
-"""The PyTorch side of benches/step_vs_ddp.py: the same SimCLR step as
-target/release/step_bench, as users write it with PyTorch DDP.
+"""The PyTorch side of benches/step_vs_ddp.py: the same SimCLR (or, with
+`--method clip`, CLIP) step as target/release/step_bench, as users write it
+with PyTorch DDP.
 
-    python -m torch.distributed.run --nproc_per_node P benches/pytorch_step.py --dir DIR --steps S
+    python -m torch.distributed.run --nproc_per_node P benches/pytorch_step.py --dir DIR --steps S [--method clip]
+
+CLIP: configs/clip.yaml's towers (the convnet with a linear projection; the
+text tower mirrored below with contrast's names), random captions from
+DIR/batches.safetensors (`tokens`, `ends`), open_clip's ClipLoss with
+`local_loss=True, gather_with_grad=True` and its clamp of the logit scale.
 
 - model: configs/simclr.yaml's encoder and head, built from torch.nn modules with
   the parameter names of contrast (`backbone.conv0.weight`, `head.fc1.bias`, ...),
@@ -19,6 +25,7 @@ Rank 0 writes DIR/torch.json: losses (the global mean), seconds per step, peak R
 """
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -58,6 +65,68 @@ class Head(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class Block(nn.Module):
+    """contrast's text block: pre-LN, fused qkv, causal softmax attention, GELU (erf) MLP."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x, causal):
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1) / (w // self.heads) ** 0.5).masked_fill(causal, float("-inf")).softmax(-1)
+        x = x + self.out((att @ v).permute(0, 2, 1, 3).reshape(b, t, w))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Text(nn.Module):
+    """contrast's CLIP text tower (configs/clip.yaml: width 64, 2 layers, 4 heads, context 48)."""
+
+    def __init__(self, vocab=258, width=64, layers=2, heads=4, context=48, out=64):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context, width))
+        for k in range(layers):
+            setattr(self, f"block{k}", Block(width, heads))
+        self.layers = layers
+        self.ln_final, self.proj = nn.LayerNorm(width), nn.Linear(width, out, bias=False)
+
+    def forward(self, tokens, ends):
+        t = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:t]
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        for k in range(self.layers):
+            x = getattr(self, f"block{k}")(x, causal)
+        return self.proj(self.ln_final(x)[torch.arange(x.shape[0]), ends])
+
+
+class Clip(nn.Module):
+    """configs/clip.yaml: the convnet with a linear projection, the text tower, a learnt logit scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.text = Backbone(), Text()
+        self.image_proj = nn.Linear(1024, 64, bias=False)
+        self.loss = nn.Module()
+        self.loss.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, images, tokens, ends):
+        return self.image_proj(self.backbone(images)), self.text(tokens, ends)
+
+
+def clip_loss(img, txt, scale, rank):
+    """open_clip's ClipLoss(local_loss=True, gather_with_grad=True): local rows against all gathered."""
+    img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    all_img, all_txt = torch.cat(dnn.all_gather(img)), torch.cat(dnn.all_gather(txt))
+    labels = torch.arange(img.shape[0]) + rank * img.shape[0]
+    s = scale.exp()
+    return (F.cross_entropy(s * img @ all_txt.T, labels) + F.cross_entropy(s * txt @ all_img.T, labels)) / 2
+
+
 class SimCLR(nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,30 +155,41 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--double", action="store_true", help="train in float64 (the parity check)")
+    ap.add_argument("--method", default="simclr", choices=["simclr", "clip"])
     args = ap.parse_args()
+    clip = args.method == "clip"
     dtype = torch.float64 if args.double else torch.float32
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = SimCLR()
+    model = Clip() if clip else SimCLR()
     model.load_state_dict(load_file(os.path.join(args.dir, "init.safetensors")))
     model.to(dtype)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     batches = load_file(os.path.join(args.dir, "batches.safetensors"))
     views = []
-    for k in range(len(batches)):
+    for k in range(len([key for key in batches if key.startswith("b")])):
         g = batches[f"b{k}"]
         b = g.shape[1] // world
-        views.append(torch.cat([g[0, rank * b:(rank + 1) * b], g[1, rank * b:(rank + 1) * b]]).to(dtype).contiguous())
+        pair = [g[0, rank * b:(rank + 1) * b]] if clip else [g[0, rank * b:(rank + 1) * b], g[1, rank * b:(rank + 1) * b]]
+        views.append(torch.cat(pair).to(dtype).contiguous())
+    tokens, ends = batches["tokens"][rank * b:(rank + 1) * b], batches["ends"][rank * b:(rank + 1) * b]
     del batches
     losses, seconds = [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = ntxent(ddp(views[step % len(views)]), rank, world)
+        if clip:
+            img, txt = ddp(views[step % len(views)], tokens, ends)
+            loss = clip_loss(img, txt, model.loss.logit_scale, rank)
+        else:
+            loss = ntxent(ddp(views[step % len(views)]), rank, world)
         loss.backward()
         opt.step()
+        if clip:
+            with torch.no_grad():
+                model.loss.logit_scale.clamp_(0, math.log(100))
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)

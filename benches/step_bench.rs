@@ -135,12 +135,17 @@ fn main() {
     let m = method(&a, local, kind);
     let params = m.params();
     let batches: Vec<Tensor> = (0..BATCHES).map(|k| global_batch(k, a.global, a.vit)).collect();
+    // Random captions of the global batch for CLIP (the first view pairs with them).
+    tch::manual_seed(2000);
+    let tokens = Tensor::randint_low(1, 250, [a.global as i64, CTX], tch::kind::INT64_CPU);
+    let ends = Tensor::randint_low(4, CTX, [a.global as i64], tch::kind::INT64_CPU);
     if a.write && rank == 0 {
         std::fs::create_dir_all(&a.out).unwrap();
         let named: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.tensor.detach())).collect();
         Tensor::write_safetensors(&named, a.out.join("init.safetensors")).unwrap();
-        let named: Vec<(String, Tensor)> =
+        let mut named: Vec<(String, Tensor)> =
             batches.iter().enumerate().map(|(k, b)| (format!("b{k}"), b.shallow_clone())).collect();
+        named.extend([("tokens".to_string(), tokens.shallow_clone()), ("ends".to_string(), ends.shallow_clone())]);
         Tensor::write_safetensors(&named, a.out.join("batches.safetensors")).unwrap();
     }
     let local_views: Vec<[Tensor; 2]> = batches
@@ -149,12 +154,10 @@ fn main() {
             [0, 1].map(|v| b.get(v).narrow(0, (rank * local) as i64, local as i64).to_kind(kind).to_device(a.device))
         })
         .collect();
-    // Random captions for CLIP (a view per image: the first view pairs with them).
-    let tokens = Tensor::randint_low(1, 250, [local as i64, CTX], tch::kind::INT64_CPU);
-    let ends = Tensor::randint_low(4, CTX, [local as i64], tch::kind::INT64_CPU);
+    let (r0, b) = ((rank * local) as i64, local as i64);
     let captions = Captions::from_host(
-        &Vec::<i64>::try_from(&tokens.view([-1])).unwrap(),
-        &Vec::<i64>::try_from(&ends).unwrap(),
+        &Vec::<i64>::try_from(&tokens.narrow(0, r0, b).reshape([-1])).unwrap(),
+        &Vec::<i64>::try_from(&ends.narrow(0, r0, b)).unwrap(),
         a.device,
     );
     drop(batches);

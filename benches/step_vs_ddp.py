@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""A SimCLR training step, contrast against PyTorch DDP, parity first.
+"""A SimCLR (or CLIP) training step, contrast against PyTorch DDP, parity first.
 
     cargo build --release -p contrast-benches --bin step_bench
-    python3 benches/step_vs_ddp.py [--ranks 1,2,4] [--batches 256,4096] [--steps 8]
+    python3 benches/step_vs_ddp.py [--ranks 1,2,4] [--batches 256,4096] [--steps 8] [--method clip]
+
+`--method clip` compares configs/clip.yaml's towers (convnet image tower, 2-layer
+text tower over random captions of 48 tokens) under the CLIP loss against
+open_clip's ClipLoss(local_loss=True, gather_with_grad=True).
 
 1. Parity: both sides train 10 steps from the same weights on the same batches
    (global batch 256, 2 ranks, float64); the losses must agree to 1e-4 relative,
@@ -33,9 +37,12 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"
 
 
+METHOD = ["--method", "simclr"]
+
+
 def ours(ranks, batch, steps, out, write=False, double=False):
     cmd = [os.path.join(ROOT, "launch/mpirun.sh"), "-n", str(ranks), os.path.join(ROOT, "target/release/step_bench"),
-           "--global-batch", str(batch), "--steps", str(steps), "--out", out] + (["--write"] if write else []) + (["--double"] if double else [])
+           "--global-batch", str(batch), "--steps", str(steps), "--out", out] + (["--write"] if write else []) + (["--double"] if double else []) + METHOD
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "ours.json")) as f:
         return json.load(f)
@@ -46,7 +53,7 @@ def torch_side(ranks, steps, out, preload=False, double=False):
     if preload:
         env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           os.path.join(ROOT, "benches/pytorch_step.py"), "--dir", out, "--steps", str(steps)] + (["--double"] if double else [])
+           os.path.join(ROOT, "benches/pytorch_step.py"), "--dir", out, "--steps", str(steps)] + (["--double"] if double else []) + METHOD
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "torch.json")) as f:
         return json.load(f)
@@ -74,12 +81,15 @@ def main():
     ap.add_argument("--ranks", default="1,2,4")
     ap.add_argument("--batches", default="256,4096")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--method", default="simclr", choices=["simclr", "clip"])
     args = ap.parse_args()
+    METHOD[1] = args.method
     cores = os.cpu_count() or 1
     preload = os.path.exists(JEMALLOC)
     with tempfile.TemporaryDirectory(prefix="contrast-ddp-") as out:
         parity(out)
-        print(f"\nSimCLR step, configs/simclr.yaml's model, one intra-op thread per rank, {cores} cores")
+        name = {"simclr": "SimCLR step, configs/simclr.yaml's model", "clip": "CLIP step, configs/clip.yaml's towers"}
+        print(f"\n{name[args.method]}, one intra-op thread per rank, {cores} cores")
         cols = f"{'P':>3} {'G':>6} {'contrast/s':>10} {'torch/s':>8} {'ratio':>6} {'RSS GiB':>8} {'torch GiB':>9}"
         if preload:
             cols += f" {'torch+je/s':>10} {'ratio':>6} {'GiB':>5}"
