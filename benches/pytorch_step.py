@@ -56,10 +56,21 @@ class Backbone(nn.Module):
         return F.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
+def resnet18():
+    """contrast's `resnet18` with group norm (32 groups) and the CIFAR stem (3×3/1, no
+    max-pool) for 1-channel 28 px images: torchvision's model, whose names contrast keeps."""
+    import torchvision
+
+    net = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(32, c))
+    net.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    return net
+
+
 class Head(nn.Module):
-    def __init__(self):
+    def __init__(self, width=1024):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(1024, 512), nn.Linear(512, 64)
+        self.fc1, self.fc2 = nn.Linear(width, 512), nn.Linear(512, 64)
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)))
@@ -128,9 +139,9 @@ def clip_loss(img, txt, scale, rank):
 
 
 class SimCLR(nn.Module):
-    def __init__(self):
+    def __init__(self, resnet=False):
         super().__init__()
-        self.backbone, self.head = Backbone(), Head()
+        self.backbone, self.head = (resnet18(), Head(512)) if resnet else (Backbone(), Head())
 
     def forward(self, x):
         return self.head(self.backbone(x))
@@ -156,13 +167,14 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--double", action="store_true", help="train in float64 (the parity check)")
     ap.add_argument("--method", default="simclr", choices=["simclr", "clip"])
+    ap.add_argument("--resnet18", action="store_true", help="SimCLR with contrast's group-norm ResNet-18")
     args = ap.parse_args()
     clip = args.method == "clip"
     dtype = torch.float64 if args.double else torch.float32
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = Clip() if clip else SimCLR()
+    model = Clip() if clip else SimCLR(args.resnet18)
     model.load_state_dict(load_file(os.path.join(args.dir, "init.safetensors")))
     model.to(dtype)
     ddp = nn.parallel.DistributedDataParallel(model)

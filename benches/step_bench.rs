@@ -3,11 +3,12 @@
 //! no weight decay) on in-memory batches, under `mpirun -n P`.
 //!
 //!     launch/mpirun.sh -n 2 target/release/step_bench --global-batch 256 --steps 10 --out DIR [--write] [--double]
-//!         [--method clip] [--vit-b32] [--device cuda] [--no-overlap]
+//!         [--method clip] [--vit-b32] [--resnet18] [--device cuda] [--no-overlap]
 //!
 //! `--method clip` trains configs/clip.yaml's towers (random captions of 48
 //! tokens); `--vit-b32` swaps the image tower for configs/clip_vit.yaml's ViT-B/32
-//! at 224×224×3 (and its 12-layer text tower); `--device cuda` runs on the local
+//! at 224×224×3 (and its 12-layer text tower); `--resnet18` swaps SimCLR's
+//! convnet for a group-norm ResNet-18 with the CIFAR stem; `--device cuda` runs on the local
 //! rank's GPU (`launch/gpu-check.sh`). Rank 0 prints the median samples/s of
 //! steps 2 onwards. The PyTorch comparison covers the SimCLR default only.
 //!
@@ -45,6 +46,7 @@ struct Args {
     double: bool,
     clip: bool,
     vit: bool,
+    resnet: bool,
     device: Device,
     overlap: bool,
 }
@@ -58,6 +60,7 @@ fn args() -> Args {
         double: false,
         clip: false,
         vit: false,
+        resnet: false,
         device: Device::Cpu,
         overlap: true,
     };
@@ -71,6 +74,7 @@ fn args() -> Args {
             "--double" => a.double = true,
             "--method" => a.clip = it.next().as_deref() == Some("clip"),
             "--vit-b32" => a.vit = true,
+            "--resnet18" => a.resnet = true,
             "--no-overlap" => a.overlap = false,
             "--device" => {
                 a.device = match it.next().as_deref() {
@@ -97,6 +101,11 @@ fn method(a: &Args, local: usize, kind: Kind) -> Box<dyn Method> {
     spec.model.encoder_keys.set("embed_dim", 1024);
     spec.model.encoder_keys.set("norm", Norm::Group);
     spec.model.text = TextConfig { width: 64, layers: 2, heads: 4, context: CTX, ..Default::default() };
+    if a.resnet {
+        // configs/simclr_resnet18.yaml's encoder: group norm, the CIFAR stem at 28 px.
+        spec.model.encoder = "resnet18".into();
+        spec.model.encoder_keys = Default::default();
+    }
     if a.vit {
         spec.model.encoder = "vit_base".into();
         spec.model.encoder_keys = Default::default();

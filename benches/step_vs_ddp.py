@@ -2,7 +2,7 @@
 """A SimCLR (or CLIP) training step, contrast against PyTorch DDP, parity first.
 
     cargo build --release -p contrast-benches --bin step_bench
-    python3 benches/step_vs_ddp.py [--ranks 1,2,4] [--batches 256,4096] [--steps 8] [--method clip]
+    python3 benches/step_vs_ddp.py [--ranks 1,2,4] [--batches 256,4096] [--steps 8] [--method clip | --resnet18]
 
 `--method clip` compares configs/clip.yaml's towers (convnet image tower, 2-layer
 text tower over random captions of 48 tokens) under the CLIP loss against
@@ -64,11 +64,11 @@ def rate(result, batch):
     return batch / statistics.median(timed)
 
 
-def parity(out):
-    a = ours(2, 256, 10, out, write=True, double=True)
+def parity(out, batch=256):
+    a = ours(2, batch, 10, out, write=True, double=True)
     b = torch_side(2, 10, out, double=True)
     worst = max(abs(x - y) / abs(y) for x, y in zip(a["losses"], b["losses"]))
-    print("parity, global batch 256, 2 ranks, 10 steps, float64: losses")
+    print(f"parity, global batch {batch}, 2 ranks, 10 steps, float64: losses")
     print("  contrast:", " ".join(f"{x:.6f}" for x in a["losses"]))
     print("  PyTorch: ", " ".join(f"{x:.6f}" for x in b["losses"]))
     print(f"  largest relative difference {worst:.2e} (limit 1e-4)")
@@ -82,14 +82,18 @@ def main():
     ap.add_argument("--batches", default="256,4096")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--method", default="simclr", choices=["simclr", "clip"])
+    ap.add_argument("--resnet18", action="store_true", help="SimCLR with a group-norm ResNet-18 (CIFAR stem)")
     args = ap.parse_args()
     METHOD[1] = args.method
+    if args.resnet18:
+        METHOD.append("--resnet18")
     cores = os.cpu_count() or 1
     preload = os.path.exists(JEMALLOC)
     with tempfile.TemporaryDirectory(prefix="contrast-ddp-") as out:
-        parity(out)
+        parity(out, 32 if args.resnet18 else 256)
         name = {"simclr": "SimCLR step, configs/simclr.yaml's model", "clip": "CLIP step, configs/clip.yaml's towers"}
-        print(f"\n{name[args.method]}, one intra-op thread per rank, {cores} cores")
+        name = "SimCLR step, group-norm ResNet-18 (CIFAR stem)" if args.resnet18 else name[args.method]
+        print(f"\n{name}, one intra-op thread per rank, {cores} cores")
         cols = f"{'P':>3} {'G':>6} {'contrast/s':>10} {'torch/s':>8} {'ratio':>6} {'RSS GiB':>8} {'torch GiB':>9}"
         if preload:
             cols += f" {'torch+je/s':>10} {'ratio':>6} {'GiB':>5}"

@@ -319,7 +319,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             .views
             .iter()
             .zip(&self.view_shapes)
-            .map(|(v, &(ch, h, w))| Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]).to_device(device))
+            .map(|(v, &(ch, h, w))| upload(Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]), device))
             .collect();
         let captions = (!batch.tokens.is_empty()).then(|| Captions::from_host(&batch.tokens, &batch.text_end, device));
         let labels = self
@@ -554,4 +554,16 @@ impl<'c, C: Collective> Trainer<'c, C> {
         }
         Ok(summary)
     }
+}
+
+/// A host tensor on `device`. To a GPU it goes through pinned memory with a
+/// non-blocking copy: the host queues the step's kernels behind the copy
+/// instead of waiting for it (libtorch keeps the pinned buffer until the copy
+/// is done). On the CPU the tensor is already where it runs.
+fn upload(t: Tensor, device: tch::Device) -> Tensor {
+    if device == tch::Device::Cpu {
+        return t;
+    }
+    let kind = t.kind();
+    t.pin_memory(device).to_device_(device, kind, true, false)
 }
