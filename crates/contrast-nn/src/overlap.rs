@@ -7,9 +7,10 @@
 //! counts its bucket down. Buckets start in their fixed order: bucket k once it
 //! and every bucket before it are complete, so every rank starts the same sums
 //! in the same order whatever order its hooks fire in. A bucket's gradients are
-//! copied once into its send buffer (pinned host memory when they live on a
-//! GPU), the backend sums into its receive buffer while backward goes on, and
-//! [`Flight::finish`] copies the sums back. Buckets that backward leaves
+//! copied once into its send buffer (on a GPU: packed into one device buffer,
+//! then one copy to pinned host memory), the backend sums into its receive
+//! buffer while backward goes on, and [`Overlap::copy_back`] copies the sums
+//! back (one copy to the GPU per bucket). Buckets that backward leaves
 //! incomplete (parameters it never reaches) start after it, in the same order.
 
 use crate::engine::define_grads;
@@ -149,9 +150,16 @@ impl<C: Collective> Flight<'_, C> {
     /// Copy bucket `k`'s gradients into its send buffer and start its sum.
     fn start(&mut self, k: usize) {
         let send = &self.send[k];
-        let mut off = 0;
+        let members = &self.buckets[k].members;
         tch::no_grad(|| {
-            for &i in &self.buckets[k].members {
+            if self.params[members[0]].device() != tch::Device::Cpu {
+                // On a GPU the bucket is packed there, then crosses to pinned memory in one copy.
+                let grads: Vec<Tensor> = members.iter().map(|&i| self.params[i].grad().reshape([-1])).collect();
+                send.shallow_clone().copy_(&Tensor::cat(&grads, 0));
+                return;
+            }
+            let mut off = 0;
+            for &i in members {
                 let g = self.params[i].grad();
                 let n = g.numel() as i64;
                 send.narrow(0, off, n).copy_(&g.reshape([-1]));
@@ -188,6 +196,8 @@ impl<C: Collective> Overlap<'_, C> {
     pub(crate) fn copy_back(&self) {
         tch::no_grad(|| {
             for (b, sum) in self.buckets.iter().zip(&self.recv) {
+                // To a GPU in one copy, then split there.
+                let sum = sum.to_device(self.params[b.members[0]].device());
                 let mut off = 0;
                 for &i in &b.members {
                     let mut g = self.params[i].grad();
