@@ -172,7 +172,8 @@ fn main() {
     drop(batches);
     let adamw = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
     let mut opt = Optimizer::new(adamw, 0.0, params);
-    let engine = GlobalBatch::new(&comm, local).overlap(a.overlap);
+    let buffers = contrast_nn::engine::GradBuffers::default();
+    let engine = GlobalBatch::new(&comm, local).overlap(a.overlap).buffers(&buffers);
     let (mut losses, mut seconds) = (Vec::new(), Vec::new());
     for step in 0..a.steps {
         let t0 = Instant::now();

@@ -13,6 +13,7 @@
 //! it off.
 
 use crate::loss::{Ctx, Shard};
+pub use crate::overlap::GradBuffers;
 use crate::overlap::Overlap;
 use crate::{NnError, Result};
 use contrast_comm::Collective;
@@ -27,6 +28,7 @@ pub struct GlobalBatch<'c, C: Collective> {
     local_batch: usize,
     overlap: bool,
     bucket_elements: usize,
+    buffers: Option<&'c GradBuffers>,
 }
 
 /// What one step produced.
@@ -87,7 +89,14 @@ pub struct Gathered<'a> {
 impl<'c, C: Collective> GlobalBatch<'c, C> {
     /// An engine for local batches of `local_batch` rows.
     pub fn new(comm: &'c C, local_batch: usize) -> Self {
-        Self { comm, local_batch, overlap: true, bucket_elements: BUCKET_ELEMENTS }
+        Self { comm, local_batch, overlap: true, bucket_elements: BUCKET_ELEMENTS, buffers: None }
+    }
+
+    /// Keep the gradient buckets in `buffers` across steps, the gradients
+    /// viewing them (used with the overlap; see [`GradBuffers`]).
+    pub fn buffers(mut self, buffers: &'c GradBuffers) -> Self {
+        self.buffers = Some(buffers);
+        self
     }
 
     /// Elements per gradient bucket (default [`BUCKET_ELEMENTS`]): smaller
@@ -214,7 +223,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
     /// gradients are summed, the seconds spent after `backward` waiting for the sums.
     fn backward_reducing(&self, params: &[Tensor], backward: impl FnOnce()) -> Option<f64> {
         let plan = if self.overlap && self.comm.world_size() > 1 {
-            Overlap::plan(self.comm, params, self.bucket_elements)
+            Overlap::plan(self.comm, params, self.bucket_elements, self.buffers)
         } else {
             None
         };

@@ -40,3 +40,21 @@ extern "C" int contrast_set_ready_hook(void* tensor, contrast_ready_fn f, void* 
     return -1;
   }
 }
+
+// Make `grad` (same shape, dtype and device) the gradient of the leaf `param`:
+// backward then accumulates into `grad`'s memory in place (the engine points
+// every gradient into one flat buffer per all-reduce bucket, as DDP's
+// `gradient_as_bucket_view` does). Returns 0, or -1 when libtorch refuses.
+extern "C" int contrast_set_grad(void* param, void* grad) {
+  try {
+    const at::Tensor& p = *static_cast<at::Tensor*>(param);
+    const at::Tensor& g = *static_cast<at::Tensor*>(grad);
+    if (!p.is_leaf() || g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
+      return -1;
+    }
+    p.mutable_grad() = g;
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}

@@ -17,9 +17,10 @@ use crate::engine::define_grads;
 use crate::wire::{direct, host_buffer, host_slice, host_slice_mut};
 use contrast_comm::{Collective, Pending};
 use std::ffi::c_void;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 extern "C" {
+    fn contrast_set_grad(param: *mut c_void, grad: *mut c_void) -> i32;
     fn contrast_set_ready_hook(
         tensor: *mut c_void,
         f: Option<extern "C" fn(*mut c_void, i64)>,
@@ -29,6 +30,7 @@ extern "C" {
 }
 
 /// One bucket: parameter indices (of one element kind) and their total size.
+#[derive(Clone, PartialEq)]
 struct Bucket {
     members: Vec<usize>,
     numel: i64,
@@ -41,6 +43,75 @@ pub(crate) struct Overlap<'p, C: Collective> {
     buckets: Vec<Bucket>,
     send: Vec<Tensor>,
     recv: Vec<Tensor>,
+    /// The gradients are views of `send` ([`GradBuffers`]): nothing to copy in.
+    views: bool,
+}
+
+/// Flat gradient buffers kept across steps: each CPU parameter's gradient is a
+/// view of its bucket's send buffer (as DDP's `gradient_as_bucket_view`), so
+/// backward accumulates straight into what MPI sends, and the sum comes back in
+/// one copy per bucket. Give one to [`crate::GlobalBatch::buffers`] for the
+/// life of a training run; it rebuilds itself when the parameters change.
+#[derive(Default)]
+pub struct GradBuffers {
+    cached: std::cell::RefCell<Option<Cached>>,
+}
+
+struct Cached {
+    key: Vec<(usize, i64)>,
+    buckets: Vec<Bucket>,
+    send: Vec<Tensor>,
+    recv: Vec<Tensor>,
+}
+
+impl GradBuffers {
+    /// The buffers for `buckets` of `params` (shallow handles), the gradients
+    /// pointed into them; `None` unless every parameter is on the CPU.
+    fn attach(&self, params: &[Tensor], buckets: &[Bucket]) -> Option<(Vec<Tensor>, Vec<Tensor>)> {
+        let members = || buckets.iter().flat_map(|b| b.members.iter().map(|&i| &params[i]));
+        if members().any(|p| p.device() != Device::Cpu) {
+            return None;
+        }
+        let key: Vec<(usize, i64)> = params.iter().map(|p| (p.data_ptr() as usize, p.numel() as i64)).collect();
+        let mut cached = self.cached.borrow_mut();
+        if cached.as_ref().is_none_or(|c| c.key != key || c.buckets != buckets) {
+            let zeros = |b: &Bucket| Tensor::zeros([b.numel], (params[b.members[0]].kind(), Device::Cpu));
+            let (send, recv) = (buckets.iter().map(zeros).collect(), buckets.iter().map(zeros).collect());
+            *cached = Some(Cached { key, buckets: buckets.to_vec(), send, recv });
+        }
+        let c = cached.as_ref().expect("just built");
+        for (b, flat) in buckets.iter().zip(&c.send) {
+            point_grads(params, &b.members, flat);
+        }
+        Some((c.send.iter().map(Tensor::shallow_clone).collect(), c.recv.iter().map(Tensor::shallow_clone).collect()))
+    }
+}
+
+/// Make each member's gradient the view of `flat` at its offset, keeping what
+/// it has accumulated so far; a no-op for gradients already there.
+fn point_grads(params: &[Tensor], members: &[usize], flat: &Tensor) {
+    let (base, size) = (flat.data_ptr() as usize, flat.kind().elt_size_in_bytes());
+    let mut off = 0i64;
+    for &i in members {
+        let (p, n) = (&params[i], params[i].numel() as i64);
+        let g = p.grad();
+        if !(g.defined() && g.data_ptr() as usize == base + off as usize * size && g.is_contiguous()) {
+            let mut view = flat.narrow(0, off, n).view(p.size().as_slice()).detach();
+            tch::no_grad(|| {
+                if g.defined() {
+                    view.copy_(&g);
+                } else {
+                    let _ = view.zero_();
+                }
+            });
+            // SAFETY: both are tch handles (`torch::Tensor*`) alive for the call; the shim
+            // checks shape, dtype and device, and catches every C++ exception.
+            #[allow(unsafe_code)]
+            let rc = unsafe { contrast_set_grad(p.as_ptr() as *mut c_void, view.as_mut_ptr() as *mut c_void) };
+            assert_eq!(rc, 0, "libtorch refused a gradient view for a parameter");
+        }
+        off += n;
+    }
 }
 
 impl<'p, C: Collective> Overlap<'p, C> {
@@ -50,7 +121,15 @@ impl<'p, C: Collective> Overlap<'p, C> {
     /// A bucket holds at most `bucket_elements`, and at most an eighth of the
     /// model (but not under 32K elements): a small model in one bucket would
     /// start its only sum when backward ends, hiding nothing.
-    pub(crate) fn plan(comm: &'p C, params: &'p [Tensor], bucket_elements: usize) -> Option<Self> {
+    ///
+    /// With `buffers`, the gradients of CPU parameters are views of kept send
+    /// buffers (see [`GradBuffers`]).
+    pub(crate) fn plan(
+        comm: &'p C,
+        params: &'p [Tensor],
+        bucket_elements: usize,
+        buffers: Option<&GradBuffers>,
+    ) -> Option<Self> {
         let total: i64 = params.iter().filter(|p| p.requires_grad()).map(|p| p.numel() as i64).sum();
         let cap = (bucket_elements as i64).min((total / 8).max(1 << 15));
         let mut buckets: Vec<Bucket> = Vec::new();
@@ -69,13 +148,16 @@ impl<'p, C: Collective> Overlap<'p, C> {
             }
             kind = Some(p.kind());
         }
+        if let Some((send, recv)) = buffers.and_then(|b| b.attach(params, &buckets)) {
+            return Some(Self { comm, params, buckets, send, recv, views: true });
+        }
         let staging = |b: &Bucket| {
             let first = &params[b.members[0]];
             host_buffer(&[b.numel], first.kind(), first.device())
         };
         let send = buckets.iter().map(staging).collect();
         let recv = buckets.iter().map(staging).collect();
-        Some(Self { comm, params, buckets, send, recv })
+        Some(Self { comm, params, buckets, send, recv, views: false })
     }
 
     /// Run `backward` with the hooks armed; the sums it started are in flight.
@@ -92,6 +174,7 @@ impl<'p, C: Collective> Overlap<'p, C> {
             buckets: &self.buckets,
             remaining: self.buckets.iter().map(|b| b.members.len()).collect(),
             send: &self.send,
+            views: self.views,
             recv: self.recv.iter_mut().map(Some).collect(),
             pending: Vec::new(),
             panic: None,
@@ -118,6 +201,7 @@ pub(crate) struct Flight<'b, C: Collective> {
     buckets: &'b [Bucket],
     remaining: Vec<usize>,
     send: &'b [Tensor],
+    views: bool,
     recv: Vec<Option<&'b mut Tensor>>,
     pending: Vec<Box<dyn Pending + 'b>>,
     panic: Option<Box<dyn std::any::Any + Send>>,
@@ -152,6 +236,9 @@ impl<C: Collective> Flight<'_, C> {
         let send = &self.send[k];
         let members = &self.buckets[k].members;
         tch::no_grad(|| {
+            if self.views {
+                return; // backward accumulated into `send` itself
+            }
             if self.params[members[0]].device() != tch::Device::Cpu {
                 // On a GPU the bucket is packed there, then crosses to pinned memory in one copy.
                 let grads: Vec<Tensor> = members.iter().map(|&i| self.params[i].grad().reshape([-1])).collect();
@@ -195,6 +282,13 @@ impl<C: Collective> Overlap<'_, C> {
     /// Copy every bucket's sum into its parameters' gradients (after [`Flight::finish`]).
     pub(crate) fn copy_back(&self) {
         tch::no_grad(|| {
+            if self.views {
+                // The gradients view the send buffers: one copy per bucket.
+                for (send, sum) in self.send.iter().zip(&self.recv) {
+                    send.shallow_clone().copy_(sum);
+                }
+                return;
+            }
             for (b, sum) in self.buckets.iter().zip(&self.recv) {
                 // To a GPU in one copy, then split there.
                 let sum = sum.to_device(self.params[b.members[0]].device());

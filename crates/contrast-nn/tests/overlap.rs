@@ -58,9 +58,18 @@ impl Collective for Spy {
     }
 }
 
+type RankOut = (Vec<(usize, bool)>, Vec<Vec<f64>>, Vec<usize>);
+
 /// One step of a 3-layer MLP under NT-Xent on 2 ranks; each rank's started sums
 /// and its gradients.
 fn step(overlap: bool, bucket: usize) -> Vec<(Vec<(usize, bool)>, Vec<Vec<f64>>)> {
+    steps(overlap, bucket, false, 1).into_iter().map(|(s, g, _)| (s, g)).collect()
+}
+
+/// `count` steps (gradients zeroed in place between them), with kept gradient
+/// buffers or not: each rank's started sums, last gradients and the addresses
+/// of the gradients at the last step.
+fn steps(overlap: bool, bucket: usize, kept: bool, count: usize) -> Vec<RankOut> {
     Threads::run(2, |c| {
         let mut vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
@@ -87,11 +96,31 @@ fn step(overlap: bool, bucket: usize) -> Vec<(Vec<(usize, bool)>, Vec<Vec<f64>>)
         let view = |v: f64| {
             (Tensor::arange(6, (Kind::Double, Device::Cpu)) * (1.3 + v + spy.rank() as f64)).cos().view([1, 6])
         };
-        let z = [mlp.forward(&view(0.0)), mlp.forward(&view(0.5))];
-        let engine = GlobalBatch::new(&spy, 1).overlap(overlap).bucket_elements(bucket);
-        engine.step(&z, &params, |g, ctx| Ok(ntxent_share(&g[0], &g[1], 0.5, ctx.shard)?)).unwrap();
+        let forward = || vec![mlp.forward(&view(0.0)), mlp.forward(&view(0.5))];
+        let z = forward();
+        let buffers = contrast_nn::engine::GradBuffers::default();
+        let addresses = || params.iter().map(|p| p.grad().data_ptr() as usize).collect::<Vec<_>>();
+        let mut first = Vec::new();
+        for k in 0..count {
+            let mut engine = GlobalBatch::new(&spy, 1).overlap(overlap).bucket_elements(bucket);
+            if kept {
+                engine = engine.buffers(&buffers);
+            }
+            for p in &params {
+                p.shallow_clone().zero_grad();
+            }
+            let z = if k == 0 { z.iter().map(Tensor::shallow_clone).collect() } else { forward() };
+            engine.step(&z, &params, |g, ctx| Ok(ntxent_share(&g[0], &g[1], 0.5, ctx.shard)?)).unwrap();
+            if k == 0 {
+                first = addresses();
+            }
+        }
         let grads = params.iter().map(|p| contrast_nn::to_host::<f64>(&p.grad())).collect();
-        (spy.starts.into_inner(), grads)
+        let at = addresses();
+        if kept {
+            assert_eq!(at, first, "kept gradient buffers moved between steps");
+        }
+        (spy.starts.into_inner(), grads, at)
     })
 }
 
@@ -110,4 +139,16 @@ fn bucket_sums_start_during_backward_in_reverse_layer_order() {
         assert_eq!(grads, plain_grads, "rank {r}: overlapped and plain sums differ");
     }
     assert_eq!(ranks[0].1, ranks[1].1, "the ranks' summed gradients differ");
+}
+
+#[test]
+fn kept_buffers_hold_the_gradients_in_place_and_give_the_same_sums() {
+    let plain = steps(true, 300, false, 3);
+    let kept = steps(true, 300, true, 3);
+    for (r, ((_, want, _), (_, got, at))) in plain.iter().zip(&kept).enumerate() {
+        assert_eq!(got, want, "rank {r}: gradients through kept buffers differ");
+        // Reverse order within a bucket: l2.bias (4 doubles) then l2.weight, then l1.bias.
+        assert_eq!(at[4], at[5] + 4 * 8, "rank {r}: l2.weight's gradient does not follow l2.bias's");
+        assert_eq!(at[3], at[4] + 64 * 8, "rank {r}: l1.bias's gradient does not follow l2.weight's");
+    }
 }

@@ -75,9 +75,11 @@ struct Run {
     chunk: usize,
     bucket: usize,
     overlap: bool,
+    /// Gradients as views of kept bucket buffers (`GlobalBatch::buffers`).
+    kept: bool,
 }
 
-const PLAIN: Run = Run { chunk: 0, bucket: contrast_nn::engine::BUCKET_ELEMENTS, overlap: true };
+const PLAIN: Run = Run { chunk: 0, bucket: contrast_nn::engine::BUCKET_ELEMENTS, overlap: true, kept: false };
 
 /// One rank's loss and parameter gradients (by name).
 fn run_rank<C: Collective>(
@@ -107,7 +109,11 @@ fn run_rank<C: Collective>(
     );
     let params = model.params();
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
-    let engine = GlobalBatch::new(comm, b).bucket_elements(run.bucket).overlap(run.overlap);
+    let buffers = contrast_nn::engine::GradBuffers::default();
+    let mut engine = GlobalBatch::new(comm, b).bucket_elements(run.bucket).overlap(run.overlap);
+    if run.kept {
+        engine = engine.buffers(&buffers);
+    }
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>())
         .to_device(test_device());
     let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
@@ -202,8 +208,8 @@ fn small_buckets_overlapped_with_backward_give_the_plain_sums() {
     // Buckets of 50 elements start one by one while backward runs (on Threads, each
     // sum runs inside the gradient hook); with and without the gradient cache.
     for chunk in [0, 2] {
-        for overlap in [true, false] {
-            let run = Run { chunk, bucket: 50, overlap };
+        for (overlap, kept) in [(true, false), (true, true), (false, false)] {
+            let run = Run { chunk, bucket: 50, overlap, kept };
             check_run(LossKind::NtXent, Norm::Group, Kind::Double, &[2, 3], 4, run, 1e-9);
             check_run(LossKind::Clip, Norm::Layer, Kind::Double, &[2], 4, run, 1e-9);
         }

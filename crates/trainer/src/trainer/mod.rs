@@ -82,6 +82,8 @@ pub struct Trainer<'c, C: Collective> {
     bad: BadBudget,
     /// Prometheus series of this rank (None: `metrics.enabled: false` and no textfile).
     metrics: Option<Metrics>,
+    /// The gradient buckets, kept across steps (the gradients view them).
+    grad_buffers: contrast_nn::engine::GradBuffers,
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
@@ -142,6 +144,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 data_cpu: 0.0,
             },
             metrics: start_metrics(comm, &plan)?,
+            grad_buffers: Default::default(),
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -401,7 +404,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// cache (`train.micro_batch`): the towers, the engine's output, the
     /// embeddings the collapse guard reads and the forward's seconds.
     fn exchange(&self, batch: &Batch, ctl: &[f64], t0: Instant) -> Result<(Towers, StepOutput, Option<Tensor>, f64)> {
-        let engine = GlobalBatch::new(self.comm, self.plan.local_batch).overlap(self.plan.config.train.overlap);
+        let engine = GlobalBatch::new(self.comm, self.plan.local_batch)
+            .overlap(self.plan.config.train.overlap)
+            .buffers(&self.grad_buffers);
         let (method, comm) = (self.method.as_ref(), self.comm);
         let mut monitor = None;
         let head = |g: &Gathered, ctx: &Ctx| {
