@@ -308,7 +308,7 @@ impl<'c, C: Collective> GlobalBatch<'c, C> {
                 for g in bucket {
                     let n = g.numel() as i64;
                     let mut g = g.shallow_clone();
-                    let _ = g.copy_(&reduced.narrow(0, off, n).view(g.size().as_slice()).to_kind(g.kind()));
+                    g.copy_(&reduced.narrow(0, off, n).view(g.size().as_slice()).to_kind(g.kind()));
                     off += n;
                 }
             });

@@ -296,7 +296,7 @@ impl<C: Collective> Overlap<'_, C> {
                 for &i in &b.members {
                     let mut g = self.params[i].grad();
                     let n = g.numel() as i64;
-                    let _ = g.copy_(&sum.narrow(0, off, n).view(g.size().as_slice()));
+                    g.copy_(&sum.narrow(0, off, n).view(g.size().as_slice()));
                     off += n;
                 }
             }
