@@ -40,7 +40,8 @@ pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig};
 pub use plan::{Plan, Topology};
 pub use run::{CheckpointConfig, EvalConfig, MetricsConfig, BEST_METRICS};
 pub use train::{
-    LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, Precision, ScheduleConfig, ScheduleName, TrainConfig,
+    LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, Overlap, Precision, ScheduleConfig, ScheduleName,
+    TrainConfig,
 };
 pub use yaml::{check_yaml_shape, MAX_CONFIG_BYTES, MAX_YAML_DEPTH, RESOLVED_HEADER};
 

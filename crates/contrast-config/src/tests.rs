@@ -75,3 +75,18 @@ fn deep_or_huge_yaml_is_refused_before_parsing() {
     let err = Config::load(&f, &[format!("train.steps={}", "[".repeat(1000))]).unwrap_err().to_string();
     assert!(err.contains("--set train.steps") && err.contains("levels deep"), "{err}");
 }
+
+#[test]
+fn train_overlap_takes_true_false_or_auto() {
+    let parse = |v: &str| Config::from_yaml(&format!("train: {{overlap: {v}}}\n"), "a.yaml").map(|c| c.train.overlap);
+    assert_eq!(parse("true").unwrap(), Overlap::On);
+    assert_eq!(parse("false").unwrap(), Overlap::Off);
+    assert_eq!(parse("auto").unwrap(), Overlap::Auto);
+    assert_eq!(Config::from_yaml("seed: 1\n", "a.yaml").unwrap().train.overlap, Overlap::Auto);
+    for bad in ["maybe", "3"] {
+        let err = parse(bad).unwrap_err().to_string();
+        assert!(err.contains("train.overlap") && err.contains("true, false or auto"), "{bad}: {err}");
+    }
+    assert!(Overlap::Auto.enabled(true) && !Overlap::Auto.enabled(false));
+    assert!(Overlap::On.enabled(false) && !Overlap::Off.enabled(true));
+}

@@ -40,8 +40,9 @@ pub struct TrainConfig {
     /// cost is one more forward pass. Exact; not with `model.norm: batch`.
     pub micro_batch: usize,
     /// Sum the gradient buckets over ranks while backward still runs (as DDP
-    /// does); off, the sum runs after backward. The sums are the same.
-    pub overlap: bool,
+    /// does), or after it; the sums are the same. `auto`: only when the job
+    /// spans hosts (see [`Overlap`]).
+    pub overlap: Overlap,
     /// Optimiser.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -62,7 +63,7 @@ impl Default for TrainConfig {
             log_every: 20,
             collapse_threshold: 0.2,
             micro_batch: 0,
-            overlap: true,
+            overlap: Overlap::Auto,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
         }
@@ -139,6 +140,61 @@ pub enum MomentumSchedule {
     Constant,
     /// 1 − (1 − m₀)(cos(πk/K) + 1)/2 (BYOL).
     Cosine,
+}
+
+/// `train.overlap`: `auto` (the default), `true` or `false`.
+///
+/// `auto` overlaps when the job spans more than one host. On one host the sums
+/// run over shared memory with every core busy, so there is no idle link to
+/// hide them behind: on a 2-core machine the trainer ran slower with the
+/// overlap (docs/benchmarks.md, "Overlap").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overlap {
+    /// On when the job spans hosts.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never: the sums run after backward.
+    Off,
+}
+
+impl Overlap {
+    /// Whether to overlap, for a job that does or does not span hosts.
+    pub fn enabled(self, spans_hosts: bool) -> bool {
+        match self {
+            Overlap::Auto => spans_hosts,
+            Overlap::On => true,
+            Overlap::Off => false,
+        }
+    }
+}
+
+impl Serialize for Overlap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Overlap::Auto => s.serialize_str("auto"),
+            Overlap::On => s.serialize_bool(true),
+            Overlap::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Overlap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d).map_err(|_| serde::de::Error::custom("expected true, false or auto"))? {
+            Raw::Bool(true) => Ok(Overlap::On),
+            Raw::Bool(false) => Ok(Overlap::Off),
+            Raw::Text(t) if t == "auto" => Ok(Overlap::Auto),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!("expected true, false or auto, got `{t}`"))),
+        }
+    }
 }
 
 /// `train.precision`.

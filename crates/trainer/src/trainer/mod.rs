@@ -405,7 +405,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// embeddings the collapse guard reads and the forward's seconds.
     fn exchange(&self, batch: &Batch, ctl: &[f64], t0: Instant) -> Result<(Towers, StepOutput, Option<Tensor>, f64)> {
         let engine = GlobalBatch::new(self.comm, self.plan.local_batch)
-            .overlap(self.plan.config.train.overlap)
+            .overlap(self.plan.config.train.overlap.enabled(self.comm.world_size() > self.comm.local_size()))
             .buffers(&self.grad_buffers);
         let (method, comm) = (self.method.as_ref(), self.comm);
         let mut monitor = None;
