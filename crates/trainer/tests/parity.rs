@@ -55,6 +55,18 @@ fn mpi_ranks_match_one_rank_of_the_same_global_batch() {
         let d = max_rel_diff(&fx.path(&format!("{run_name}/step-3")), &fx.path(&format!("{name}-solo/step-3")));
         assert!(d < 1e-4, "{name}: micro-batched at {np} ranks differs from the plain step by {d:e}\n{log}");
     }
+    // The all-reduce overlapped with backward (MPI_Iallreduce from the gradient hooks, which
+    // `auto` leaves off on one host), plain and with the gradient cache.
+    for (name, np, micro) in [("ntxent", 2, "0"), ("clip", 4, "0"), ("ntxent", 2, "3")] {
+        let run_name = format!("{name}-overlap{np}-{micro}");
+        let cfg = fx.config(&run_name, name, "");
+        let sets = ["--set", "train.overlap=true", "--set", &format!("train.micro_batch={micro}")];
+        let mut args = vec!["--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(&sets);
+        ok(run(np, &args, &[]));
+        let d = max_rel_diff(&fx.path(&format!("{run_name}/step-3")), &fx.path(&format!("{name}-solo/step-3")));
+        assert!(d < 1e-4, "{name}: overlapped at {np} ranks (micro {micro}) differs from 1 rank by {d:e}");
+    }
     // bf16 autocast (the encoders' products in bf16, the head in fp32) trains close to fp32,
     // not equal to it: the plan says so, the first loss agrees to bf16's precision.
     let cfg = fx.config("ntxent-bf16", "ntxent", "");
