@@ -72,7 +72,13 @@ fn args() -> Args {
             "--out" => a.out = PathBuf::from(it.next().expect("--out DIR")),
             "--write" => a.write = true,
             "--double" => a.double = true,
-            "--method" => a.clip = it.next().as_deref() == Some("clip"),
+            "--method" => {
+                a.clip = match it.next().as_deref() {
+                    Some("simclr") => false,
+                    Some("clip") => true,
+                    other => panic!("--method simclr|clip, got {other:?}"),
+                }
+            }
             "--vit-b32" => a.vit = true,
             "--resnet18" => a.resnet = true,
             "--no-overlap" => a.overlap = false,

@@ -100,7 +100,7 @@ pub fn reduce_scatter_sum<C: Collective>(comm: &C, t: &Tensor) -> Tensor {
 /// [`gather_rows`] from a GPU, through [`on_host`] otherwise.
 pub fn all_reduce_sum<C: Collective>(comm: &C, t: Tensor) -> Tensor {
     let device = t.device();
-    let mut t = if device == Device::Cpu { t } else { staged(&t) };
+    let mut t = staged(&t);
     if direct::<f32>(&t) {
         comm.all_reduce_sum(host_slice_mut::<f32>(&mut t));
         t.to_device(device)
