@@ -15,7 +15,7 @@ use std::fmt::Debug;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
 #[cfg(feature = "mpi")]
-pub use mpi_backend::MpiComm;
+pub use mpi_backend::{MpiComm, CHECK_COUNTS_VAR};
 
 #[doc(hidden)]
 #[cfg(feature = "mpi")]

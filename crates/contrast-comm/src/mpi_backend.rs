@@ -9,10 +9,15 @@ use mpi::ffi;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 
+/// Set (to anything but `0`) to check element counts in release builds too.
+pub const CHECK_COUNTS_VAR: &str = "CONTRAST_CHECK_COLLECTIVES";
+
 /// One MPI rank of `MPI_COMM_WORLD`. Dropping it finalises MPI.
 pub struct MpiComm {
     world: SimpleCommunicator,
     node: SimpleCommunicator,
+    /// Whether every collective first checks that the ranks pass equal counts.
+    check_counts: bool,
     // Declared last: dropped after the communicators, which finalises MPI.
     _universe: mpi::environment::Universe,
 }
@@ -26,7 +31,28 @@ impl MpiComm {
             .ok_or_else(|| "MPI was already initialised in this process".to_string())?;
         let world = universe.world();
         let node = world.split_shared(world.rank());
-        Ok(Self { world, node, _universe: universe })
+        let check_counts = cfg!(debug_assertions) || std::env::var_os(CHECK_COUNTS_VAR).is_some_and(|v| v != "0");
+        Ok(Self { world, node, check_counts, _universe: universe })
+    }
+
+    /// In debug builds (or with [`CHECK_COUNTS_VAR`] set): one small all-reduce
+    /// before a collective, so that ranks passing different element counts is a
+    /// panic naming the operation, not undefined behaviour inside MPI.
+    fn agree_count(&self, op: &str, count: usize) {
+        if !self.check_counts {
+            return;
+        }
+        let n = count as i64;
+        let mut range = [n, -n];
+        let send = range;
+        self.world.all_reduce_into(&send[..], &mut range[..], SystemOperation::max());
+        let (max, min) = (range[0], -range[1]);
+        assert!(
+            min == max,
+            "{op}: the ranks passed different element counts (rank {} passed {n}; they range over {min}..={max}): \
+             every rank must call the same collectives with the same lengths",
+            self.world.rank()
+        );
     }
 
     /// `MPI_Abort` on the world communicator.
@@ -49,19 +75,23 @@ impl Collective for MpiComm {
         self.node.size() as usize
     }
     fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
+        self.agree_count("all_gather", send.len());
         let mut out = vec![T::zeroed(); send.len() * self.world_size()];
         self.world.all_gather_into(send, &mut out[..]);
         out
     }
     fn all_gather_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        self.agree_count("all_gather", send.len());
         assert_eq!(recv.len(), send.len() * self.world_size(), "all_gather_into: receive buffer length");
         self.world.all_gather_into(send, recv);
     }
     fn reduce_scatter_sum_into<T: Element>(&self, send: &[T], recv: &mut [T]) {
+        self.agree_count("reduce_scatter_sum", send.len());
         assert_eq!(recv.len() * self.world_size(), send.len(), "reduce_scatter_sum_into: buffer lengths");
         self.world.reduce_scatter_block_into(send, recv, SystemOperation::sum());
     }
     fn reduce_scatter_sum<T: Element>(&self, send: &[T]) -> Vec<T> {
+        self.agree_count("reduce_scatter_sum", send.len());
         let p = self.world_size();
         assert_eq!(send.len() % p, 0, "reduce_scatter_sum: length {} not divisible by P={p}", send.len());
         let mut out = vec![T::zeroed(); send.len() / p];
@@ -69,12 +99,14 @@ impl Collective for MpiComm {
         out
     }
     fn all_reduce_sum<T: Element>(&self, buf: &mut [T]) {
+        self.agree_count("all_reduce_sum", buf.len());
         let send = buf.to_vec();
         self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
     }
     #[allow(unsafe_code)]
     unsafe fn all_reduce_sum_start<'b, T: Element>(&self, send: &'b [T], recv: &'b mut [T]) -> Box<dyn Pending + 'b> {
         assert_eq!(send.len(), recv.len(), "all_reduce_sum_start: buffer lengths");
+        self.agree_count("all_reduce_sum_start", send.len());
         let count = i32::try_from(send.len()).expect("all_reduce_sum_start: more than 2^31 elements");
         let mut request = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
         // SAFETY: `send` and `recv` are valid for `count` elements of T's MPI datatype and
@@ -96,15 +128,18 @@ impl Collective for MpiComm {
         Box::new(MpiPending { request, done: false, _buffers: std::marker::PhantomData })
     }
     fn all_reduce_max<T: Element>(&self, buf: &mut [T]) {
+        self.agree_count("all_reduce_max", buf.len());
         let send = buf.to_vec();
         self.world.all_reduce_into(&send[..], buf, SystemOperation::max());
     }
     fn all_to_all<T: Element>(&self, send: &[T]) -> Vec<T> {
+        self.agree_count("all_to_all", send.len());
         let mut out = vec![T::zeroed(); send.len()];
         self.world.all_to_all_into(send, &mut out[..]);
         out
     }
     fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) {
+        self.agree_count("broadcast", buf.len());
         self.world.process_at_rank(root as i32).broadcast_into(buf);
     }
     fn barrier(&self) {

@@ -285,7 +285,7 @@ pub fn load<C: Collective>(
         Ok(Some((dir, state, _, _))) => format!("ok\n{}\n{}", dir.display(), serde_json::to_string(state)?),
         Err(e) => format!("error\n{e:#}"),
     };
-    let verdict = broadcast_string(comm, verdict);
+    let verdict = crate::agree::broadcast_text(comm, &verdict, 0);
     if verdict.is_empty() {
         return Ok(None);
     }
@@ -365,15 +365,6 @@ fn share_items<C: Collective>(
             (item.name.clone(), broadcast_tensor(comm, &local, 0))
         })
         .collect()
-}
-
-/// Broadcast a string from rank 0 (length first).
-fn broadcast_string<C: Collective>(comm: &C, s: String) -> String {
-    let mut len = [s.len() as i64];
-    comm.broadcast(&mut len, 0);
-    let mut bytes = if comm.rank() == 0 { s.into_bytes() } else { vec![0u8; len[0] as usize] };
-    comm.broadcast(&mut bytes, 0);
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Write `tensors` as one safetensors file with `metadata` in its header

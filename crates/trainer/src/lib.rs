@@ -7,8 +7,10 @@
 //! log and the summary, and evaluates.
 #![warn(missing_docs)]
 
+pub mod agree;
 pub mod alloc;
 pub mod checkpoint;
+mod commands;
 pub mod data;
 pub mod eval;
 pub mod host;
@@ -32,9 +34,10 @@ use eval::EvalData;
 pub use host::resolve_device;
 use serde::Serialize;
 use std::path::Path;
-use std::sync::Arc;
 use tch::Device;
 use trainer::{Parts, Trainer};
+
+pub use commands::{config_command, embed_command, eval_command, export_command};
 
 /// What `summary.json` holds (flat keys; accuracies are fractions in [0, 1]).
 #[derive(Debug, Clone, Serialize, Default)]
@@ -108,8 +111,17 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Load a plan for this communicator (fails before any training on bad input).
+/// Load a plan for this communicator (fails before any training on bad input),
+/// and check that every rank resolved the same one: the first collective of
+/// every command ([`agree::agree_on_config`]).
 pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
+    let plan = resolve_plan(comm, path, overrides)?;
+    agree::agree_on_config(comm, &plan)?;
+    Ok(plan)
+}
+
+/// This rank's plan, unchecked against the others'.
+fn resolve_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
     let config = Config::load(path, overrides)?;
     let topo = Topology {
         world_size: comm.world_size(),
@@ -270,12 +282,17 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
 
 /// `trainer --config FILE`: train, then write `summary.json`. Aborts every rank on error.
 pub fn train_command(path: &Path, overrides: &[String]) -> Result<Summary> {
+    collective_command(|comm| train(comm, path, overrides))
+}
+
+/// Run a command on this process's communicator. A panic on one rank must not
+/// unwind into MPI_Finalize while the others wait in a collective: it becomes an
+/// error (the panic hook has printed it), and any error aborts the whole job.
+fn collective_command<T>(f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
     let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
     signals::install().context("installing the stop-signal handlers")?;
     let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
-    // A panic on one rank must not unwind into MPI_Finalize while the others wait in a
-    // collective: it becomes an error (the panic hook has printed it), and any error aborts the job.
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&comm, path, overrides)))
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&comm)))
         .unwrap_or_else(|panic| Err(anyhow::anyhow!("panicked: {}", panic_message(&panic))));
     if let Err(e) = &out {
         if comm.world_size() > 1 {
@@ -429,151 +446,4 @@ pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path
     found.with_context(|| {
         format!("no --config given and no {} in the run directory of {}", rundir::CONFIG_FILE, checkpoint.display())
     })
-}
-
-/// Items of `model.safetensors` that only training needs: the momentum
-/// encoder (`momentum.*`) and MoCo's queue (`method.queue*`).
-fn training_only(name: &str) -> bool {
-    name.starts_with("momentum.") || name.starts_with("method.queue")
-}
-
-/// `trainer export --checkpoint DIR --out FILE [--bf16]`: the model's weights
-/// alone (no optimiser state, no momentum encoder or queue) as one
-/// safetensors file, optionally with floating-point tensors in bfloat16.
-pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
-    let dir = checkpoint::resolve(ckpt)?;
-    let tensors = checkpoint::read_tensors(&dir, rundir::MODEL_FILE)?;
-    let kept: Vec<(String, tch::Tensor)> = tensors
-        .into_iter()
-        .filter(|(n, _)| !training_only(n))
-        .map(|(n, t)| {
-            let floating = t.is_floating_point();
-            (n, if bf16 && floating { t.to_kind(tch::Kind::BFloat16) } else { t })
-        })
-        .collect();
-    let bytes: i64 = kept.iter().map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum();
-    let metadata = export_metadata(&dir)?;
-    checkpoint::write_safetensors(&kept, metadata, out).with_context(|| format!("writing {}", out.display()))?;
-    tracing::info!("exported {} tensors ({bytes} bytes) of {} to {}", kept.len(), dir.display(), out.display());
-    Ok(())
-}
-
-/// What an exported file says of itself (`__metadata__`): `format: pt` (as
-/// PyTorch's safetensors writers mark theirs), and, from the run directory,
-/// `method`, `encoder` and `config_sha256` (of its config.yaml).
-fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
-    use sha2::Digest;
-    let mut meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let state = checkpoint::read_state(step_dir)?;
-    if let Some(m) = state.method {
-        meta.insert("method".into(), m);
-    }
-    let config = step_dir.parent().map(|d| d.join(rundir::CONFIG_FILE)).filter(|p| p.is_file());
-    if let Some(text) = config.and_then(|p| std::fs::read(p).ok()) {
-        let hex: String = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
-        meta.insert("config_sha256".into(), hex);
-        let yaml: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_slice(&text).ok();
-        let encoder = yaml.as_ref().and_then(|v| v.get("model")?.get("encoder")?.as_str().map(str::to_string));
-        meta.insert("encoder".into(), encoder.unwrap_or_else(|| "convnet".into()));
-    }
-    Ok(meta)
-}
-
-/// `trainer config --config FILE [--set ...] [--print]`: resolve the
-/// configuration (every check training makes before it starts) and print the
-/// plan; with `--print`, the resolved YAML on stdout.
-pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<()> {
-    let mut plan = load_plan(&contrast_comm::Solo, path, overrides)?;
-    // `train.device: cuda` on a host without a GPU fails here as it would before training.
-    resolve_device(&plan.config.train.device, 0)?;
-    if plan.needs_dataset_len() {
-        // train.epochs: the training set's length decides the steps.
-        let (input, _) = data::training_input(&plan)?;
-        plan.resolve_epochs(input.len())?;
-    }
-    if print {
-        print!("{}", plan.resolved_yaml());
-    } else {
-        println!("{}", plan.describe());
-    }
-    Ok(())
-}
-
-/// A checkpoint's model, loaded on every rank, with what it runs with.
-struct Checkpointed {
-    method: Box<dyn Method>,
-    device: Device,
-    tokenizer: Arc<Tokenizer>,
-    loaded: checkpoint::Loaded,
-}
-
-/// Build the plan's method and load `ckpt`'s weights into it (rank 0 reads, every rank gets them).
-fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpointed> {
-    tch::set_num_threads(plan.threads as i32);
-    let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
-    let tokenizer = data::tokenizer(plan)?;
-    let mut method = build_method(comm, plan, device, &tokenizer)?;
-    let find = || checkpoint::resolve(ckpt).map(Some);
-    let loaded = checkpoint::load(comm, find, |_| Ok(()), &method.state(), None)?.context("no checkpoint")?;
-    method.load_state(&loaded.model, comm.rank(), comm.world_size())?;
-    Ok(Checkpointed { method, device, tokenizer, loaded })
-}
-
-/// `trainer embed --checkpoint DIR --out FILE [--split test]`: the L2-normalised
-/// backbone features of every image of a split, their labels (−1: none or
-/// unreadable) and source names, as one safetensors file (`embeddings` `[n, D]`
-/// f32, `labels` `[n]` i64; the names as a JSON list under the header's
-/// `paths` metadata). Features are computed in slices across ranks.
-pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
-    let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
-    let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
-    let plan = load_plan(&comm, path, overrides)?;
-    let m = load_checkpointed(&comm, &plan, ckpt)?;
-    let (set, name) = data::embed_set(&plan, test)?;
-    let dim = m.method.backbone().out_dim();
-    let (x, labels) = eval::features(&comm, &set, m.device, dim, |x| m.method.features(x));
-    if comm.rank() != 0 {
-        return Ok(());
-    }
-    let paths: Vec<String> = (0..set.len()).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();
-    let rows = contrast_nn::to_host::<f32>(&x);
-    let as_bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let (xb, lb) = (as_bytes(&rows), labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
-    use safetensors::tensor::{Dtype, TensorView};
-    let n = labels.len();
-    let views = [
-        ("embeddings", TensorView::new(Dtype::F32, vec![n, dim as usize], &xb)?),
-        ("labels", TensorView::new(Dtype::I64, vec![n], &lb)?),
-    ];
-    let meta = [("paths".to_string(), serde_json::to_string(&paths)?)].into_iter().collect();
-    safetensors::tensor::serialize_to_file(views, &Some(meta), out)
-        .with_context(|| format!("writing {}", out.display()))?;
-    tracing::info!("embedded {n} images of {} into {}", m.loaded.dir.display(), out.display());
-    Ok(())
-}
-
-/// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
-pub fn eval_command(path: &Path, overrides: &[String], ckpt: &Path) -> Result<()> {
-    let comm = Comm::from_env().map_err(anyhow::Error::msg)?;
-    let _rank = tracing::error_span!("rank", rank = comm.rank()).entered();
-    let plan = load_plan(&comm, path, overrides)?;
-    let Checkpointed { method, device, tokenizer, loaded } = load_checkpointed(&comm, &plan, ckpt)?;
-    let data = data::load_eval(&plan, None)?.map_err(|why| anyhow::anyhow!("nothing to evaluate: {why}"))?;
-    let f = trainer::evaluate(&comm, &plan, method.as_ref(), &data, &tokenizer, device)?;
-    if comm.rank() == 0 {
-        let out = serde_json::json!({
-            "checkpoint": loaded.dir.display().to_string(),
-            "step": loaded.state.step,
-            "knn_top1": f.knn_top1,
-            "knn_top5": f.knn_top5,
-            "linear_top1": f.linear_top1,
-            "zero_shot_top1": f.zero_shot_top1,
-            "zero_shot_top5": f.zero_shot_top5,
-            "retrieval": f.retrieval,
-            "alignment": f.alignment,
-            "uniformity": f.uniformity,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    Ok(())
 }

@@ -11,4 +11,5 @@ mod encoders;
 mod faults;
 mod outputs;
 mod parity;
+mod reliability;
 mod resume;
