@@ -319,6 +319,9 @@ pub(crate) fn check(c: &Config, loss: LossKind, accepts_augment: bool, method: &
     if preset == AugmentPreset::Swav && d.mix != MixName::None {
         return Err(invalid("data.mix", "mixing and multi-crop do not combine"));
     }
+    if d.root.as_os_str().to_string_lossy().trim().is_empty() {
+        return Err(invalid("data.root", "is empty: name the training data"));
+    }
     if !root_exists(d.dataset, &d.root) {
         return Err(invalid(
             "data.root",

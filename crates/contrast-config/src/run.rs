@@ -20,6 +20,14 @@ pub struct CheckpointConfig {
     /// in `best/` (never pruned): `knn_top1`, `knn_top5`, `linear_top1`,
     /// `zero_shot_top1` or `zero_shot_top5`. Unset: none.
     pub best: Option<String>,
+    /// A fresh run (`train.resume: false`) into a directory that holds another
+    /// run's checkpoints or records is refused unless this is set; then those
+    /// files are removed before the run writes anything.
+    pub overwrite: bool,
+    /// Hold an exclusive `flock` on `checkpoint.dir/.lock` for the run's life, so
+    /// that a second run into the same directory is refused. `false` only for a
+    /// filesystem that refuses locks (docs/reliability.md).
+    pub lock: bool,
 }
 
 /// The evaluation figures `checkpoint.best` can follow.
@@ -27,7 +35,7 @@ pub const BEST_METRICS: [&str; 5] = ["knn_top1", "knn_top5", "linear_top1", "zer
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs/default"), every: 500, keep: 2, best: None }
+        Self { dir: PathBuf::from("runs/default"), every: 500, keep: 2, best: None, overwrite: false, lock: true }
     }
 }
 
@@ -128,6 +136,15 @@ pub(crate) fn check_metrics(c: &Config, topo: Topology) -> Result<(), ConfigErro
 }
 
 pub(crate) fn check_eval(c: &Config) -> Result<(), ConfigError> {
+    if c.checkpoint.dir.as_os_str().to_string_lossy().trim().is_empty() {
+        return Err(invalid("checkpoint.dir", "is empty: name the run directory"));
+    }
+    if c.checkpoint.overwrite && c.train.resume {
+        return Err(invalid(
+            "checkpoint.overwrite",
+            "starts the run in checkpoint.dir over, train.resume=true continues it: set train.resume=false to overwrite",
+        ));
+    }
     if let Some(best) = &c.checkpoint.best {
         if !BEST_METRICS.contains(&best.as_str()) {
             return Err(invalid("checkpoint.best", format!("`{best}` is none of {BEST_METRICS:?}")));

@@ -108,6 +108,10 @@ pub fn describe_difference(zero: &str, theirs: &str, other: usize, ranks: usize)
 pub fn broadcast_text<C: Collective>(comm: &C, mine: &str, root: usize) -> String {
     let mut len = [mine.len() as i64];
     comm.broadcast(&mut len, root);
+    if len[0] == 0 {
+        // MPI may refuse an empty buffer (an empty Vec's pointer is dangling).
+        return String::new();
+    }
     let mut bytes = if comm.rank() == root { mine.as_bytes().to_vec() } else { vec![0u8; len[0] as usize] };
     comm.broadcast(&mut bytes, root);
     String::from_utf8_lossy(&bytes).into_owned()

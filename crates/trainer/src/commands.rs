@@ -20,6 +20,7 @@ fn training_only(name: &str) -> bool {
 /// alone (no optimiser state, no momentum encoder or queue) as one
 /// safetensors file, optionally with floating-point tensors in bfloat16.
 pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
+    refuse_inside_checkpoint(out)?;
     let dir = checkpoint::resolve(ckpt)?;
     let tensors = checkpoint::read_tensors(&dir, rundir::MODEL_FILE)?;
     let kept: Vec<(String, tch::Tensor)> = tensors
@@ -108,6 +109,7 @@ pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path,
 }
 
 fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
+    refuse_inside_checkpoint(out)?;
     let plan = load_plan(comm, path, overrides)?;
     let m = load_checkpointed(comm, &plan, ckpt)?;
     let (set, name) = data::embed_set(&plan, test)?;
@@ -157,6 +159,28 @@ fn eval(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path) -> Result<(
             "uniformity": f.uniformity,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+/// Refuse an output path inside a checkpoint directory (`step-<N>/`, `best/`,
+/// or any directory holding a `state.json`): a file written there would change
+/// what a resume or an evaluation of that checkpoint reads.
+fn refuse_inside_checkpoint(out: &Path) -> Result<()> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(parent) = parent.canonicalize() else { return Ok(()) };
+    for dir in parent.ancestors() {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let step = name.strip_prefix("step-").is_some_and(|n| n.parse::<usize>().is_ok());
+        let best = name == rundir::BEST_DIR && dir.parent().is_some_and(|p| p.join(rundir::CONFIG_FILE).is_file());
+        if step || best || dir.join(rundir::STATE_FILE).is_file() {
+            anyhow::bail!(
+                "--out {} lies inside the checkpoint directory {}: writing there would change that checkpoint; \
+                 write the file elsewhere",
+                out.display(),
+                dir.display()
+            );
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod plot;
 pub mod pretrained;
 pub mod progress;
 pub mod rundir;
+pub mod runlock;
 pub mod signals;
 pub mod trainer;
 
@@ -273,7 +274,8 @@ pub(crate) fn truncate_step_log(path: &Path, keep_through: usize) -> Result<()> 
         .map(|l| format!("{l}\n"))
         .collect();
     if kept.len() != text.len() {
-        let tmp = path.with_extension("jsonl.tmp");
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(rundir::tmp_name(&name, None));
         std::fs::write(&tmp, kept)?;
         std::fs::rename(&tmp, path)?;
     }
@@ -315,6 +317,8 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// Train with an explicit communicator (tests pass the threaded backend).
 pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Summary> {
     let mut plan = load_plan(comm, path, overrides)?;
+    // Held until training ends: a second run into checkpoint.dir is refused.
+    let _lock = runlock::claim(comm, &plan)?;
     if comm.rank() == 0 && !pretrained::resuming(&plan)? {
         // Recorded in config.yaml and summary.json; only rank 0 reads the file.
         plan.config.model.pretrained_sha256 = pretrained::pretrained_sha256(&plan)?;
@@ -346,9 +350,34 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let dataset_fingerprint = input.fingerprint();
     let parts = Parts { method, device, tokenizer, view_shapes, eval, sampler, dataset_fingerprint };
     let mut trainer = Trainer::new(comm, plan.clone(), parts)?;
+    if trainer.start_step() >= plan.steps {
+        return Ok(nothing_to_train(comm, &plan, trainer.start_step()));
+    }
     trainer.baselines()?;
     let pipeline = Pipeline::start_input(input, pipeline_config(comm, &plan, trainer.start_step(), mode))?;
     trainer.run(pipeline)
+}
+
+/// A resume whose checkpoint already holds `train.steps` steps: say so (the
+/// run's summary and evaluations stay as they were) instead of finishing again.
+fn nothing_to_train<C: Collective>(comm: &C, plan: &Plan, at: usize) -> Summary {
+    if comm.rank() == 0 {
+        tracing::warn!(
+            "nothing to train: the checkpoint in {} is at step {at} and train.steps is {}; \
+             raise train.steps to train further, or start over with checkpoint.overwrite=true \
+             and train.resume=false. {} is unchanged",
+            plan.config.checkpoint.dir.display(),
+            plan.steps,
+            rundir::SUMMARY_FILE
+        );
+    }
+    Summary {
+        steps: at,
+        final_loss: f64::NAN,
+        world_size: plan.world_size,
+        global_batch: plan.global_batch,
+        ..Default::default()
+    }
 }
 
 /// Open the training data on rank 0 first (it builds any index cache the
@@ -430,7 +459,7 @@ fn write_resolved_config(plan: &Plan) -> Result<()> {
         dir.display(),
         plan.resolved_yaml()
     );
-    let (path, tmp) = (dir.join(rundir::CONFIG_FILE), dir.join(".config.yaml.tmp"));
+    let (path, tmp) = (dir.join(rundir::CONFIG_FILE), dir.join(rundir::tmp_name(rundir::CONFIG_FILE, None)));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }

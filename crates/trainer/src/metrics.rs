@@ -193,7 +193,7 @@ impl Metrics {
 
     fn write_textfile(&self, path: &std::path::Path) -> Result<()> {
         // node_exporter must never read a half-written file: write, then rename.
-        let tmp = path.with_extension("prom.tmp");
+        let tmp = path.with_extension(format!("prom.{}.tmp", std::process::id()));
         std::fs::write(&tmp, self.encode()).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", path.display()))
     }

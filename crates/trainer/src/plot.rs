@@ -73,7 +73,7 @@ pub fn plot(run_dir: &Path) -> Result<PathBuf> {
     register_font();
     let (steps, evals) = (run_dir.join(STEPS_FILE), run_dir.join(EVALS_FILE));
     let path = run_dir.join(PLOT_FILE);
-    let tmp = run_dir.join(".plot.png.tmp.png");
+    let tmp = run_dir.join(crate::rundir::tmp_name(crate::rundir::PLOT_FILE, Some("png")));
     {
         let root = BitMapBackend::new(&tmp, (1500, 450)).into_drawing_area();
         root.fill(&WHITE).context("plot background")?;

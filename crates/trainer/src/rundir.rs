@@ -12,7 +12,12 @@
 //!   latest           the name of the newest checkpoint (LATEST_FILE)
 //!   step-<N>/        a checkpoint: model.safetensors, optim.safetensors, state.json
 //!   best/            the best checkpoint by `checkpoint.best` (BEST_DIR)
+//!   .lock            flocked by the run that owns the directory (LOCK_FILE)
 //! ```
+//!
+//! Files are replaced by writing a temporary name unique to the process
+//! ([`tmp_name`]) and renaming it; the run that takes the lock removes those
+//! that dead processes left ([`is_tmp_name`]).
 
 /// The resolved configuration.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -38,4 +43,30 @@ pub const STATE_FILE: &str = "state.json";
 /// Name of step `n`'s checkpoint directory.
 pub fn step_dir_name(step: usize) -> String {
     format!("step-{step}")
+}
+
+/// Held (`flock`, exclusive) by the run that owns the directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// A hidden temporary name for `stem`, unique to this process:
+/// `.<stem>.<pid>.tmp` (`.<stem>.<pid>.tmp.<ext>` with `ext`, for writers that
+/// pick a format from the extension).
+pub fn tmp_name(stem: &str, ext: Option<&str>) -> String {
+    let pid = std::process::id();
+    match ext {
+        Some(e) => format!(".{stem}.{pid}.tmp.{e}"),
+        None => format!(".{stem}.{pid}.tmp"),
+    }
+}
+
+/// Whether a directory entry is a temporary of [`tmp_name`]'s form (of any process).
+pub fn is_tmp_name(name: &str) -> bool {
+    name.starts_with('.') && (name.ends_with(".tmp") || name.contains(".tmp."))
+}
+
+/// Whether an entry of a run directory is a run's checkpoint or record: what a
+/// fresh run must not mix its own with.
+pub fn is_run_output(name: &str) -> bool {
+    let step = name.strip_prefix("step-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    step || [LATEST_FILE, BEST_DIR, STEPS_FILE, EVALS_FILE, SUMMARY_FILE, PLOT_FILE].contains(&name)
 }

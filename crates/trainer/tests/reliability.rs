@@ -66,3 +66,117 @@ fn collectives_with_unequal_counts_are_an_error_when_checked() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("all_reduce_sum: the ranks passed different element counts"), "{err}");
 }
+
+#[test]
+fn a_second_run_into_a_directory_in_use_is_refused_and_a_killed_ones_leftovers_go() {
+    let fx = Fixture::new();
+    let cfg = fx.config("locked", "ntxent", "");
+    let args = args_of(&cfg, &["train.steps=40", "train.resume=true", "checkpoint.every=1"]);
+    let log = fx.path("first.log");
+    let mut first = Command::new(BIN)
+        .args(&args)
+        .env("CONTRAST_FAULT_STEP_SLEEP_MS", "150")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut first, &fx.path("locked"), 1, &log);
+    // A job submitted twice: refused at start, naming the directory; the first run is untouched.
+    let out = run(0, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("checkpoint.dir") && err.contains("in use by another run") && err.contains("pid"), "{err}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // kill -9 releases the lock; what a dead writer left behind goes, and the resume goes on.
+    std::fs::create_dir(fx.path("locked/.step-99.12345.tmp")).unwrap();
+    std::fs::write(fx.path("locked/.latest.12345.tmp"), "step-99").unwrap();
+    let mut short = args.clone();
+    short.extend(["--set".into(), format!("train.steps={}", latest_step(&fx.path("locked")) + 1)]);
+    ok(run(0, &short.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    assert!(!fx.path("locked/.step-99.12345.tmp").exists() && !fx.path("locked/.latest.12345.tmp").exists());
+}
+
+#[test]
+fn the_demo_command_run_twice_resumes_then_says_it_is_done() {
+    let fx = Fixture::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sets = [
+        format!("data.root={}", fx.path("data").display()),
+        format!("checkpoint.dir={}", fx.path("demo").display()),
+        "train.steps=2".into(),
+        "train.global_batch=16".into(),
+        "model.width=4".into(),
+        "model.embed_dim=64".into(),
+        "eval.at_end=false".into(),
+        "metrics.enabled=false".into(),
+    ];
+    let demo = || {
+        let mut c = Command::new(root.join("launch/demo.sh"));
+        c.args(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]))
+            .env("CONTRAST_DEMO_SKIP_SETUP", "1")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+        c.output().unwrap()
+    };
+    ok(demo());
+    let losses_before = losses(&fx.path("demo"));
+    let out = ok(demo());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to train") && err.contains("at step 2"), "{err}");
+    assert_eq!(losses(&fx.path("demo")), losses_before, "the second run changed the first one's records");
+}
+
+#[test]
+fn empty_paths_and_outputs_inside_a_checkpoint_are_refused() {
+    let fx = Fixture::new();
+    let cfg = fx.config("paths", "ntxent", "");
+    for (set, key) in [("checkpoint.dir=' '", "checkpoint.dir"), ("data.root=''", "data.root")] {
+        let out = run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", set], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key) && err.contains("empty"), "{set}: {err}");
+    }
+    ok(run(0, &["--config", cfg.to_str().unwrap()], &[]));
+    let step = fx.path("paths/step-3");
+    let inside = step.join("emb.safetensors");
+    let out = run(0, &["export", "--checkpoint", step.to_str().unwrap(), "--out", inside.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("inside the checkpoint directory"), "{err}");
+    let args = ["embed", "--checkpoint", step.to_str().unwrap(), "--out", inside.to_str().unwrap()];
+    let out = run(0, &args, &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("inside the checkpoint directory"));
+    assert!(!inside.exists());
+    ok(run(0, &["export", "--checkpoint", step.to_str().unwrap(), "--out", fx.path("w.safetensors").to_str().unwrap()], &[]));
+}
+
+#[test]
+fn a_resume_skips_invalid_checkpoints_with_a_warning_and_says_when_nothing_is_left_to_train() {
+    let fx = Fixture::new();
+    let cfg = fx.config("valid", "ntxent", "");
+    let base = ["train.steps=4", "checkpoint.every=1", "checkpoint.keep=0"];
+    ok(run(0, &args_of(&cfg, &base).iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    let dir = fx.path("valid");
+    // step-4: a truncated model file; step-3: state.json of another step; step-2: a model of
+    // another width (the shapes do not match); `latest` points outside the run directory.
+    let model = dir.join("step-4/model.safetensors");
+    let len = std::fs::metadata(&model).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&model).unwrap().set_len(len - 100).unwrap();
+    let state = std::fs::read_to_string(dir.join("step-3/state.json")).unwrap();
+    std::fs::write(dir.join("step-3/state.json"), state.replace("\"step\": 3", "\"step\": 7")).unwrap();
+    let wide = fx.config("wide", "ntxent", "");
+    ok(run(0, &args_of(&wide, &["train.steps=2", "model.width=8"]).iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    std::fs::copy(fx.path("wide/step-2/model.safetensors"), dir.join("step-2/model.safetensors")).unwrap();
+    std::fs::write(dir.join("latest"), "../wide/step-2\n").unwrap();
+    let resume = args_of(&cfg, &["train.steps=5", "checkpoint.every=1", "checkpoint.keep=0", "train.resume=true"]);
+    let out = ok(run(0, &resume.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for why in ["not a step-<N> directory of this run directory", "truncated", "its name says 3", "has shape"] {
+        assert!(err.contains(why), "no warning with {why:?}:\n{err}");
+    }
+    assert!(err.contains("resumed from") && err.contains("step-1") && err.contains("at step 1"), "{err}");
+    // Resumed at the last step: said so, nothing retrained or re-evaluated.
+    let before = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap();
+    let out = ok(run(0, &resume.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to train") && err.contains("at step 5") && !err.contains("done:"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("steps.jsonl")).unwrap(), before);
+}

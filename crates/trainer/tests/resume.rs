@@ -69,42 +69,33 @@ fn a_resume_with_an_incompatible_config_is_refused_naming_the_key() {
 }
 
 #[test]
-fn a_fresh_run_into_an_old_directory_keeps_its_own_checkpoints() {
+fn a_fresh_run_into_an_old_directory_is_refused_unless_it_overwrites() {
     let fx = Fixture::new();
     let cfg = fx.config("reused", "ntxent", "");
-    let long = [
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        "train.steps=6",
-        "--set",
-        "checkpoint.every=2",
-        "--set",
-        "checkpoint.keep=2",
-    ];
-    ok(run(0, &long, &[]));
-    // A new, shorter run (resume off) into the same directory.
-    let short = [
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        "train.steps=3",
-        "--set",
-        "checkpoint.every=1",
-        "--set",
-        "checkpoint.keep=2",
-    ];
-    ok(run(0, &short, &[]));
+    let c = cfg.to_str().unwrap();
+    ok(run(0, &["--config", c, "--set", "train.steps=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2"], &[]));
+    let before = std::fs::read_to_string(fx.path("reused/steps.jsonl")).unwrap();
+    // A new, shorter run (resume off) into the same directory: refused, nothing touched.
+    let short = ["--config", c, "--set", "train.steps=3", "--set", "checkpoint.every=1"];
+    let out = run(0, &short, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("checkpoint.dir") && err.contains("holds another run"), "{err}");
+    assert!(err.contains("checkpoint.overwrite=true") && err.contains("train.resume=true"), "{err}");
+    assert_eq!(std::fs::read_to_string(fx.path("reused/steps.jsonl")).unwrap(), before);
+    assert_eq!(std::fs::read_to_string(fx.path("reused/latest")).unwrap().trim(), "step-6");
+    assert!(fx.path("reused/evals.jsonl").exists() || !before.is_empty());
+    // With checkpoint.overwrite the old run's files go first: nothing of it is mixed in.
+    let mut over = short.to_vec();
+    over.extend(["--set", "checkpoint.overwrite=true"]);
+    ok(run(0, &over, &[]));
     assert_eq!(std::fs::read_to_string(fx.path("reused/latest")).unwrap().trim(), "step-3");
-    for kept in ["step-2", "step-3", "step-6"] {
-        assert!(fx.path("reused").join(kept).join("state.json").is_file(), "{kept} is gone");
-    }
-    assert!(!fx.path("reused/step-1").exists(), "the new run keeps only its 2 newest");
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.path("reused/step-3/state.json")).unwrap()).unwrap();
-    let old: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx.path("reused/step-6/state.json")).unwrap()).unwrap();
-    assert_ne!(state["run_id"], old["run_id"]);
+    assert!(!fx.path("reused/step-6").exists() && !fx.path("reused/step-4").exists());
+    assert_eq!(losses(&fx.path("reused")).len(), 3);
+    // Overwrite and resume contradict each other.
+    let mut both = over.clone();
+    both.extend(["--set", "train.resume=true"]);
+    let out = run(0, &both, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checkpoint.overwrite"));
 }
 
 #[test]
@@ -129,7 +120,7 @@ fn a_latest_naming_a_torn_checkpoint_falls_back_to_the_newest_intact_one() {
     resume.extend(["--set", "train.resume=true"]);
     let out = ok(run(0, &resume, &[]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a complete checkpoint") && err.contains("step-2"), "{err}");
+    assert!(err.contains("is not a valid checkpoint (model.safetensors is missing)") && err.contains("step-2"), "{err}");
     assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
     assert_eq!(std::fs::read_to_string(fx.path("torn/latest")).unwrap().trim(), "step-4");
 }
@@ -176,6 +167,13 @@ fn kills_at_random_points_of_checkpoint_writes_always_leave_a_loadable_checkpoin
     tail.extend(["--set".to_string(), format!("train.steps={}", last + 2)]);
     ok(run(0, &tail.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
     assert_eq!(latest_step(&run_dir), last + 2);
+    // Holding the directory's lock, it removed what the killed processes left half-written.
+    let left: Vec<String> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "stale temporaries left: {left:?}");
 }
 
 #[test]

@@ -173,7 +173,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
     fn resume(&mut self) -> Result<()> {
         let dir = self.plan.config.checkpoint.dir.clone();
         let (model, optim) = (self.method.state(), optim_items(&self.opt));
-        let find = || checkpoint::latest(&dir);
+        let p = self.comm.world_size();
+        let expect = checkpoint::Expect { model: &model, optim: Some(&optim), world_size: p };
+        let find = || checkpoint::newest_valid(&dir, Some(&expect));
         let mine = self.state(0, 0.0);
         let accept = |st: &State| compatible(st, &mine);
         let Some(loaded) = checkpoint::load(self.comm, find, accept, &model, Some(&optim))? else {
@@ -183,7 +185,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             return Ok(());
         };
         let st = &loaded.state;
-        let (rank, p) = (self.comm.rank(), self.comm.world_size());
+        let rank = self.comm.rank();
         self.method.load_state(&loaded.model, rank, p).with_context(|| loaded.dir.display().to_string())?;
         let optim: Vec<(String, Tensor)> = loaded.optim.into_iter().collect();
         self.opt.load_state(&optim).map_err(|e| anyhow::anyhow!("{}: {e}", loaded.dir.display()))?;

@@ -10,7 +10,7 @@
 //! world size resumes any checkpoint.
 //!
 //! A checkpoint of several files is only atomic as a directory: it is written
-//! as `dir/.step-<N>.tmp` and renamed into place; `latest` is written to a
+//! as `dir/.step-<N>.<pid>.tmp` and renamed into place; `latest` is written to a
 //! temporary file and renamed too. A crash at any moment leaves the previous
 //! checkpoint and `latest` intact.
 
@@ -79,7 +79,7 @@ pub struct State {
 pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], keep: usize) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
     let fin = write_dir(dir, &name, state, files)?;
-    let latest_tmp = dir.join(".latest.tmp");
+    let latest_tmp = dir.join(crate::rundir::tmp_name(LATEST_FILE, None));
     std::fs::write(&latest_tmp, format!("{name}\n"))?;
     sync(&latest_tmp)?;
     std::fs::rename(&latest_tmp, dir.join(LATEST_FILE))?;
@@ -94,7 +94,7 @@ pub fn commit(dir: &Path, state: &State, files: &[(&str, &[(String, Tensor)])], 
 /// directory, each fsynced, then renamed into place and the rename fsynced.
 fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, Tensor)])]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(crate::rundir::tmp_name(name, None));
     let fin = dir.join(&name);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -119,7 +119,8 @@ fn write_dir(dir: &Path, name: &str, state: &State, files: &[(&str, &[(String, T
     Ok(fin)
 }
 
-/// The directory of the best checkpoint by `checkpoint.best`, apart from the step directories.
+mod valid;
+pub use valid::{check, header_shapes, newest_valid, Expect};
 
 /// Where [`save`] writes.
 #[derive(Debug, Clone, Copy)]
@@ -177,44 +178,11 @@ fn sync(path: &Path) -> Result<()> {
 /// The files of a complete checkpoint directory.
 const FILES: [&str; 3] = [MODEL_FILE, OPTIM_FILE, STATE_FILE];
 
-/// Whether `p` holds every file of a checkpoint.
-fn intact(p: &Path) -> bool {
-    FILES.iter().all(|f| p.join(f).is_file())
-}
-
-/// The checkpoint `latest` names in a run directory, if any. When `latest` is
-/// missing, unreadable or names a missing or incomplete directory, the newest
-/// intact `step-<N>` directory is used instead, with a warning naming both.
+/// The checkpoint to use in a run directory: the one `latest` names when it is
+/// valid, else the newest valid `step-<N>` with a warning naming what was
+/// wrong ([`valid::newest_valid`]). `None` when it holds no checkpoint.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
-    let f = dir.join(LATEST_FILE);
-    if !f.exists() {
-        // A kill between a step directory's rename and the first `latest`'s.
-        let newest = step_dirs(dir).unwrap_or_default().into_iter().rev().find(|(_, p)| intact(p));
-        if let Some((_, p)) = &newest {
-            tracing::warn!("{} is missing: using the newest intact checkpoint, {}", f.display(), p.display());
-        }
-        return Ok(newest.map(|(_, p)| p));
-    }
-    let named = std::fs::read_to_string(&f).ok().map(|n| dir.join(n.trim()));
-    if let Some(p) = named.as_ref().filter(|p| intact(p)) {
-        return Ok(Some(p.clone()));
-    }
-    let mut steps = step_dirs(dir)?;
-    steps.retain(|(_, p)| intact(p));
-    let Some((_, newest)) = steps.pop() else {
-        bail!(
-            "{} names {:?}, which is not a complete checkpoint, and no intact step-<N> directory is left",
-            f.display(),
-            named
-        );
-    };
-    tracing::warn!(
-        "{} names {:?}, which is not a complete checkpoint: using the newest intact one, {}",
-        f.display(),
-        named.map(|p| p.display().to_string()),
-        newest.display()
-    );
-    Ok(Some(newest))
+    valid::newest_valid(dir, None)
 }
 
 /// The `step-<N>` directories of a run directory, sorted by N.
