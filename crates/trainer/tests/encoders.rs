@@ -24,7 +24,7 @@ fn write_cifar10_bin(root: &Path, per_batch: usize) {
     std::fs::write(dir.join("test_batch.bin"), batch(0)).unwrap();
 }
 
-fn image_folder(root: &Path, per_class: usize) {
+pub fn image_folder(root: &Path, per_class: usize) {
     for (c, rgb) in [("cat", [200u8, 40, 40]), ("dog", [40, 40, 200])] {
         let d = root.join(c).tap_mkdir();
         for i in 0..per_class {

@@ -180,3 +180,55 @@ fn a_resume_skips_invalid_checkpoints_with_a_warning_and_says_when_nothing_is_le
     assert!(err.contains("nothing to train") && err.contains("at step 5") && !err.contains("done:"), "{err}");
     assert_eq!(std::fs::read_to_string(dir.join("steps.jsonl")).unwrap(), before);
 }
+
+#[test]
+fn the_dataset_fingerprint_follows_content_not_where_the_files_are_staged() {
+    let fx = Fixture::new();
+    let (a, b) = (fx.path("staged-a"), fx.path("staged-b"));
+    crate::encoders::image_folder(&a, 8);
+    let cfg = fx.config("moved", "ntxent", "");
+    let sets = |root: &Path, more: &[&str]| {
+        let mut s = vec![
+            "data.dataset=image_folder".to_string(),
+            format!("data.root={}", root.display()),
+            "data.image_size=32".into(),
+            "eval.at_end=false".into(),
+        ];
+        s.extend(more.iter().map(|m| m.to_string()));
+        s
+    };
+    let go = |sets: Vec<String>| {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        run(0, &args_of(&cfg, &sets).iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    ok(go(sets(&a, &["train.steps=2"])));
+    // The same files staged at another path: the resume goes on.
+    Command::new("cp").arg("-r").arg(&a).arg(&b).status().unwrap();
+    ok(go(sets(&b, &["train.steps=3", "train.resume=true"])));
+    // Two ranks that stage the data at different paths agree too (MPMD).
+    let mpmd = |root: &Path| {
+        let mut v = vec!["--config".to_string(), cfg.display().to_string()];
+        for s in sets(root, &["train.steps=4", "train.resume=true"]) {
+            v.extend(["--set".to_string(), s]);
+        }
+        v
+    };
+    ok(run_mpmd(&[mpmd(&a), mpmd(&b)]));
+    // The same names with other content (a file grew): refused, naming data.root.
+    let f = b.join("cat/3.png");
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes.extend([0u8; 16]);
+    std::fs::write(&f, bytes).unwrap();
+    let out = go(sets(&b, &["train.steps=5", "train.resume=true"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("data.root") && err.contains("fingerprint"), "{err}");
+    // A checkpoint of the older form (no version) still resumes, with a warning naming the change.
+    let state = fx.path("moved/step-4/state.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("dataset_fingerprint_version");
+    v["dataset_fingerprint"] = "0123456789abcdef".into();
+    std::fs::write(&state, serde_json::to_string(&v).unwrap()).unwrap();
+    let out = ok(go(sets(&b, &["train.steps=5", "train.resume=true"])));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fingerprint is of form 1") && err.contains("relative to data.root"), "{err}");
+}

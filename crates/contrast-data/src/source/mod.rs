@@ -18,6 +18,10 @@ pub struct RawSample {
     pub caption: Option<String>,
 }
 
+/// The form of [`Source::fingerprint`]: 1 hashed absolute paths (names only), 2
+/// hashes paths relative to the root with sizes. Checkpoints record it.
+pub const FINGERPRINT_VERSION: u32 = 2;
+
 /// A dataset of encoded images addressed by index.
 pub trait Source: Send + Sync {
     /// Number of samples.
@@ -34,9 +38,11 @@ pub trait Source: Send + Sync {
     fn class_names(&self) -> Vec<String> {
         Vec::new()
     }
-    /// A fingerprint of what the dataset holds (its names, and the sizes where
-    /// an index records them): ranks all-reduce it before step 1, and a resume
-    /// compares it with the checkpoint's.
+    /// A fingerprint of what the dataset holds ([`FINGERPRINT_VERSION`] 2): each
+    /// file's path relative to the dataset's root and its size (for shards, each
+    /// member's name, offset and size; for IDX and CIFAR, the decoded content).
+    /// The same files staged at another path fingerprint alike. Ranks gather it
+    /// before step 1, and a resume compares it with the checkpoint's.
     fn fingerprint(&self) -> u64;
     /// The first sample whose label is unknown (−1), if any: supervised losses
     /// refuse such data before training.
@@ -45,6 +51,18 @@ pub trait Source: Send + Sync {
     fn caption(&self, i: usize) -> Option<String> {
         self.fetch(i).ok().and_then(|s| s.caption)
     }
+}
+
+/// The last `parts` components of `p` (`class/file.jpg`): what a fingerprint
+/// records, so that the same files staged under another root fingerprint alike.
+pub(crate) fn relative_name(p: &Path, parts: usize) -> String {
+    let names: Vec<_> = p.components().rev().take(parts).collect();
+    names.iter().rev().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+}
+
+/// The size of a file (following links), or `missing`, for fingerprints.
+pub(crate) fn file_size(p: &Path) -> String {
+    std::fs::metadata(p).map_or_else(|_| "missing".into(), |m| m.len().to_string())
 }
 
 const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -115,7 +133,12 @@ impl Source for ImageFolder {
         None
     }
     fn fingerprint(&self) -> u64 {
-        let names: Vec<String> = self.files.iter().map(|(p, l)| format!("{l}\t{}", p.display())).collect();
+        // Relative to the root (the class directory and the file name) with the size.
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, l)| format!("{l}\t{}\t{}", relative_name(p, 2), file_size(p)))
+            .collect();
         crate::fingerprint(names.iter().map(|n| n.as_bytes()))
     }
     fn first_unlabelled(&self) -> Option<usize> {
@@ -129,6 +152,8 @@ impl Source for ImageFolder {
 #[derive(Debug)]
 pub struct CsvSource {
     rows: Vec<(PathBuf, String)>,
+    /// The CSV file's directory, which relative paths are relative to.
+    base: PathBuf,
 }
 
 impl CsvSource {
@@ -164,7 +189,7 @@ impl CsvSource {
         if rows.is_empty() {
             return Err(bad("no rows".into()));
         }
-        Ok(Self { rows })
+        Ok(Self { rows, base: base.to_path_buf() })
     }
 }
 
@@ -181,7 +206,16 @@ impl Source for CsvSource {
         self.rows[i].0.display().to_string()
     }
     fn fingerprint(&self) -> u64 {
-        crate::fingerprint(self.rows.iter().flat_map(|(p, c)| [p.as_os_str().as_encoded_bytes(), c.as_bytes()]))
+        // Paths as the file names them relative to its directory, each with its size and caption.
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|(p, c)| {
+                let rel = p.strip_prefix(&self.base).unwrap_or(p);
+                format!("{}\t{}\t{c}", rel.display(), file_size(p))
+            })
+            .collect();
+        crate::fingerprint(rows.iter().map(|r| r.as_bytes()))
     }
     fn first_unlabelled(&self) -> Option<usize> {
         Some(0)

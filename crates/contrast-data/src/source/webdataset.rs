@@ -287,7 +287,10 @@ impl Source for WebDataset {
         let rows: Vec<String> = self
             .samples
             .iter()
-            .map(|(k, m)| format!("{}\t{:?}", self.shards[*k].display(), (&m.key, m.image, m.text, m.cls, m.json)))
+            .map(|(k, m)| {
+                let shard = super::relative_name(&self.shards[*k], 1);
+                format!("{shard}\t{:?}", (&m.key, m.image, m.text, m.cls, m.json))
+            })
             .collect();
         crate::fingerprint(rows.iter().map(|r| r.as_bytes()))
     }

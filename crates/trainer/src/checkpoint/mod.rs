@@ -49,9 +49,13 @@ pub struct State {
     /// Samples in the training set.
     #[serde(default)]
     pub dataset_len: Option<usize>,
-    /// Fingerprint of the training set's index (names and sizes), as hex.
+    /// Fingerprint of the training set (relative paths and sizes), as hex.
     #[serde(default)]
     pub dataset_fingerprint: Option<String>,
+    /// The form of `dataset_fingerprint` ([`contrast_data::source::FINGERPRINT_VERSION`];
+    /// absent: 1, which hashed absolute paths without sizes).
+    #[serde(default)]
+    pub dataset_fingerprint_version: Option<u32>,
     /// Source indices of the unreadable samples met so far (the budget of
     /// `data.max_bad_fraction` keeps counting across a resume).
     #[serde(default)]

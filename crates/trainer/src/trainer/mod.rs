@@ -260,6 +260,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             loss_name: Some(self.plan.loss.name()),
             dataset_len: Some(self.sampler.dataset_len()),
             dataset_fingerprint: Some(format!("{:016x}", self.dataset_fingerprint)),
+            dataset_fingerprint_version: Some(contrast_data::source::FINGERPRINT_VERSION),
             bad_samples: self.bad.seen(),
             run_id: Some(self.progress.run_id),
             knn_top1_init: self.progress.init.0,

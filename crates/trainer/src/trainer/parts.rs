@@ -329,6 +329,18 @@ pub(super) fn compatible(theirs: &State, mine: &State) -> Result<()> {
     let len = |s: &State| s.dataset_len.map(|n| format!("{n} samples"));
     opt(&len(theirs), &len(mine), "data.root")?;
     let fp = |s: &State| s.dataset_fingerprint.as_ref().map(|f| format!("a dataset of fingerprint {f}"));
+    let version = |s: &State| s.dataset_fingerprint_version.unwrap_or(1);
+    if version(theirs) != version(mine) && fp(theirs) != fp(mine) {
+        // An older form hashed absolute paths without sizes: it cannot be compared with this one.
+        tracing::warn!(
+            "the checkpoint's dataset fingerprint is of form {} (absolute paths, no sizes), this version's is of \
+             form {} (paths relative to data.root, and sizes): the dataset's content is not compared on this \
+             resume (its length is); the next checkpoint records the new form",
+            version(theirs),
+            version(mine)
+        );
+        return Ok(());
+    }
     opt(&fp(theirs), &fp(mine), "data.root")
 }
 
