@@ -34,6 +34,14 @@ pub struct DataConfig {
     pub csv_separator: String,
     /// Stop when more than this fraction of the samples cannot be read or decoded.
     pub max_bad_fraction: f64,
+    /// File datasets: the largest image file or shard member read, in bytes
+    /// (refused from its size before reading: a bad sample).
+    pub max_image_bytes: u64,
+    /// File datasets: the largest caption, label or JSON member read, in bytes.
+    pub max_text_bytes: u64,
+    /// File datasets: the most pixels an image may decode to, read from its
+    /// header before decoding (PIL's `MAX_IMAGE_PIXELS`).
+    pub max_image_pixels: u64,
     /// Multi-crop (`swav` preset): number of small crops.
     pub small_crops: usize,
     /// Multi-crop: side of the small crops (0 = image_size · 96 / 224; IDX: ⌈28 · 96 / 224⌉ = 12).
@@ -182,6 +190,9 @@ impl Default for DataConfig {
             csv_caption_key: "title".into(),
             csv_separator: "auto".into(),
             max_bad_fraction: 0.01,
+            max_image_bytes: 256 << 20,
+            max_text_bytes: 4 << 20,
+            max_image_pixels: 178_956_970,
             small_crops: 6,
             small_size: 0,
             mix: MixName::None,
@@ -273,6 +284,8 @@ pub(crate) fn rules(c: &Config, loss: LossKind, r: &mut Rules) {
     let csv = d.dataset == DatasetKind::Csv || eval_dataset == DatasetKind::Csv;
     r.keys("data", &["csv_img_key", "csv_caption_key", "csv_separator"], "a dataset that is not csv", !csv);
     r.keys("data", &["image_size"], "fashion_mnist (its images are 28×28)", !d.dataset.is_files());
+    let caps = ["max_image_bytes", "max_text_bytes", "max_image_pixels"];
+    r.keys("data", &caps, "fashion_mnist (its IDX files are read whole at start)", !d.dataset.is_files());
     let preset = format!("data.augment: {}", d.augment.as_str());
     r.keys("data", &["small_crops", "small_size"], &preset, d.augment != AugmentPreset::Swav);
     r.keys("data", &["mix_alpha", "mix_group"], "data.mix: none", d.mix == MixName::None);
@@ -299,6 +312,15 @@ pub(crate) fn check(c: &Config, loss: LossKind, accepts_augment: bool, method: &
             "data.csv_separator",
             format!("must be one character or `auto`, got {:?}", d.csv_separator),
         ));
+    }
+    for (key, v) in [
+        ("max_image_bytes", d.max_image_bytes),
+        ("max_text_bytes", d.max_text_bytes),
+        ("max_image_pixels", d.max_image_pixels),
+    ] {
+        if v == 0 || v > 1 << 40 {
+            return Err(invalid(format!("data.{key}"), format!("must lie in [1, 2^40], got {v}")));
+        }
     }
     if !(0.0..=1.0).contains(&d.max_bad_fraction) {
         return Err(invalid("data.max_bad_fraction", format!("must lie in [0, 1], got {}", d.max_bad_fraction)));

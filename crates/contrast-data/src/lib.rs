@@ -7,7 +7,9 @@
 #![warn(missing_docs)]
 
 pub mod augment;
+pub mod hostile;
 pub mod idx;
+pub mod limits;
 pub mod mix;
 pub mod pipeline;
 pub mod randaug;

@@ -25,7 +25,10 @@ pub struct Rgb {
 }
 
 /// Decode JPEG, PNG or WebP bytes into RGB (any colour type is converted).
+/// An image whose header declares more than `data.max_image_pixels` pixels is
+/// refused before decoding ([`crate::limits`]).
 pub fn decode(bytes: &[u8]) -> Result<Rgb, String> {
+    crate::limits::check_pixels(bytes, crate::limits::get().pixels)?;
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     let rgb = img.into_rgb8();
     let (width, height) = rgb.dimensions();

@@ -118,6 +118,12 @@ pub fn init_logging(format: LogFormat) {
 pub fn load_plan<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Plan> {
     let plan = resolve_plan(comm, path, overrides)?;
     agree::agree_on_config(comm, &plan)?;
+    let d = &plan.config.data;
+    contrast_data::limits::set(contrast_data::limits::ReadLimits {
+        image_bytes: d.max_image_bytes,
+        text_bytes: d.max_text_bytes,
+        pixels: d.max_image_pixels,
+    });
     Ok(plan)
 }
 

@@ -232,3 +232,41 @@ fn the_dataset_fingerprint_follows_content_not_where_the_files_are_staged() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fingerprint is of form 1") && err.contains("relative to data.root"), "{err}");
 }
+
+#[test]
+fn hostile_files_in_a_dataset_are_bad_samples_that_name_themselves() {
+    use contrast_data::hostile;
+    let fx = Fixture::new();
+    let root = fx.path("hostile");
+    crate::encoders::image_folder(&root, 8);
+    hostile::fifo(&root.join("cat/fifo.png")).unwrap();
+    hostile::link_to_dev_zero(&root.join("cat/zero.png")).unwrap();
+    hostile::sparse(&root.join("dog/huge.png"), 1 << 30).unwrap();
+    std::fs::write(root.join("dog/bomb.png"), hostile::png_bomb(60_000, 60_000)).unwrap();
+    let cfg = fx.config("hostile-run", "ntxent", "");
+    let sets = [
+        "data.dataset=image_folder".to_string(),
+        format!("data.root={}", root.display()),
+        "data.image_size=32".into(),
+        "data.max_bad_fraction=0.5".into(),
+        "data.max_image_bytes=1000000".into(),
+        "train.steps=6".into(),
+        "eval.at_end=false".into(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let t0 = std::time::Instant::now();
+    let out = ok(run(0, &args_of(&cfg, &sets).iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    assert!(t0.elapsed().as_secs() < 60, "the run took {:?}", t0.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (file, why) in [
+        ("fifo.png", "not a regular file"),
+        ("zero.png", "not a regular file"),
+        ("huge.png", "data.max_image_bytes"),
+        ("bomb.png", "data.max_image_pixels"),
+    ] {
+        assert!(err.lines().any(|l| l.contains(file) && l.contains(why)), "{file}: {why} not logged:\n{err}");
+    }
+    let last = std::fs::read_to_string(fx.path("hostile-run/steps.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert_eq!(last["bad_files"].as_u64(), Some(4), "{last}");
+}

@@ -120,7 +120,7 @@ impl Source for ImageFolder {
     }
     fn fetch(&self, i: usize) -> Result<RawSample, String> {
         let (p, label) = &self.files[i];
-        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let bytes = crate::limits::read_image_file(p)?;
         Ok(RawSample { bytes, label: *label, caption: None })
     }
     fn locate(&self, i: usize) -> String {
@@ -199,7 +199,7 @@ impl Source for CsvSource {
     }
     fn fetch(&self, i: usize) -> Result<RawSample, String> {
         let (p, cap) = &self.rows[i];
-        let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let bytes = crate::limits::read_image_file(p)?;
         Ok(RawSample { bytes, label: -1, caption: Some(cap.clone()) })
     }
     fn locate(&self, i: usize) -> String {

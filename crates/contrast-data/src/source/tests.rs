@@ -316,3 +316,72 @@ fn cifar_100_and_broken_batches_name_the_file() {
     let e = CifarSource::open(&dir.path().join("nowhere"), Cifar::Ten, true).err().unwrap().to_string();
     assert!(e.contains("no CIFAR batches"), "{e}");
 }
+
+#[test]
+fn reads_are_bounded_to_regular_files_of_capped_size_and_decodes_to_capped_pixels() {
+    use crate::{hostile, limits};
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    hostile::fifo(&p("fifo.png")).unwrap();
+    hostile::link_to_dev_zero(&p("zero.png")).unwrap();
+    hostile::sparse(&p("huge.png"), 300 << 20).unwrap();
+    std::fs::write(p("ok.png"), png_bytes(3)).unwrap();
+    // A FIFO and a link to a device are refused without a read (neither blocks nor runs forever).
+    for f in ["fifo.png", "zero.png"] {
+        let e = limits::read_file(&p(f), 1 << 20, "max_image_bytes").unwrap_err();
+        assert!(e.contains(f) && e.contains("not a regular file"), "{e}");
+    }
+    // A file over the cap is refused from its size: nothing allocated or read.
+    let e = limits::read_image_file(&p("huge.png")).unwrap_err();
+    assert!(e.contains("huge.png") && e.contains("314572800 bytes") && e.contains("data.max_image_bytes"), "{e}");
+    let e = limits::read_file(&p("ok.png"), 10, "max_image_bytes").unwrap_err();
+    assert!(e.contains("over the cap of 10"), "{e}");
+    assert_eq!(limits::read_file(&p("ok.png"), 1 << 20, "max_image_bytes").unwrap(), png_bytes(3));
+    // An allocation that cannot succeed is an error, not an abort.
+    assert!(limits::buffer(u64::MAX / 2).unwrap_err().contains("cannot allocate"));
+    // A 60-byte PNG declaring 100000×100000 pixels is refused from its header.
+    let bomb = hostile::png_bomb(100_000, 100_000);
+    assert!(bomb.len() < 100);
+    let e = crate::rgb::decode(&bomb).unwrap_err();
+    assert!(e.contains("10000000000 pixels") && e.contains("data.max_image_pixels"), "{e}");
+    assert!(limits::check_pixels(&png_bytes(1), 30).is_ok() && limits::check_pixels(&png_bytes(1), 29).is_err());
+    // In an image folder each is a bad sample naming its file.
+    std::fs::create_dir(p("c")).unwrap();
+    for f in ["fifo.png", "zero.png", "huge.png", "ok.png"] {
+        std::fs::rename(p(f), p("c").join(f)).unwrap();
+    }
+    std::fs::write(p("c/bomb.png"), &bomb).unwrap();
+    let s = ImageFolder::open(dir.path()).unwrap();
+    let errors: Vec<String> = (0..s.len()).filter_map(|i| s.fetch(i).err()).collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    let bomb = (0..s.len()).find(|&i| s.locate(i).ends_with("bomb.png")).unwrap();
+    assert!(crate::rgb::decode(&s.fetch(bomb).unwrap().bytes).is_err());
+}
+
+#[test]
+fn shard_members_over_the_cap_are_refused_from_the_tar_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("000000.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    for (name, data) in [("a.png", vec![7u8; 3 << 20]), ("a.txt", vec![b'x'; 64])] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.finish().unwrap();
+    drop(b);
+    let members = super::webdataset::load_or_build_index(&path).unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let e = super::webdataset::read_span(&mut f, members[0].image, 1 << 20, "max_image_bytes").unwrap_err();
+    assert!(e.contains("3145728 bytes") && e.contains("data.max_image_bytes"), "{e}");
+    let text = members[0].text.unwrap();
+    assert!(super::webdataset::read_span(&mut f, text, 16, "max_text_bytes").unwrap_err().contains("max_text_bytes"));
+    assert_eq!(super::webdataset::read_span(&mut f, text, 64, "max_text_bytes").unwrap(), vec![b'x'; 64]);
+    // A shard that is not a regular file is refused at open, naming it.
+    let fifo = dir.path().join("000001.tar");
+    crate::hostile::fifo(&fifo).unwrap();
+    let e = WebDataset::open(fifo.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("000001.tar") && e.contains("not a regular file"), "{e}");
+}

@@ -69,6 +69,10 @@ pub(super) const INDEX_VERSION: &str = "contrast-index v3";
 /// The shard's size and mtime, which a cache must match.
 pub(super) fn stamp(path: &Path) -> Result<(u64, String), DataError> {
     let m = std::fs::metadata(path).map_err(io_err(path))?;
+    if !m.is_file() {
+        let message = format!("not a regular file ({:?}); shards must be regular files", m.file_type());
+        return Err(DataError::Format { path: path.into(), message });
+    }
     let mtime =
         m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
     Ok((m.len(), format!("{INDEX_VERSION} size={} mtime={mtime}", m.len())))
@@ -123,7 +127,8 @@ pub(super) fn index_shard(path: &Path, size: u64) -> Result<Vec<Member>, DataErr
     let mut out = Vec::new();
     for (key, [image, text, cls, json]) in scan_members(path, size)? {
         let Some(image) = image else { continue };
-        let mut read = |s: Span| read_span(&mut file, s).map_err(|e| bad(format!("{key}: {e}")));
+        let cap = crate::limits::get().text_bytes;
+        let mut read = |s: Span| read_span(&mut file, s, cap, "max_text_bytes").map_err(|e| bad(format!("{key}: {e}")));
         let cls = match (cls, json) {
             (Some(s), _) => {
                 let l = String::from_utf8_lossy(&read(s)?).trim().parse::<i64>();
@@ -142,10 +147,17 @@ pub(super) fn index_shard(path: &Path, size: u64) -> Result<Vec<Member>, DataErr
     Ok(out)
 }
 
-pub(super) fn read_span(file: &mut std::fs::File, s: Span) -> std::io::Result<Vec<u8>> {
-    file.seek(SeekFrom::Start(s.offset))?;
-    let mut buf = vec![0u8; s.len as usize];
-    file.read_exact(&mut buf)?;
+/// Read a member's span of at most `cap` bytes (`key`: the cap's config key):
+/// its size comes from the tar header, so an oversized member is refused
+/// before a byte is allocated, and the buffer is allocated fallibly.
+pub(super) fn read_span(file: &mut std::fs::File, s: Span, cap: u64, key: &str) -> Result<Vec<u8>, String> {
+    crate::limits::check_size(s.len, cap, key)?;
+    let mut buf = crate::limits::buffer(s.len)?;
+    file.seek(SeekFrom::Start(s.offset)).map_err(|e| e.to_string())?;
+    file.take(s.len).read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    if buf.len() as u64 != s.len {
+        return Err(format!("the member ends after {} of its {} bytes (the shard shrank?)", buf.len(), s.len));
+    }
     Ok(buf)
 }
 
@@ -242,6 +254,10 @@ impl WebDataset {
     /// The shard of sample `i`, opened.
     fn shard_of(&self, i: usize) -> Result<std::fs::File, String> {
         let path = &self.shards[self.samples[i].0];
+        let regular = std::fs::metadata(path).map(|m| m.is_file()).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !regular {
+            return Err(format!("{}: not a regular file; only regular files are read", path.display()));
+        }
         std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -250,7 +266,10 @@ impl WebDataset {
     fn text_of(&self, i: usize, file: &mut std::fs::File) -> Result<(Option<String>, Option<i64>), String> {
         let (k, m) = &self.samples[i];
         let path = &self.shards[*k];
-        let mut read = |s: Span| read_span(file, s).map_err(|e| format!("{} ({}): {e}", path.display(), m.key));
+        let cap = crate::limits::get().text_bytes;
+        let mut read = |s: Span| {
+            read_span(file, s, cap, "max_text_bytes").map_err(|e| format!("{} ({}): {e}", path.display(), m.key))
+        };
         let mut caption = match m.text {
             Some(s) => Some(String::from_utf8_lossy(&read(s)?).trim().to_string()),
             None => None,
@@ -271,8 +290,9 @@ impl Source for WebDataset {
     }
     fn fetch(&self, i: usize) -> Result<RawSample, String> {
         let (mut file, (k, m)) = (self.shard_of(i)?, &self.samples[i]);
-        let bytes =
-            read_span(&mut file, m.image).map_err(|e| format!("{} ({}): {e}", self.shards[*k].display(), m.key))?;
+        let cap = crate::limits::get().image_bytes;
+        let bytes = read_span(&mut file, m.image, cap, "max_image_bytes")
+            .map_err(|e| format!("{} ({}): {e}", self.shards[*k].display(), m.key))?;
         let (caption, label) = self.text_of(i, &mut file)?;
         Ok(RawSample { bytes, label: label.unwrap_or(-1), caption })
     }
