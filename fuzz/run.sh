@@ -2,7 +2,7 @@
 # Fuzz every reader of a user's file with libFuzzer, for a fixed time per
 # target (not part of CI):
 #   fuzz/run.sh [SECONDS_PER_TARGET=60] [TARGET ...]
-# Targets: config idx image csv webdataset tokenizer synonyms checkpoint.
+# Targets: config yaml_shape idx image csv webdataset tokenizer synonyms checkpoint.
 #
 # libFuzzer comes from the libfuzzer-sys crate; the targets are instrumented
 # with the same SanitizerCoverage flags `cargo fuzz build -s none` passes, on
@@ -17,7 +17,7 @@ source launch/env.sh
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config idx image csv webdataset tokenizer synonyms checkpoint)
+[ ${#targets[@]} -gt 0 ] || targets=(config yaml_shape idx image csv webdataset tokenizer synonyms checkpoint)
 host="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

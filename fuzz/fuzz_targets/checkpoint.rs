@@ -17,4 +17,7 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(dir.join("model.safetensors"), &rest[cut..]).unwrap();
     let _ = trainer::checkpoint::read_state(&dir);
     let _ = trainer::checkpoint::read_tensors(&dir, "model.safetensors");
+    // The resume's validation reads the header alone, bounded.
+    let _ = trainer::checkpoint::header_shapes(&dir.join("model.safetensors"));
+    let _ = trainer::checkpoint::check(&dir, None);
 });

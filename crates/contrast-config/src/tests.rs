@@ -77,6 +77,42 @@ fn deep_or_huge_yaml_is_refused_before_parsing() {
 }
 
 #[test]
+fn parsing_any_input_under_the_size_cap_is_fast_and_depth_is_bounded_everywhere() {
+    // Inputs the old line-based pre-check misread (brackets after an apostrophe in a plain
+    // scalar went uncounted, and libyaml's cost grew with the square of their depth).
+    let n = 200_000;
+    let inputs = [
+        format!("seed: [a's, {}{}]\n", "[".repeat(n), "]".repeat(n)),
+        format!("seed: {{a: it's {}{}}}\n", "{".repeat(n), "}".repeat(n)),
+        format!("x: {}\n", "[a, ".repeat(n)),
+        (0..MAX_YAML_DEPTH + 2).map(|d| format!("{}- a:\n", "  ".repeat(d))).collect(),
+        format!("x: {}\n", "- ".repeat(n)),
+        format!("a: &a [x]\n{}", (0..300).map(|i| format!("k{i}: *a\n")).collect::<String>()),
+        format!("seed: {}\n", "? ".repeat(n)),
+    ];
+    for text in &inputs {
+        assert!(text.len() <= MAX_CONFIG_BYTES);
+        let t0 = std::time::Instant::now();
+        let out = Config::from_yaml(text, "hostile.yaml");
+        let took = t0.elapsed();
+        assert!(out.is_err(), "{:?}… was accepted", &text[..40.min(text.len())]);
+        assert!(took < std::time::Duration::from_millis(500), "{:?}… took {took:?}", &text[..40.min(text.len())]);
+    }
+    // Within the bound, nesting is accepted and measured.
+    assert_eq!(check_yaml_shape(&format!("x: {}{}\n", "[".repeat(10), "]".repeat(10))).unwrap(), 11);
+    // A --set key of very many dotted parts is refused, not a stack overflow.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.yaml");
+    std::fs::write(&f, "seed: 1\n").unwrap();
+    let key = vec!["a"; 100_000].join(".");
+    let err = Config::load(&f, &[format!("{key}=1")]).unwrap_err().to_string();
+    assert!(err.contains("levels deep") && err.len() < 400, "{err}");
+    // A value that is not YAML is still a string.
+    let c = Config::load(&f, &["checkpoint.dir=a: b: c".to_string()]).unwrap();
+    assert_eq!(c.checkpoint.dir.to_str(), Some("a: b: c"));
+}
+
+#[test]
 fn train_overlap_takes_true_false_or_auto() {
     let parse = |v: &str| Config::from_yaml(&format!("train: {{overlap: {v}}}\n"), "a.yaml").map(|c| c.train.overlap);
     assert_eq!(parse("true").unwrap(), Overlap::On);

@@ -9,46 +9,64 @@ pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 /// The deepest nesting of mappings and sequences a config may have.
 pub const MAX_YAML_DEPTH: usize = 64;
 
-/// Refuse a config that is too large or nested too deeply before the YAML
-/// parser sees it (a 100k-deep document costs the parser tens of seconds).
-/// Depth counts block indentation levels, `- ` sequence entries and flow
-/// brackets outside quotes and comments — an upper bound of the parser's.
-pub fn check_yaml_shape(text: &str) -> Result<(), String> {
+/// The most aliases (`*name`) a config may use: each expands to a copy of its anchor.
+pub const MAX_YAML_ALIASES: usize = 256;
+
+/// Refuse a config that is too large, nested too deeply or that uses too many
+/// aliases before the YAML parser that builds values sees it (libyaml's cost
+/// grows with the square of the flow nesting: a 200 kB document of brackets
+/// costs it seconds). The check streams the document's events through a
+/// second, event-level parser (yaml-rust2) and stops at the first event past a
+/// bound, so its own cost is linear. Returns the depth of the deepest node.
+pub fn check_yaml_shape(text: &str) -> Result<usize, String> {
+    shape(text).map_err(|e| match e {
+        Shape::Bound(m) | Shape::Syntax(m) => m,
+    })
+}
+
+/// Why [`shape`] refused a text.
+enum Shape {
+    /// Past a bound (size, depth, aliases).
+    Bound(String),
+    /// Not YAML.
+    Syntax(String),
+}
+
+fn shape(text: &str) -> Result<usize, Shape> {
     if text.len() > MAX_CONFIG_BYTES {
-        return Err(format!("{} bytes; a config may be at most {MAX_CONFIG_BYTES}", text.len()));
+        return Err(Shape::Bound(format!("{} bytes; a config may be at most {MAX_CONFIG_BYTES}", text.len())));
     }
-    let (mut indents, mut flow, mut deepest) = (Vec::<usize>::new(), 0usize, 0usize);
-    for (n, line) in text.lines().enumerate() {
-        let body = line.trim_start_matches(' ');
-        if flow == 0 && !body.is_empty() && !body.starts_with('#') {
-            let indent = line.len() - body.len();
-            while indents.last().is_some_and(|&top| top >= indent) {
-                indents.pop();
+    use yaml_rust2::parser::{Event, Parser};
+    let mut parser = Parser::new_from_str(text);
+    let (mut depth, mut deepest, mut aliases) = (0usize, 0usize, 0usize);
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| {
+            // The scanner reads flow brackets ahead of the events and has a limit of its own.
+            match e.to_string().contains("recursion limit") {
+                true => Shape::Bound(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", e.marker().line())),
+                false => Shape::Syntax(e.to_string()),
             }
-            indents.push(indent);
-        }
-        let dashes = body.split_inclusive("- ").take_while(|p| p.trim_start() == "- ").count();
-        deepest = deepest.max(indents.len() + dashes + flow);
-        let mut quote = None;
-        let mut prev = ' ';
-        for c in body.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q && prev != '\\' => quote = None,
-                (Some(_), _) => {}
-                (None, '#') if prev.is_whitespace() => break,
-                (None, '\'' | '"') => quote = Some(c),
-                (None, '[' | '{') => flow += 1,
-                (None, ']' | '}') => flow = flow.saturating_sub(1),
-                _ => {}
+        })?;
+        match event {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if depth > MAX_YAML_DEPTH {
+                    let m = format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", mark.line());
+                    return Err(Shape::Bound(m));
+                }
             }
-            deepest = deepest.max(indents.len() + dashes + flow);
-            prev = c;
-        }
-        if deepest > MAX_YAML_DEPTH {
-            return Err(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", n + 1));
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            Event::Alias(_) => {
+                aliases += 1;
+                if aliases > MAX_YAML_ALIASES {
+                    return Err(Shape::Bound(format!("line {}: more than {MAX_YAML_ALIASES} aliases", mark.line())));
+                }
+            }
+            Event::StreamEnd => return Ok(deepest),
+            _ => {}
         }
     }
-    Ok(())
 }
 
 /// Write numbers that came from `f32` fields as the f32's shortest decimal
@@ -170,7 +188,21 @@ fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), Con
     if key.is_empty() || key.split('.').any(str::is_empty) {
         return Err(ConfigError::Override(spec.into()));
     }
-    check_yaml_shape(raw).map_err(|message| ConfigError::Parse { path: format!("--set {key}"), message })?;
+    // Bounded before anything is built: a key of 100k parts would nest as deep.
+    let parts = key.split('.').take(MAX_YAML_DEPTH + 1).count();
+    let shown: String = key.chars().take(60).collect();
+    // A value that is not YAML is taken as a string (`--set data.root=a: b`).
+    let depth = match shape(raw) {
+        Ok(d) => d,
+        Err(Shape::Syntax(_)) => 0,
+        Err(Shape::Bound(message)) => return Err(ConfigError::Parse { path: format!("--set {shown}"), message }),
+    };
+    if parts + depth > MAX_YAML_DEPTH {
+        return Err(ConfigError::Parse {
+            path: format!("--set {shown}"),
+            message: format!("the key and its value nest more than {MAX_YAML_DEPTH} levels deep"),
+        });
+    }
     let parsed: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
     let mut node = root;
     for part in key.split('.') {
