@@ -43,7 +43,9 @@ pub use train::{
     LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, Overlap, Precision, ScheduleConfig, ScheduleName,
     TrainConfig,
 };
-pub use yaml::{check_yaml_shape, MAX_CONFIG_BYTES, MAX_YAML_ALIASES, MAX_YAML_DEPTH, RESOLVED_HEADER};
+pub use yaml::{
+    check_yaml_shape, parse_bounded, value_depth, MAX_CONFIG_BYTES, MAX_YAML_ALIASES, MAX_YAML_DEPTH, RESOLVED_HEADER,
+};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

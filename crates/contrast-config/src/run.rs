@@ -53,11 +53,13 @@ pub struct MetricsConfig {
     pub textfile_dir: Option<PathBuf>,
     /// Write the textfile every this many steps.
     pub textfile_every: i64,
+    /// Connections the endpoint serves at once; more are closed when accepted.
+    pub max_connections: usize,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: "127.0.0.1:9400".into(), textfile_dir: None, textfile_every: 20 }
+        Self { enabled: true, listen: "127.0.0.1:9400".into(), textfile_dir: None, textfile_every: 20, max_connections: 32 }
     }
 }
 
@@ -116,6 +118,7 @@ pub(crate) fn rules(c: &Config, r: &mut Rules) {
     let idx = !c.data.dataset.is_files();
     r.keys("eval", &["root"], "fashion_mnist (its t10k files in data.root are the test split)", idx);
     r.keys("metrics", &["textfile_every"], "metrics without metrics.textfile_dir", c.metrics.textfile_dir.is_none());
+    r.keys("metrics", &["max_connections"], "metrics.enabled: false", !c.metrics.enabled);
 }
 
 pub(crate) fn check_metrics(c: &Config, topo: Topology) -> Result<(), ConfigError> {
@@ -128,6 +131,9 @@ pub(crate) fn check_metrics(c: &Config, topo: Topology) -> Result<(), ConfigErro
             "metrics.listen",
             format!("base port {port} + {} ranks on this host runs past 65535", topo.local_size),
         ));
+    }
+    if !(1..=10_000).contains(&m.max_connections) {
+        return Err(invalid("metrics.max_connections", format!("must lie in [1, 10000], got {}", m.max_connections)));
     }
     if m.textfile_every <= 0 {
         return Err(invalid("metrics.textfile_every", format!("must be positive, got {}", m.textfile_every)));

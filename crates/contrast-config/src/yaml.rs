@@ -36,6 +36,42 @@ fn shape(text: &str) -> Result<usize, Shape> {
     if text.len() > MAX_CONFIG_BYTES {
         return Err(Shape::Bound(format!("{} bytes; a config may be at most {MAX_CONFIG_BYTES}", text.len())));
     }
+    match events(text) {
+        // yaml-rust2 is stricter than libyaml (a flow mapping continued at column 0):
+        // with at most MAX_YAML_DEPTH brackets libyaml's cost stays linear, and
+        // [`parse_bounded`] measures the parsed value's depth.
+        Err(Shape::Syntax(m)) => match text.bytes().filter(|b| matches!(b, b'[' | b'{')).count() {
+            n if n <= MAX_YAML_DEPTH => Ok(n),
+            _ => Err(Shape::Syntax(m)),
+        },
+        other => other,
+    }
+}
+
+/// The deepest nesting of a parsed value (mappings and sequences).
+pub fn value_depth(v: &serde_yaml_ng::Value) -> usize {
+    use serde_yaml_ng::Value;
+    match v {
+        Value::Sequence(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
+        Value::Mapping(m) => 1 + m.iter().map(|(k, v)| value_depth(k).max(value_depth(v))).max().unwrap_or(0),
+        Value::Tagged(t) => value_depth(&t.value),
+        _ => 0,
+    }
+}
+
+/// Parse YAML text within the bounds: [`check_yaml_shape`] first, then the
+/// parsed value's depth. Any input under [`MAX_CONFIG_BYTES`] takes well under a second.
+pub fn parse_bounded(text: &str) -> Result<serde_yaml_ng::Value, String> {
+    check_yaml_shape(text)?;
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    match value_depth(&v) {
+        d if d > MAX_YAML_DEPTH => Err(format!("nested {d} levels deep; at most {MAX_YAML_DEPTH}")),
+        _ => Ok(v),
+    }
+}
+
+/// The document's events, streamed, stopping at the first past a bound; the deepest nesting.
+fn events(text: &str) -> Result<usize, Shape> {
     use yaml_rust2::parser::{Event, Parser};
     let mut parser = Parser::new_from_str(text);
     let (mut depth, mut deepest, mut aliases) = (0usize, 0usize, 0usize);
@@ -87,10 +123,9 @@ pub(crate) fn shortest_f32(v: &mut serde_yaml_ng::Value) {
     }
 }
 
-/// Parse YAML text after [`check_yaml_shape`].
+/// Parse YAML text with [`parse_bounded`].
 fn parse_yaml(text: &str, origin: &str) -> Result<serde_yaml_ng::Value, ConfigError> {
-    check_yaml_shape(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })?;
-    serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })
+    parse_bounded(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })
 }
 
 impl Config {
@@ -191,19 +226,20 @@ fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), Con
     // Bounded before anything is built: a key of 100k parts would nest as deep.
     let parts = key.split('.').take(MAX_YAML_DEPTH + 1).count();
     let shown: String = key.chars().take(60).collect();
-    // A value that is not YAML is taken as a string (`--set data.root=a: b`).
-    let depth = match shape(raw) {
-        Ok(d) => d,
-        Err(Shape::Syntax(_)) => 0,
+    let too_deep = || ConfigError::Parse {
+        path: format!("--set {shown}"),
+        message: format!("the key and its value nest more than {MAX_YAML_DEPTH} levels deep"),
+    };
+    // A value that is not YAML is taken as a string (`--set data.root=a: b`), unparsed.
+    let parsed = match shape(raw) {
+        Ok(d) if parts + d > MAX_YAML_DEPTH => return Err(too_deep()),
+        Ok(_) => serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into())),
+        Err(Shape::Syntax(_)) => Value::String(raw.into()),
         Err(Shape::Bound(message)) => return Err(ConfigError::Parse { path: format!("--set {shown}"), message }),
     };
-    if parts + depth > MAX_YAML_DEPTH {
-        return Err(ConfigError::Parse {
-            path: format!("--set {shown}"),
-            message: format!("the key and its value nest more than {MAX_YAML_DEPTH} levels deep"),
-        });
+    if parts + value_depth(&parsed) > MAX_YAML_DEPTH {
+        return Err(too_deep());
     }
-    let parsed: Value = serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into()));
     let mut node = root;
     for part in key.split('.') {
         if !node.is_mapping() {

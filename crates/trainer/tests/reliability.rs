@@ -270,3 +270,85 @@ fn hostile_files_in_a_dataset_are_bad_samples_that_name_themselves() {
     let last: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
     assert_eq!(last["bad_files"].as_u64(), Some(4), "{last}");
 }
+
+/// A GET of /metrics: Some(true) when it answered 200, Some(false) when the
+/// connection was closed or refused without an answer.
+fn try_scrape(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.starts_with("HTTP/1.1 200") && text.contains("contrast_step")
+}
+
+/// Poll until /metrics answers, for at most `secs` seconds; the seconds it took.
+fn answers_within(port: u16, secs: u64) -> Option<f64> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs() < secs {
+        if try_scrape(port) {
+            return Some(t0.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn the_metrics_endpoint_survives_idle_floods_and_descriptor_exhaustion() {
+    let fx = Fixture::new();
+    let cfg = fx.config("endpoint", "ntxent", "");
+    let start = |cap: usize| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut args = vec![BIN.to_string()];
+        args.extend(args_of(
+            &cfg,
+            &[
+                "train.steps=100000",
+                "checkpoint.every=0",
+                &format!("metrics.listen=127.0.0.1:{port}"),
+                &format!("metrics.max_connections={cap}"),
+                &format!("checkpoint.dir={}", fx.path(&format!("endpoint-{cap}")).display()),
+            ],
+        ));
+        // 64 descriptors: a few hundred connections exhaust them.
+        let script = format!("ulimit -n 64; exec \"$@\"");
+        let child = Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .args(&args)
+            .env("CONTRAST_FAULT_STEP_SLEEP_MS", "50")
+            .stderr(std::fs::File::create(fx.path(&format!("endpoint-{cap}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        let log = fx.path(&format!("endpoint-{cap}.log"));
+        let answered = answers_within(port, 30).is_some();
+        assert!(answered, "the endpoint never answered:\n{}", std::fs::read_to_string(&log).unwrap());
+        (child, port)
+    };
+    // More idle connections than the cap: the endpoint still answers, once the
+    // header timeout (5 s) has closed them.
+    let (mut job, port) = start(4);
+    let idle: Vec<_> = (0..12).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let took = answers_within(port, 15).expect("no answer with idle connections held");
+    assert!(took < 8.0, "took {took} s");
+    drop(idle);
+    job.kill().unwrap();
+    job.wait().unwrap();
+    // Without a cap worth the name, a flood exhausts the descriptors: accept fails,
+    // backs off, and the endpoint answers again once the flood ends.
+    let (mut job, port) = start(10_000);
+    let flood: Vec<_> = (0..300).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    assert!(flood.len() > 64, "only {} connections", flood.len());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(flood);
+    let took = answers_within(port, 20).expect("the endpoint did not recover after the flood");
+    assert!(job.try_wait().unwrap().is_none(), "the run ended");
+    job.kill().unwrap();
+    job.wait().unwrap();
+    let log = std::fs::read_to_string(fx.path("endpoint-10000.log")).unwrap();
+    assert!(log.contains("metrics: accept failed"), "no descriptor exhaustion happened:\n{log}");
+    eprintln!("recovered {took:.1} s after the flood");
+}

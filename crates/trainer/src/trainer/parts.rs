@@ -357,7 +357,11 @@ pub(super) fn start_metrics<C: Collective>(comm: &C, plan: &Plan) -> Result<Opti
     }
     if m.enabled {
         let (host, port) = m.host_port().context("metrics.listen")?;
-        crate::metrics::serve(metrics.registry().clone(), crate::metrics::address(host, port, comm.local_rank())?);
+        crate::metrics::serve(
+            metrics.registry().clone(),
+            crate::metrics::address(host, port, comm.local_rank())?,
+            crate::metrics::Bounds { connections: plan.config.metrics.max_connections, ..Default::default() },
+        );
     }
     Ok(Some(metrics))
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics of one rank: a registry the training loop updates after
 //! each step, served at `http://<metrics.listen host>:<base port + local
-//! rank>/metrics` by axum on a small tokio runtime of its own thread, and/or
+//! rank>/metrics` by hyper on a small tokio runtime of its own thread, and/or
 //! written as a node_exporter textfile. Nothing here calls MPI: each rank
 //! reports its own figures (every series carries a `rank` label), and the
 //! collectives' byte and time counters come from this process's communicator.
@@ -11,6 +11,9 @@ use prometheus::{
 };
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+
+mod endpoint;
+pub use endpoint::{serve, Bounds};
 
 /// Phases of a step, in the order of [`StepTimes::seconds`] (the `phase` label).
 pub const PHASES: [&str; 8] =
@@ -199,7 +202,7 @@ impl Metrics {
     }
 }
 
-fn encode(registry: &Registry) -> String {
+pub(crate) fn encode(registry: &Registry) -> String {
     let mut buf = Vec::new();
     let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()
@@ -213,40 +216,4 @@ pub fn address(listen_host: &str, base_port: u16, local_rank: usize) -> Result<S
         .with_context(|| format!("metrics.listen host `{listen_host}`"))?
         .next()
         .with_context(|| format!("metrics.listen host `{listen_host}` resolves to nothing"))
-}
-
-/// Serve `/metrics` at `addr` from a thread of its own. A port in use (or any
-/// bind error) is a warning naming it, and training goes on without the endpoint.
-pub fn serve(registry: Registry, addr: SocketAddr) -> Option<std::thread::JoinHandle<()>> {
-    let listener = match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!("metrics: cannot listen on {addr} ({e}); training goes on without /metrics");
-            return None;
-        }
-    };
-    let run = move || -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let text = encode(&registry);
-                    async move { ([("content-type", "text/plain; version=0.0.4")], text) }
-                }),
-            );
-            axum::serve(listener, app).await
-        })
-    };
-    let thread = std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        // Not a data worker: a panic here is printed and ends only the endpoint, never the run.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("metrics: the endpoint stopped: {e}"),
-            Err(_) => tracing::warn!("metrics: the endpoint panicked and stopped"),
-        }
-    });
-    tracing::info!("metrics: http://{addr}/metrics");
-    thread.ok()
 }
