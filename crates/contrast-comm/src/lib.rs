@@ -15,7 +15,7 @@ use std::fmt::Debug;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
 #[cfg(feature = "mpi")]
-pub use mpi_backend::{MpiComm, CHECK_COUNTS_VAR};
+pub use mpi_backend::{abort_world, MpiComm, CHECK_COUNTS_VAR};
 
 #[doc(hidden)]
 #[cfg(feature = "mpi")]
@@ -168,6 +168,12 @@ impl Collective for Solo {
     }
     fn broadcast<T: Element>(&self, _buf: &mut [T], _root: usize) {}
     fn barrier(&self) {}
+}
+
+/// End the process with `code` (built without MPI there is no job to end).
+#[cfg(not(feature = "mpi"))]
+pub fn abort_world(code: i32) -> ! {
+    std::process::exit(code)
 }
 
 mod launch;

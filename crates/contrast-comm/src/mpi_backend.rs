@@ -187,3 +187,23 @@ impl Drop for MpiPending<'_> {
         self.finish();
     }
 }
+
+/// End the whole job from any thread: `MPI_Abort` on the world when MPI is
+/// up (the launcher then ends every rank, and exits with `code`), else exit
+/// this process with `code`. For a watchdog, whose rank may be blocked inside
+/// a collective on another thread.
+#[allow(unsafe_code)]
+pub fn abort_world(code: i32) -> ! {
+    let mut up = 0;
+    let mut down = 0;
+    // SAFETY: MPI_Initialized and MPI_Finalized may be called at any time, from any thread.
+    unsafe {
+        ffi::MPI_Initialized(&mut up);
+        ffi::MPI_Finalized(&mut down);
+    }
+    if up != 0 && down == 0 {
+        // SAFETY: MPI is initialised and not finalised; MPI_Abort does not return.
+        unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code) };
+    }
+    std::process::exit(code)
+}

@@ -43,6 +43,10 @@ pub struct TrainConfig {
     /// does), or after it; the sums are the same. `auto`: only when the job
     /// spans hosts (see [`Overlap`]).
     pub overlap: Overlap,
+    /// Watchdog: seconds any phase (start-up, the wait for a batch, a step, an
+    /// evaluation, a checkpoint write) may last before the job is aborted with
+    /// exit status 124; 0 = off.
+    pub timeout_s: f64,
     /// Optimiser.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -64,6 +68,7 @@ impl Default for TrainConfig {
             collapse_threshold: 0.2,
             micro_batch: 0,
             overlap: Overlap::Auto,
+            timeout_s: 1800.0,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
         }
@@ -280,6 +285,9 @@ pub(crate) fn check(c: &Config, loss: LossKind, p: usize) -> Result<usize, Confi
     }
     if t.log_every <= 0 {
         return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
+    }
+    if !(t.timeout_s == 0.0 || (1.0..=1e7).contains(&t.timeout_s)) {
+        return Err(invalid("train.timeout_s", format!("must be 0 (off) or lie in [1, 1e7] seconds, got {}", t.timeout_s)));
     }
     if t.grad_clip < 0.0 {
         return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));

@@ -22,7 +22,7 @@ pub mod textaug;
 
 pub use augment::{AugParams, Augmenter};
 pub use idx::Images;
-pub use pipeline::{HostBatch, Mode, Pipeline, PipelineConfig};
+pub use pipeline::{HostBatch, Mode, Next, Pipeline, PipelineConfig};
 pub use sampler::Sampler;
 
 /// A 64-bit fingerprint of a sequence of byte strings (SHA-256, each part

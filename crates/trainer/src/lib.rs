@@ -22,6 +22,7 @@ pub mod rundir;
 pub mod runlock;
 pub mod signals;
 pub mod trainer;
+pub mod watchdog;
 
 use anyhow::{bail, Context, Result};
 use contrast_comm::{Collective, Comm};
@@ -323,6 +324,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// Train with an explicit communicator (tests pass the threaded backend).
 pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Result<Summary> {
     let mut plan = load_plan(comm, path, overrides)?;
+    watchdog::start(comm.rank(), plan.config.train.timeout_s);
     // Held until training ends: a second run into checkpoint.dir is refused.
     let _lock = runlock::claim(comm, &plan)?;
     if comm.rank() == 0 && !pretrained::resuming(&plan)? {

@@ -198,7 +198,13 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 
 /// Start a 2-rank `mpirun` job on `cfg` with `sets`, logging into `log`.
 pub fn spawn_mpirun(cfg: &Path, sets: &[&str], log: &Path) -> std::process::Child {
+    spawn_mpirun_with(cfg, sets, log, &[])
+}
+
+/// [`spawn_mpirun`] with variables in the job's environment.
+pub fn spawn_mpirun_with(cfg: &Path, sets: &[&str], log: &Path, env: &[(&str, &str)]) -> std::process::Child {
     let mut cmd = Command::new("mpirun");
+    cmd.envs(env.iter().copied());
     cmd.args(["--oversubscribe", "-n", "2", BIN, "--config", cfg.to_str().unwrap()]);
     cmd.args(sets.iter().flat_map(|s| ["--set", s]));
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")

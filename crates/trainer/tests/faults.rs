@@ -186,15 +186,16 @@ fn a_second_stop_signal_exits_at_once() {
     let (run_dir, log) = (fx.path("twice"), fx.path("twice.log"));
     let mut job = Command::new(BIN)
         .args(["--config", cfg.to_str().unwrap(), "--set", "train.steps=100000", "--set", "checkpoint.every=0"])
-        .env("CONTRAST_FAULT_STEP_SLEEP_MS", "1500")
+        .env("CONTRAST_FAULT_STEP_SLEEP_MS", "4000")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     wait_for_steps(&mut job, &run_dir, 1, &log);
-    // Both arrive inside one 1.5 s step: the first asks for a stop at its end, the second ends the process.
+    // Both arrive inside one 4 s step: the first asks for a stop at its end; the second,
+    // later than the 1 s in which a repeat counts as the same request, ends the process.
     let pid = job.id().to_string();
     Command::new("kill").args(["-INT", &pid]).status().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(std::time::Duration::from_millis(1300));
     let sent = std::time::Instant::now();
     Command::new("kill").args(["-INT", &pid]).status().unwrap();
     let status = job.wait().unwrap();

@@ -352,3 +352,105 @@ fn the_metrics_endpoint_survives_idle_floods_and_descriptor_exhaustion() {
     assert!(log.contains("metrics: accept failed"), "no descriptor exhaustion happened:\n{log}");
     eprintln!("recovered {took:.1} s after the flood");
 }
+
+/// Wait for `job` at most `secs` seconds; on a timeout, kill it (after SIGCONT
+/// to `stopped`) and fail.
+fn wait_at_most(job: &mut std::process::Child, secs: u64, stopped: Option<u32>, log: &Path) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            return status;
+        }
+        if t0.elapsed().as_secs() >= secs {
+            if let Some(pid) = stopped {
+                Command::new("kill").args(["-CONT", &pid.to_string()]).status().unwrap();
+            }
+            job.kill().unwrap();
+            job.wait().unwrap();
+            panic!("the job still ran after {secs} s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_rank_that_stops_answering_ends_the_job_within_the_timeout() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    let cfg = fx.config("watched", "ntxent", "");
+    let (run_dir, log) = (fx.path("watched"), fx.path("watched.log"));
+    let mut job = spawn_mpirun(&cfg, &["train.steps=100000", "checkpoint.every=0", "train.timeout_s=4"], &log);
+    wait_for_steps(&mut job, &run_dir, 3, &log);
+    let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+    Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap();
+    let t0 = std::time::Instant::now();
+    let status = wait_at_most(&mut job, 30, Some(pid), &log);
+    let took = t0.elapsed().as_secs_f64();
+    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(trainer::watchdog::EXIT_TIMEOUT), "{status}:\n{err}");
+    assert!(took < 4.0 + 6.0, "the job ended {took:.1} s after rank 1 stopped");
+    assert!(err.contains("watchdog: rank 0 has spent") && err.contains("train.timeout_s = 4 s"), "{err}");
+    assert!(err.contains(" at step "), "{err}");
+    eprintln!("the job ended {took:.1} s after rank 1 stopped");
+}
+
+#[test]
+fn a_stop_signal_to_a_rank_stuck_waiting_for_data_stops_the_job_at_the_last_step() {
+    if !is_open_mpi() {
+        eprintln!("skipped: finds ranks by OMPI_COMM_WORLD_RANK (Open MPI)");
+        return;
+    }
+    let fx = Fixture::new();
+    let cfg = fx.config("stuck", "ntxent", "");
+    let (run_dir, log) = (fx.path("stuck"), fx.path("stuck.log"));
+    // Rank 1's read for step 4 never returns (a hung filesystem).
+    let stall = [("CONTRAST_FAULT_DATA_STALL", "1:4")];
+    let mut job = spawn_mpirun_with(&cfg, &["train.steps=30", "checkpoint.every=0"], &log, &stall);
+    wait_for_steps(&mut job, &run_dir, 3, &log);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = rank_pid(&cfg, 1).expect("rank 1's process");
+    let t0 = std::time::Instant::now();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = wait_at_most(&mut job, 30, None, &log);
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}:\n{err}");
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "took {:?}", t0.elapsed());
+    assert_eq!(latest_step(&run_dir), 3, "{err}");
+    assert!(err.contains("stop signal on 1 of 2 ranks") && err.contains("after step 3/30"), "{err}");
+    assert_eq!(summary(&run_dir)["stopped_by_signal"].as_bool(), Some(true));
+}
+
+#[test]
+fn one_stop_request_delivered_twice_counts_once_and_sighup_stops_cleanly() {
+    let fx = Fixture::new();
+    let cfg = fx.config("hup", "ntxent", "");
+    let (run_dir, log) = (fx.path("hup"), fx.path("hup.log"));
+    let mut job = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--set", "train.steps=100000", "--set", "checkpoint.every=0"])
+        .env("CONTRAST_FAULT_STEP_SLEEP_MS", "1000")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut job, &run_dir, 1, &log);
+    // Directly and through a launcher's forwarding, a few ms apart: one request.
+    let pid = job.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let status = wait_at_most(&mut job, 30, None, &log);
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}:\n{err}");
+    assert!(err.contains("received SIGHUP"), "{err}");
+    let s = summary(&run_dir);
+    assert_eq!(s["stopped_by_signal"].as_bool(), Some(true));
+    assert!(latest_step(&run_dir) >= 1);
+    // The rule: the same signal within 1 s is the same request; later or different, an exit.
+    use trainer::signals::exits_at_once;
+    let ms = std::time::Duration::from_millis;
+    assert!(!exits_at_once(0, ms(0), 15) && !exits_at_once(15, ms(50), 15));
+    assert!(exits_at_once(15, ms(1500), 15) && exits_at_once(15, ms(50), 2));
+}

@@ -375,28 +375,58 @@ impl Pipeline {
 
     /// The next batch in step order, `None` after the last step.
     pub fn next_batch(&mut self) -> Option<Result<HostBatch, DataError>> {
+        match self.next_batch_or(|| false) {
+            Next::Batch(b) => Some(b),
+            Next::Done | Next::Interrupted => None,
+        }
+    }
+
+    /// The next batch, or [`Next::Interrupted`] when `interrupt` (polled every
+    /// 100 ms while waiting) says to stop waiting; the step is then still the next.
+    pub fn next_batch_or(&mut self, mut interrupt: impl FnMut() -> bool) -> Next {
         if self.next_step >= self.end_step {
-            return None;
+            return Next::Done;
         }
         let start = Instant::now();
         let got = loop {
             if let Some(b) = self.pending.remove(&self.next_step) {
                 break b;
             }
-            match self.results.as_ref().expect("results").recv() {
+            match self.results.as_ref().expect("results").recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok((step, b)) => {
                     self.pending.insert(step, b);
                 }
-                Err(_) => break Err("all workers stopped".into()),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) if interrupt() => return Next::Interrupted,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err("all workers stopped".into()),
             }
         };
         self.next_step += 1;
         self.issue();
-        Some(got.map_err(DataError::Pipeline).map(|mut b| {
+        Next::Batch(got.map_err(DataError::Pipeline).map(|mut b| {
             b.wait = start.elapsed();
             b
         }))
     }
+
+    /// Stop without waiting for the workers: a worker blocked in a read that
+    /// never returns would make a join (and so `Drop`) wait forever. The
+    /// workers end when they next look at their channels, or with the process.
+    pub fn abandon(mut self) {
+        self.tickets.take();
+        self.results.take();
+        self.workers.clear();
+    }
+}
+
+/// What [`Pipeline::next_batch_or`] found.
+pub enum Next {
+    /// The next step's batch (or why it could not be built).
+    Batch(Result<HostBatch, DataError>),
+    /// Every step's batch was handed out.
+    Done,
+    /// The wait was interrupted; the step is still the next.
+    Interrupted,
 }
 
 impl Iterator for Pipeline {

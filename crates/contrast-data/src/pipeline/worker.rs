@@ -120,7 +120,12 @@ impl Worker {
     pub(super) fn serve(mut self, w: usize, tickets: Receiver<usize>, results: Sender<Produced>) {
         // Its log lines (a skipped sample) carry the rank, as the main thread's do.
         let _rank = tracing::error_span!("rank", rank = self.cfg.rank).entered();
+        let stall = stall_hook(self.cfg.rank);
         while let Ok(step) = tickets.recv() {
+            if stall == Some(step + 1) {
+                // A read that never returns (a hung network filesystem), for the tests.
+                std::thread::sleep(Duration::from_secs(3600));
+            }
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step))).unwrap_or_else(|e| {
                 let msg = e
                     .downcast_ref::<String>()
@@ -246,4 +251,12 @@ impl Worker {
             mix,
         })
     }
+}
+
+/// `CONTRAST_FAULT_DATA_STALL=RANK:STEP` (test hook): the worker building that
+/// rank's batch of step STEP (1-based) blocks for an hour, as a hung read would.
+fn stall_hook(rank: usize) -> Option<usize> {
+    let v = std::env::var("CONTRAST_FAULT_DATA_STALL").ok()?;
+    let (r, step) = v.split_once(':')?;
+    (r.trim().parse::<usize>().ok()? == rank).then(|| step.trim().parse().ok()).flatten()
 }

@@ -150,6 +150,7 @@ pub fn save<C: Collective>(
     optim: &[StateItem],
     slot: Slot,
 ) -> Result<Option<PathBuf>> {
+    crate::watchdog::phase(crate::watchdog::Phase::Checkpoint);
     let canonical = |items: &[StateItem]| -> Vec<(String, Tensor)> {
         items.iter().map(|i| (i.name.clone(), i.to_canonical(comm))).collect()
     };

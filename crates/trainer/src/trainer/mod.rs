@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+mod looping;
 mod parts;
 
 use parts::*;
@@ -271,50 +272,6 @@ impl<'c, C: Collective> Trainer<'c, C> {
 
     fn save(&self, step: usize, loss: f64) -> Result<()> {
         self.checkpointer.save(self.comm, self.method.as_ref(), &self.opt, &self.state(step, loss))
-    }
-
-    /// Train on every batch of `pipeline`, then write the last checkpoint and
-    /// evaluate; returns the summary.
-    pub fn run(mut self, mut pipeline: Pipeline) -> Result<Summary> {
-        if self.comm.rank() == 0 && crate::plain_logs() {
-            crate::progress::start(self.plan.steps, self.progress.start_step);
-        }
-        while let Some(batch) = pipeline.next_batch() {
-            let batch = batch?;
-            let _step = tracing::error_span!("step", step = batch.step + 1).entered();
-            let record = self.step(batch, &mut pipeline)?;
-            self.after(&record)?;
-            if record.stop_ranks > 0 {
-                return self.stop(&record);
-            }
-        }
-        let p = &self.progress;
-        if p.trained_steps > 0 || p.start_step < self.plan.steps {
-            self.save(self.plan.steps, p.last_loss)?;
-        }
-        self.finish(None)
-    }
-
-    /// A stop signal reached some rank: every rank is here after the same step.
-    /// Checkpoint it (unless `after` just did) and end without the final evaluation.
-    fn stop(self, r: &StepRecord) -> Result<Summary> {
-        if let Some(sig) = crate::signals::received() {
-            tracing::warn!("rank {} received {}", self.comm.rank(), crate::signals::name(sig));
-        }
-        if !self.checkpointer.cadence.due(r.done, self.plan.steps) {
-            self.save(r.done, r.loss)?;
-        }
-        if self.comm.rank() == 0 {
-            tracing::warn!(
-                "stop signal on {} of {} ranks: stopped after step {}/{} with a checkpoint; \
-                 rerun with train.resume=true to continue",
-                r.stop_ranks,
-                self.plan.world_size,
-                r.done,
-                self.plan.steps
-            );
-        }
-        self.finish(Some(r.done))
     }
 
     /// The device tensors of a host batch: views, captions, the global batch's

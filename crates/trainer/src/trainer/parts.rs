@@ -143,6 +143,7 @@ pub fn evaluate<C: Collective>(
     tokenizer: &Tokenizer,
     device: Device,
 ) -> Result<EvalFigures> {
+    crate::watchdog::phase(crate::watchdog::Phase::Evaluation);
     let c = &plan.config;
     let mut f = EvalFigures::default();
     if let Some(memory) = data.memory.as_ref() {
