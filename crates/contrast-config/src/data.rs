@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 pub const MAX_WORKERS: usize = 256;
 /// Most batches in flight per rank (`data.prefetch`).
 pub const MAX_PREFETCH: usize = 1024;
+/// The largest `data.image_size` (and `data.small_size`): a 4096² RGB view is 201 MB of f32.
+pub const MAX_IMAGE_SIDE: u64 = 4096;
+
 /// Largest blur σ in pixels (`data.aug.blur_sigma`): the kernel radius is ⌈3σ⌉.
 pub const MAX_BLUR_SIGMA: f32 = 64.0;
 
@@ -328,6 +331,30 @@ pub(crate) fn check(c: &Config, loss: LossKind, accepts_augment: bool, method: &
     if d.image_size < 8 {
         return Err(invalid("data.image_size", format!("must be ≥ 8, got {}", d.image_size)));
     }
+    // One view of one sample is 3·S² f32.
+    let side = |s: u32| 3 * 4 * s as u64;
+    crate::within_ceiling(
+        "data.image_size",
+        d.image_size as u64,
+        MAX_IMAGE_SIDE,
+        side(d.image_size),
+        "one RGB view's side (3·S² f32 per view)",
+    )?;
+    crate::within_ceiling(
+        "data.small_size",
+        d.small_size as u64,
+        MAX_IMAGE_SIDE,
+        side(d.small_size),
+        "one small crop's side",
+    )?;
+    crate::within_ceiling(
+        "data.small_crops",
+        d.small_crops as u64,
+        64,
+        3 * 4 * 96 * 96,
+        "the small crops of one sample",
+    )?;
+    crate::within_ceiling("data.prefetch", d.prefetch as u64, MAX_PREFETCH as u64, 1, "ready batches")?;
     let preset = d.augment;
     if matches!(preset, AugmentPreset::Mocov2 | AugmentPreset::Byol) && !d.dataset.is_files() {
         return Err(invalid("data.augment", format!("`{}` is an RGB preset: use a file dataset", preset.as_str())));
@@ -393,6 +420,30 @@ fn check_aug(a: &AugConfig) -> Result<(), ConfigError> {
             "data.aug.blur_sigma",
             format!("need 0 < lo ≤ hi ≤ {MAX_BLUR_SIGMA}, got {:?}", a.blur_sigma),
         ));
+    }
+    // torchvision's ColorJitter: brightness, contrast and saturation are non-negative.
+    for (key, x) in [
+        ("data.aug.brightness", a.brightness),
+        ("data.aug.contrast", a.contrast),
+        ("data.aug.saturation", a.saturation),
+    ] {
+        if !(0.0..=100.0).contains(&x) {
+            return Err(invalid(key, format!("must lie in [0, 100] (torchvision: non-negative), got {x}")));
+        }
+    }
+    for (key, p) in [("data.aug.gray_prob", a.gray_prob), ("data.aug.solarize_prob", a.solarize_prob)] {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(invalid(key, format!("a probability must lie in [0, 1], got {p}")));
+        }
+    }
+    if a.crop_ratio[1] > 100.0 {
+        return Err(invalid(
+            "data.aug.crop_ratio",
+            format!("the aspect ratio must be at most 100, got {:?}", a.crop_ratio),
+        ));
+    }
+    if a.randaugment_n > 16 {
+        return Err(invalid("data.aug.randaugment_n", format!("must lie in 0..=16, got {}", a.randaugment_n)));
     }
     if a.randaugment_m > 30 {
         return Err(invalid("data.aug.randaugment_m", format!("must lie in 0..=30, got {}", a.randaugment_m)));

@@ -24,7 +24,7 @@ pub mod applies;
 mod component;
 mod data;
 mod loss;
-mod model;
+pub mod model;
 mod plan;
 mod run;
 mod train;
@@ -139,3 +139,35 @@ pub struct MethodSection {
 
 #[cfg(test)]
 mod tests;
+
+/// Refuse a size that allocates past its documented ceiling: `value` of `key`
+/// is at most `max`; the error says how many bytes `bytes_per_unit · value`
+/// would need (`what` names the tensor that grows with it).
+pub fn within_ceiling(key: &str, value: u64, max: u64, bytes_per_unit: u64, what: &str) -> Result<(), ConfigError> {
+    if value <= max {
+        return Ok(());
+    }
+    let bytes = (value as u128) * (bytes_per_unit as u128);
+    Err(invalid(
+        key,
+        format!(
+            "{value} is over its ceiling of {max}: {what} alone would need {bytes} bytes ({:.1} GiB)",
+            bytes as f64 / (1u64 << 30) as f64
+        ),
+    ))
+}
+
+/// The first non-finite number of a YAML value (`.nan`, `.inf`), with its dotted key.
+pub fn first_non_finite(v: &serde_yaml_ng::Value, prefix: &str) -> Option<(String, f64)> {
+    use serde_yaml_ng::Value;
+    match v {
+        Value::Number(n) => n.as_f64().filter(|x| !x.is_finite()).map(|x| (prefix.to_string(), x)),
+        Value::Sequence(s) => s.iter().enumerate().find_map(|(i, x)| first_non_finite(x, &format!("{prefix}[{i}]"))),
+        Value::Mapping(m) => m.iter().find_map(|(k, x)| {
+            let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
+            first_non_finite(x, &if prefix.is_empty() { k } else { format!("{prefix}.{k}") })
+        }),
+        Value::Tagged(t) => first_non_finite(&t.value, prefix),
+        _ => None,
+    }
+}

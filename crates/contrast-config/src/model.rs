@@ -167,6 +167,11 @@ pub(crate) fn check_freeze(m: &ModelConfig, groups: &[String]) -> Result<(), Con
     Ok(())
 }
 
+/// The largest width of a head or of the text tower (model.proj_dim, proj_hidden, text.width).
+pub const MAX_WIDTH: u64 = 65_536;
+/// The longest caption context (`model.text.context`): its attention map is context² per head.
+pub const MAX_TEXT_CONTEXT: u64 = 8_192;
+
 /// The heads' sizes and the text tower.
 pub(crate) fn check(m: &ModelConfig) -> Result<(), ConfigError> {
     for (key, v) in [
@@ -180,6 +185,32 @@ pub(crate) fn check(m: &ModelConfig) -> Result<(), ConfigError> {
             return Err(invalid(key, format!("must be positive, got {v}")));
         }
     }
+    let hidden = m.proj_hidden.max(1) as u64;
+    crate::within_ceiling(
+        "model.proj_dim",
+        m.proj_dim as u64,
+        MAX_WIDTH,
+        4 * hidden,
+        "the projection's last weight (proj_hidden × proj_dim f32)",
+    )?;
+    crate::within_ceiling(
+        "model.proj_hidden",
+        m.proj_hidden as u64,
+        MAX_WIDTH,
+        4 * MAX_WIDTH,
+        "the projection's hidden weights",
+    )?;
+    let w = m.text.width.max(1) as u64;
+    crate::within_ceiling("model.text.width", w, MAX_WIDTH, 4 * 12 * w, "each text block's weights (12·width² f32)")?;
+    crate::within_ceiling("model.text.layers", m.text.layers as u64, 256, 4 * 12 * w * w, "the text blocks")?;
+    let ctx = m.text.context.max(0) as u64;
+    crate::within_ceiling(
+        "model.text.context",
+        ctx,
+        MAX_TEXT_CONTEXT,
+        4 * ctx,
+        "one attention map per head and caption (context² f32)",
+    )?;
     if m.text.width % m.text.heads != 0 {
         return Err(invalid(
             "model.text.heads",

@@ -155,6 +155,11 @@ impl Plan {
         train::rules(&c.train, &mut rules);
         run::rules(c, &mut rules);
         rules.check(&c.given)?;
+        // Every number, the method's and the encoder's keys included, is finite.
+        let whole = serde_yaml_ng::to_value(c).map_err(|e| invalid("config", e.to_string()))?;
+        if let Some((key, x)) = crate::first_non_finite(&whole, "") {
+            return Err(invalid(key, format!("must be a finite number, got {x}")));
+        }
         own_keys(&c.given, "method", &["name"], &spec.defaults(), &format!("method {}", spec.name()))?;
         let temperature = c.loss.temperature_for(loss);
         if !(temperature > 0.0) || !temperature.is_finite() {

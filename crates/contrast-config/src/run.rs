@@ -59,7 +59,13 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: "127.0.0.1:9400".into(), textfile_dir: None, textfile_every: 20, max_connections: 32 }
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9400".into(),
+            textfile_dir: None,
+            textfile_every: 20,
+            max_connections: 32,
+        }
     }
 }
 

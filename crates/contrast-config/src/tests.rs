@@ -112,7 +112,8 @@ fn parsing_any_input_under_the_size_cap_is_fast_and_depth_is_bounded_everywhere(
     let c = Config::from_yaml("train: {steps: 3,\nglobal_batch: 8}\n", "lenient.yaml").unwrap();
     assert_eq!((c.train.steps, c.train.global_batch), (3, 8));
     // Block nesting past the bound in such a document is measured after parsing.
-    let lenient = format!("x: {{a: 1,\nb: 2}}\n{}", (0..70).map(|d| format!("{}k:\n", "  ".repeat(d))).collect::<String>());
+    let lenient =
+        format!("x: {{a: 1,\nb: 2}}\n{}", (0..70).map(|d| format!("{}k:\n", "  ".repeat(d))).collect::<String>());
     assert!(Config::from_yaml(&lenient, "l.yaml").unwrap_err().to_string().contains("levels deep"));
     // A value that is not YAML is still a string.
     let c = Config::load(&f, &["checkpoint.dir=a: b: c".to_string()]).unwrap();

@@ -287,7 +287,10 @@ pub(crate) fn check(c: &Config, loss: LossKind, p: usize) -> Result<usize, Confi
         return Err(invalid("train.log_every", format!("must be positive, got {}", t.log_every)));
     }
     if !(t.timeout_s == 0.0 || (1.0..=1e7).contains(&t.timeout_s)) {
-        return Err(invalid("train.timeout_s", format!("must be 0 (off) or lie in [1, 1e7] seconds, got {}", t.timeout_s)));
+        return Err(invalid(
+            "train.timeout_s",
+            format!("must be 0 (off) or lie in [1, 1e7] seconds, got {}", t.timeout_s),
+        ));
     }
     if t.grad_clip < 0.0 {
         return Err(invalid("train.grad_clip", format!("must be ≥ 0, got {}", t.grad_clip)));

@@ -79,7 +79,9 @@ fn events(text: &str) -> Result<usize, Shape> {
         let (event, mark) = parser.next_token().map_err(|e| {
             // The scanner reads flow brackets ahead of the events and has a limit of its own.
             match e.to_string().contains("recursion limit") {
-                true => Shape::Bound(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", e.marker().line())),
+                true => {
+                    Shape::Bound(format!("line {}: nested more than {MAX_YAML_DEPTH} levels deep", e.marker().line()))
+                }
                 false => Shape::Syntax(e.to_string()),
             }
         })?;

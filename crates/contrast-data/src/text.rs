@@ -35,6 +35,11 @@ pub const TEMPLATES: [&str; 8] = [
     "an item of clothing: {}.",
 ];
 
+/// The largest vocabulary a `tokenizer.json` may have (ids index an embedding table).
+pub const MAX_VOCAB: usize = 1 << 20;
+/// Ids below the largest that no token may leave unused.
+pub const MAX_UNUSED_IDS: usize = 1024;
+
 /// Pad tokens looked up, in order, when a `tokenizer.json` sets no padding.
 const PAD_TOKENS: [&str; 5] = ["<pad>", "[PAD]", "<|pad|>", "<|padding|>", "<|endoftext|>"];
 
@@ -112,7 +117,19 @@ impl Tokenizer {
             .map_err(|e| format(format!("cannot truncate to the context {context}: {e}")))?;
         let vocab = inner.get_vocab_size(true);
         // Ids index the embedding table: the largest id must be inside it.
-        let max_id = inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+        let ids = inner.get_vocab(true);
+        let max_id = ids.values().copied().max().unwrap_or(0) as usize;
+        // The table has a row per id up to the largest: sparse or huge ids would
+        // allocate rows no token uses (a 4·10⁹ id: terabytes).
+        if max_id >= MAX_VOCAB || max_id + 1 > ids.len() + MAX_UNUSED_IDS {
+            return Err(format(format!(
+                "its largest token id is {max_id} for {} tokens: an embedding table of {} rows ({} bytes at width 512) \
+                 for ids that are sparse or huge; a vocabulary must be dense and under {MAX_VOCAB} ids",
+                ids.len(),
+                max_id as u64 + 1,
+                (max_id as u64 + 1) * 512 * 4
+            )));
+        }
         let vocab = vocab.max(max_id + 1);
         // The pad id is written into captions and indexes the embedding too.
         if pad < 0 || pad as usize >= vocab {
@@ -259,6 +276,18 @@ mod tests {
         std::fs::write(&path, json).unwrap();
         let err = Tokenizer::from_spec(path.to_str().unwrap(), 6).unwrap_err().to_string();
         assert!(err.contains("pad id 99999") && err.contains("tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn a_tokenizer_whose_ids_are_sparse_or_huge_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        for id in ["4000000000", "1048576", "5000"] {
+            let json = word_level_tokenizer_json(&["a", "bag"]).replace("\"bag\": 5", &format!("\"bag\": {id}"));
+            std::fs::write(&path, json).unwrap();
+            let err = Tokenizer::from_spec(path.to_str().unwrap(), 6).unwrap_err().to_string();
+            assert!(err.contains("tokenizer.json") && err.contains("sparse or huge"), "{id}: {err}");
+        }
     }
 
     #[test]

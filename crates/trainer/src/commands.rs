@@ -1,6 +1,6 @@
 //! The commands besides training: `trainer eval`, `embed`, `export` and `config`.
 
-use crate::{checkpoint, collective_command, data, eval, load_plan, resolve_device, rundir, trainer, build_method};
+use crate::{build_method, checkpoint, collective_command, data, eval, load_plan, resolve_device, rundir, trainer};
 use anyhow::{Context, Result};
 use contrast_comm::{Collective, Comm};
 use contrast_config::Plan;

@@ -145,7 +145,11 @@ fn empty_paths_and_outputs_inside_a_checkpoint_are_refused() {
     let out = run(0, &args, &[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("inside the checkpoint directory"));
     assert!(!inside.exists());
-    ok(run(0, &["export", "--checkpoint", step.to_str().unwrap(), "--out", fx.path("w.safetensors").to_str().unwrap()], &[]));
+    ok(run(
+        0,
+        &["export", "--checkpoint", step.to_str().unwrap(), "--out", fx.path("w.safetensors").to_str().unwrap()],
+        &[],
+    ));
 }
 
 #[test]
@@ -163,7 +167,11 @@ fn a_resume_skips_invalid_checkpoints_with_a_warning_and_says_when_nothing_is_le
     let state = std::fs::read_to_string(dir.join("step-3/state.json")).unwrap();
     std::fs::write(dir.join("step-3/state.json"), state.replace("\"step\": 3", "\"step\": 7")).unwrap();
     let wide = fx.config("wide", "ntxent", "");
-    ok(run(0, &args_of(&wide, &["train.steps=2", "model.width=8"]).iter().map(String::as_str).collect::<Vec<_>>(), &[]));
+    ok(run(
+        0,
+        &args_of(&wide, &["train.steps=2", "model.width=8"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+    ));
     std::fs::copy(fx.path("wide/step-2/model.safetensors"), dir.join("step-2/model.safetensors")).unwrap();
     std::fs::write(dir.join("latest"), "../wide/step-2\n").unwrap();
     let resume = args_of(&cfg, &["train.steps=5", "checkpoint.every=1", "checkpoint.keep=0", "train.resume=true"]);
@@ -355,7 +363,12 @@ fn the_metrics_endpoint_survives_idle_floods_and_descriptor_exhaustion() {
 
 /// Wait for `job` at most `secs` seconds; on a timeout, kill it (after SIGCONT
 /// to `stopped`) and fail.
-fn wait_at_most(job: &mut std::process::Child, secs: u64, stopped: Option<u32>, log: &Path) -> std::process::ExitStatus {
+fn wait_at_most(
+    job: &mut std::process::Child,
+    secs: u64,
+    stopped: Option<u32>,
+    log: &Path,
+) -> std::process::ExitStatus {
     let t0 = std::time::Instant::now();
     loop {
         if let Some(status) = job.try_wait().unwrap() {
@@ -453,4 +466,43 @@ fn one_stop_request_delivered_twice_counts_once_and_sighup_stops_cleanly() {
     let ms = std::time::Duration::from_millis;
     assert!(!exits_at_once(0, ms(0), 15) && !exits_at_once(15, ms(50), 15));
     assert!(exits_at_once(15, ms(1500), 15) && exits_at_once(15, ms(50), 2));
+}
+
+#[test]
+fn every_config_number_is_finite_and_bounded_and_non_finite_weights_never_reach_a_checkpoint() {
+    let fx = Fixture::new();
+    let cfg = fx.config("bounded", "ntxent", "");
+    let clip = fx.config("bounded-clip", "clip", "");
+    let moco = fx.config("bounded-moco", "infonce", MOCO);
+    let cases: [(&Path, &str, &str, &str); 11] = [
+        (&cfg, "train.optimizer.weight_decay=.nan", "train.optimizer.weight_decay", "finite"),
+        (&cfg, "train.optimizer.lr=.inf", "train.optimizer.lr", "finite"),
+        (&cfg, "train.grad_clip=.inf", "train.grad_clip", "finite"),
+        (&cfg, "loss.temperature=.nan", "loss.temperature", "finite"),
+        (&moco, "method.momentum=.nan", "method.momentum", "finite"),
+        (&cfg, "data.aug.brightness=-1", "data.aug.brightness", "non-negative"),
+        (&cfg, "data.aug.crop_ratio=[1, 1000]", "data.aug.crop_ratio", "at most 100"),
+        (&cfg, "model.proj_dim=100000000", "model.proj_dim", "bytes"),
+        (&clip, "model.text.context=1000000", "model.text.context", "bytes"),
+        (&moco, "method.queue_size=1073741824", "method.queue_size", "bytes"),
+        (&cfg, "model.width=100000", "model.width", "bytes"),
+    ];
+    for (file, set, key, why) in cases {
+        let out = run(0, &["config", "--config", file.to_str().unwrap(), "--set", set], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(key) && err.contains(why), "{set}: {err}");
+    }
+    // A warm-up longer than the run stays allowed (the schedule is cut short).
+    ok(run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", "train.schedule.warmup_steps=1000"], &[]));
+    // A step that overflows the weights (finite gradients, an absurd learning rate) stops
+    // the run before the checkpoint of that step is written.
+    let sets = ["train.optimizer.lr=1e300", "checkpoint.every=1"];
+    let out = run(0, &args_of(&cfg, &sets).iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("step 1 wrote non-finite weights"), "{err}");
+    assert!(!fx.path("bounded/step-1").exists() && !fx.path("bounded/latest").exists(), "{err}");
+    // Evaluation's cost follows the classes present: labels are remapped to those seen.
+    let (mut a, mut b) = (vec![1_000_000, 7, -1, 7], vec![42, 1_000_000]);
+    assert_eq!(trainer::eval::remap_labels(&mut a, &mut b), 3);
+    assert_eq!((a, b), (vec![2, 0, -1, 0], vec![1, 2]));
 }

@@ -73,7 +73,11 @@ fn a_fresh_run_into_an_old_directory_is_refused_unless_it_overwrites() {
     let fx = Fixture::new();
     let cfg = fx.config("reused", "ntxent", "");
     let c = cfg.to_str().unwrap();
-    ok(run(0, &["--config", c, "--set", "train.steps=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2"], &[]));
+    ok(run(
+        0,
+        &["--config", c, "--set", "train.steps=6", "--set", "checkpoint.every=2", "--set", "checkpoint.keep=2"],
+        &[],
+    ));
     let before = std::fs::read_to_string(fx.path("reused/steps.jsonl")).unwrap();
     // A new, shorter run (resume off) into the same directory: refused, nothing touched.
     let short = ["--config", c, "--set", "train.steps=3", "--set", "checkpoint.every=1"];
@@ -120,7 +124,10 @@ fn a_latest_naming_a_torn_checkpoint_falls_back_to_the_newest_intact_one() {
     resume.extend(["--set", "train.resume=true"]);
     let out = ok(run(0, &resume, &[]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is not a valid checkpoint (model.safetensors is missing)") && err.contains("step-2"), "{err}");
+    assert!(
+        err.contains("is not a valid checkpoint (model.safetensors is missing)") && err.contains("step-2"),
+        "{err}"
+    );
     assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
     assert_eq!(std::fs::read_to_string(fx.path("torn/latest")).unwrap().trim(), "step-4");
 }

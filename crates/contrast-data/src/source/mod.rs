@@ -134,11 +134,8 @@ impl Source for ImageFolder {
     }
     fn fingerprint(&self) -> u64 {
         // Relative to the root (the class directory and the file name) with the size.
-        let names: Vec<String> = self
-            .files
-            .iter()
-            .map(|(p, l)| format!("{l}\t{}\t{}", relative_name(p, 2), file_size(p)))
-            .collect();
+        let names: Vec<String> =
+            self.files.iter().map(|(p, l)| format!("{l}\t{}\t{}", relative_name(p, 2), file_size(p))).collect();
         crate::fingerprint(names.iter().map(|n| n.as_bytes()))
     }
     fn first_unlabelled(&self) -> Option<usize> {

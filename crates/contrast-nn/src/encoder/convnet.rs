@@ -56,6 +56,21 @@ impl EncoderSpec for ConvnetSpec {
                 return Err(invalid(key, format!("must be positive, got {v}")));
             }
         }
+        let max = contrast_config::model::MAX_WIDTH;
+        contrast_config::within_ceiling(
+            "model.width",
+            k.width as u64,
+            4096,
+            4 * 9 * 4 * k.width as u64 * 2,
+            "the widest convolution (9·(2w)² f32 per unit of w)",
+        )?;
+        contrast_config::within_ceiling(
+            "model.embed_dim",
+            k.embed_dim as u64,
+            max,
+            4 * 512,
+            "the first head weight (embed_dim × proj_hidden f32)",
+        )?;
         let cells = POOL_GRID * POOL_GRID;
         if k.embed_dim % cells != 0 {
             return Err(invalid(

@@ -136,6 +136,15 @@ impl EncoderSpec for VitSpec {
                 ));
             }
         }
+        let d = v.dim.max(1) as u64;
+        contrast_config::within_ceiling(
+            "model.vit.dim",
+            d,
+            contrast_config::model::MAX_WIDTH,
+            4 * 12 * d,
+            "each block's weights (12·dim² f32)",
+        )?;
+        contrast_config::within_ceiling("model.vit.depth", v.depth as u64, 256, 4 * 12 * d * d, "the blocks")?;
         if v.dim % v.heads != 0 {
             return Err(invalid("model.vit.heads", format!("{} heads do not divide model.vit.dim {}", v.heads, v.dim)));
         }

@@ -82,6 +82,14 @@ impl MethodSpec for MocoSpec {
                 format!("{} is not a positive multiple of the global batch {n}", k.queue_size),
             ));
         }
+        // The queue holds K keys of the projection's width (its rows are sharded, its sum is not).
+        contrast_config::within_ceiling(
+            "method.queue_size",
+            k.queue_size as u64,
+            1 << 24,
+            4 * 8192,
+            "the queue (K × proj_dim f32, at proj_dim 8192)",
+        )?;
         if k.shuffle_bn && run.norm != Norm::Batch {
             return Err(invalid(
                 "method.shuffle_bn",

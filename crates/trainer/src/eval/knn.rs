@@ -57,9 +57,18 @@ pub fn knn_top1<C: Collective>(
     [counts[0] as f64 / counts[2].max(1) as f64, counts[1] as f64 / counts[2].max(1) as f64]
 }
 
-/// Number of classes seen in label lists (largest label + 1).
-pub(super) fn classes_of(a: &[i64], b: &[i64]) -> i64 {
-    a.iter().chain(b).copied().max().unwrap_or(-1).max(0) + 1
+/// Remap the labels of both lists to the distinct labels they hold, in
+/// order (−1 stays −1), and return how many there are: evaluation's cost
+/// follows the classes present, not the largest label value (a label of 10⁶
+/// would otherwise make a vote table of 10⁶ columns per test image).
+pub fn remap_labels(a: &mut [i64], b: &mut [i64]) -> i64 {
+    let mut seen: Vec<i64> = a.iter().chain(b.iter()).copied().filter(|&l| l >= 0).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for l in a.iter_mut().chain(b.iter_mut()).filter(|l| **l >= 0) {
+        *l = seen.binary_search(l).expect("a label seen") as i64;
+    }
+    seen.len().max(1) as i64
 }
 
 /// kNN top-1 and top-5 of a feature extractor with `memory` as the neighbours;
@@ -76,12 +85,12 @@ pub fn knn_of<C: Collective>(
     t: f64,
     f: impl Fn(&Tensor) -> Tensor,
 ) -> Option<([f64; 2], Features)> {
-    let (ftrain, ltrain) = features(comm, memory, device, dim, &f);
-    let (ftest, ltest) = features(comm, test, device, dim, &f);
+    let (ftrain, mut ltrain) = features(comm, memory, device, dim, &f);
+    let (ftest, mut ltest) = features(comm, test, device, dim, &f);
     if !ltrain.iter().any(|&l| l >= 0) || !ltest.iter().any(|&l| l >= 0) {
         return None;
     }
-    let classes = classes_of(&ltrain, &ltest);
+    let classes = remap_labels(&mut ltrain, &mut ltest);
     let acc = knn_top1(comm, &ftrain, &ltrain, &ftest, &ltest, k, t, classes);
     Some((acc, Features { train: (ftrain, ltrain), test: (ftest, ltest), classes }))
 }

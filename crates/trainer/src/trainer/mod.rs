@@ -338,6 +338,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
             self.bad.add(all).map_err(|e| anyhow::anyhow!("step {}: {e}", step + 1))?;
         }
         self.opt.step(lr);
+        if let Some(name) = non_finite_weight(&self.opt) {
+            let last = self.last_checkpoint();
+            bail!("step {} wrote non-finite weights (`{name}`): stopping before any checkpoint holds them; the last good checkpoint ({last}) is intact", step + 1);
+        }
         let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
         self.method.after_step(&info, self.comm)?;
         let p = out.phases;
@@ -426,13 +430,15 @@ impl<'c, C: Collective> Trainer<'c, C> {
         if loss.is_finite() && grad_norm.is_finite() {
             return Ok(());
         }
-        let last = checkpoint::latest(&self.plan.config.checkpoint.dir)
-            .ok()
-            .flatten()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "none yet".into());
+        let last = self.last_checkpoint();
         let what = if loss.is_finite() { format!("gradient norm is {grad_norm}") } else { format!("loss is {loss}") };
         bail!("{what} at step {done}: stopping; the last good checkpoint ({last}) is intact")
+    }
+
+    /// The newest valid checkpoint of the run, for messages.
+    fn last_checkpoint(&self) -> String {
+        let found = checkpoint::latest(&self.plan.config.checkpoint.dir).ok().flatten();
+        found.map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into())
     }
 
     /// The parts that run after a step, each when it is due.

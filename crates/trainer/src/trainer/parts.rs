@@ -382,3 +382,20 @@ pub(super) fn fresh_run_id() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     contrast_data::rng::key(&[nanos as u64, (nanos >> 64) as u64, std::process::id() as u64])
 }
+
+/// The first parameter holding a non-finite value, if any. One reduction over
+/// all parameters (the largest |w| of each, stacked; NaN propagates through
+/// the maximum) and one host sync per step; the weights are replicated, so
+/// every rank decides alike without a collective.
+pub(super) fn non_finite_weight(opt: &Optimizer) -> Option<String> {
+    let maxima: Vec<Tensor> = opt.params.iter().map(|p| p.tensor.detach().abs().max()).collect();
+    if maxima.is_empty() {
+        return None;
+    }
+    let all = Tensor::stack(&maxima, 0).max();
+    if f64::try_from(&all).is_ok_and(f64::is_finite) {
+        return None;
+    }
+    let bad = opt.params.iter().find(|p| !f64::try_from(&p.tensor.detach().abs().max()).is_ok_and(f64::is_finite));
+    Some(bad.map_or_else(|| "?".into(), |p| p.name.clone()))
+}
