@@ -74,7 +74,17 @@ fn every_rank_serves_prometheus_metrics_during_a_run() {
 fn log_lines_name_their_rank_plain_and_json() {
     let fx = Fixture::new();
     let cfg = fx.config("logs", "ntxent", "");
-    let base = ["--config", cfg.to_str().unwrap(), "--set", "train.steps=3", "--set", "checkpoint.every=0"];
+    // Three runs into one directory: each starts over.
+    let base = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "checkpoint.overwrite=true",
+    ];
     // Plain: the step line keeps its form, after the rank and step spans.
     let out = ok(run(2, &base, &[("CONTRAST_LOG", "info")]));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -118,7 +128,10 @@ fn log_lines_name_their_rank_plain_and_json() {
     assert!(!err.contains("ETA"), "no progress bar without a terminal");
     // On a terminal (a pty from `script`), rank 0 draws a progress bar, and log lines still come through.
     if Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        let cmd = format!("{BIN} --config {} --set train.steps=6 --set checkpoint.every=0", cfg.display());
+        let cmd = format!(
+            "{BIN} --config {} --set train.steps=6 --set checkpoint.every=0 --set checkpoint.overwrite=true",
+            cfg.display()
+        );
         let out = Command::new("script").args(["-qfec", &cmd, "/dev/null"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
@@ -311,7 +324,17 @@ fn summary_eval_and_checkpoint_layout() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    let want = ["config.yaml", "evals.jsonl", "latest", "plot.png", "step-3", "step-4", "steps.jsonl", "summary.json"];
+    let want = [
+        ".lock",
+        "config.yaml",
+        "evals.jsonl",
+        "latest",
+        "plot.png",
+        "step-3",
+        "step-4",
+        "steps.jsonl",
+        "summary.json",
+    ];
     assert_eq!(names, want);
     // Each step line reports the rank's page faults and peak RSS (the allocator's regression signal).
     for line in std::fs::read_to_string(fx.path("full/steps.jsonl")).unwrap().lines() {

@@ -43,6 +43,17 @@ fn ranks_that_resolve_different_configs_refuse_before_any_other_collective() {
     let out = run_mpmd(&[eval(&[]), eval(&["eval.knn_k=7"])]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`eval.knn_k` is 5 on rank 0 but 7 on rank 1"), "{err}");
+    // And `trainer embed`.
+    let out_file = fx.path("emb.safetensors").display().to_string();
+    let embed = |sets: &[&str]| {
+        let mut a = vec!["embed".to_string(), "--checkpoint".into(), ckpt.clone(), "--out".into(), out_file.clone()];
+        a.extend(args_of(&cfg, sets));
+        a
+    };
+    let out = run_mpmd(&[embed(&["seed=4"]), embed(&[])]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`seed` is 4 on rank 0 but 3 on rank 1"), "{err}");
+    assert!(!fx.path("emb.safetensors").exists());
     let text = trainer::agree::describe_difference("a: 1\nb: 2\n", "a: 1\nb: 3\nc: 4\n", 3, 2);
     assert!(text.contains("`b` is 2 on rank 0 but 3 on rank 3 (1 more key(s) differ); 2 ranks differ"), "{text}");
 }
