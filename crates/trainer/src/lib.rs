@@ -457,6 +457,9 @@ fn eval_data(plan: &Plan, input: &Input) -> Result<Option<EvalData>> {
 /// The run directory's copy of the configuration: `checkpoint.dir/config.yaml`,
 /// every default filled in (what `trainer eval` reads when `--config` is omitted).
 fn write_resolved_config(plan: &Plan) -> Result<()> {
+    // Overwriting happened once, at this run's start: a resume from this file must not ask for it again.
+    let mut plan = plan.clone();
+    plan.config.checkpoint.overwrite = false;
     let dir = &plan.config.checkpoint.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint.dir {}", dir.display()))?;
     let text = format!(

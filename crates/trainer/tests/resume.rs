@@ -95,6 +95,11 @@ fn a_fresh_run_into_an_old_directory_is_refused_unless_it_overwrites() {
     assert_eq!(std::fs::read_to_string(fx.path("reused/latest")).unwrap().trim(), "step-3");
     assert!(!fx.path("reused/step-6").exists() && !fx.path("reused/step-4").exists());
     assert_eq!(losses(&fx.path("reused")).len(), 3);
+    // The run's config.yaml resumes it (the overwrite happened once, at its start).
+    let resolved = fx.path("reused/config.yaml");
+    let resumed = ["--config", resolved.to_str().unwrap(), "--set", "train.steps=4", "--set", "train.resume=true"];
+    ok(run(0, &resumed, &[]));
+    assert_eq!(latest_step(&fx.path("reused")), 4);
     // Overwrite and resume contradict each other.
     let mut both = over.clone();
     both.extend(["--set", "train.resume=true"]);
