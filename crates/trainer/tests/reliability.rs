@@ -517,3 +517,33 @@ fn every_config_number_is_finite_and_bounded_and_non_finite_weights_never_reach_
     assert_eq!(trainer::eval::remap_labels(&mut a, &mut b), 3);
     assert_eq!((a, b), (vec![2, 0, -1, 0], vec![1, 2]));
 }
+
+#[test]
+fn a_filesystem_that_refuses_the_lock_is_named_with_what_to_do() {
+    // A shim that makes every flock fail as on a mount without lock support.
+    let fx = Fixture::new();
+    let (src, lib) = (fx.path("nolock.c"), fx.path("libnolock.so"));
+    std::fs::write(
+        &src,
+        "#include <errno.h>\nint flock(int fd, int op) { (void)fd; (void)op; errno = ENOLCK; return -1; }\n",
+    )
+    .unwrap();
+    let built = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(&src).status();
+    if !built.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: no C compiler to build the flock shim");
+        return;
+    }
+    let cfg = fx.config("nolock", "ntxent", "");
+    let out = run(0, &["--config", cfg.to_str().unwrap()], &[("LD_PRELOAD", lib.to_str().unwrap())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the filesystem refused to lock") && err.contains("docs/reliability.md"), "{err}");
+    assert!(err.contains("checkpoint.lock=false"), "{err}");
+    // With checkpoint.lock=false the run goes on, warned.
+    let out = ok(run(
+        0,
+        &["--config", cfg.to_str().unwrap(), "--set", "checkpoint.lock=false"],
+        &[("LD_PRELOAD", lib.to_str().unwrap())],
+    ));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing stops a second run"));
+}
