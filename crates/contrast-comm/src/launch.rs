@@ -165,4 +165,12 @@ impl Collective for Comm {
     fn barrier(&self) {
         delegate!(self, c => c.barrier())
     }
+    fn split(&self, color: usize) -> Self {
+        match self {
+            Comm::Solo(c) => Comm::Solo(c.split(color)),
+            Comm::Threads(c) => Comm::Threads(c.split(color)),
+            #[cfg(feature = "mpi")]
+            Comm::Mpi(c) => Comm::Mpi(c.split(color)),
+        }
+    }
 }

@@ -117,6 +117,12 @@ pub trait Collective {
     fn broadcast<T: Element>(&self, buf: &mut [T], root: usize);
     /// Wait for every rank.
     fn barrier(&self);
+    /// A sub-communicator of the ranks that pass the same `color` (as
+    /// `MPI_Comm_split` with the rank as key: ranks keep their relative order).
+    /// Collective: every rank calls it, in the same order as its other collectives.
+    fn split(&self, color: usize) -> Self
+    where
+        Self: Sized;
 }
 
 /// A collective started by [`Collective::all_reduce_sum_start`].
@@ -168,6 +174,9 @@ impl Collective for Solo {
     }
     fn broadcast<T: Element>(&self, _buf: &mut [T], _root: usize) {}
     fn barrier(&self) {}
+    fn split(&self, _color: usize) -> Self {
+        Solo
+    }
 }
 
 /// End the process with `code` (built without MPI there is no job to end).

@@ -18,8 +18,9 @@ pub struct MpiComm {
     node: SimpleCommunicator,
     /// Whether every collective first checks that the ranks pass equal counts.
     check_counts: bool,
-    // Declared last: dropped after the communicators, which finalises MPI.
-    _universe: mpi::environment::Universe,
+    // Declared last: dropped after the communicators; the last holder (the
+    // world's communicator or a split of it) finalises MPI.
+    universe: std::sync::Arc<mpi::environment::Universe>,
 }
 
 impl MpiComm {
@@ -32,7 +33,7 @@ impl MpiComm {
         let world = universe.world();
         let node = world.split_shared(world.rank());
         let check_counts = cfg!(debug_assertions) || std::env::var_os(CHECK_COUNTS_VAR).is_some_and(|v| v != "0");
-        Ok(Self { world, node, check_counts, _universe: universe })
+        Ok(Self { world, node, check_counts, universe: std::sync::Arc::new(universe) })
     }
 
     /// In debug builds (or with [`CHECK_COUNTS_VAR`] set): one small all-reduce
@@ -144,6 +145,16 @@ impl Collective for MpiComm {
     }
     fn barrier(&self) {
         self.world.barrier();
+    }
+    fn split(&self, color: usize) -> Self {
+        let value = i32::try_from(color).expect("split: a color under 2^31");
+        self.agree_count("split", 1);
+        let world = self
+            .world
+            .split_by_color(mpi::topology::Color::with_value(value))
+            .expect("split: a defined color always gives a communicator");
+        let node = world.split_shared(world.rank());
+        Self { world, node, check_counts: self.check_counts, universe: self.universe.clone() }
     }
 }
 

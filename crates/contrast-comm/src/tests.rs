@@ -93,3 +93,49 @@ fn solo_is_identity() {
     assert_eq!(c.all_gather(&[1.0f32, 2.0]), vec![1.0, 2.0]);
     assert_eq!((c.rank(), c.world_size()), (0, 1));
 }
+
+#[test]
+fn split_groups_the_ranks_of_a_color_in_rank_order_and_nests() {
+    let out = Threads::run_on_hosts(5, 2, |c| {
+        // Colors 0 (ranks 0, 2, 4) and 1 (ranks 1, 3).
+        let sub = c.split(c.rank() % 2);
+        let members: Vec<i64> = sub.all_gather(&[c.rank() as i64]);
+        assert_eq!(sub.rank(), c.rank() / 2);
+        let mut sum = [c.rank() as f64];
+        sub.all_reduce_sum(&mut sum);
+        let mut b = [c.rank() as u8];
+        sub.broadcast(&mut b, sub.world_size() - 1);
+        // Hosts of two ranks: {0,1} {2,3} {4}; color 0's ranks 0, 2, 4 sit on three hosts.
+        let local = (sub.local_rank(), sub.local_size());
+        // The parent still works, and a split of a split groups within it.
+        let mut all = [1i64];
+        c.all_reduce_sum(&mut all);
+        assert_eq!(all[0], 5);
+        let inner = sub.split(usize::from(sub.rank() == 0));
+        let mut n = [1i64];
+        inner.all_reduce_sum(&mut n);
+        (members, sum[0], b[0], local, n[0])
+    });
+    assert_eq!(out[0], (vec![0, 2, 4], 6.0, 4, (0, 1), 1));
+    assert_eq!(out[1], (vec![1, 3], 4.0, 3, (0, 1), 1));
+    assert_eq!(out[2], (vec![0, 2, 4], 6.0, 4, (0, 1), 2));
+    assert_eq!(out[3], (vec![1, 3], 4.0, 3, (0, 1), 1));
+    assert_eq!(out[4].4, 2);
+    assert_eq!(Solo.split(3).world_size(), 1);
+}
+
+#[test]
+fn a_panic_in_a_split_group_breaks_every_group_instead_of_hanging() {
+    let caught = std::panic::catch_unwind(|| {
+        Threads::run(4, |c| {
+            let sub = c.split(c.rank() % 2);
+            if c.rank() == 1 {
+                panic!("rank 1 fails");
+            }
+            sub.barrier();
+            c.barrier();
+        })
+    });
+    let e = caught.expect_err("the panic is re-raised");
+    assert_eq!(e.downcast_ref::<&str>(), Some(&"rank 1 fails"));
+}

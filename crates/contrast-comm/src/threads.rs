@@ -2,11 +2,33 @@
 //! rank sees bit-identical results; a panicking rank breaks the barrier for all.
 
 use crate::{maximum, Collective, Element};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 struct Shared {
     slots: Mutex<Vec<Vec<u8>>>,
     barrier: RankBarrier,
+    /// The groups split from this one, by (split number, color): every member
+    /// of a new group takes the same one; a panic breaks them all.
+    children: Mutex<HashMap<(u64, usize), Arc<Shared>>>,
+}
+
+impl Shared {
+    fn new(size: usize) -> Self {
+        Self {
+            slots: Mutex::new(vec![Vec::new(); size]),
+            barrier: RankBarrier::new(size),
+            children: Default::default(),
+        }
+    }
+
+    /// Break this group's barrier and every group split from it.
+    fn break_all(&self) {
+        self.barrier.break_all();
+        let children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children.values().for_each(|c| c.break_all());
+    }
 }
 
 /// A barrier that a panicking rank breaks: the ranks waiting at it (or arriving
@@ -57,8 +79,11 @@ impl RankBarrier {
 pub struct Threads {
     rank: usize,
     size: usize,
-    ranks_per_host: usize,
+    /// The host of each rank of the group (local rank and size follow from it).
+    hosts: Arc<Vec<usize>>,
     shared: Arc<Shared>,
+    /// Splits made so far (every rank makes the same ones in the same order).
+    splits: AtomicU64,
 }
 
 impl Threads {
@@ -80,16 +105,23 @@ impl Threads {
         F: Fn(Threads) -> R + Sync,
     {
         assert!(p > 0 && ranks_per_host > 0);
-        let shared = Arc::new(Shared { slots: Mutex::new(vec![Vec::new(); p]), barrier: RankBarrier::new(p) });
+        let shared = Arc::new(Shared::new(p));
+        let hosts = Arc::new((0..p).map(|r| r / ranks_per_host).collect::<Vec<_>>());
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..p)
                 .map(|rank| {
-                    let comm = Threads { rank, size: p, ranks_per_host, shared: shared.clone() };
+                    let comm = Threads {
+                        rank,
+                        size: p,
+                        hosts: hosts.clone(),
+                        shared: shared.clone(),
+                        splits: AtomicU64::new(0),
+                    };
                     let (f, shared) = (&f, shared.clone());
                     s.spawn(move || {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(comm)));
                         out.unwrap_or_else(|e| {
-                            shared.barrier.break_all();
+                            shared.break_all();
                             std::panic::resume_unwind(e)
                         })
                     })
@@ -158,11 +190,12 @@ impl Collective for Threads {
         self.size
     }
     fn local_rank(&self) -> usize {
-        self.rank % self.ranks_per_host
+        let host = self.hosts[self.rank];
+        self.hosts[..self.rank].iter().filter(|&&h| h == host).count()
     }
     fn local_size(&self) -> usize {
-        let host = self.rank / self.ranks_per_host;
-        (self.size - host * self.ranks_per_host).min(self.ranks_per_host)
+        let host = self.hosts[self.rank];
+        self.hosts.iter().filter(|&&h| h == host).count()
     }
     fn all_gather<T: Element>(&self, send: &[T]) -> Vec<T> {
         self.exchange(bytemuck::cast_slice(send), |slots| {
@@ -216,5 +249,17 @@ impl Collective for Threads {
     }
     fn barrier(&self) {
         self.shared.barrier.wait();
+    }
+    fn split(&self, color: usize) -> Self {
+        let colors = self.all_gather(&[color as i64]);
+        let members: Vec<usize> = (0..self.size).filter(|&r| colors[r] == color as i64).collect();
+        let rank = members.iter().position(|&r| r == self.rank).expect("a member of its own color");
+        let n = self.splits.fetch_add(1, Ordering::SeqCst);
+        let shared = {
+            let mut children = self.shared.children.lock().unwrap_or_else(|e| e.into_inner());
+            children.entry((n, color)).or_insert_with(|| Arc::new(Shared::new(members.len()))).clone()
+        };
+        let hosts = Arc::new(members.iter().map(|&r| self.hosts[r]).collect());
+        Threads { rank, size: members.len(), hosts, shared, splits: AtomicU64::new(0) }
     }
 }

@@ -56,6 +56,9 @@ impl Collective for Spy {
     fn barrier(&self) {
         self.inner.barrier()
     }
+    fn split(&self, color: usize) -> Self {
+        Spy { inner: self.inner.split(color), first: self.first.shallow_clone(), starts: RefCell::new(Vec::new()) }
+    }
 }
 
 type RankOut = (Vec<(usize, bool)>, Vec<Vec<f64>>, Vec<usize>);

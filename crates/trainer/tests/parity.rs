@@ -322,3 +322,30 @@ fn multi_crop_and_asymmetric_presets_train_and_stay_exact_across_ranks() {
     // The presets really differ (multi-crop changes the run).
     assert!(max_rel_diff(&dir.path().join("swav-1/step-3"), &dir.path().join("mocov2-1/step-3")) > 1e-4);
 }
+
+#[test]
+fn split_sub_communicators_work_through_real_mpi() {
+    let mut cmd = Command::new("mpirun");
+    if is_open_mpi() {
+        cmd.arg("--oversubscribe");
+    }
+    let out = cmd
+        .args(["-n", "4"])
+        .arg(example("split"))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env(contrast_comm::CHECK_COUNTS_VAR, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "rank 0 of 4: group rank 0 of 2, group sum 2, group last 2, world 4",
+        "rank 1 of 4: group rank 0 of 2, group sum 4, group last 3, world 4",
+        "rank 2 of 4: group rank 1 of 2, group sum 2, group last 2, world 4",
+        "rank 3 of 4: group rank 1 of 2, group sum 4, group last 3, world 4",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+}
