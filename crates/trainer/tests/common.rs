@@ -372,3 +372,19 @@ pub fn clip_on(dataset: &str, root: &Path, run_dir: &Path, np: usize, extra: &[S
     let sets: Vec<String> = sets.into_iter().chain(extra.iter().cloned()).collect();
     run_with_sets(np, &[], &config, &sets, &[])
 }
+
+/// Run a built example under `mpirun -n np` with `env` (Open MPI's root and
+/// oversubscription flags as the other helpers).
+pub fn run_example_mpi(name: &str, np: usize, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new("mpirun");
+    if is_open_mpi() {
+        cmd.arg("--oversubscribe");
+    }
+    cmd.args(["-n", &np.to_string()])
+        .arg(example(name))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .envs(env.iter().copied());
+    cmd.output().unwrap()
+}

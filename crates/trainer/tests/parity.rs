@@ -325,19 +325,7 @@ fn multi_crop_and_asymmetric_presets_train_and_stay_exact_across_ranks() {
 
 #[test]
 fn split_sub_communicators_work_through_real_mpi() {
-    let mut cmd = Command::new("mpirun");
-    if is_open_mpi() {
-        cmd.arg("--oversubscribe");
-    }
-    let out = cmd
-        .args(["-n", "4"])
-        .arg(example("split"))
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env(contrast_comm::CHECK_COUNTS_VAR, "1")
-        .output()
-        .unwrap();
+    let out = run_example_mpi("split", 4, &[(contrast_comm::CHECK_COUNTS_VAR, "1")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     for want in [

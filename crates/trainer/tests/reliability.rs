@@ -60,19 +60,7 @@ fn ranks_that_resolve_different_configs_refuse_before_any_other_collective() {
 
 #[test]
 fn collectives_with_unequal_counts_are_an_error_when_checked() {
-    let bin = example("unequal_counts");
-    let mut cmd = Command::new("mpirun");
-    if is_open_mpi() {
-        cmd.arg("--oversubscribe");
-    }
-    let out = cmd
-        .args(["-n", "2"])
-        .arg(bin)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env(contrast_comm::CHECK_COUNTS_VAR, "1")
-        .output()
-        .unwrap();
+    let out = run_example_mpi("unequal_counts", 2, &[(contrast_comm::CHECK_COUNTS_VAR, "1")]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("all_reduce_sum: the ranks passed different element counts"), "{err}");
