@@ -44,7 +44,8 @@ pub use train::{
     TrainConfig,
 };
 pub use yaml::{
-    check_yaml_shape, parse_bounded, value_depth, MAX_CONFIG_BYTES, MAX_YAML_ALIASES, MAX_YAML_DEPTH, RESOLVED_HEADER,
+    check_yaml_shape, leaves, parse_bounded, value_depth, MAX_CONFIG_BYTES, MAX_YAML_ALIASES, MAX_YAML_DEPTH,
+    RESOLVED_HEADER,
 };
 
 use serde::{Deserialize, Serialize};
@@ -157,17 +158,16 @@ pub fn within_ceiling(key: &str, value: u64, max: u64, bytes_per_unit: u64, what
     ))
 }
 
-/// The first non-finite number of a YAML value (`.nan`, `.inf`), with its dotted key.
-pub fn first_non_finite(v: &serde_yaml_ng::Value, prefix: &str) -> Option<(String, f64)> {
-    use serde_yaml_ng::Value;
-    match v {
-        Value::Number(n) => n.as_f64().filter(|x| !x.is_finite()).map(|x| (prefix.to_string(), x)),
-        Value::Sequence(s) => s.iter().enumerate().find_map(|(i, x)| first_non_finite(x, &format!("{prefix}[{i}]"))),
-        Value::Mapping(m) => m.iter().find_map(|(k, x)| {
-            let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
-            first_non_finite(x, &if prefix.is_empty() { k } else { format!("{prefix}.{k}") })
-        }),
-        Value::Tagged(t) => first_non_finite(&t.value, prefix),
-        _ => None,
+/// The first non-finite number of a YAML value (`.nan`, `.inf`), with the dotted key of its leaf.
+pub fn first_non_finite(v: &serde_yaml_ng::Value) -> Option<(String, f64)> {
+    fn non_finite(v: &serde_yaml_ng::Value) -> Option<f64> {
+        use serde_yaml_ng::Value;
+        match v {
+            Value::Number(n) => n.as_f64().filter(|x| !x.is_finite()),
+            Value::Sequence(s) => s.iter().find_map(non_finite),
+            Value::Tagged(t) => non_finite(&t.value),
+            _ => None,
+        }
     }
+    yaml::leaves(v).into_iter().find_map(|(key, leaf)| non_finite(leaf).map(|x| (key, x)))
 }

@@ -157,7 +157,7 @@ impl Plan {
         rules.check(&c.given)?;
         // Every number, the method's and the encoder's keys included, is finite.
         let whole = serde_yaml_ng::to_value(c).map_err(|e| invalid("config", e.to_string()))?;
-        if let Some((key, x)) = crate::first_non_finite(&whole, "") {
+        if let Some((key, x)) = crate::first_non_finite(&whole) {
             return Err(invalid(key, format!("must be a finite number, got {x}")));
         }
         own_keys(&c.given, "method", &["name"], &spec.defaults(), &format!("method {}", spec.name()))?;

@@ -206,12 +206,35 @@ fn read_bounded(path: &Path) -> Result<String, ConfigError> {
     Ok(text)
 }
 
+/// Every leaf of a YAML value under its dotted key (`loss.margin`): mappings
+/// are walked, anything else (a scalar, a sequence) is one leaf.
+pub fn leaves(v: &serde_yaml_ng::Value) -> Vec<(String, &serde_yaml_ng::Value)> {
+    fn walk<'v>(v: &'v serde_yaml_ng::Value, prefix: &str, out: &mut Vec<(String, &'v serde_yaml_ng::Value)>) {
+        match v.as_mapping() {
+            Some(map) => map.iter().for_each(|(k, child)| walk(child, &dotted(prefix, k), out)),
+            None => out.push((prefix.to_string(), v)),
+        }
+    }
+    let mut out = Vec::new();
+    walk(v, "", &mut out);
+    out
+}
+
+/// `prefix.key` (the key alone at the top).
+fn dotted(prefix: &str, k: &serde_yaml_ng::Value) -> String {
+    let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
+    if prefix.is_empty() {
+        k
+    } else {
+        format!("{prefix}.{k}")
+    }
+}
+
 /// Every dotted key of a YAML mapping (`loss`, `loss.margin`, ...).
 fn collect_keys(v: &serde_yaml_ng::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
     if let Some(map) = v.as_mapping() {
         for (k, child) in map {
-            let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
-            let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+            let key = dotted(prefix, k);
             collect_keys(child, &key, out);
             out.insert(key);
         }

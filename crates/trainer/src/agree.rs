@@ -34,26 +34,12 @@ pub const EXEMPT_KEYS: [&str; 7] = [
 /// resolved file's order; mappings are walked, sequences are one value.
 pub fn compared_keys(plan: &Plan) -> Vec<(String, String)> {
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&plan.resolved_yaml()).expect("resolved YAML parses");
-    let mut out = Vec::new();
-    flatten(&value, "", &mut out);
-    out.retain(|(k, _)| !EXEMPT_KEYS.contains(&k.as_str()));
-    out
-}
-
-fn flatten(v: &serde_yaml_ng::Value, prefix: &str, out: &mut Vec<(String, String)>) {
-    match v.as_mapping() {
-        Some(map) => {
-            for (k, child) in map {
-                let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
-                let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
-                flatten(child, &key, out);
-            }
-        }
-        None => {
-            let text = serde_yaml_ng::to_string(v).unwrap_or_default();
-            out.push((prefix.to_string(), text.trim().replace('\n', " ")));
-        }
-    }
+    let text = |v: &serde_yaml_ng::Value| serde_yaml_ng::to_string(v).unwrap_or_default().trim().replace('\n', " ");
+    contrast_config::leaves(&value)
+        .into_iter()
+        .filter(|(k, _)| !EXEMPT_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k, text(v)))
+        .collect()
 }
 
 /// The compared keys as one text, `key: value` per line.

@@ -327,7 +327,8 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     watchdog::start(comm.rank(), plan.config.train.timeout_s);
     // Held until training ends: a second run into checkpoint.dir is refused.
     let _lock = runlock::claim(comm, &plan)?;
-    if comm.rank() == 0 && !pretrained::resuming(&plan)? {
+    // Only with a pretrained file: a resume's search for its checkpoint (and its warnings) happens once.
+    if comm.rank() == 0 && plan.config.model.pretrained.is_some() && !pretrained::resuming(&plan)? {
         // Recorded in config.yaml and summary.json; only rank 0 reads the file.
         plan.config.model.pretrained_sha256 = pretrained::pretrained_sha256(&plan)?;
     }

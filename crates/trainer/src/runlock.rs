@@ -96,8 +96,7 @@ fn remove_stale_temporaries(dir: &Path) -> Result<()> {
         let entry = entry?;
         if rundir::is_tmp_name(&entry.file_name().to_string_lossy()) {
             let p = entry.path();
-            let gone = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-            gone.with_context(|| format!("removing the stale temporary {}", p.display()))?;
+            remove(&p).with_context(|| format!("removing the stale temporary {}", p.display()))?;
             tracing::info!("removed {}, left by a process that died while writing it", p.display());
         }
     }
@@ -128,9 +127,16 @@ fn claim_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     }
     for name in &old {
         let p = dir.join(name);
-        let gone = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        gone.with_context(|| format!("checkpoint.overwrite: removing {}", p.display()))?;
+        remove(&p).with_context(|| format!("checkpoint.overwrite: removing {}", p.display()))?;
     }
     tracing::warn!("checkpoint.overwrite=true: removed the previous run's {} from {}", old.join(", "), dir.display());
     Ok(())
+}
+
+/// Remove a file or a directory with its contents (a link itself, not its target).
+fn remove(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p)?.is_dir() {
+        true => std::fs::remove_dir_all(p),
+        false => std::fs::remove_file(p),
+    }
 }

@@ -10,6 +10,19 @@ pub(crate) fn png_bytes(v: u8) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A tar file of `members` (name, bytes), in order.
+fn write_tar(path: &Path, members: &[(&str, &[u8])]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.finish().unwrap();
+}
+
 #[test]
 fn image_folder_sorts_classes_and_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,15 +89,7 @@ fn write_shard(path: &Path, keys: &[(&str, u8, Option<&str>, Option<i64>)]) {
 fn webdataset_cls_labels_outside_the_bound_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("l-0.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-    for (name, data) in [("k/a.png", png_bytes(1)), ("k/a.cls", b"1000000000000".to_vec())] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, &data[..]).unwrap();
-    }
-    b.finish().unwrap();
+    write_tar(&path, &[("k/a.png", &png_bytes(1)), ("k/a.cls", b"1000000000000")]);
     let err = WebDataset::open(path.to_str().unwrap()).err().unwrap().to_string();
     assert!(err.contains("a.cls") && err.contains("l-0.tar"), "{err}");
 }
@@ -362,16 +367,7 @@ fn reads_are_bounded_to_regular_files_of_capped_size_and_decodes_to_capped_pixel
 fn shard_members_over_the_cap_are_refused_from_the_tar_header() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("000000.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-    for (name, data) in [("a.png", vec![7u8; 3 << 20]), ("a.txt", vec![b'x'; 64])] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, &data[..]).unwrap();
-    }
-    b.finish().unwrap();
-    drop(b);
+    write_tar(&path, &[("a.png", &vec![7u8; 3 << 20]), ("a.txt", &[b'x'; 64])]);
     let members = super::webdataset::load_or_build_index(&path).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let e = super::webdataset::read_span(&mut f, members[0].image, 1 << 20, "max_image_bytes").unwrap_err();

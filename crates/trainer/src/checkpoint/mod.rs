@@ -282,7 +282,7 @@ pub fn load<C: Collective>(
 
 type Read = (PathBuf, State, HashMap<String, Tensor>, HashMap<String, Tensor>);
 
-/// Rank 0: read a checkpoint and check every expected item's presence and canonical shape.
+/// Rank 0: read a checkpoint after checking every expected item's presence and canonical shape.
 fn read_checked(
     find: impl FnOnce() -> Result<Option<PathBuf>>,
     accept: impl FnOnce(&State) -> Result<()>,
@@ -293,29 +293,12 @@ fn read_checked(
     let Some(dir) = find()? else { return Ok(None) };
     let state = read_state(&dir)?;
     accept(&state).with_context(|| format!("{} cannot be resumed by this config", dir.display()))?;
-    let check = |file: &str, items: &[StateItem]| -> Result<HashMap<String, Tensor>> {
-        let map: HashMap<String, Tensor> = read_tensors(&dir, file)?.into_iter().collect();
-        for item in items {
-            let t = map
-                .get(&item.name)
-                .with_context(|| format!("{}: `{}` is missing", dir.join(file).display(), item.name))?;
-            let want = item.canonical_shape(world_size);
-            if t.size() != want {
-                bail!(
-                    "{}: `{}` has shape {:?}, this run expects {want:?} (a different model, method or queue size?)",
-                    dir.join(file).display(),
-                    item.name,
-                    t.size()
-                );
-            }
-        }
-        Ok(map)
-    };
-    let m = check(MODEL_FILE, model)?;
-    let o = match optim {
-        Some(items) => check(OPTIM_FILE, items)?,
-        None => HashMap::new(),
-    };
+    // The one check of names and shapes, from the headers, before any tensor is read.
+    let expect = Expect { model, optim, world_size };
+    check(&dir, Some(&expect)).with_context(|| format!("{} does not fit this run", dir.display()))?;
+    let read = |file: &str| -> Result<HashMap<String, Tensor>> { Ok(read_tensors(&dir, file)?.into_iter().collect()) };
+    let m = read(MODEL_FILE)?;
+    let o = if optim.is_some() { read(OPTIM_FILE)? } else { HashMap::new() };
     Ok(Some((dir, state, m, o)))
 }
 

@@ -102,7 +102,10 @@ fn items_match(file: &str, shapes: &HashMap<String, Vec<i64>>, items: &[StateIte
         let have = shapes.get(&item.name).with_context(|| format!("{file}: `{}` is missing", item.name))?;
         let want = item.canonical_shape(p);
         if *have != want {
-            bail!("{file}: `{}` has shape {have:?}, this run expects {want:?}", item.name);
+            bail!(
+                "{file}: `{}` has shape {have:?}, this run expects {want:?} (a different model, method or queue size?)",
+                item.name
+            );
         }
     }
     Ok(())
