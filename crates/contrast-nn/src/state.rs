@@ -7,6 +7,10 @@
 //! - [`Layout::RowSharded`]: rank r holds rows `[r·B, (r+1)·B)` of every block of
 //!   `block` global rows (MoCo's queue); gathered into the canonical layout on
 //!   save and re-sliced on load, so any world size resumes it.
+//! - [`Layout::ItemSharded`]: item i of the training set lives on rank i mod P,
+//!   as row i div P of that rank's tensor (a memory bank, pseudo-labels);
+//!   saved in item order and re-sliced on load, so any world size resumes it,
+//!   including item counts P does not divide.
 //!
 //! Nothing is averaged unless its item says so: a queue shard must never be.
 
@@ -25,6 +29,21 @@ pub enum Layout {
         /// Global rows per block (one step's global batch N).
         block: usize,
     },
+    /// One row per training item, item i on rank i mod P (rows [`item_rows`]).
+    ItemSharded {
+        /// Items of the whole set (rows of the canonical tensor).
+        items: usize,
+    },
+}
+
+/// Rows rank `rank` of `world_size` holds of an [`Layout::ItemSharded`] item of `items` rows.
+pub fn item_rows(items: usize, rank: usize, world_size: usize) -> usize {
+    (items + world_size - 1 - rank.min(world_size - 1)) / world_size
+}
+
+/// The items rank `rank` holds, in its row order: rank, rank + P, rank + 2P, …
+pub fn item_indices(items: usize, rank: usize, world_size: usize) -> impl Iterator<Item = usize> {
+    (rank..items).step_by(world_size.max(1))
 }
 
 /// One named piece of state (a tensor that shares storage with the live one).
@@ -46,8 +65,10 @@ impl StateItem {
     /// Shape of the canonical (saved) tensor for `world_size` ranks.
     pub fn canonical_shape(&self, world_size: usize) -> Vec<i64> {
         let mut s = self.tensor.size();
-        if let Layout::RowSharded { .. } = self.layout {
-            s[0] *= world_size as i64;
+        match self.layout {
+            Layout::RowSharded { .. } => s[0] *= world_size as i64,
+            Layout::ItemSharded { items } => s[0] = items as i64,
+            Layout::Replicated | Layout::Mean => {}
         }
         s
     }
@@ -81,6 +102,7 @@ impl StateItem {
                 out.extend(&rest);
                 gathered.view(shape.as_slice()).transpose(0, 1).reshape(out.as_slice())
             }
+            Layout::ItemSharded { items } => item_canonical(comm, &t, items),
         }
     }
 
@@ -89,6 +111,10 @@ impl StateItem {
         match self.layout {
             Layout::Replicated | Layout::Mean => canonical.shallow_clone(),
             Layout::RowSharded { block } => row_shard(canonical, block, rank, world_size),
+            Layout::ItemSharded { items } => {
+                let end = (items as i64).max(rank as i64);
+                canonical.slice(0, rank as i64, end, world_size as i64)
+            }
         }
     }
 
@@ -99,6 +125,26 @@ impl StateItem {
             self.tensor.shallow_clone().copy_(&part.to_device(self.tensor.device()).to_kind(self.tensor.kind()))
         });
     }
+}
+
+/// The canonical tensor of an [`Layout::ItemSharded`] item from each rank's
+/// rows: every rank pads its rows to ⌈items/P⌉, the padded blocks are
+/// all-gathered, and canonical row j·P + r is rank r's row j.
+fn item_canonical<C: Collective>(comm: &C, local: &Tensor, items: usize) -> Tensor {
+    let p = comm.world_size() as i64;
+    let s = local.size();
+    let per = (items as i64 + p - 1) / p;
+    let rest: Vec<i64> = s[1..].to_vec();
+    let mut pad_shape = vec![per - s[0]];
+    pad_shape.extend(&rest);
+    let padded =
+        Tensor::cat(&[local.shallow_clone(), Tensor::zeros(pad_shape.as_slice(), (local.kind(), local.device()))], 0);
+    let gathered = all_gather_tensor(comm, &padded);
+    let mut shape = vec![p, per];
+    shape.extend(&rest);
+    let mut out = vec![p * per];
+    out.extend(&rest);
+    gathered.view(shape.as_slice()).transpose(0, 1).reshape(out.as_slice()).narrow(0, 0, items as i64)
 }
 
 /// Rank `rank`'s rows of a [`Layout::RowSharded`] tensor: rows `[r·B, (r+1)·B)`

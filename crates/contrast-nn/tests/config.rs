@@ -339,7 +339,7 @@ fn a_method_defined_outside_registers_resolves_and_trains_one_step() {
     let m = contrast_nn::method::build(&spec).unwrap();
     assert_eq!(m.name(), "twin_test");
     let views: Vec<Tensor> = (0..2).map(|_| Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu))).collect();
-    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] };
     let params: Vec<Tensor> = m.params().into_iter().map(|p| p.tensor).collect();
     let towers = m.forward(&batch, &Solo).unwrap();
     let out = GlobalBatch::new(&Solo, 8)

@@ -267,7 +267,7 @@ fn resnet_step<C: Collective>(c: &C, init: &Snapshot, b: usize) -> Vec<(String, 
     let n = b * c.world_size();
     let all: Vec<Tensor> = (0..2).map(|v| images(&[n as i64, 3, 16, 16]) * (1.0 + v as f64)).collect();
     let views: Vec<Tensor> = all.iter().map(|t| t.narrow(0, (c.rank() * b) as i64, b as i64)).collect();
-    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] };
     let params: Vec<Tensor> = m.params().into_iter().map(|p| p.tensor).collect();
     let towers = m.forward(&batch, c).unwrap();
     GlobalBatch::new(c, b).step_towers(&towers, &params, &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss)).unwrap();
@@ -307,7 +307,7 @@ fn frozen_groups_get_no_gradient_no_update_and_keep_their_statistics() {
         (vars["backbone.layer1.0.bn1.running_mean"].copy(), vars["backbone.layer2.0.bn1.running_mean"].copy());
     let x = images(&[4, 3, 16, 16]).to_kind(Kind::Float);
     let views = [x.shallow_clone(), x.flip([3])];
-    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] };
     let _ = m.forward(&batch, &Solo).unwrap();
     assert!(vars["backbone.layer1.0.bn1.running_mean"].equal(&stat), "a frozen group's batch norm stays in eval mode");
     assert!(!vars["backbone.layer2.0.bn1.running_mean"].equal(&live), "the others update their statistics");
@@ -425,7 +425,8 @@ fn every_method_takes_a_step_on_every_encoder() {
             s.model.text = TextConfig { width: 16, layers: 1, heads: 2, context: 12, act: TextAct::Gelu };
             (s.model.proj_dim, s.model.proj_hidden, s.text_vocab) = (8, 16, 64);
             let m = build(&s).unwrap_or_else(|e| panic!("{method} on {encoder}: {e}"));
-            let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: None, mix: None };
+            let batch =
+                Batch { step: 0, views: &views, captions: Some(&captions), labels: None, mix: None, indices: &[] };
             let params: Vec<Tensor> = m.params().into_iter().map(|p| p.tensor).collect();
             let towers = m.forward(&batch, &Solo).unwrap();
             let out = GlobalBatch::new(&Solo, n as usize)

@@ -121,6 +121,34 @@ fn queue_blocks_keep_global_row_order_and_evict_the_oldest() {
     assert_eq!(shards[0], shards[1]);
 }
 
+#[test]
+fn item_sharded_state_is_saved_in_item_order_and_resliced_onto_any_world_size() {
+    use contrast_nn::state::{item_indices, item_rows};
+    // Counts P divides and counts it does not, fewer items than ranks included.
+    for items in [8usize, 7, 3] {
+        let canonical = || Tensor::arange(items as i64 * 2, (Kind::Double, tch::Device::Cpu)).view([items as i64, 2]);
+        let want = contrast_nn::to_host::<f64>(&canonical());
+        for p in [1usize, 2, 3, 4] {
+            let saved: Vec<Vec<f64>> = Threads::run(p, |c| {
+                let (r, canonical) = (c.rank(), canonical());
+                let local = Tensor::zeros([item_rows(items, r, p) as i64, 2], (Kind::Double, tch::Device::Cpu));
+                let item = StateItem { name: "bank".into(), tensor: local, layout: Layout::ItemSharded { items } };
+                assert_eq!(item.canonical_shape(p), [items as i64, 2]);
+                item.load(&canonical, r, p);
+                // Rank r holds items r, r + P, …: row j is item r + j·P.
+                let rows = contrast_nn::to_host::<f64>(&item.tensor);
+                let held: Vec<f64> =
+                    item_indices(items, r, p).flat_map(|i| [2.0 * i as f64, 2.0 * i as f64 + 1.0]).collect();
+                assert_eq!(rows, held, "items {items}, P {p}, rank {r}");
+                contrast_nn::to_host::<f64>(&item.to_canonical(&c))
+            });
+            for (r, s) in saved.iter().enumerate() {
+                assert_eq!(s, &want, "items {items}, P {p}: rank {r} saves the items in order");
+            }
+        }
+    }
+}
+
 fn spec(name: &str, p: usize, b: usize, kind: Kind) -> Spec {
     let loss = match name {
         "moco_v2" => LossKind::InfoNce,
@@ -181,7 +209,7 @@ fn train<C: Collective>(
     range
         .map(|step| {
             let v = views(step, n, c.rank(), b);
-            let batch = Batch { step, views: &v, captions: None, labels: None, mix: None };
+            let batch = Batch { step, views: &v, captions: None, labels: None, mix: None, indices: &[] };
             opt.zero_grad();
             let towers = m.forward(&batch, c).unwrap();
             let out = engine
@@ -225,7 +253,7 @@ fn one_step_with<C: Collective>(
         let order = contrast_data::Sampler::shuffle_order(s.seed, step, n);
         v[1] = view_rows(step, n, 1, &order[r * b..(r + 1) * b]);
     }
-    let batch = Batch { step, views: &v, captions: None, labels: None, mix: None };
+    let batch = Batch { step, views: &v, captions: None, labels: None, mix: None, indices: &[] };
     opt.zero_grad();
     let towers = m.forward(&batch, c).unwrap();
     let out =
@@ -263,7 +291,7 @@ fn shuffle_bn_returns_each_key_to_its_row() {
         let order = contrast_data::Sampler::shuffle_order(s.seed, 3, n);
         let mut v = views(3, n, c.rank(), b);
         v[1] = view_rows(3, n, 1, &order[c.rank() * b..(c.rank() + 1) * b]);
-        let batch = Batch { step: 3, views: &v, captions: None, labels: None, mix: None };
+        let batch = Batch { step: 3, views: &v, captions: None, labels: None, mix: None, indices: &[] };
         let towers = m.forward(&batch, &c).unwrap();
         let opt = sgd(m.as_ref());
         GlobalBatch::new(&c, b)

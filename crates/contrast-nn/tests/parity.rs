@@ -116,7 +116,8 @@ fn run_rank<C: Collective>(
     }
     let labels = Tensor::from_slice(&(0..comm.world_size() * b).map(|i| (i % 3) as i64).collect::<Vec<_>>())
         .to_device(test_device());
-    let batch = Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None };
+    let batch =
+        Batch { step: 0, views: &views, captions: Some(&captions), labels: Some(&labels), mix: None, indices: &[] };
     let head = |g: &contrast_nn::Gathered, ctx: &contrast_nn::loss::Ctx| Ok(model.loss_share(g, &batch, ctx)?.loss);
     let out = if run.chunk > 0 {
         // The gradient cache: the model runs on rows [s, s+n) of every input, twice.
@@ -229,8 +230,10 @@ fn local_negatives_would_fail_parity() {
     let data = inputs(8, 42);
     let model = build(LossKind::NtXent, Norm::Group, Kind::Double);
     let views: Vec<Tensor> = data.views.iter().map(|v| Tensor::from_slice(v).view([8, 1, SIDE, SIDE])).collect();
-    let t =
-        model.forward(&Batch { step: 0, views: &views, captions: None, labels: None, mix: None }, &Solo).unwrap().grad;
+    let t = model
+        .forward(&Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] }, &Solo)
+        .unwrap()
+        .grad;
     let global = contrast_nn::loss::ntxent_share(&t[0], &t[1], 0.2, contrast_nn::loss::Shard::solo(8))
         .unwrap()
         .double_value(&[]);

@@ -225,6 +225,15 @@ fn corrupt_files_are_skipped_replaced_counted_and_bounded() {
         assert_eq!(bad_of(&a, s), bad_of(&b, s), "step {s}");
         assert_eq!(bad_of(&b, s), bad_of(&c, s), "step {s}");
     }
+    // `HostBatch::indices` names the item each row shows: never a corrupt file,
+    // and the same item whatever the layout.
+    let bad: Vec<usize> = (0..4).flat_map(|s| bad_of(&a, s)).collect();
+    assert!(!bad.is_empty(), "the steps met a corrupt file");
+    for s in 0..4 {
+        let shown: Vec<usize> = b.iter().flat_map(|r| r[s].as_ref().unwrap().indices.clone()).collect();
+        assert_eq!(shown, a[0][s].as_ref().unwrap().indices, "step {s}");
+        assert!(shown.iter().all(|i| !bad.contains(i)), "step {s}: a replaced row keeps a bad index: {shown:?}");
+    }
     let mut budget = BadBudget::new(0.2, 20, []);
     for s in 0..4 {
         budget.add(bad_of(&a, s)).unwrap();

@@ -62,17 +62,19 @@ impl Worker {
 
     /// Sample `idx`, or its replacements when it cannot be read (chosen from (seed,
     /// epoch, index, attempt) only); `sample` fills the buffers of one source index.
+    /// Returns what `sample` returned and the source index that filled the buffers
+    /// (the replacement's, so a memory bank files the row under the item it shows).
     pub(super) fn with_replacement<T>(
         &mut self,
         idx: usize,
         epoch: usize,
         mut sample: impl FnMut(&mut Self, usize) -> Result<T, String>,
-    ) -> Result<T, String> {
+    ) -> Result<(T, usize), String> {
         let n = self.input.len();
         let (mut source_idx, mut attempt) = (idx, 0u64);
         loop {
             match sample(self, source_idx) {
-                Ok(x) => return Ok(x),
+                Ok(x) => return Ok((x, source_idx)),
                 Err(what) => {
                     self.bad.log(source_idx, &what);
                     self.batch_bad.push(source_idx);
@@ -215,11 +217,13 @@ impl Worker {
         tokens.resize(b * ctx, 0);
         for row in 0..b {
             let idx = indices[row];
-            let (label, caption) = self.with_replacement(idx, epoch, |w, src| {
+            let ((label, caption), shown) = self.with_replacement(idx, epoch, |w, src| {
                 let mut slices: Vec<&mut [f32]> =
                     views.iter_mut().zip(&lens).map(|(v, &l)| &mut v[row * l..(row + 1) * l]).collect();
                 w.sample(src, epoch, &mut slices)
             })?;
+            // The row shows item `shown`: a replaced sample carries its replacement's index.
+            indices[row] = shown;
             labels.push(label);
             if ctx > 0 {
                 text_end.push(self.caption_row(idx, epoch, label, caption, &mut tokens[row * ctx..(row + 1) * ctx])?);

@@ -52,6 +52,10 @@ pub struct Batch<'a> {
     pub labels: Option<&'a Tensor>,
     /// The mixing of the global batch (soft-target losses).
     pub mix: Option<&'a Mix>,
+    /// The global dataset index of each local row `[B]`: the item the row
+    /// shows (a replaced unreadable sample carries its replacement's index).
+    /// Empty where the caller has none (tests of methods that need none).
+    pub indices: &'a [usize],
 }
 
 /// A loss share and what the collapse guard watches.

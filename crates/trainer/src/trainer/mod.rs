@@ -291,7 +291,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             .is_supervised()
             .then(|| Tensor::from_slice(&self.comm.all_gather(&batch.labels)).to_device(device));
         let mix = batch.mix.take().map(|(partner, lambda)| contrast_nn::loss::Mix { partner, lambda });
-        Inputs { views, captions, labels, mix }
+        Inputs { views, captions, labels, mix, indices: batch.indices.clone() }
     }
 
     /// The test hooks of step `done` (documented in docs/config.md).
@@ -390,7 +390,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
             let forward = |start: i64, len: i64| {
                 let views: Vec<Tensor> = batch.views.iter().map(|v| v.narrow(0, start, len)).collect();
                 let captions = batch.captions.map(|c| c.rows(start, len));
-                run(&Batch { step: batch.step, views: &views, captions: captions.as_ref(), ..*batch })
+                let indices = &batch.indices[(start as usize).min(batch.indices.len())..]
+                    [..(len as usize).min(batch.indices.len().saturating_sub(start as usize))];
+                run(&Batch { step: batch.step, views: &views, captions: captions.as_ref(), indices, ..*batch })
             };
             let out = engine.step_chunked(micro, &self.opt.tensors(), ctl, forward, head)?;
             let forward = out.phases.forward;

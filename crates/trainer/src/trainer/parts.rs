@@ -221,6 +221,7 @@ pub(super) struct Inputs {
     pub(super) captions: Option<Captions>,
     pub(super) labels: Option<Tensor>,
     pub(super) mix: Option<contrast_nn::loss::Mix>,
+    pub(super) indices: Vec<usize>,
 }
 
 impl Inputs {
@@ -231,6 +232,7 @@ impl Inputs {
             captions: self.captions.as_ref(),
             labels: self.labels.as_ref(),
             mix: self.mix.as_ref(),
+            indices: &self.indices,
         }
     }
 }
