@@ -138,6 +138,12 @@ impl Optimizer {
         }
     }
 
+    /// The exclusion list, for a method to change before a step
+    /// ([`crate::method::Method::before_optimizer_step`]).
+    pub fn exclusions(&mut self) -> Exclusions<'_> {
+        Exclusions { opt: self }
+    }
+
     /// Zero every parameter's gradient.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
@@ -269,6 +275,38 @@ impl Optimizer {
         }
         self.steps = map.get("__steps__").map(|t| t.int64_value(&[0])).ok_or("optimizer `__steps__` is missing")?;
         Ok(())
+    }
+}
+
+/// The optimiser's exclusion list as a method sees it: parameters left out of
+/// every update (no decay, no moments, no change) until included again.
+pub struct Exclusions<'a> {
+    opt: &'a mut Optimizer,
+}
+
+impl Exclusions<'_> {
+    /// Leave out the parameters named `names`; an unknown name is an error.
+    pub fn exclude<S: AsRef<str>>(&mut self, names: &[S]) -> Result<(), String> {
+        self.known(names)?;
+        self.opt.exclude(names);
+        Ok(())
+    }
+
+    /// Update the parameters named `names` again.
+    pub fn include<S: AsRef<str>>(&mut self, names: &[S]) {
+        self.opt.include(names)
+    }
+
+    /// Whether `name` is left out.
+    pub fn contains(&self, name: &str) -> bool {
+        self.opt.excluded.contains(name)
+    }
+
+    fn known<S: AsRef<str>>(&self, names: &[S]) -> Result<(), String> {
+        match names.iter().find(|n| !self.opt.params.iter().any(|p| p.name == n.as_ref())) {
+            Some(n) => Err(format!("`{}` is not a parameter the optimiser holds", n.as_ref())),
+            None => Ok(()),
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::encoder::text::Captions;
 use crate::encoder::Encoder;
 use crate::engine::{Gathered, Towers};
 use crate::loss::{Ctx, GlobalSum, Mix, Shard};
-use crate::optim::{named_params, Param};
+use crate::optim::{named_params, Exclusions, Param};
 use crate::state::{var_store_items, StateItem};
 use crate::{NnError, Result};
 use contrast_config::{invalid, ConfigError, LossConfig, LossKind, MethodPlan, MethodSpec, ModelConfig, Settings};
@@ -76,6 +76,18 @@ pub struct StepInfo<'a> {
     pub lr: f64,
     /// The step's local outputs ([`Towers::local`]: MoCo's keys).
     pub local: &'a [Tensor],
+}
+
+/// What a method sees when an epoch starts ([`Method::on_epoch`]).
+pub struct EpochCtx<'a> {
+    /// The epoch that starts (0-based).
+    pub epoch: usize,
+    /// This rank.
+    pub rank: usize,
+    /// Ranks of the run.
+    pub world_size: usize,
+    /// Global sums and gathers over the run's ranks.
+    pub comm: &'a dyn GlobalSum,
 }
 
 /// What a method needs to build itself.
@@ -153,8 +165,22 @@ pub trait Method {
         Ok(())
     }
 
-    /// At the start of each epoch (k-means, bank refresh in later methods).
-    fn on_epoch(&mut self, _epoch: usize) {}
+    /// At the start of each epoch, before its first step (k-means, bank
+    /// refresh). Every rank calls it at the same step, so it may run
+    /// collectives. What it computes is checkpoint state: a resume in the
+    /// middle of an epoch does not call it again.
+    fn on_epoch(&mut self, _ctx: &mut EpochCtx) -> Result<()> {
+        Ok(())
+    }
+
+    /// After the gradients are summed and before the optimiser steps: the
+    /// method may leave parameters out of this step's update (SwAV's frozen
+    /// prototypes) through `exclusions`, which keeps what it sets until it
+    /// changes it. An excluded parameter gets no decay, no moment and no update;
+    /// zeroing its gradient would not do under decoupled weight decay.
+    fn before_optimizer_step(&mut self, _info: &StepInfo, _exclusions: &mut Exclusions) -> Result<()> {
+        Ok(())
+    }
 
     /// The trainable parameters with their groups (decay, LR factor, LARS), sorted by name.
     fn params(&self) -> Vec<Param> {

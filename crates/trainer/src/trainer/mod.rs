@@ -23,7 +23,7 @@ use contrast_data::{HostBatch, Pipeline};
 use contrast_nn::encoder::text::Captions;
 use contrast_nn::engine::{Gathered, StepOutput, Towers};
 use contrast_nn::loss::Ctx;
-use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
+use contrast_nn::method::{embedding_std, Batch, EpochCtx, Method, StepInfo};
 use contrast_nn::optim::{Optimizer, Schedule};
 use contrast_nn::{precision, GlobalBatch};
 use std::sync::Arc;
@@ -191,6 +191,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let optim: Vec<(String, Tensor)> = loaded.optim.into_iter().collect();
         self.opt.load_state(&optim).map_err(|e| anyhow::anyhow!("{}: {e}", loaded.dir.display()))?;
         self.progress.start_step = st.step;
+        // Mid-epoch, what the epoch's start computed came back with the state: not again.
+        self.progress.epoch = st.step.checked_sub(1).map(|s| self.sampler.epoch_of(s));
         self.progress.last_loss = st.loss;
         self.progress.init = (st.knn_top1_init, st.knn_top1_raw_pixels);
         self.progress.best = st.best_metric;
@@ -313,7 +315,11 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let mem0 = crate::alloc::ProcessCounters::now();
         let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
         if self.progress.epoch != Some(batch.epoch) {
-            self.method.on_epoch(batch.epoch);
+            let (rank, world_size) = (self.comm.rank(), self.comm.world_size());
+            let mut ctx = EpochCtx { epoch: batch.epoch, rank, world_size, comm: self.comm };
+            self.method
+                .on_epoch(&mut ctx)
+                .with_context(|| format!("epoch {} starting at step {}", batch.epoch, step + 1))?;
             self.progress.epoch = Some(batch.epoch);
         }
         let lr = self.schedule.lr(step);
@@ -337,12 +343,13 @@ impl<'c, C: Collective> Trainer<'c, C> {
             let all = gather_indices(self.comm, &bad);
             self.bad.add(all).map_err(|e| anyhow::anyhow!("step {}: {e}", step + 1))?;
         }
+        let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
+        self.method.before_optimizer_step(&info, &mut self.opt.exclusions())?;
         self.opt.step(lr);
         if let Some(name) = non_finite_weight(&self.opt) {
             let last = self.last_checkpoint();
             bail!("step {} wrote non-finite weights (`{name}`): stopping before any checkpoint holds them; the last good checkpoint ({last}) is intact", step + 1);
         }
-        let info = StepInfo { done: step + 1, total: self.plan.steps, lr, local: &towers.local };
         self.method.after_step(&info, self.comm)?;
         let p = out.phases;
         let (wait, optimizer) = (wait.as_secs_f64(), t_opt.elapsed().as_secs_f64());
