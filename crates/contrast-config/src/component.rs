@@ -77,6 +77,12 @@ pub struct RunInfo {
     pub loss: LossKind,
     /// The encoder's normalisation.
     pub norm: Norm,
+    /// Width of the projection (`model.proj_dim`): rows of per-item state.
+    pub proj_dim: usize,
+    /// Items of the training set, once the data is open (None while the
+    /// config alone is checked): methods with per-item state check and
+    /// describe it when it is known ([`crate::Plan::resolve_items`]).
+    pub items: Option<usize>,
 }
 
 /// A training method's configuration: its name, keys, losses and checks.
@@ -183,17 +189,30 @@ pub struct MethodPlan {
     pub queue_size: usize,
     /// Shuffle-BN's key view, if any.
     pub shuffled_view: Option<usize>,
+    /// The method's configuration (checks run again once the item count is known).
+    pub spec: SpecRef,
+}
+
+/// A registered method's configuration, shown by name in debug output.
+#[derive(Clone, Copy)]
+pub struct SpecRef(pub &'static dyn MethodSpec);
+
+impl std::fmt::Debug for SpecRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.name())
+    }
 }
 
 impl MethodPlan {
     /// The method of `spec` with `given` keys over its defaults.
-    pub fn new(spec: &dyn MethodSpec, given: &Settings) -> Self {
+    pub fn new(spec: &'static dyn MethodSpec, given: &Settings) -> Self {
         let settings = given.over(&spec.defaults());
         Self {
             name: spec.name().into(),
             queue_size: spec.queue_size(&settings),
             shuffled_view: spec.shuffled_view(&settings),
             settings,
+            spec: SpecRef(spec),
         }
     }
 

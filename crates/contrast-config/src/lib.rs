@@ -30,7 +30,7 @@ mod run;
 mod train;
 mod yaml;
 
-pub use component::{Catalog, EncoderSpec, ImageInfo, MethodPlan, MethodSpec, RunInfo, Settings};
+pub use component::{Catalog, EncoderSpec, ImageInfo, MethodPlan, MethodSpec, RunInfo, Settings, SpecRef};
 pub use data::{
     AugConfig, AugmentPreset, CutoffName, DataConfig, DatasetKind, MixName, TextAugConfig, MAX_BLUR_SIGMA,
     MAX_PREFETCH, MAX_WORKERS,
@@ -156,6 +156,15 @@ pub fn within_ceiling(key: &str, value: u64, max: u64, bytes_per_unit: u64, what
             bytes as f64 / (1u64 << 30) as f64
         ),
     ))
+}
+
+/// The machine's physical memory in bytes (`MemTotal` of /proc/meminfo; None
+/// where that cannot be read), for checks of state that grows with the data.
+pub fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The first non-finite number of a YAML value (`.nan`, `.inf`), with the dotted key of its leaf.

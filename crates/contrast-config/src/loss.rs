@@ -146,6 +146,10 @@ pub enum LossKind {
     /// InfoNCE of queries against their key and a queue of negatives (MoCo).
     #[serde(rename = "infonce")]
     InfoNce,
+    /// Instance discrimination's NCE against a memory bank (InstDisc): noise
+    /// uniform over the training items, the normaliser Z fixed at the first step.
+    #[serde(rename = "bank_nce")]
+    BankNce,
     /// BYOL's normalised MSE 2 − 2 cos(p, sg z), symmetrised.
     #[serde(rename = "normalized_mse")]
     NormalizedMse,
@@ -171,7 +175,7 @@ impl LossKind {
         match self {
             LossKind::NtXent | LossKind::Debiased | LossKind::HardNegative => 0.5,
             LossKind::SupCon | LossKind::Dcl | LossKind::Dclw | LossKind::SigLip => 0.1,
-            LossKind::Clip | LossKind::Nce => 0.07,
+            LossKind::Clip | LossKind::Nce | LossKind::BankNce => 0.07,
             LossKind::InfoNce => 0.2,
             _ => 1.0,
         }
@@ -193,7 +197,12 @@ impl LossKind {
     /// The `loss.*` keys (besides `name`) that this loss reads.
     pub fn keys(self) -> &'static [&'static str] {
         match self {
-            LossKind::NtXent | LossKind::SupCon | LossKind::Dcl | LossKind::Snn | LossKind::InfoNce => &["temperature"],
+            LossKind::NtXent
+            | LossKind::SupCon
+            | LossKind::Dcl
+            | LossKind::Snn
+            | LossKind::InfoNce
+            | LossKind::BankNce => &["temperature"],
             LossKind::Dclw => &["temperature", "sigma"],
             LossKind::Debiased => &["temperature", "tau_plus"],
             LossKind::HardNegative => &["temperature", "tau_plus", "beta"],
@@ -232,7 +241,7 @@ impl LossKind {
 
     /// True for the losses that belong to one method (MoCo's InfoNCE, BYOL's and SimSiam's regressions).
     pub fn is_method_own(self) -> bool {
-        matches!(self, LossKind::InfoNce | LossKind::NormalizedMse | LossKind::NegativeCosine)
+        matches!(self, LossKind::InfoNce | LossKind::BankNce | LossKind::NormalizedMse | LossKind::NegativeCosine)
     }
 
     /// True when the loss contrasts against other samples of the batch (needs N ≥ 2).

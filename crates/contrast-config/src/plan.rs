@@ -47,6 +47,8 @@ pub struct Plan {
     pub steps: usize,
     /// `train.epochs` and the steps of one epoch, once resolved.
     pub epochs: Option<(f64, usize)>,
+    /// Items of the training set, once [`Plan::resolve_items`] saw the data.
+    pub items: Option<usize>,
     /// libtorch intra-op threads per rank.
     pub threads: usize,
     /// Where `threads` came from.
@@ -178,7 +180,8 @@ impl Plan {
         run::check_metrics(c, topo)?;
         data::check_text_and_mix(c, loss, global_batch, p)?;
         let norm = encoder.norm(&encoder_settings);
-        let info = RunInfo { global_batch, world_size: p, loss, norm };
+        let proj_dim = c.model.proj_dim.max(0) as usize;
+        let info = RunInfo { global_batch, world_size: p, loss, norm, proj_dim, items: None };
         let method = MethodPlan::new(spec, &c.method.keys);
         spec.check(&method.settings, &info)?;
         train::check_micro_batch(c, norm, spec)?;
@@ -198,6 +201,7 @@ impl Plan {
             negatives_per_anchor,
             steps: if c.train.epochs.is_some() { 0 } else { c.train.steps as usize },
             epochs: None,
+            items: None,
             threads,
             threads_source,
             workers,
@@ -246,6 +250,25 @@ impl Plan {
         (self.steps, self.epochs) = (steps, Some((e, per_epoch)));
         self.config.train.steps = steps as i64;
         self.config.train.epochs = None;
+        Ok(())
+    }
+
+    /// Once the training data is open: the method's checks again with its item
+    /// count (a memory bank's size, prototypes against items), and its part
+    /// of the plan line with the sizes that follow from it.
+    pub fn resolve_items(&mut self, len: usize) -> Result<(), ConfigError> {
+        let info = RunInfo {
+            global_batch: self.global_batch,
+            world_size: self.world_size,
+            loss: self.loss,
+            norm: self.norm,
+            proj_dim: self.config.model.proj_dim.max(0) as usize,
+            items: Some(len),
+        };
+        let spec = self.method.spec.0;
+        spec.check(&self.method.settings, &info)?;
+        self.describe_method = spec.describe(&self.method.settings, &info);
+        self.items = Some(len);
         Ok(())
     }
 

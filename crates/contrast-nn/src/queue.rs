@@ -32,15 +32,22 @@ pub struct ShardedQueue {
     ptr: usize,
 }
 
+/// Row `i` of a random unit-vector table tagged `stream`: a standard normal
+/// vector of dimension `d` from its own stream of (seed, stream, i),
+/// L2-normalised (so any layout draws the same rows).
+pub(crate) fn unit_row(seed: u64, stream: u64, i: usize, d: usize) -> Vec<f64> {
+    let key = contrast_data::rng::key(&[seed, stream, i as u64]);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    let v: Vec<f64> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+    v.into_iter().map(|x| x / norm).collect()
+}
+
 impl ShardedQueue {
     /// Row `i` of the canonical starting queue: a standard normal vector of
     /// dimension `d` from its own stream of (seed, i), L2-normalised.
     fn initial_row(seed: u64, i: usize, d: usize) -> Vec<f64> {
-        let key = contrast_data::rng::key(&[seed, 0x4D6F_436F_5175_6575, i as u64]);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
-        let v: Vec<f64> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
-        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-        v.into_iter().map(|x| x / norm).collect()
+        unit_row(seed, 0x4D6F_436F_5175_6575, i, d)
     }
 
     /// The canonical starting queue of the MoCo reference: K random unit

@@ -17,6 +17,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::moco::ENTRY,
         method::byol::ENTRY,
         method::simsiam::ENTRY,
+        method::instdisc::ENTRY,
     ])
 });
 

@@ -6,6 +6,8 @@
 //! - optim: SGD/AdamW against PyTorch's update formulas, the schedule;
 //! - overlap: gradient sums started during backward, in order;
 //! - stream: the streaming loss heads against their materialised reference forms;
+//! - survey_methods: methods with per-item state (InstDisc's bank): P-rank
+//!   parity, resume onto another world size, the reference's loss;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
 mod common;
@@ -18,3 +20,4 @@ mod overlap;
 mod parity;
 mod stream;
 mod survey;
+mod survey_methods;

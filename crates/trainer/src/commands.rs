@@ -70,6 +70,7 @@ pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<
         // train.epochs: the training set's length decides the steps.
         let (input, _) = data::training_input(&plan)?;
         plan.resolve_epochs(input.len())?;
+        plan.resolve_items(input.len())?;
     }
     if print {
         print!("{}", plan.resolved_yaml());

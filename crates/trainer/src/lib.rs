@@ -160,6 +160,7 @@ pub fn build_method<C: Collective>(
         image_size: plan.image.size,
         text_vocab: tokenizer.vocab_size(),
         seed: c.seed,
+        items: plan.items,
         shard: Shard { rank: comm.rank(), world_size: comm.world_size(), local_batch: plan.local_batch },
         kind: tch::Kind::Float,
         device,
@@ -336,6 +337,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
     let (input, class_names) = open_training_input(comm, &plan)?;
     plan.resolve_epochs(input.len())?;
+    plan.resolve_items(input.len())?;
     if comm.rank() == 0 {
         tracing::info!("{}", plan.describe());
         let n = tch::get_num_threads();

@@ -24,6 +24,7 @@
 
 pub mod byol;
 pub mod clip;
+pub mod instdisc;
 pub mod moco;
 pub mod simclr;
 pub mod simsiam;
@@ -109,6 +110,9 @@ pub struct Spec {
     pub text_vocab: i64,
     /// Master seed (MoCo's initial queue).
     pub seed: u64,
+    /// Items of the training set (per-item state: InstDisc's bank); None
+    /// where no data was opened (evaluation of a checkpoint, tests).
+    pub items: Option<usize>,
     /// Rows of this rank.
     pub shard: Shard,
     /// Float kind of the parameters (f32 for training, f64 in tests).
@@ -129,6 +133,7 @@ impl Spec {
             image_size: 28,
             text_vocab: 258,
             seed: 0,
+            items: None,
             shard: Shard::solo(global_batch),
             kind: Kind::Float,
             device: Device::Cpu,

@@ -1,0 +1,264 @@
+//! The survey's methods with per-item and per-step state (InstDisc's bank),
+//! trained for a few steps in f64 on the threaded backend: P ranks × B equals
+//! 1 rank × P·B in the loss and every piece of state, a stop on one world size
+//! resumes on another with the same next losses, and the loss matches a plain
+//! replicated transcription of the reference.
+
+use crate::common::*;
+use contrast_comm::{Collective, Solo, Threads};
+use contrast_config::{LossKind, MethodPlan, Norm};
+use contrast_nn::loss::Shard;
+use contrast_nn::method::{build, Batch, Method, Spec, StepInfo};
+use contrast_nn::optim::{Optimizer, OptimizerKind};
+use contrast_nn::GlobalBatch;
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+const SIDE: i64 = 8;
+
+/// A tensor on the host, shareable between the threaded backend's ranks.
+#[derive(Clone)]
+struct Host {
+    data: Vec<f64>,
+    shape: Vec<i64>,
+    kind: Kind,
+}
+
+impl Host {
+    fn of(t: &Tensor) -> Self {
+        Self { data: contrast_nn::to_host::<f64>(t), shape: t.size(), kind: t.kind() }
+    }
+    fn t(&self) -> Tensor {
+        Tensor::from_slice(&self.data).view(self.shape.as_slice()).to_kind(self.kind)
+    }
+}
+
+/// A method under test: its name, loss, keys and the training set's size.
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    loss: LossKind,
+    items: usize,
+    /// Global batch N.
+    n: usize,
+    keys: fn(&mut MethodPlan),
+}
+
+impl Case {
+    fn spec(&self, p: usize, rank: usize) -> Spec {
+        let mut method = contrast_nn::method::plan(self.name).unwrap();
+        (self.keys)(&mut method);
+        let mut s = Spec::new(method, self.loss, self.n);
+        s.model = convnet_model(4, 32, 8, 6, Norm::Group);
+        s.shard = Shard { rank, world_size: p, local_batch: self.n / p };
+        s.items = Some(self.items);
+        s.seed = 5;
+        s.kind = Kind::Double;
+        s
+    }
+}
+
+/// Canonical state: the method's items and the optimiser's, as rank 0 saves them.
+type Saved = (Vec<(String, Host)>, Vec<(String, Host)>);
+
+/// Items shown by the rows of global batch `step`: distinct within a step, every item in turn.
+fn items_of(step: usize, n: usize, items: usize) -> Vec<usize> {
+    (0..n).map(|g| (7 * (step * n + g) + 3) % items).collect()
+}
+
+/// Rank r's two views of global batch `step` (a function of the step and global row only).
+fn views(step: usize, n: usize, r: usize, b: usize) -> Vec<Tensor> {
+    let pix = (SIDE * SIDE) as usize;
+    (0..2u64)
+        .map(|v| {
+            let all = randn_vec(n * pix, 1000 + 10 * step as u64 + v);
+            let data = all[r * b * pix..(r + 1) * b * pix].to_vec();
+            Tensor::from_slice(&data).view([b as i64, 1, SIDE, SIDE])
+        })
+        .collect()
+}
+
+/// Initial weights every layout starts from.
+fn snapshot(case: &Case) -> HashMap<String, Host> {
+    tch::manual_seed(3);
+    let m = build(&case.spec(1, 0)).unwrap();
+    m.var_store().variables().into_iter().map(|(n, t)| (n, Host::of(&t))).collect()
+}
+
+/// One rank: steps `span` from the initial weights or `saved`; the losses and the final canonical state.
+fn train<C: Collective>(
+    c: &C,
+    case: &Case,
+    init: &HashMap<String, Host>,
+    saved: Option<&Saved>,
+    span: std::ops::Range<usize>,
+) -> (Vec<f64>, Saved) {
+    let (p, r) = (c.world_size(), c.rank());
+    let b = case.n / p;
+    let mut m = build(&case.spec(p, r)).unwrap();
+    tch::no_grad(|| {
+        for (name, t) in m.var_store().variables() {
+            t.shallow_clone().copy_(&init[&name].t());
+        }
+    });
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 1e-4, m.params());
+    if let Some((model, optim)) = saved {
+        let map: HashMap<String, Tensor> = model.iter().map(|(n, t)| (n.clone(), t.t())).collect();
+        m.load_state(&map, r, p).unwrap();
+        let optim: Vec<(String, Tensor)> = optim.iter().map(|(n, t)| (n.clone(), t.t())).collect();
+        opt.load_state(&optim).unwrap();
+    }
+    let engine = GlobalBatch::new(c, b);
+    let total = 6;
+    let losses = span
+        .map(|step| {
+            let v = views(step, case.n, r, b);
+            let items = items_of(step, case.n, case.items);
+            let indices = &items[r * b..(r + 1) * b];
+            let batch = Batch { step, views: &v, captions: None, labels: None, mix: None, indices };
+            opt.zero_grad();
+            let towers = m.forward(&batch, c).unwrap();
+            let out = engine
+                .step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
+                .unwrap();
+            let info = StepInfo { done: step + 1, total, lr: 0.05, local: &towers.local };
+            m.before_optimizer_step(&info, &mut opt.exclusions()).unwrap();
+            opt.step(0.05);
+            m.after_step(&info, c).unwrap();
+            out.loss
+        })
+        .collect();
+    let model = m.state().iter().map(|i| (i.name.clone(), Host::of(&i.to_canonical(c)))).collect();
+    let optim = opt.named_state().into_iter().map(|(n, t)| (n, Host::of(&t))).collect();
+    (losses, (model, optim))
+}
+
+/// `train` on `p` threaded ranks; rank 0's result.
+fn run(
+    case: &Case,
+    p: usize,
+    init: &HashMap<String, Host>,
+    saved: Option<&Saved>,
+    span: std::ops::Range<usize>,
+) -> (Vec<f64>, Saved) {
+    Threads::run(p, |c| train(&c, case, init, saved, span.clone())).swap_remove(0)
+}
+
+fn assert_close(what: &str, a: &[f64], w: &[f64], tol: f64) {
+    let e = rel_err(a, w);
+    assert!(e <= tol, "{what}: off by {e:e}");
+}
+
+/// P ∈ {2, 4} (and 3 where it divides N) equals one rank after 3 steps: the
+/// losses and every state item; and a stop after 2 steps resumes on another
+/// world size with the losses and state of the uninterrupted run.
+fn check_layouts(case: &Case) {
+    let init = snapshot(case);
+    let (straight, end) = train(&Solo, case, &init, None, 0..5);
+    assert!(straight.iter().all(|l| l.is_finite()), "{}: {straight:?}", case.name);
+    for p in [2usize, 3, 4].into_iter().filter(|p| case.n % p == 0) {
+        let (losses, state) = run(case, p, &init, None, 0..5);
+        assert_close(&format!("{} P={p} losses", case.name), &losses, &straight, 1e-9);
+        for ((name, a), (_, w)) in state.0.iter().zip(&end.0) {
+            assert_close(&format!("{} P={p} `{name}`", case.name), &a.data, &w.data, 1e-9);
+        }
+    }
+    for (before, after) in
+        [(2usize, 4usize), (4, 3), (1, 2)].into_iter().filter(|(a, b)| case.n % a == 0 && case.n % b == 0)
+    {
+        let (first, saved) = run(case, before, &init, None, 0..2);
+        let (rest, resumed) = run(case, after, &init, Some(&saved), 2..5);
+        let losses: Vec<f64> = first.into_iter().chain(rest).collect();
+        assert_close(&format!("{} {before}→{after} losses", case.name), &losses, &straight, 1e-9);
+        for ((name, a), (_, w)) in resumed.0.iter().zip(&end.0) {
+            assert_close(&format!("{} {before}→{after} `{name}`", case.name), &a.data, &w.data, 1e-9);
+        }
+    }
+}
+
+const INSTDISC: Case = Case {
+    name: "instdisc",
+    loss: LossKind::BankNce,
+    // 22 items: no world size of the test divides it.
+    items: 22,
+    n: 12,
+    keys: |m| {
+        set_key(m, "negatives", 7);
+        set_key(m, "proximal", 0.5);
+    },
+};
+
+#[test]
+fn instdisc_bank_is_exact_across_ranks_and_resumes_onto_another_world_size() {
+    check_layouts(&INSTDISC);
+    // The bank moved where the batches' items were, and Z was fixed once.
+    let init = snapshot(&INSTDISC);
+    let (_, start) = train(&Solo, &INSTDISC, &init, None, 0..0);
+    let (_, end) = train(&Solo, &INSTDISC, &init, None, 0..2);
+    let get = |s: &Saved, n: &str| s.0.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    assert_eq!(get(&start, "method.nce_z").data, [0.0], "Z is unset before the first step");
+    assert!(get(&end, "method.nce_z").data[0] > 0.0);
+    let (b0, b1) = (get(&start, "method.bank"), get(&end, "method.bank"));
+    assert_eq!(b1.shape, [22, 6]);
+    let seen: std::collections::HashSet<usize> = (0..2).flat_map(|s| items_of(s, 12, 22)).collect();
+    for i in 0..22 {
+        let moved = (0..6).any(|j| b0.data[i * 6 + j] != b1.data[i * 6 + j]);
+        assert_eq!(moved, seen.contains(&i), "item {i}");
+        let norm: f64 = (0..6).map(|j| b1.data[i * 6 + j].powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-12, "bank rows stay unit vectors");
+    }
+}
+
+/// Wu et al.'s loss for one step, transcribed from `lemniscate.pytorch`
+/// (`NCEAverage` + `NCECriterion`) as a loop over queries on the whole bank:
+/// x = exp(v·m / τ) / Z for the positive and each negative, Pn = 1/n,
+/// loss = −(Σ log(x⁺/(x⁺ + K·Pn)) + Σ_k log(K·Pn/(x_k + K·Pn))) / N, plus λ‖v − m⁺‖² / N.
+fn lemniscate_loss(v: &Tensor, bank: &Tensor, items: &[usize], negatives: &[usize], t: f64, lambda: f64) -> (f64, f64) {
+    let v = contrast_nn::loss::l2_normalize(v);
+    let (n, k, n_items) = (v.size()[0], negatives.len() as f64, bank.size()[0] as f64);
+    let score = |i: i64, j: usize| ((v.get(i) * bank.get(j as i64)).sum(Kind::Double).double_value(&[]) / t).exp();
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(score(i, items[i as usize]));
+        all.extend(negatives.iter().map(|&j| score(i, j)));
+    }
+    let z = all.iter().sum::<f64>() / all.len() as f64 * n_items;
+    let pn = 1.0 / n_items;
+    let mut loss = 0.0;
+    for i in 0..n {
+        let pos = score(i, items[i as usize]) / z;
+        loss -= (pos / (pos + k * pn)).ln();
+        for &j in negatives {
+            let x = score(i, j) / z;
+            loss -= (k * pn / (x + k * pn)).ln();
+        }
+        let diff = v.get(i) - bank.get(items[i as usize] as i64);
+        loss += lambda * diff.square().sum(Kind::Double).double_value(&[]);
+    }
+    (loss / n as f64, z)
+}
+
+#[test]
+fn instdisc_loss_matches_the_lemniscate_transcription() {
+    let case = INSTDISC;
+    let init = snapshot(&case);
+    let (losses, state) = train(&Solo, &case, &init, None, 0..1);
+    let (_, start) = train(&Solo, &case, &init, None, 0..0);
+    let bank = start.0.iter().find(|(k, _)| k == "method.bank").unwrap().1.t();
+    // The step's embeddings, from the same weights.
+    let m = build(&case.spec(1, 0)).unwrap();
+    tch::no_grad(|| {
+        for (name, t) in m.var_store().variables() {
+            t.shallow_clone().copy_(&init[&name].t());
+        }
+    });
+    let v = views(0, case.n, 0, case.n);
+    let items = items_of(0, case.n, case.items);
+    let batch = Batch { step: 0, views: &v, captions: None, labels: None, mix: None, indices: &items };
+    let emb = tch::no_grad(|| m.forward(&batch, &Solo).unwrap().grad[0].shallow_clone());
+    let negatives = contrast_nn::method::instdisc::InstDisc::negatives(5, 0, 7, case.items);
+    let (want, z) = lemniscate_loss(&emb, &bank, &items, &negatives, 0.07, 0.5);
+    assert!((losses[0] - want).abs() <= 1e-9 * want.abs(), "{} vs {want}", losses[0]);
+    let saved_z = state.0.iter().find(|(k, _)| k == "method.nce_z").unwrap().1.data[0];
+    assert!((saved_z - z).abs() <= 1e-9 * z, "Z {saved_z} vs {z}");
+}
