@@ -119,6 +119,11 @@ pub trait MethodSpec: Send + Sync {
     fn negatives_per_anchor(&self, _settings: &Settings, _run: &RunInfo) -> Option<usize> {
         None
     }
+    /// Whether it keeps state per training item (a memory bank): its checks and
+    /// plan line then need the item count ([`crate::Plan::resolve_items`]).
+    fn per_item(&self) -> bool {
+        false
+    }
     /// Keys it holds in a queue (the metrics report its fill); 0 for none.
     fn queue_size(&self, _settings: &Settings) -> usize {
         0

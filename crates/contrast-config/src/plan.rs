@@ -229,9 +229,10 @@ impl Plan {
         serde_yaml_ng::to_string(&v).expect("YAML text")
     }
 
-    /// Whether `train.epochs` still awaits the dataset's length.
+    /// Whether `train.epochs`, or a method with per-item state, still awaits the dataset's length.
     pub fn needs_dataset_len(&self) -> bool {
-        self.config.train.epochs.is_some() && self.epochs.is_none()
+        (self.config.train.epochs.is_some() && self.epochs.is_none())
+            || (self.method.spec.0.per_item() && self.items.is_none())
     }
 
     /// Resolve `train.epochs` into `train.steps` for a training set of `len`

@@ -18,6 +18,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::byol::ENTRY,
         method::simsiam::ENTRY,
         method::instdisc::ENTRY,
+        method::barlow_twins::ENTRY,
     ])
 });
 

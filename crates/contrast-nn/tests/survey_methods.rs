@@ -262,3 +262,35 @@ fn instdisc_loss_matches_the_lemniscate_transcription() {
     let saved_z = state.0.iter().find(|(k, _)| k == "method.nce_z").unwrap().1.data[0];
     assert!((saved_z - z).abs() <= 1e-9 * z, "Z {saved_z} vs {z}");
 }
+
+const BARLOW_TWINS: Case = Case {
+    name: "barlow_twins",
+    loss: LossKind::BarlowTwins,
+    items: 22,
+    n: 12,
+    keys: |m| set_key(m, "projector_layers", 3),
+};
+
+#[test]
+fn barlow_twins_projector_on_the_gathered_batch_is_exact_across_ranks() {
+    check_layouts(&BARLOW_TWINS);
+    // The paper's projector: three bias-free linear layers, batch norm between them.
+    let m = build(&BARLOW_TWINS.spec(1, 0)).unwrap();
+    let mut names: Vec<String> =
+        m.var_store().variables().into_keys().filter(|n| n.starts_with("projector.")).collect();
+    names.sort();
+    let want = [
+        "projector.bn1.bias",
+        "projector.bn1.running_mean",
+        "projector.bn1.running_var",
+        "projector.bn1.weight",
+        "projector.bn2.bias",
+        "projector.bn2.running_mean",
+        "projector.bn2.running_var",
+        "projector.bn2.weight",
+        "projector.fc1.weight",
+        "projector.fc2.weight",
+        "projector.fc3.weight",
+    ];
+    assert_eq!(names, want);
+}

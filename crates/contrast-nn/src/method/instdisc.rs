@@ -94,6 +94,10 @@ impl MethodSpec for InstDiscSpec {
         &["proj_dim"]
     }
 
+    fn per_item(&self) -> bool {
+        true
+    }
+
     fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
         let k = Self::keys(settings)?;
         check_momentum(k.momentum)?;

@@ -22,6 +22,7 @@
 //! and P ranks × B equals 1 rank × P·B exactly; their parameters then get a
 //! share of their gradient on every rank, like a loss-head parameter.
 
+pub mod barlow_twins;
 pub mod byol;
 pub mod clip;
 pub mod instdisc;
