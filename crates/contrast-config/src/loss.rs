@@ -150,6 +150,9 @@ pub enum LossKind {
     /// uniform over the training items, the normaliser Z fixed at the first step.
     #[serde(rename = "bank_nce")]
     BankNce,
+    /// SwAV's swapped prediction of Sinkhorn-Knopp codes over trained prototypes.
+    #[serde(rename = "swav")]
+    Swav,
     /// BYOL's normalised MSE 2 − 2 cos(p, sg z), symmetrised.
     #[serde(rename = "normalized_mse")]
     NormalizedMse,
@@ -170,11 +173,11 @@ impl LossKind {
     /// `NTXentLoss` 0.5, pytorch-metric-learning `SupConLoss` 0.1, lightly
     /// `DCLLoss` 0.1, the debiased/hard-negative authors' scripts 0.5, open_clip's
     /// initial CLIP scale 1/0.07 and SigLIP scale 10, instance-discrimination
-    /// NCE 0.07, MoCo-v2's InfoNCE 0.2; 1 where the loss has none.
+    /// NCE 0.07 (and InstDisc's bank NCE), MoCo-v2's InfoNCE 0.2, SwAV's 0.1; 1 where the loss has none.
     pub fn default_temperature(self) -> f64 {
         match self {
             LossKind::NtXent | LossKind::Debiased | LossKind::HardNegative => 0.5,
-            LossKind::SupCon | LossKind::Dcl | LossKind::Dclw | LossKind::SigLip => 0.1,
+            LossKind::SupCon | LossKind::Dcl | LossKind::Dclw | LossKind::SigLip | LossKind::Swav => 0.1,
             LossKind::Clip | LossKind::Nce | LossKind::BankNce => 0.07,
             LossKind::InfoNce => 0.2,
             _ => 1.0,
@@ -202,7 +205,8 @@ impl LossKind {
             | LossKind::Dcl
             | LossKind::Snn
             | LossKind::InfoNce
-            | LossKind::BankNce => &["temperature"],
+            | LossKind::BankNce
+            | LossKind::Swav => &["temperature"],
             LossKind::Dclw => &["temperature", "sigma"],
             LossKind::Debiased => &["temperature", "tau_plus"],
             LossKind::HardNegative => &["temperature", "tau_plus", "beta"],
@@ -241,7 +245,10 @@ impl LossKind {
 
     /// True for the losses that belong to one method (MoCo's InfoNCE, BYOL's and SimSiam's regressions).
     pub fn is_method_own(self) -> bool {
-        matches!(self, LossKind::InfoNce | LossKind::BankNce | LossKind::NormalizedMse | LossKind::NegativeCosine)
+        matches!(
+            self,
+            LossKind::InfoNce | LossKind::BankNce | LossKind::Swav | LossKind::NormalizedMse | LossKind::NegativeCosine
+        )
     }
 
     /// True when the loss contrasts against other samples of the batch (needs N ≥ 2).

@@ -19,6 +19,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::simsiam::ENTRY,
         method::instdisc::ENTRY,
         method::barlow_twins::ENTRY,
+        method::swav::ENTRY,
     ])
 });
 

@@ -294,3 +294,52 @@ fn barlow_twins_projector_on_the_gathered_batch_is_exact_across_ranks() {
     ];
     assert_eq!(names, want);
 }
+
+const SWAV: Case = Case {
+    name: "swav",
+    loss: LossKind::Swav,
+    items: 22,
+    n: 12,
+    keys: |m| {
+        set_key(m, "prototypes", 5);
+        set_key(m, "freeze_prototypes_steps", 2);
+        // Two blocks of N: full after 2 steps, so steps 3 to 5 solve Sinkhorn with the queue's rows.
+        set_key(m, "queue_size", 24);
+        set_key(m, "queue_start_step", 0);
+    },
+};
+
+#[test]
+fn swav_queue_sinkhorn_and_prototypes_are_exact_across_ranks_and_resume() {
+    check_layouts(&SWAV);
+    let init = snapshot(&SWAV);
+    let get = |s: &Saved, n: &str| s.0.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    let (_, start) = train(&Solo, &SWAV, &init, None, 0..0);
+    let (_, frozen) = train(&Solo, &SWAV, &init, None, 0..2);
+    let (losses, end) = train(&Solo, &SWAV, &init, None, 0..5);
+    // Left out of the optimiser for 2 steps (not even decayed or given a moment), then trained; unit rows throughout.
+    // (Renormalising unit rows moves them by rounding only.)
+    assert_close(
+        "frozen prototypes",
+        &get(&frozen, "prototypes.weight").data,
+        &get(&start, "prototypes.weight").data,
+        1e-14,
+    );
+    let moved = get(&end, "prototypes.weight");
+    assert!(rel_err(&moved.data, &get(&start, "prototypes.weight").data) > 1e-6);
+    for row in moved.data.chunks(6) {
+        assert!((row.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-12);
+    }
+    assert_eq!(get(&end, "method.queue_filled").data, [2.0]);
+    // The queue joins once full: without it, steps 3 to 5 give other losses.
+    let no_queue = Case {
+        keys: |m| {
+            set_key(m, "prototypes", 5);
+            set_key(m, "freeze_prototypes_steps", 2);
+        },
+        ..SWAV
+    };
+    let (plain, _) = train(&Solo, &no_queue, &init, None, 0..5);
+    assert_close("swav before the queue is full", &plain[..2], &losses[..2], 1e-12);
+    assert!(rel_err(&plain[2..], &losses[2..]) > 1e-9, "the full queue changes the codes");
+}

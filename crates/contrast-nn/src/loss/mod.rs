@@ -39,7 +39,7 @@ pub use siglip::{siglip_dense_share, siglip_share, siglip_share_blocked};
 pub use snn::snn_share;
 pub use soft::{infonce_soft_share, ntxent_soft_share, supcon_soft_share, Mix};
 pub use supcon::{multi_positive_blocked, multi_positive_dense, supcon_share, Reduce};
-pub use swav::{sinkhorn, swav_share};
+pub use swav::{sinkhorn, swapped_prediction, swav_share, Codes};
 pub use triplet::{triplet_share, Mining};
 
 use crate::{NnError, Result};

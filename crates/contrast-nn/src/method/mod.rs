@@ -29,6 +29,7 @@ pub mod instdisc;
 pub mod moco;
 pub mod simclr;
 pub mod simsiam;
+pub mod swav;
 
 use crate::encoder::text::Captions;
 use crate::encoder::Encoder;

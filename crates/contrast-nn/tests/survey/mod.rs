@@ -352,7 +352,7 @@ fn sinkhorn_and_swav_match_the_reference_code() {
     let c = units(&protos);
     let scores: Vec<Vec<f64>> = units(&v0).iter().map(|z| c.iter().map(|p| dot(z, p)).collect()).collect();
     let st = Tensor::from_slice(&scores.concat()).view([6, 5]);
-    let q = sinkhorn(&st, 0.05, 3, &Ctx::solo(6)).unwrap();
+    let q = sinkhorn(&st, 0.05, 3, 6, &Ctx::solo(6)).unwrap();
     let want = sinkhorn_loop(&scores, 0.05, 3);
     assert!(rel_err(&contrast_nn::to_host::<f64>(&q), &want.concat()) < 1e-12);
     // Codes are a transport plan: rows sum to 1 after the last (column) step.

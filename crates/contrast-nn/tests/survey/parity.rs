@@ -225,7 +225,7 @@ pub(super) fn bad_parameters_fail_clearly() {
         &Ctx::solo(4)
     ))
     .contains("prototypes"));
-    assert!(err(sinkhorn(&a, 0.0, 3, &Ctx::solo(4))).contains("epsilon"));
+    assert!(err(sinkhorn(&a, 0.0, 3, 4, &Ctx::solo(4))).contains("epsilon"));
     assert!(err(cpc_share(&a, &b, &randn(2, 2, 1), Shard::solo(4))).contains("W must be"));
 }
 
