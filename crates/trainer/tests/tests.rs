@@ -13,3 +13,4 @@ mod outputs;
 mod parity;
 mod reliability;
 mod resume;
+mod survey;

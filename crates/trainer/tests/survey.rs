@@ -1,0 +1,65 @@
+//! The survey's methods through the real binary: each trains on 2 MPI ranks
+//! with the weights (and the bank, queues and prototypes) of one rank, and a
+//! stateful one stops in the middle of an epoch on 2 ranks and resumes on 1
+//! with the losses of the uninterrupted run.
+
+use crate::common::*;
+
+/// (run name, loss, extra YAML) of each method; the fixture's config with its keys.
+const METHODS: [(&str, &str, &str); 3] = [
+    ("instdisc", "bank_nce", "method: {name: instdisc, negatives: 16, proximal: 0.5}\n"),
+    ("barlow_twins", "barlow_twins", "method: {name: barlow_twins}\n"),
+    ("swav", "swav", "method: {name: swav, prototypes: 6, freeze_prototypes_steps: 1, queue_size: 16}\n"),
+];
+
+/// The fixture's config for `method`, without the head keys it does not read.
+fn config(fx: &Fixture, name: &str, loss: &str, extra: &str) -> std::path::PathBuf {
+    let path = fx.config(name, loss, extra);
+    if loss == "bank_nce" {
+        // InstDisc's head is one linear layer: it reads model.proj_dim only.
+        let yaml = std::fs::read_to_string(&path).unwrap().replace(", proj_hidden: 16", "");
+        std::fs::write(&path, yaml).unwrap();
+    }
+    path
+}
+
+#[test]
+fn survey_methods_on_two_mpi_ranks_match_one_rank() {
+    let fx = Fixture::new();
+    for (method, loss, extra) in METHODS {
+        let solo = config(&fx, &format!("{method}-solo"), loss, extra);
+        ok(run(0, &["--config", solo.to_str().unwrap(), "--set", "train.steps=4"], &[]));
+        let mpi = config(&fx, &format!("{method}-mpi2"), loss, extra);
+        let out = ok(run(2, &["--config", mpi.to_str().unwrap(), "--set", "train.steps=4"], &[]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let d = max_rel_diff(&fx.path(&format!("{method}-mpi2/step-4")), &fx.path(&format!("{method}-solo/step-4")));
+        assert!(d < 1e-4, "{method}: 2 MPI ranks differ from 1 rank by {d:e}\n{err}");
+        if method == "instdisc" {
+            assert!(err.contains("bank=240×8 (0.0 MiB per rank)"), "the plan line states the bank: {err}");
+            assert_eq!(checkpoint_tensor_shape(&fx.path("instdisc-mpi2/step-4"), "method.bank"), vec![240, 8]);
+        }
+    }
+}
+
+#[test]
+fn instdisc_stops_mid_epoch_on_two_ranks_and_resumes_on_one() {
+    let fx = Fixture::new();
+    let (_, loss, extra) = METHODS[0];
+    // 240 items at global batch 8: 30 steps an epoch, so step 3 is inside the first.
+    let straight = config(&fx, "straight", loss, extra);
+    ok(run(0, &["--config", straight.to_str().unwrap(), "--set", "train.steps=6"], &[]));
+    // The same run of 6 steps (so the same schedule), stopped after its checkpoint at step 3.
+    let split = config(&fx, "split", loss, extra);
+    let args = ["--config", split.to_str().unwrap(), "--set", "train.steps=6", "--set", "checkpoint.every=3"];
+    let stopped = run(2, &args, &[("CONTRAST_FAULT_PANIC_AT_STEP", "4")]);
+    assert!(!stopped.status.success(), "the injected fault stops the run");
+    assert_eq!(latest_step(&fx.path("split")), 3);
+    ok(run(0, &[&args[..], &["--set", "train.resume=true"]].concat(), &[]));
+    let (a, w) = (losses(&fx.path("split")), losses(&fx.path("straight")));
+    assert_eq!(a.len(), 6, "{a:?}");
+    for (k, (x, y)) in a.iter().zip(&w).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "step {}: {x} vs {y}", k + 1);
+    }
+    let d = max_rel_diff(&fx.path("split/step-6"), &fx.path("straight/step-6"));
+    assert!(d < 1e-4, "resumed bank and weights differ by {d:e}");
+}
