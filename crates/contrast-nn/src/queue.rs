@@ -156,6 +156,21 @@ impl ShardedQueue {
     /// shares add up to the replicated-queue loss and, summed over ranks, to its
     /// gradient with respect to q.
     pub fn infonce_share(&self, q: &Tensor, k: &Tensor, t: f64, ctx: &Ctx) -> Result<Tensor> {
+        self.infonce_share_with(q, k, t, None, ctx)
+    }
+
+    /// [`ShardedQueue::infonce_share`] with further negatives of this rank's own
+    /// queries: `extra` `[B, E]` are their logits (already divided by t, with
+    /// the gradient they carry; MoCHi's synthetic negatives). They join each
+    /// own row's log-sum-exp as the positive does.
+    pub fn infonce_share_with(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        t: f64,
+        extra: Option<&Tensor>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         crate::loss::check_temperature("MoCo InfoNCE", t)?;
         let shard = ctx.shard;
         let (n, b, off) = (shard.global() as i64, shard.local_batch as i64, shard.offset() as i64);
@@ -172,28 +187,39 @@ impl ShardedQueue {
         let keys = self.keys.to_kind(kind);
         let pos = (qn.narrow(0, off, b) * k.detach().to_kind(kind)).sum_dim_intlist([1i64].as_slice(), false, kind) / t;
         let neg = qn.matmul(&keys.tr()) / t; // [N, K/P]
-        let lse = global_lse(&neg, &pos, off, ctx).to_kind(kind); // [N], no gradient
+        if let Some(e) = extra.filter(|e| e.size()[0] != b) {
+            return Err(NnError::Shape(format!("MoCo InfoNCE: extra logits must be [B={b}, E], got {:?}", e.size())));
+        }
+        // The positive and any extra negatives of the own rows: the owner's part of each row's sum.
+        let own = match extra {
+            Some(e) => Tensor::cat(&[pos.unsqueeze(1), e.to_kind(kind)], 1),
+            None => pos.unsqueeze(1),
+        };
+        let lse = global_lse(&neg, &own, off, ctx).to_kind(kind); // [N], no gradient
         let own_lse = lse.narrow(0, off, b);
         let value = (&own_lse - &pos).sum(kind);
         let e_neg = (&neg - lse.unsqueeze(1)).exp();
-        let e_pos = (&pos - &own_lse).exp();
-        let carrier = (&e_neg - e_neg.detach()).sum(kind) + (&e_pos - e_pos.detach()).sum(kind);
+        let e_own = (&own - own_lse.unsqueeze(1)).exp();
+        let carrier = (&e_neg - e_neg.detach()).sum(kind) + (&e_own - e_own.detach()).sum(kind);
         Ok((value + carrier) / n as f64)
     }
 }
 
-/// lse_i over the positive (held by the owner of row i) and every shard's negatives, in f64.
-fn global_lse(neg: &Tensor, pos: &Tensor, off: i64, ctx: &Ctx) -> Tensor {
-    let (neg, pos) = (neg.detach().to_kind(Kind::Double), pos.detach().to_kind(Kind::Double));
-    let b = pos.size()[0];
+/// lse_i over the owner's logits of row i `[B, E]` (the positive, and any extra
+/// negatives) and every shard's negatives, in f64.
+fn global_lse(neg: &Tensor, own: &Tensor, off: i64, ctx: &Ctx) -> Tensor {
+    let (neg, own) = (neg.detach().to_kind(Kind::Double), own.detach().to_kind(Kind::Double));
+    let b = own.size()[0];
     let row_max = neg.amax([1i64].as_slice(), false);
-    let own_max = row_max.narrow(0, off, b).maximum(&pos);
+    let own_max = row_max.narrow(0, off, b).maximum(&own.amax([1i64].as_slice(), false));
     row_max.narrow(0, off, b).copy_(&own_max);
     let mut m = crate::to_host::<f64>(&row_max);
     ctx.reduce.max(&mut m);
     let m = Tensor::from_slice(&m).to_device(neg.device());
     let sums = (&neg - m.unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
-    let own = sums.narrow(0, off, b) + (&pos - m.narrow(0, off, b)).exp();
+    let shifted =
+        (&own - m.narrow(0, off, b).unsqueeze(1)).exp().sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
+    let own = sums.narrow(0, off, b) + shifted;
     sums.narrow(0, off, b).copy_(&own);
     let mut s = crate::to_host::<f64>(&sums);
     ctx.reduce.sum(&mut s);

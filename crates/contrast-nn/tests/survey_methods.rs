@@ -343,3 +343,99 @@ fn swav_queue_sinkhorn_and_prototypes_are_exact_across_ranks_and_resume() {
     assert_close("swav before the queue is full", &plain[..2], &losses[..2], 1e-12);
     assert!(rel_err(&plain[2..], &losses[2..]) > 1e-9, "the full queue changes the codes");
 }
+
+const MOCHI: Case = Case {
+    name: "moco_v2",
+    loss: LossKind::InfoNce,
+    items: 22,
+    n: 12,
+    keys: |m| {
+        set_key(m, "queue_size", 36);
+        set_key(m, "momentum", 0.9);
+        set_key(m, "hard_negatives", 5);
+        set_key(m, "mix_negatives", 3);
+        set_key(m, "mix_query", 2);
+    },
+};
+
+#[test]
+fn mochi_selection_and_mixing_are_exact_across_ranks_and_resume() {
+    check_layouts(&MOCHI);
+    // Mixing changes the loss: the same run without it differs.
+    let plain = Case {
+        keys: |m| {
+            set_key(m, "queue_size", 36);
+            set_key(m, "momentum", 0.9);
+        },
+        ..MOCHI
+    };
+    let init = snapshot(&MOCHI);
+    let (a, _) = train(&Solo, &MOCHI, &init, None, 0..2);
+    let (b, _) = train(&Solo, &plain, &init, None, 0..2);
+    assert!(rel_err(&a, &b) > 1e-6, "{a:?} vs {b:?}");
+}
+
+/// MoCHi on a replicated queue, transcribed as a loop over queries: the H
+/// hardest keys by q·n, each synthetic negative normalise(α n_a + (1−α) n_b)
+/// or normalise(β q + (1−β) n_j) (q detached), logits [q·k⁺, q·queue, q·h] / T,
+/// cross-entropy with label 0, mean over the N queries.
+fn mochi_reference(q: &Tensor, k: &Tensor, queue: &Tensor, t: f64, m: &contrast_nn::method::mochi::Mochi) -> Tensor {
+    let q = contrast_nn::loss::l2_normalize(q);
+    let n = q.size()[0];
+    let mut total = Tensor::zeros([], (Kind::Double, q.device()));
+    for i in 0..n {
+        let qi = q.get(i);
+        let l_neg = queue.matmul(&qi);
+        let scores = contrast_nn::to_host::<f64>(&l_neg);
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&x, &y| scores[y].total_cmp(&scores[x]).then(x.cmp(&y)));
+        let hard: Vec<usize> = order.into_iter().take(m.hard).collect();
+        let plan = m.plan(5, 3, i as usize, hard.len());
+        let key = |j: usize| queue.get(hard[j] as i64);
+        let mut synth: Vec<Tensor> =
+            plan.pairs.iter().map(|&(a, b, alpha)| key(a) * alpha + key(b) * (1.0 - alpha)).collect();
+        synth.extend(plan.query.iter().map(|&(j, beta)| qi.detach() * beta + key(j) * (1.0 - beta)));
+        let h = contrast_nn::loss::l2_normalize(&Tensor::stack(&synth, 0));
+        let l_pos = (&qi * k.get(i)).sum(Kind::Double).unsqueeze(0);
+        let logits = Tensor::cat(&[l_pos, l_neg, h.matmul(&qi)], 0) / t;
+        total = total + (logits.logsumexp([0i64].as_slice(), false) - logits.get(0));
+    }
+    total / n as f64
+}
+
+#[test]
+fn mochi_over_the_sharded_queue_matches_the_replicated_transcription() {
+    use contrast_nn::loss::Ctx;
+    use contrast_nn::method::mochi::Mochi;
+    use contrast_nn::queue::ShardedQueue;
+    let (b, d, t) = (3usize, 5i64, 0.2);
+    let m = Mochi { hard: 6, mix_negatives: 4, mix_query: 3 };
+    for p in [1usize, 2, 3, 4] {
+        let n = p * b;
+        let q = randn(n, d as usize, 11 + p as u64);
+        let keys = contrast_nn::loss::l2_normalize(&randn(n, d as usize, 12));
+        let queue = ShardedQueue::initial_canonical(4 * n, d as usize, 7);
+        let want_q = q.detach().set_requires_grad(true);
+        let want = mochi_reference(&want_q, &keys, &queue, t, &m);
+        want.backward();
+        let (want_loss, want_grad) = (want.double_value(&[]), contrast_nn::to_host::<f64>(&want_q.grad()));
+        let (q, keys, queue) = (Host::of(&q), Host::of(&keys), Host::of(&queue));
+        let ranks = Threads::run(p, |c| {
+            let (q, keys, queue) = (q.t(), keys.t(), queue.t());
+            let r = c.rank();
+            let shard = ShardedQueue::from_canonical(&queue, 1, n, r, p).unwrap();
+            let ctx = Ctx { shard: Shard { rank: r, world_size: p, local_batch: b }, reduce: &c };
+            let leaf = q.detach().set_requires_grad(true);
+            let qn = contrast_nn::loss::l2_normalize(&leaf);
+            let extra = m.logits(&qn, &shard, 5, 3, t, &ctx).unwrap();
+            let own = keys.narrow(0, (r * b) as i64, b as i64);
+            let share = shard.infonce_share_with(&leaf, &own, t, Some(&extra), &ctx).unwrap();
+            share.backward();
+            (share.double_value(&[]), contrast_nn::to_host::<f64>(&leaf.grad()))
+        });
+        let loss: f64 = ranks.iter().map(|r| r.0).sum();
+        let grad: Vec<f64> = (0..want_grad.len()).map(|i| ranks.iter().map(|r| r.1[i]).sum::<f64>()).collect();
+        assert!((loss - want_loss).abs() <= 1e-12 * want_loss.abs(), "P={p}: {loss} vs {want_loss}");
+        assert_close(&format!("P={p}: query gradient"), &grad, &want_grad, 1e-10);
+    }
+}

@@ -1,15 +1,20 @@
-//! The survey's methods through the real binary: each trains on 2 MPI ranks
-//! with the weights (and the bank, queues and prototypes) of one rank, and a
+//! The survey's methods through the real binary: each (InstDisc, Barlow Twins,
+//! SwAV, MoCHi) trains on 2 MPI ranks with the weights (and the bank, queues and prototypes) of one rank, and a
 //! stateful one stops in the middle of an epoch on 2 ranks and resumes on 1
 //! with the losses of the uninterrupted run.
 
 use crate::common::*;
 
 /// (run name, loss, extra YAML) of each method; the fixture's config with its keys.
-const METHODS: [(&str, &str, &str); 3] = [
+const METHODS: [(&str, &str, &str); 4] = [
     ("instdisc", "bank_nce", "method: {name: instdisc, negatives: 16, proximal: 0.5}\n"),
     ("barlow_twins", "barlow_twins", "method: {name: barlow_twins}\n"),
     ("swav", "swav", "method: {name: swav, prototypes: 6, freeze_prototypes_steps: 1, queue_size: 16}\n"),
+    (
+        "mochi",
+        "infonce",
+        "method: {name: moco_v2, queue_size: 16, hard_negatives: 4, mix_negatives: 2, mix_query: 2}\n",
+    ),
 ];
 
 /// The fixture's config for `method`, without the head keys it does not read.
@@ -37,6 +42,9 @@ fn survey_methods_on_two_mpi_ranks_match_one_rank() {
         if method == "instdisc" {
             assert!(err.contains("bank=240×8 (0.0 MiB per rank)"), "the plan line states the bank: {err}");
             assert_eq!(checkpoint_tensor_shape(&fx.path("instdisc-mpi2/step-4"), "method.bank"), vec![240, 8]);
+        }
+        if method == "mochi" {
+            assert!(err.contains("mochi: hard_negatives=4 mix_negatives=2 mix_query=2"), "plan line: {err}");
         }
     }
 }

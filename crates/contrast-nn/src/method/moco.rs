@@ -13,7 +13,12 @@
 //! at the start of each forward pass; updating it after each optimiser step is
 //! the same sequence of weights (they first differ at step 0, where the
 //! reference's update is a no-op since θ_k = θ_q).
+//!
+//! With `method.hard_negatives` > 0 it is MoCHi: synthetic hard negatives
+//! mixed over the whole sharded queue join each query's denominator
+//! ([`super::mochi`]).
 
+use super::mochi::Mochi;
 use super::{check_momentum, describe_momentum, momentum_pairs, set_kind, settings, Batch, Method, MethodEntry};
 use super::{Share, Spec, StepInfo};
 use crate::ema::Ema;
@@ -42,11 +47,31 @@ pub struct MocoKeys {
     pub momentum_schedule: MomentumSchedule,
     /// Shuffle the key encoder's batch across ranks (needs `model.norm: batch`).
     pub shuffle_bn: bool,
+    /// MoCHi: hard negatives per query over the whole queue (0: plain MoCo-v2).
+    pub hard_negatives: usize,
+    /// MoCHi: synthetic negatives mixed from pairs of hard negatives.
+    pub mix_negatives: usize,
+    /// MoCHi: synthetic negatives mixed from the query and a hard negative.
+    pub mix_query: usize,
+}
+
+impl MocoKeys {
+    fn mochi(&self) -> Mochi {
+        Mochi { hard: self.hard_negatives, mix_negatives: self.mix_negatives, mix_query: self.mix_query }
+    }
 }
 
 impl Default for MocoKeys {
     fn default() -> Self {
-        Self { queue_size: 4096, momentum: 0.99, momentum_schedule: MomentumSchedule::Constant, shuffle_bn: false }
+        Self {
+            queue_size: 4096,
+            momentum: 0.99,
+            momentum_schedule: MomentumSchedule::Constant,
+            shuffle_bn: false,
+            hard_negatives: 0,
+            mix_negatives: 0,
+            mix_query: 0,
+        }
     }
 }
 
@@ -90,6 +115,7 @@ impl MethodSpec for MocoSpec {
             4 * 8192,
             "the queue (K × proj_dim f32, at proj_dim 8192)",
         )?;
+        check_mochi(&k)?;
         if k.shuffle_bn && run.norm != Norm::Batch {
             return Err(invalid(
                 "method.shuffle_bn",
@@ -101,8 +127,19 @@ impl MethodSpec for MocoSpec {
 
     fn describe(&self, settings: &Settings, run: &RunInfo) -> String {
         let k = Self::keys(settings).unwrap_or_default();
+        let mochi = k.mochi();
+        let mochi = match mochi.on() {
+            true => format!(
+                " mochi: hard_negatives={} mix_negatives={} mix_query={} ({:.1} MiB all-reduced per step)",
+                k.hard_negatives,
+                k.mix_negatives,
+                k.mix_query,
+                mochi.bytes_per_step(run.global_batch, run.proj_dim) as f64 / (1u64 << 20) as f64
+            ),
+            false => String::new(),
+        };
         format!(
-            " method=MocoV2 queue_size={} queue_shard={}{} shuffle_bn={}",
+            " method=MocoV2 queue_size={} queue_shard={}{} shuffle_bn={}{mochi}",
             k.queue_size,
             k.queue_size / run.world_size.max(1),
             describe_momentum(k.momentum, k.momentum_schedule),
@@ -122,6 +159,23 @@ impl MethodSpec for MocoSpec {
     fn shuffled_view(&self, settings: &Settings) -> Option<usize> {
         Self::keys(settings).is_ok_and(|k| k.shuffle_bn).then_some(1)
     }
+}
+
+/// MoCHi's counts: hard negatives within the queue; mixing needs hard negatives to mix.
+fn check_mochi(k: &MocoKeys) -> std::result::Result<(), ConfigError> {
+    if k.hard_negatives > k.queue_size {
+        return Err(invalid(
+            "method.hard_negatives",
+            format!("{} hard negatives per query from a queue of {} keys", k.hard_negatives, k.queue_size),
+        ));
+    }
+    for (key, v) in [("method.mix_negatives", k.mix_negatives), ("method.mix_query", k.mix_query)] {
+        if v > 0 && k.hard_negatives == 0 {
+            return Err(invalid(key, format!("{v} mixes need hard negatives to mix: set method.hard_negatives > 0")));
+        }
+        contrast_config::within_ceiling(key, v as u64, k.queue_size as u64, 8 * 8192, "the mixed keys per query")?;
+    }
+    Ok(())
 }
 
 /// The registration of MoCo-v2.
@@ -146,6 +200,7 @@ pub struct MocoV2 {
     shard: crate::loss::Shard,
     shuffle_bn: bool,
     seed: u64,
+    mochi: Mochi,
 }
 
 impl MocoV2 {
@@ -184,6 +239,7 @@ impl MocoV2 {
             shard,
             shuffle_bn: keys.shuffle_bn,
             seed: spec.seed,
+            mochi: keys.mochi(),
         })
     }
 
@@ -237,7 +293,12 @@ impl Method for MocoV2 {
         if batch.mix.is_some() {
             return Err(NnError::Param("MoCo takes no soft targets".into()));
         }
-        let loss = self.queue.infonce_share(&g.towers[0], &g.local[0], self.temperature, ctx)?;
+        let t = self.temperature;
+        let extra = match self.mochi.on() {
+            true => Some(self.mochi.logits(&l2_normalize(&g.towers[0]), &self.queue, self.seed, batch.step, t, ctx)?),
+            false => None,
+        };
+        let loss = self.queue.infonce_share_with(&g.towers[0], &g.local[0], t, extra.as_ref(), ctx)?;
         Ok(Share { loss, monitor: Some(g.towers[0].shallow_clone()) })
     }
 

@@ -26,6 +26,7 @@ pub mod barlow_twins;
 pub mod byol;
 pub mod clip;
 pub mod instdisc;
+pub mod mochi;
 pub mod moco;
 pub mod simclr;
 pub mod simsiam;

@@ -179,7 +179,8 @@ impl Swav {
         let backbone = encoder::build(&(&root / "backbone"), spec)?;
         let head = BnMlp::new(&(&root / "head"), backbone.out_dim(), m.proj_hidden, m.proj_dim, false);
         let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
-        let prototypes = nn::linear(&root / "prototypes", m.proj_dim, keys.prototypes as i64, no_bias).ws;
+        // `prototypes.weight` [K, d]: taken from the var store after the kind conversion.
+        let _ = nn::linear(&root / "prototypes", m.proj_dim, keys.prototypes as i64, no_bias);
         set_kind(&mut vs, spec);
         let prototypes = vs.variables()[PROTOTYPES].shallow_clone();
         let (n, shard) = (spec.shard.global(), spec.shard);
