@@ -9,6 +9,7 @@ mod common;
 mod configs;
 mod encoders;
 mod faults;
+mod hooks;
 mod outputs;
 mod parity;
 mod reliability;

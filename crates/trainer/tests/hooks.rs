@@ -1,0 +1,105 @@
+//! The method hooks the survey needs, through the training loop in-process: a
+//! probe method counts `on_epoch` calls in its checkpointed state, so a resume
+//! in the middle of an epoch that called it again would show; it sees the
+//! items of its rows (`Batch::indices`) and the communicator.
+
+use crate::common::*;
+use contrast_comm::Solo;
+use contrast_config::{ConfigError, LossKind, MethodSpec, RunInfo, Settings};
+use contrast_nn::encoder::{self, Encoder};
+use contrast_nn::engine::{Gathered, Towers};
+use contrast_nn::loss::{ntxent_share, Ctx, GlobalSum};
+use contrast_nn::method::{Batch, EpochCtx, Method, MethodEntry, Share, Spec};
+use contrast_nn::state::StateItem;
+use contrast_nn::Result;
+use tch::nn::VarStore;
+use tch::Tensor;
+
+struct ProbeSpec;
+
+impl MethodSpec for ProbeSpec {
+    fn name(&self) -> &'static str {
+        "epoch_probe"
+    }
+    fn defaults(&self) -> Settings {
+        Settings::default()
+    }
+    fn own_loss(&self) -> LossKind {
+        LossKind::NtXent
+    }
+    fn model_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn check(&self, _settings: &Settings, _run: &RunInfo) -> std::result::Result<(), ConfigError> {
+        Ok(())
+    }
+    fn describe(&self, _settings: &Settings, _run: &RunInfo) -> String {
+        " method=epoch_probe".into()
+    }
+}
+
+/// A backbone and NT-Xent; `method.epochs` counts the on_epoch calls, `method.last_epoch` the last.
+struct Probe {
+    vs: VarStore,
+    backbone: Box<dyn Encoder>,
+    counts: Tensor,
+}
+
+impl Method for Probe {
+    fn name(&self) -> &'static str {
+        "epoch_probe"
+    }
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
+        assert_eq!(batch.indices.len(), batch.views[0].size()[0] as usize, "one item per row");
+        let grad = batch.views.iter().map(|v| self.backbone.forward_t(v, true)).collect();
+        Ok(Towers { grad, ..Default::default() })
+    }
+    fn loss_share(&self, g: &Gathered, _batch: &Batch, ctx: &Ctx) -> Result<Share> {
+        Ok(Share { loss: ntxent_share(&g.towers[0], &g.towers[1], 0.5, ctx.shard)?, monitor: None })
+    }
+    fn on_epoch(&mut self, ctx: &mut EpochCtx) -> Result<()> {
+        // A collective at the epoch's start: every rank is there.
+        let mut one = [1.0];
+        ctx.comm.sum(&mut one);
+        assert_eq!(one[0], ctx.world_size as f64);
+        let calls = self.counts.double_value(&[0]) + 1.0;
+        let _ = self.counts.copy_(&Tensor::from_slice(&[calls, ctx.epoch as f64]));
+        Ok(())
+    }
+    fn state(&self) -> Vec<StateItem> {
+        let mut items = contrast_nn::state::var_store_items(&self.vs);
+        items.push(StateItem::replicated("method.epoch_calls", self.counts.shallow_clone()));
+        items
+    }
+    fn backbone(&self) -> &dyn Encoder {
+        self.backbone.as_ref()
+    }
+}
+
+fn build_probe(vs: VarStore, spec: &Spec) -> Result<Box<dyn Method>> {
+    let backbone = encoder::build(&(&vs.root() / "backbone"), spec)?;
+    Ok(Box::new(Probe { vs, backbone, counts: Tensor::from_slice(&[0.0f64, -1.0]) }))
+}
+
+#[test]
+fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch() {
+    contrast_nn::registry::register_method(MethodEntry { spec: &ProbeSpec, build: build_probe }).unwrap();
+    let fx = Fixture::new();
+    let cfg = fx.config("probe", "ntxent", "method: {name: epoch_probe}\n");
+    let yaml = std::fs::read_to_string(&cfg).unwrap().replace(", proj_hidden: 16", "").replace("proj_dim: 8, ", "");
+    std::fs::write(&cfg, yaml).unwrap();
+    let train = |steps: usize, resume: bool| {
+        let sets = [format!("train.steps={steps}"), format!("train.resume={resume}"), "metrics.enabled=false".into()];
+        trainer::train(&Solo, &cfg, &sets).unwrap();
+        tensor_of(&fx.path(&format!("probe/step-{steps}")), "method.epoch_calls")
+    };
+    // 240 items at global batch 8: 30 steps an epoch. Steps 1–35 start epochs 0 and 1.
+    assert_eq!(train(35, false), [2.0, 1.0]);
+    // A resume at step 35 lands inside epoch 1: nothing is recomputed.
+    assert_eq!(train(40, true), [2.0, 1.0]);
+    // Step 61 starts epoch 2.
+    assert_eq!(train(65, true), [3.0, 2.0]);
+}
