@@ -349,3 +349,32 @@ fn a_method_defined_outside_registers_resolves_and_trains_one_step() {
     assert!(params.iter().all(|p| p.grad().defined()), "every parameter has a gradient");
     assert_eq!(m.features(&views[0]).size(), [8, 16]);
 }
+
+#[test]
+fn survey_methods_refuse_bad_counts_naming_the_key() {
+    let err = |yaml: &str| resolve(yaml, 2).unwrap_err().to_string();
+    // SwAV: prototypes below 2, or above the items once the data is known.
+    let e = err("method: {name: swav, prototypes: 1}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.prototypes") && e.contains("at least 2"), "{e}");
+    let mut plan = resolve("method: {name: swav, prototypes: 300}\ntrain: {global_batch: 8}", 2).unwrap();
+    let e = plan.resolve_items(240).unwrap_err().to_string();
+    assert!(e.contains("method.prototypes") && e.contains("240 training items"), "{e}");
+    let e = err("method: {name: swav, queue_size: 12}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.queue_size") && e.contains("multiple"), "{e}");
+    // MoCHi: more hard negatives than the queue holds; mixing without hard negatives.
+    let e = err("method: {name: moco_v2, queue_size: 64, hard_negatives: 65}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.hard_negatives") && e.contains("queue of 64"), "{e}");
+    let e = err("method: {name: moco_v2, queue_size: 64, mix_query: 4}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.mix_query") && e.contains("hard_negatives"), "{e}");
+    // InstDisc: a bank larger than any machine's memory says how many bytes it needs.
+    let mut plan = resolve("method: {name: instdisc}\nmodel: {proj_dim: 128}\ntrain: {global_batch: 8}", 2).unwrap();
+    if contrast_config::host_memory_bytes().is_some() {
+        let e = plan.resolve_items(1 << 40).unwrap_err().to_string();
+        assert!(e.contains("model.proj_dim") && e.contains("bytes") && e.contains("memory bank"), "{e}");
+    }
+    plan.resolve_items(240).unwrap();
+    assert!(plan.describe().contains("bank=240×128 (0.1 MiB per rank)"), "{}", plan.describe());
+    // Another method's key stays an error.
+    let e = err("method: {name: barlow_twins, prototypes: 10}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.prototypes") && e.contains("barlow_twins"), "{e}");
+}
