@@ -1,7 +1,8 @@
 //! The method hooks the survey needs, through the training loop in-process: a
 //! probe method counts `on_epoch` calls in its checkpointed state, so a resume
 //! in the middle of an epoch that called it again would show; it sees the
-//! items of its rows (`Batch::indices`) and the communicator.
+//! items of its rows (`Batch::indices`), the communicator, and a feature pass
+//! over the training set split by item across the ranks.
 
 use crate::common::*;
 use contrast_comm::Solo;
@@ -43,6 +44,9 @@ struct Probe {
     vs: VarStore,
     backbone: Box<dyn Encoder>,
     counts: Tensor,
+    /// The last feature pass: this rank's rows, item-sharded.
+    features: Tensor,
+    items: usize,
 }
 
 impl Method for Probe {
@@ -67,11 +71,20 @@ impl Method for Probe {
         assert_eq!(one[0], ctx.world_size as f64);
         let calls = self.counts.double_value(&[0]) + 1.0;
         let _ = self.counts.copy_(&Tensor::from_slice(&[calls, ctx.epoch as f64]));
+        let f = ctx.features.take().expect("the feature pass ran");
+        let rows = contrast_nn::state::item_rows(self.items, ctx.rank, ctx.world_size) as i64;
+        assert_eq!(f.size(), [rows, 32], "this rank's items only");
+        let _ = self.features.copy_(&f);
         Ok(())
+    }
+    fn wants_features(&self, _epoch: usize) -> bool {
+        true
     }
     fn state(&self) -> Vec<StateItem> {
         let mut items = contrast_nn::state::var_store_items(&self.vs);
         items.push(StateItem::replicated("method.epoch_calls", self.counts.shallow_clone()));
+        let layout = contrast_nn::state::Layout::ItemSharded { items: self.items };
+        items.push(StateItem { name: "method.features".into(), tensor: self.features.shallow_clone(), layout });
         items
     }
     fn backbone(&self) -> &dyn Encoder {
@@ -81,7 +94,10 @@ impl Method for Probe {
 
 fn build_probe(vs: VarStore, spec: &Spec) -> Result<Box<dyn Method>> {
     let backbone = encoder::build(&(&vs.root() / "backbone"), spec)?;
-    Ok(Box::new(Probe { vs, backbone, counts: Tensor::from_slice(&[0.0f64, -1.0]) }))
+    let items = spec.items.expect("training knows its items");
+    let rows = contrast_nn::state::item_rows(items, spec.shard.rank, spec.shard.world_size) as i64;
+    let features = Tensor::zeros([rows, backbone.out_dim()], (tch::Kind::Float, tch::Device::Cpu));
+    Ok(Box::new(Probe { vs, backbone, counts: Tensor::from_slice(&[0.0f64, -1.0]), features, items }))
 }
 
 #[test]
@@ -102,4 +118,28 @@ fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch() {
     assert_eq!(train(40, true), [2.0, 1.0]);
     // Step 61 starts epoch 2.
     assert_eq!(train(65, true), [3.0, 2.0]);
+    // The feature pass of 2 ranks (each over its own items) saves the features of 1 rank, in item order.
+    let first_epoch = |name: &str, ranks: usize| {
+        let sets = [
+            "train.steps=1".to_string(),
+            "metrics.enabled=false".into(),
+            format!("checkpoint.dir={}", fx.path(name).display()),
+        ];
+        contrast_comm::Threads::run(ranks, |c| trainer::train(&c, &cfg, &sets).map(|_| ()).map_err(|e| e.to_string()))
+            .into_iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .unwrap();
+        tensor_of(&fx.path(&format!("{name}/step-1")), "method.features")
+    };
+    let (one, two) = (first_epoch("features-1", 1), first_epoch("features-2", 2));
+    assert_eq!(one.len(), 240 * 32);
+    assert!(rel_err(&two, &one) < 1e-5, "{:e}", rel_err(&two, &one));
+    for row in one.chunks(32) {
+        assert!((row.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-4, "unit rows");
+    }
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    num / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-300)
 }

@@ -92,6 +92,12 @@ pub struct EpochCtx<'a> {
     pub world_size: usize,
     /// Global sums and gathers over the run's ranks.
     pub comm: &'a dyn GlobalSum,
+    /// When the method asked for it ([`Method::wants_features`]): this rank's
+    /// L2-normalised features ([`Method::features`], eval mode) of the
+    /// un-augmented training set, laid out as `Layout::ItemSharded` lays items
+    /// out (row j is item rank + j·P; `[item_rows, D]`; an item that cannot be
+    /// read is logged and seen as a blank image). No rank holds the whole set.
+    pub features: Option<Tensor>,
 }
 
 /// What a method needs to build itself.
@@ -179,6 +185,12 @@ pub trait Method {
     /// middle of an epoch does not call it again.
     fn on_epoch(&mut self, _ctx: &mut EpochCtx) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether the start of `epoch` needs a feature pass over the training set
+    /// ([`EpochCtx::features`]; k-means of DeepCluster).
+    fn wants_features(&self, _epoch: usize) -> bool {
+        false
     }
 
     /// After the gradients are summed and before the optimiser steps: the

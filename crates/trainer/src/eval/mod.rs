@@ -95,20 +95,27 @@ impl EvalSet {
 
     /// Normalised input tensor `[n, C, H, W]` of images `start..end` and their labels.
     pub fn batch(&self, start: usize, end: usize, device: Device) -> (Tensor, Vec<i64>) {
+        self.batch_of(&(start..end).collect::<Vec<_>>(), device)
+    }
+
+    /// [`EvalSet::batch`] of the images at positions `which` (any order).
+    pub fn batch_of(&self, which: &[usize], device: Device) -> (Tensor, Vec<i64>) {
         match self {
             EvalSet::Idx(images) => {
                 let (m, s) = FASHION_MNIST_MEAN_STD;
                 let pix = images.height * images.width;
-                let data: Vec<f32> =
-                    images.pixels[start * pix..end * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s).collect();
+                let data: Vec<f32> = which
+                    .iter()
+                    .flat_map(|&i| images.pixels[i * pix..(i + 1) * pix].iter().map(|&v| (v as f32 / 255.0 - m) / s))
+                    .collect();
                 let x = Tensor::from_slice(&data)
-                    .view([(end - start) as i64, 1, images.height as i64, images.width as i64])
+                    .view([which.len() as i64, 1, images.height as i64, images.width as i64])
                     .to_device(device);
-                (x, images.labels[start..end].iter().map(|&l| l as i64).collect())
+                (x, which.iter().map(|&i| images.labels[i] as i64).collect())
             }
             EvalSet::Files { source, indices, transform, threads } => {
                 let pix = self.pixels();
-                let n = end - start;
+                let n = which.len();
                 let mut data = vec![0f32; n * pix];
                 let mut labels = vec![-1i64; n];
                 let per = n.div_ceil(*threads).max(1);
@@ -120,7 +127,7 @@ impl EvalSet {
                             // The transform has no random op; the generator is never drawn from.
                             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
                             for (j, (img, label)) in out.chunks_mut(pix).zip(lab.iter_mut()).enumerate() {
-                                let i = indices[start + k * per + j];
+                                let i = indices[which[k * per + j]];
                                 let got = source.fetch(i).and_then(|raw| {
                                     let rgb = decode(&raw.bytes)?;
                                     aug.apply(&rgb, &mut rng, img)?;

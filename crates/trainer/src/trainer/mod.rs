@@ -23,13 +23,14 @@ use contrast_data::{HostBatch, Pipeline};
 use contrast_nn::encoder::text::Captions;
 use contrast_nn::engine::{Gathered, StepOutput, Towers};
 use contrast_nn::loss::Ctx;
-use contrast_nn::method::{embedding_std, Batch, EpochCtx, Method, StepInfo};
+use contrast_nn::method::{embedding_std, Batch, Method, StepInfo};
 use contrast_nn::optim::{Optimizer, Schedule};
 use contrast_nn::{precision, GlobalBatch};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+mod epoch;
 mod looping;
 mod parts;
 
@@ -85,6 +86,8 @@ pub struct Trainer<'c, C: Collective> {
     metrics: Option<Metrics>,
     /// The gradient buckets, kept across steps (the gradients view them).
     grad_buffers: contrast_nn::engine::GradBuffers,
+    /// The un-augmented training set of the feature pass, opened at its first use.
+    train_set: Option<crate::eval::EvalSet>,
     /// Test hooks: pretend the loss (or a gradient) of this step is NaN.
     fault_step: Option<usize>,
     fault_grad_step: Option<usize>,
@@ -146,6 +149,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             },
             metrics: start_metrics(comm, &plan)?,
             grad_buffers: Default::default(),
+            train_set: None,
             fault_step: std::env::var("CONTRAST_FAULT_NAN_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_grad_step: std::env::var("CONTRAST_FAULT_NAN_GRAD_AT_STEP").ok().and_then(|s| s.parse().ok()),
             fault_panic_step: std::env::var("CONTRAST_FAULT_PANIC_AT_STEP").ok().and_then(|s| s.parse().ok()),
@@ -315,12 +319,8 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let mem0 = crate::alloc::ProcessCounters::now();
         let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
         if self.progress.epoch != Some(batch.epoch) {
-            let (rank, world_size) = (self.comm.rank(), self.comm.world_size());
-            let mut ctx = EpochCtx { epoch: batch.epoch, rank, world_size, comm: self.comm };
-            self.method
-                .on_epoch(&mut ctx)
-                .with_context(|| format!("epoch {} starting at step {}", batch.epoch, step + 1))?;
-            self.progress.epoch = Some(batch.epoch);
+            let epoch = batch.epoch;
+            self.start_epoch(epoch).with_context(|| format!("epoch {epoch} starting at step {}", step + 1))?;
         }
         let lr = self.schedule.lr(step);
         let inputs = self.tensors(&mut batch);
