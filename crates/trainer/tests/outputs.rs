@@ -146,6 +146,7 @@ fn log_lines_name_their_rank_plain_and_json() {
 
 #[test]
 fn evaluations_give_known_answers_on_small_fixtures() {
+    use contrast_comm::Collective;
     use trainer::eval::{knn_top1, linear_probe, Features};
     // 4 classes along 4 orthogonal directions, 6 memory rows each, slightly perturbed.
     let cluster = |c: usize, j: usize| -> Vec<f32> {
@@ -159,9 +160,13 @@ fn evaluations_give_known_answers_on_small_fixtures() {
     let (xt, yt) = (rows(&[(0, 9), (1, 9), (2, 9), (0, 8)]), vec![0i64, 1, 2, 1]);
     for p in [1, 2, 3] {
         let got = contrast_comm::Threads::run(p, |c| {
+            // Each rank holds a slice of the memory; the top k of the slices merge.
             let (m, t) = (tensor(&xm), tensor(&xt));
+            let per = ym.len().div_ceil(p);
+            let (lo, hi) = ((c.rank() * per).min(ym.len()), ((c.rank() + 1) * per).min(ym.len()));
+            let (m, ym) = (m.narrow(0, lo as i64, (hi - lo) as i64), ym[lo..hi].to_vec());
             let knn = knn_top1(&c, &m, &ym, &t, &yt, 5, 0.1, 4);
-            let f = Features { train: (m, ym.clone()), test: (t, yt.clone()), classes: 4 };
+            let f = Features { train: (m, ym), test: (t, yt.clone()), classes: 4 };
             (knn, linear_probe(&c, &f, 200))
         });
         for (knn, probe) in got {

@@ -17,8 +17,11 @@ pub(super) fn hits(scores: &Tensor, truth: &Tensor) -> [i64; 3] {
     [count(&top1), count(&top5), count(&labelled)]
 }
 
-/// Weighted kNN top-1 and top-5 accuracy over the labelled test rows; each rank
-/// scores a slice of the test set. Memory rows labelled −1 vote for no class.
+/// Weighted kNN top-1 and top-5 accuracy over the labelled test rows. Each
+/// rank holds a slice of the memory (`train`, `train_labels`: its rows only;
+/// no rank holds the whole memory) and scores every test row against it; the
+/// ranks' top k of each test row are all-gathered and merged into the global
+/// top k, which votes. Memory rows labelled −1 vote for no class.
 #[allow(clippy::too_many_arguments)]
 pub fn knn_top1<C: Collective>(
     comm: &C,
@@ -30,31 +33,59 @@ pub fn knn_top1<C: Collective>(
     t: f64,
     classes: i64,
 ) -> [f64; 2] {
-    let device = train.device();
+    let device = test.device();
+    let mut total = [train.size()[0] as i64];
+    comm.all_reduce_sum(&mut total);
+    let k = k.min(total[0]);
     let n = test_labels.len();
-    let (lo, hi, _) = slice_of(comm, n);
-    // Column `classes` collects the votes of unlabelled memory rows and never wins.
+    // Column `classes` collects the votes of unlabelled memory rows (and of padding) and never wins.
     let voters: Vec<i64> = train_labels.iter().map(|&l| if l < 0 { classes } else { l }).collect();
     let labels = Tensor::from_slice(&voters).to_device(device);
-    let k = k.min(train.size()[0]);
     let mut counts = [0i64; 3];
+    if k == 0 {
+        return [0.0, 0.0];
+    }
     tch::no_grad(|| {
-        let mut s = lo;
-        while s < hi {
-            let e = (s + 500).min(hi);
-            let sim = test.narrow(0, s as i64, (e - s) as i64).matmul(&train.tr());
-            let (vals, idx) = sim.topk(k, 1, true, true);
-            let votes = labels.index_select(0, &idx.view([-1])).view([(e - s) as i64, k]);
+        for s in (0..n).step_by(500) {
+            let e = (s + 500).min(n);
+            let (vals, votes) = local_top_k(&test.narrow(0, s as i64, (e - s) as i64), train, &labels, k, classes);
+            let (vals, votes) = merge_top_k(comm, &vals, &votes, k);
             let w = (vals / t).exp();
             let scores = Tensor::zeros([(e - s) as i64, classes + 1], (Kind::Float, device)).scatter_add(1, &votes, &w);
             let truth = Tensor::from_slice(&test_labels[s..e]).to_device(device);
             let h = hits(&scores.narrow(1, 0, classes), &truth);
             (0..3).for_each(|j| counts[j] += h[j]);
-            s = e;
         }
     });
-    comm.all_reduce_sum(&mut counts);
+    // Every rank scored every test row alike: no sum.
     [counts[0] as f64 / counts[2].max(1) as f64, counts[1] as f64 / counts[2].max(1) as f64]
+}
+
+/// The k most similar memory rows of this rank for each query `[q, k]` (values
+/// and voter labels), padded with −∞ and the no-class column where it holds fewer.
+fn local_top_k(queries: &Tensor, memory: &Tensor, labels: &Tensor, k: i64, classes: i64) -> (Tensor, Tensor) {
+    let (q, device) = (queries.size()[0], queries.device());
+    let kl = k.min(memory.size()[0]);
+    let (vals, idx) = match kl {
+        0 => (Tensor::zeros([q, 0], (Kind::Float, device)), Tensor::zeros([q, 0], (Kind::Int64, device))),
+        _ => queries.matmul(&memory.tr()).topk(kl, 1, true, true),
+    };
+    let votes = labels.index_select(0, &idx.view([-1])).view([q, kl]);
+    let pad = k - kl;
+    let vals = Tensor::cat(&[vals, Tensor::full([q, pad], f64::NEG_INFINITY, (Kind::Float, device))], 1);
+    let votes = Tensor::cat(&[votes, Tensor::full([q, pad], classes, (Kind::Int64, device))], 1);
+    (vals, votes)
+}
+
+/// Every rank's top k per query, gathered, and the global top k of them.
+fn merge_top_k<C: Collective>(comm: &C, vals: &Tensor, votes: &Tensor, k: i64) -> (Tensor, Tensor) {
+    let (q, p, device) = (vals.size()[0], comm.world_size() as i64, vals.device());
+    let all_v = comm.all_gather(&contrast_nn::to_host::<f32>(vals));
+    let all_l = comm.all_gather(&contrast_nn::to_host::<i64>(votes));
+    let all_v = Tensor::from_slice(&all_v).view([p, q, k]).permute([1, 0, 2]).reshape([q, p * k]).to_device(device);
+    let all_l = Tensor::from_slice(&all_l).view([p, q, k]).permute([1, 0, 2]).reshape([q, p * k]).to_device(device);
+    let (top, pos) = all_v.topk(k, 1, true, true);
+    (top, all_l.gather(1, &pos, false))
 }
 
 /// Remap the labels of both lists to the distinct labels they hold, in
@@ -85,19 +116,23 @@ pub fn knn_of<C: Collective>(
     t: f64,
     f: impl Fn(&Tensor) -> Tensor,
 ) -> Option<([f64; 2], Features)> {
-    let (ftrain, mut ltrain) = features(comm, memory, device, dim, &f);
+    // The memory stays in slices: only its labels are gathered.
+    let (ftrain, ltrain, (lo, hi, per)) = local_features(comm, memory, device, dim, &f);
+    let mut all_train = gather_labels(comm, &ltrain, memory.len(), per);
     let (ftest, mut ltest) = features(comm, test, device, dim, &f);
-    if !ltrain.iter().any(|&l| l >= 0) || !ltest.iter().any(|&l| l >= 0) {
+    if !all_train.iter().any(|&l| l >= 0) || !ltest.iter().any(|&l| l >= 0) {
         return None;
     }
-    let classes = remap_labels(&mut ltrain, &mut ltest);
+    let classes = remap_labels(&mut all_train, &mut ltest);
+    let ltrain = all_train[lo..hi].to_vec();
     let acc = knn_top1(comm, &ftrain, &ltrain, &ftest, &ltest, k, t, classes);
     Some((acc, Features { train: (ftrain, ltrain), test: (ftest, ltest), classes }))
 }
 
-/// L2-normalised features and labels of the memory and the test set (identical on every rank).
+/// L2-normalised features and labels of this rank's slice of the memory, and
+/// of the whole test set.
 pub struct Features {
-    /// Memory (training) features `[n, D]` and labels.
+    /// This rank's memory (training) features `[rows, D]` and labels.
     pub train: (Tensor, Vec<i64>),
     /// Test features `[m, D]` and labels.
     pub test: (Tensor, Vec<i64>),
@@ -126,13 +161,15 @@ pub fn raw_pixels_knn<C: Collective>(
 /// same steps and holds the same classifier.
 pub fn linear_probe<C: Collective>(comm: &C, f: &Features, steps: usize) -> f64 {
     let ((x, y), (xt, yt)) = (&f.train, &f.test);
-    let device = x.device();
-    let d = x.size()[1];
+    let device = xt.device();
+    let d = xt.size()[1];
     let scale = (d as f64).sqrt();
+    // This rank's labelled memory rows; the loss divides by the labelled rows of every rank.
     let labelled: Vec<i64> = (0..y.len() as i64).filter(|&i| y[i as usize] >= 0).collect();
-    let n = labelled.len();
-    let (lo, hi, _) = slice_of(comm, n);
-    let rows = Tensor::from_slice(&labelled[lo..hi]).to_device(device);
+    let mut count = [labelled.len() as i64];
+    comm.all_reduce_sum(&mut count);
+    let n = count[0] as usize;
+    let rows = Tensor::from_slice(&labelled).to_device(device);
     let (xs, ys) = (x.index_select(0, &rows) * scale, Tensor::from_slice(y).to_device(device).index_select(0, &rows));
     let w = Tensor::zeros([d, f.classes], (Kind::Float, device)).set_requires_grad(true);
     let b = Tensor::zeros([f.classes], (Kind::Float, device)).set_requires_grad(true);

@@ -201,6 +201,46 @@ fn features_with<C: Collective>(
     f: impl Fn(&Tensor) -> Tensor,
     batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
 ) -> (Tensor, Vec<i64>) {
+    let (local, mut labels, (lo, hi, per)) = local_features_with(comm, n, device, dim, f, batch);
+    let pad = per - (hi - lo);
+    let local = match pad {
+        0 => local,
+        _ => Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0),
+    };
+    labels.extend(std::iter::repeat_n(-1, pad));
+    let all = comm.all_gather(&contrast_nn::to_host::<f32>(&local));
+    let all_labels = comm.all_gather(&labels);
+    let (mut rows, mut out_labels) = (Vec::with_capacity(n * dim as usize), Vec::with_capacity(n));
+    for r in 0..comm.world_size() {
+        let lo = (r * per).min(n);
+        let hi = (lo + per).min(n);
+        let base = r * per * dim as usize;
+        rows.extend_from_slice(&all[base..base + (hi - lo) * dim as usize]);
+        out_labels.extend_from_slice(&all_labels[r * per..r * per + (hi - lo)]);
+    }
+    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), out_labels)
+}
+
+/// This rank's slice `[lo, hi)` of [`features`] (not gathered): the features
+/// `[hi − lo, D]`, their labels, and (lo, hi, rows per rank).
+pub fn local_features<C: Collective>(
+    comm: &C,
+    set: &EvalSet,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> (Tensor, Vec<i64>, (usize, usize, usize)) {
+    local_features_with(comm, set.len(), device, dim, f, |s, e| set.batch(s, e, device))
+}
+
+fn local_features_with<C: Collective>(
+    comm: &C,
+    n: usize,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+    batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
+) -> (Tensor, Vec<i64>, (usize, usize, usize)) {
     let (lo, hi, per) = slice_of(comm, n);
     let mut parts = Vec::new();
     let mut labels = Vec::with_capacity(per);
@@ -215,22 +255,20 @@ fn features_with<C: Collective>(
             s = e;
         }
     });
-    let mut local =
-        if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
-    let pad = per - (hi - lo);
-    if pad > 0 {
-        local = Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0);
-        labels.extend(std::iter::repeat_n(-1, pad));
-    }
-    let all = comm.all_gather(&contrast_nn::to_host::<f32>(&local));
-    let all_labels = comm.all_gather(&labels);
-    let (mut rows, mut out_labels) = (Vec::with_capacity(n * dim as usize), Vec::with_capacity(n));
-    for r in 0..comm.world_size() {
-        let lo = (r * per).min(n);
-        let hi = (lo + per).min(n);
-        let base = r * per * dim as usize;
-        rows.extend_from_slice(&all[base..base + (hi - lo) * dim as usize]);
-        out_labels.extend_from_slice(&all_labels[r * per..r * per + (hi - lo)]);
-    }
-    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), out_labels)
+    let local = if parts.is_empty() { Tensor::zeros([0, dim], (Kind::Float, device)) } else { Tensor::cat(&parts, 0) };
+    (local, labels, (lo, hi, per))
+}
+
+/// Every rank's slice of labels (`per` each, the last ones short), in rank order: `[n]`.
+fn gather_labels<C: Collective>(comm: &C, local: &[i64], n: usize, per: usize) -> Vec<i64> {
+    let mut padded = local.to_vec();
+    padded.resize(per, -1);
+    let all = comm.all_gather(&padded);
+    (0..comm.world_size())
+        .flat_map(|r| {
+            let lo = (r * per).min(n);
+            let hi = (lo + per).min(n);
+            all[r * per..r * per + (hi - lo)].to_vec()
+        })
+        .collect()
 }
