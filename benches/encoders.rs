@@ -38,7 +38,7 @@ fn contrast_pairs_per_s(encoder: &str, keys: &str, size: i64, n: i64, warmup: us
         Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)),
         Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)),
     ];
-    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+    let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] };
     let engine = GlobalBatch::new(&Solo, n as usize);
     let secs = contrast_benches::median_secs(warmup, reps, || {
         for p in &params {

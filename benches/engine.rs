@@ -32,7 +32,7 @@ fn main() {
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
             Tensor::randn([n, 1, 28, 28], (Kind::Float, Device::Cpu)),
         ];
-        let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None };
+        let batch = Batch { step: 0, views: &views, captions: None, labels: None, mix: None, indices: &[] };
         let zero = |ps: &[Tensor]| {
             for p in ps {
                 p.shallow_clone().zero_grad();

@@ -186,7 +186,7 @@ fn main() {
         let both = &local_views[step % BATCHES];
         let views = if a.clip { &both[..1] } else { &both[..] };
         let captions = a.clip.then_some(&captions);
-        let batch = Batch { step, views, captions, labels: None, mix: None };
+        let batch = Batch { step, views, captions, labels: None, mix: None, indices: &[] };
         opt.zero_grad();
         let towers = m.forward(&batch, &comm).unwrap();
         let out =
