@@ -7,7 +7,7 @@ use contrast_config::{LossConfig, LossKind, ModelConfig, Norm, TextConfig};
 use contrast_nn::encoder::text::Captions;
 use contrast_nn::method::{build as build_method, Batch, Method, Spec};
 use contrast_nn::GlobalBatch;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn::VarStore, Kind, Tensor};
 
 const SIDE: i64 = 8;
 const CTX: i64 = 12;

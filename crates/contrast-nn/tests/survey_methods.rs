@@ -8,7 +8,7 @@ use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
 use contrast_config::{LossKind, MethodPlan, Norm};
 use contrast_nn::loss::Shard;
-use contrast_nn::method::{build, Batch, Method, Spec, StepInfo};
+use contrast_nn::method::{build, Batch, Spec, StepInfo};
 use contrast_nn::optim::{Optimizer, OptimizerKind};
 use contrast_nn::GlobalBatch;
 use std::collections::HashMap;
