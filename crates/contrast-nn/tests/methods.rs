@@ -19,23 +19,6 @@ use tch::{Kind, Tensor};
 const SIDE: i64 = 8;
 const DIM: i64 = 6;
 
-/// A tensor on the host, shareable between the threads of the threaded backend.
-#[derive(Clone)]
-struct Host {
-    data: Vec<f64>,
-    shape: Vec<i64>,
-    kind: Kind,
-}
-
-impl Host {
-    fn of(t: &Tensor) -> Self {
-        Self { data: contrast_nn::to_host::<f64>(t), shape: t.size(), kind: t.kind() }
-    }
-    fn t(&self) -> Tensor {
-        Tensor::from_slice(&self.data).view(self.shape.as_slice()).to_kind(self.kind)
-    }
-}
-
 /// MoCo-v2 reference (`moco/builder.py`), transcribed as a plain loop over
 /// queries: l_pos = q·k, l_neg = q·queue, logits = cat([l_pos, l_neg]) / T,
 /// cross-entropy with label 0, mean over the N queries.

@@ -16,23 +16,6 @@ use tch::{Kind, Tensor};
 
 const SIDE: i64 = 8;
 
-/// A tensor on the host, shareable between the threaded backend's ranks.
-#[derive(Clone)]
-struct Host {
-    data: Vec<f64>,
-    shape: Vec<i64>,
-    kind: Kind,
-}
-
-impl Host {
-    fn of(t: &Tensor) -> Self {
-        Self { data: contrast_nn::to_host::<f64>(t), shape: t.size(), kind: t.kind() }
-    }
-    fn t(&self) -> Tensor {
-        Tensor::from_slice(&self.data).view(self.shape.as_slice()).to_kind(self.kind)
-    }
-}
-
 /// A method under test: its name, loss, keys and the training set's size.
 #[derive(Clone, Copy)]
 struct Case {

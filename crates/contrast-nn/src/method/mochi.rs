@@ -175,15 +175,16 @@ impl Mochi {
                 .enumerate()
                 .map(|(j, id)| (id as i64, j as i64))
                 .collect();
-        let keys = crate::to_host::<f64>(&queue.shard().to_kind(Kind::Double));
-        let mut table = vec![0f64; wanted.len() * d as usize];
-        for (slot, id) in wanted.iter().enumerate() {
-            if let Some(&j) = local.get(id) {
-                let (from, to) = (j as usize * d as usize, slot * d as usize);
-                table[to..to + d as usize].copy_from_slice(&keys[from..from + d as usize]);
-            }
+        // Only the wanted rows this rank holds leave the device.
+        let (slots, rows): (Vec<usize>, Vec<i64>) =
+            wanted.iter().enumerate().filter_map(|(slot, id)| local.get(id).map(|&j| (slot, j))).unzip();
+        let index = Tensor::from_slice(&rows).to_device(queue.shard().device());
+        let keys = crate::to_host::<f64>(&queue.shard().index_select(0, &index).to_kind(Kind::Double));
+        let (d, mut table) = (d as usize, vec![0f64; wanted.len() * d as usize]);
+        for (k, slot) in slots.into_iter().enumerate() {
+            table[slot * d..(slot + 1) * d].copy_from_slice(&keys[k * d..(k + 1) * d]);
         }
         ctx.reduce.sum(&mut table);
-        Tensor::from_slice(&table).view([wanted.len() as i64, d]).to_device(queue.shard().device())
+        Tensor::from_slice(&table).view([wanted.len() as i64, d as i64]).to_device(queue.shard().device())
     }
 }

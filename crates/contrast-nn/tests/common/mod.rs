@@ -87,3 +87,20 @@ pub fn test_device() -> Device {
         Ok(other) => panic!("CONTRAST_TEST_DEVICE={other}: expected cpu or cuda"),
     }
 }
+
+/// A tensor on the host, shareable between the threaded backend's ranks.
+#[derive(Clone)]
+pub struct Host {
+    pub data: Vec<f64>,
+    pub shape: Vec<i64>,
+    pub kind: Kind,
+}
+
+impl Host {
+    pub fn of(t: &Tensor) -> Self {
+        Self { data: contrast_nn::to_host::<f64>(t), shape: t.size(), kind: t.kind() }
+    }
+    pub fn t(&self) -> Tensor {
+        Tensor::from_slice(&self.data).view(self.shape.as_slice()).to_kind(self.kind)
+    }
+}

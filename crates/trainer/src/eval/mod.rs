@@ -201,24 +201,10 @@ fn features_with<C: Collective>(
     f: impl Fn(&Tensor) -> Tensor,
     batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
 ) -> (Tensor, Vec<i64>) {
-    let (local, mut labels, (lo, hi, per)) = local_features_with(comm, n, device, dim, f, batch);
-    let pad = per - (hi - lo);
-    let local = match pad {
-        0 => local,
-        _ => Tensor::cat(&[local, Tensor::zeros([pad as i64, dim], (Kind::Float, device))], 0),
-    };
-    labels.extend(std::iter::repeat_n(-1, pad));
-    let all = comm.all_gather(&contrast_nn::to_host::<f32>(&local));
-    let all_labels = comm.all_gather(&labels);
-    let (mut rows, mut out_labels) = (Vec::with_capacity(n * dim as usize), Vec::with_capacity(n));
-    for r in 0..comm.world_size() {
-        let lo = (r * per).min(n);
-        let hi = (lo + per).min(n);
-        let base = r * per * dim as usize;
-        rows.extend_from_slice(&all[base..base + (hi - lo) * dim as usize]);
-        out_labels.extend_from_slice(&all_labels[r * per..r * per + (hi - lo)]);
-    }
-    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), out_labels)
+    let (local, labels, (_, _, per)) = local_features_with(comm, n, device, dim, f, batch);
+    let rows = gather_slices(comm, &contrast_nn::to_host::<f32>(&local), n, per, dim as usize, 0.0);
+    let labels = gather_slices(comm, &labels, n, per, 1, -1);
+    (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), labels)
 }
 
 /// This rank's slice `[lo, hi)` of [`features`] (not gathered): the features
@@ -259,16 +245,29 @@ fn local_features_with<C: Collective>(
     (local, labels, (lo, hi, per))
 }
 
-/// Every rank's slice of labels (`per` each, the last ones short), in rank order: `[n]`.
-fn gather_labels<C: Collective>(comm: &C, local: &[i64], n: usize, per: usize) -> Vec<i64> {
+/// Every rank's slice of `n` items of `width` values (`per` items each, the
+/// last slices short; `fill` pads them for the gather), joined in rank order.
+fn gather_slices<C: Collective, T: contrast_comm::Element>(
+    comm: &C,
+    local: &[T],
+    n: usize,
+    per: usize,
+    width: usize,
+    fill: T,
+) -> Vec<T> {
     let mut padded = local.to_vec();
-    padded.resize(per, -1);
+    padded.resize(per * width, fill);
     let all = comm.all_gather(&padded);
     (0..comm.world_size())
         .flat_map(|r| {
             let lo = (r * per).min(n);
             let hi = (lo + per).min(n);
-            all[r * per..r * per + (hi - lo)].to_vec()
+            all[r * per * width..(r * per + hi - lo) * width].to_vec()
         })
         .collect()
+}
+
+/// Every rank's slice of labels (`per` each, the last ones short), in rank order: `[n]`.
+fn gather_labels<C: Collective>(comm: &C, local: &[i64], n: usize, per: usize) -> Vec<i64> {
+    gather_slices(comm, local, n, per, 1, -1)
 }
