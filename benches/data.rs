@@ -57,6 +57,7 @@ fn contrast_rate(source: &Arc<dyn Source>, workers: usize) -> f64 {
         mode: Mode::Views,
         mix: None,
         shuffle_view: None,
+        gated_epochs: Default::default(),
     };
     let augment = RgbAugParams { jitter: [0.4, 0.4, 0.4, 0.1], ..RgbAugParams::simclr(224) };
     let mut p = Pipeline::start_input(

@@ -23,7 +23,7 @@ pub mod textaug;
 pub use augment::{AugParams, Augmenter};
 pub use idx::Images;
 pub use pipeline::{HostBatch, Mode, Next, Pipeline, PipelineConfig};
-pub use sampler::Sampler;
+pub use sampler::{Sampler, Sampling};
 
 /// A 64-bit fingerprint of a sequence of byte strings (SHA-256, each part
 /// length-prefixed so `["ab","c"]` and `["a","bc"]` differ). Ranks all-reduce

@@ -365,7 +365,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         return Ok(nothing_to_train(comm, &plan, trainer.start_step()));
     }
     trainer.baselines()?;
-    let pipeline = Pipeline::start_input(input, pipeline_config(comm, &plan, trainer.start_step(), mode))?;
+    let mut config = pipeline_config(comm, &plan, trainer.start_step(), mode);
+    config.gated_epochs = trainer.gated_epochs(trainer.start_step());
+    let pipeline = Pipeline::start_input(input, config)?;
     trainer.run(pipeline)
 }
 
@@ -435,6 +437,8 @@ fn pipeline_config<C: Collective>(comm: &C, plan: &Plan, start_step: usize, mode
         mix: data::mix_config(plan),
         // Shuffle-BN: this rank's key views (view 1) are those of the rows the permutation of (seed, step) gives it.
         shuffle_view: plan.method.shuffled_view,
+        // Set by the trainer, which asks the method which epochs wait for their start.
+        gated_epochs: Default::default(),
     }
 }
 

@@ -9,7 +9,8 @@
 //!
 //! Phases are coarse: the start (config agreement, dataset checks, weight
 //! broadcast), the wait for a batch, a step (forward, collectives, backward,
-//! optimiser), an evaluation, a checkpoint write, the end. The timeout bounds
+//! optimiser), an evaluation, a checkpoint write, a method's start of an
+//! epoch, the end. The timeout bounds
 //! each of them, so its default (30 min) must exceed the longest legitimate one.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -35,10 +36,19 @@ pub enum Phase {
     Checkpoint,
     /// The final summary and shutdown.
     End,
+    /// A method's start of an epoch (a feature pass, a clustering).
+    EpochStart,
 }
 
-const NAMES: [&str; 6] =
-    ["start-up", "the wait for a batch", "a training step", "an evaluation", "a checkpoint write", "shutdown"];
+const NAMES: [&str; 7] = [
+    "start-up",
+    "the wait for a batch",
+    "a training step",
+    "an evaluation",
+    "a checkpoint write",
+    "shutdown",
+    "the start of an epoch",
+];
 
 struct Watch {
     epoch: Instant,

@@ -2,7 +2,10 @@
 //! probe method counts `on_epoch` calls in its checkpointed state, so a resume
 //! in the middle of an epoch that called it again would show; it sees the
 //! items of its rows (`Batch::indices`), the communicator, and a feature pass
-//! over the training set split by item across the ranks.
+//! over the training set split by item across the ranks; from epoch 1 on it
+//! samples only the items ≡ epoch (mod 3), which the batches it is handed show
+//! only when the pipeline waited for that epoch's `on_epoch` (and, after a
+//! resume, asked it again from the restored state).
 
 use crate::common::*;
 use contrast_comm::Solo;
@@ -10,7 +13,7 @@ use contrast_config::{ConfigError, LossKind, MethodSpec, RunInfo, Settings};
 use contrast_nn::encoder::{self, Encoder};
 use contrast_nn::engine::{Gathered, Towers};
 use contrast_nn::loss::{ntxent_share, Ctx, GlobalSum};
-use contrast_nn::method::{Batch, EpochCtx, Method, MethodEntry, Share, Spec};
+use contrast_nn::method::{Batch, EpochCtx, Method, MethodEntry, Sampling, Share, Spec};
 use contrast_nn::state::StateItem;
 use contrast_nn::Result;
 use tch::nn::VarStore;
@@ -58,6 +61,11 @@ impl Method for Probe {
     }
     fn forward(&self, batch: &Batch, _comm: &dyn GlobalSum) -> Result<Towers> {
         assert_eq!(batch.indices.len(), batch.views[0].size()[0] as usize, "one item per row");
+        let epoch = self.counts.double_value(&[1]) as usize;
+        if epoch > 0 {
+            let off: Vec<_> = batch.indices.iter().filter(|&&i| i % 3 != epoch % 3).collect();
+            assert!(off.is_empty(), "step {}: items {off:?} are outside epoch {epoch}'s sampling", batch.step + 1);
+        }
         let grad = batch.views.iter().map(|v| self.backbone.forward_t(v, true)).collect();
         Ok(Towers { grad, ..Default::default() })
     }
@@ -80,6 +88,11 @@ impl Method for Probe {
     fn wants_features(&self, _epoch: usize) -> bool {
         true
     }
+    fn sampling(&self, _comm: &dyn GlobalSum) -> Result<Option<Sampling>> {
+        let epoch = self.counts.double_value(&[1]) as usize;
+        let weights = (0..self.items).map(|i| (i % 3 == epoch % 3) as u8 as f64).collect();
+        Ok((epoch > 0).then(|| Sampling::Weighted(std::sync::Arc::new(weights))))
+    }
     fn state(&self) -> Vec<StateItem> {
         let mut items = contrast_nn::state::var_store_items(&self.vs);
         items.push(StateItem::replicated("method.epoch_calls", self.counts.shallow_clone()));
@@ -101,7 +114,7 @@ fn build_probe(vs: VarStore, spec: &Spec) -> Result<Box<dyn Method>> {
 }
 
 #[test]
-fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch() {
+fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch_and_its_sampling_draws_the_batches() {
     contrast_nn::registry::register_method(MethodEntry { spec: &ProbeSpec, build: build_probe }).unwrap();
     let fx = Fixture::new();
     let cfg = fx.config("probe", "ntxent", "method: {name: epoch_probe}\n");

@@ -17,12 +17,12 @@ use crate::augment::Augmenter;
 use crate::idx::Images;
 use crate::mix::MixConfig;
 use crate::rgb::{RgbAugParams, RgbAugmenter};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, Sampling};
 use crate::source::Source;
 use crate::text;
 use crate::DataError;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -252,7 +252,15 @@ pub struct PipelineConfig {
     /// Shuffle-BN: this view's rows are those of [`Sampler::shuffle_order`]
     /// (rank r gets the view of global rows `order[r·B..(r+1)·B]`); None: no shuffle.
     pub shuffle_view: Option<usize>,
+    /// Epochs whose batches wait for [`Pipeline::open_epoch`]: none is built
+    /// (prefetch stops at the epoch's first step) until the trainer has run the
+    /// method's start of that epoch and hands over the epoch's [`Sampling`].
+    /// Every other epoch is a uniform permutation, prefetched across the boundary.
+    pub gated_epochs: BTreeSet<usize>,
 }
+
+/// A step to build, with the sampling of its epoch.
+type Ticket = (usize, Arc<Sampling>);
 
 type Produced = (usize, Result<HostBatch, String>);
 
@@ -268,12 +276,17 @@ struct Buffers {
 
 /// The running pipeline; iterate it for batches in step order.
 pub struct Pipeline {
-    tickets: Option<Sender<usize>>,
+    tickets: Option<Sender<Ticket>>,
     results: Option<Receiver<Produced>>,
     pending: BTreeMap<usize, Result<HostBatch, String>>,
     next_step: usize,
     next_ticket: usize,
     end_step: usize,
+    prefetch: usize,
+    sampler: Sampler,
+    /// Epochs that wait for [`Pipeline::open_epoch`], and the samplings handed over.
+    gated: BTreeSet<usize>,
+    opened: BTreeMap<usize, Arc<Sampling>>,
     workers: Vec<JoinHandle<()>>,
     pool: Sender<Buffers>,
     allocated: Arc<AtomicUsize>,
@@ -306,7 +319,7 @@ impl Pipeline {
         let input = Arc::new(input);
         let bad = Arc::new(BadFiles::default());
         let prefetch = cfg.prefetch.max(1);
-        let (ticket_tx, ticket_rx) = unbounded::<usize>();
+        let (ticket_tx, ticket_rx) = unbounded::<Ticket>();
         let (result_tx, result_rx) = bounded::<Produced>(prefetch);
         // Room for every batch that can be alive at once: ready, being built, and held by the trainer.
         let (pool_tx, pool_rx) = bounded::<Buffers>(prefetch + cfg.workers.max(1) + 1);
@@ -342,23 +355,65 @@ impl Pipeline {
             next_step: cfg.start_step,
             next_ticket: cfg.start_step,
             end_step: cfg.end_step,
+            prefetch,
+            sampler,
+            gated: cfg.gated_epochs.clone(),
+            opened: BTreeMap::new(),
             workers,
             pool: pool_tx,
             allocated,
         };
-        for _ in 0..prefetch {
-            p.issue();
-        }
+        p.fill();
         Ok(p)
     }
 
-    fn issue(&mut self) {
-        if self.next_ticket < self.end_step {
+    /// The sampling of `epoch`, or None while it waits for [`Pipeline::open_epoch`].
+    fn sampling_of(&self, epoch: usize) -> Option<Arc<Sampling>> {
+        match self.gated.contains(&epoch) {
+            true => self.opened.get(&epoch).cloned(),
+            false => Some(Arc::new(Sampling::Uniform)),
+        }
+    }
+
+    /// Keep `prefetch` steps in flight or ready, up to the first step whose epoch waits.
+    fn fill(&mut self) {
+        let mut uniform: Option<(usize, Arc<Sampling>)> = None;
+        while self.next_ticket < self.end_step && self.next_ticket < self.next_step + self.prefetch {
+            let epoch = self.sampler.epoch_of(self.next_ticket);
+            let sampling = match &uniform {
+                Some((e, s)) if *e == epoch => s.clone(),
+                _ => match self.sampling_of(epoch) {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
+            uniform = Some((epoch, sampling.clone()));
             if let Some(t) = &self.tickets {
-                let _ = t.send(self.next_ticket);
+                let _ = t.send((self.next_ticket, sampling));
             }
             self.next_ticket += 1;
         }
+    }
+
+    /// Whether `epoch` still waits for [`Pipeline::open_epoch`].
+    pub fn waits_for(&self, epoch: usize) -> bool {
+        self.gated.contains(&epoch) && !self.opened.contains_key(&epoch)
+    }
+
+    /// Let the batches of a gated epoch be built, drawn by `sampling` (checked
+    /// against the training set). An epoch that is not gated, or was opened
+    /// already, is refused: some of its batches may have been built.
+    pub fn open_epoch(&mut self, epoch: usize, sampling: Sampling) -> Result<(), DataError> {
+        if !self.waits_for(epoch) {
+            return Err(DataError::Pipeline(format!(
+                "epoch {epoch} does not wait for a sampling (it is not gated, or was opened before)"
+            )));
+        }
+        sampling.check(self.sampler.dataset_len())?;
+        self.opened.retain(|&e, _| e + 1 >= epoch);
+        self.opened.insert(epoch, Arc::new(sampling));
+        self.fill();
+        Ok(())
     }
 
     /// Hand a consumed batch back: a worker refills its buffers for a later step.
@@ -387,6 +442,12 @@ impl Pipeline {
         if self.next_step >= self.end_step {
             return Next::Done;
         }
+        let epoch = self.sampler.epoch_of(self.next_step);
+        if self.waits_for(epoch) {
+            let why =
+                format!("step {} waits for epoch {epoch} to be opened (Pipeline::open_epoch)", self.next_step + 1);
+            return Next::Batch(Err(DataError::Pipeline(why)));
+        }
         let start = Instant::now();
         let got = loop {
             if let Some(b) = self.pending.remove(&self.next_step) {
@@ -402,7 +463,7 @@ impl Pipeline {
             }
         };
         self.next_step += 1;
-        self.issue();
+        self.fill();
         Next::Batch(got.map_err(DataError::Pipeline).map(|mut b| {
             b.wait = start.elapsed();
             b

@@ -16,6 +16,7 @@ fn layout(rank: usize, world_size: usize, global_batch: usize, workers: usize, e
         mode: Mode::Views,
         mix: None,
         shuffle_view: None,
+        gated_epochs: Default::default(),
     }
 }
 
@@ -46,6 +47,7 @@ fn run(world: usize, workers: usize, mode: Mode) -> Vec<Vec<HostBatch>> {
                 mode: mode.clone(),
                 mix: None,
                 shuffle_view: None,
+                gated_epochs: Default::default(),
             };
             Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
         })
@@ -183,6 +185,7 @@ fn run_files(
                 mode: Mode::Views,
                 mix: None,
                 shuffle_view: None,
+                gated_epochs: Default::default(),
             };
             let input = Input::Files {
                 source: src.clone(),
@@ -264,6 +267,7 @@ fn mixed_batches_are_identical_whatever_world_size() {
                     mode: Mode::Views,
                     mix: Some((MixConfig { kind, alpha: 1.0, group: 3 }, 1)),
                     shuffle_view: None,
+                    gated_epochs: Default::default(),
                 };
                 Pipeline::start(images(50), aug(), cfg).unwrap().map(|b| b.unwrap()).collect()
             })
@@ -361,4 +365,39 @@ fn multi_crop_views_have_their_own_sizes() {
     let lens: Vec<usize> = b.views.iter().map(Vec::len).collect();
     assert_eq!(lens, vec![4 * 3 * 256, 4 * 3 * 256, 4 * 3 * 64, 4 * 3 * 64, 4 * 3 * 64]);
     assert_ne!(b.views[2], b.views[3]);
+}
+
+#[test]
+fn a_gated_epoch_waits_for_its_sampling_and_draws_by_it_on_every_layout() {
+    // 50 items, global batch 12: 4 steps per epoch; epoch 1 waits, epochs 0 and 2 are uniform.
+    let even = Sampling::Weighted(Arc::new((0..50).map(|i| ((i + 1) % 2) as f64).collect()));
+    let global = |world: usize| -> Vec<Vec<usize>> {
+        let mut ranks: Vec<Vec<Vec<usize>>> = Vec::new();
+        for rank in 0..world {
+            let cfg = PipelineConfig { gated_epochs: [1].into(), prefetch: 3, ..layout(rank, world, 12, 2, 12) };
+            let mut p = Pipeline::start(images(50), aug(), cfg).unwrap();
+            let mut steps: Vec<Vec<usize>> = (0..4).map(|_| p.next_batch().unwrap().unwrap().indices).collect();
+            assert_eq!(p.next_ticket, 4, "prefetch stops at the gated epoch's first step");
+            let err = p.next_batch().unwrap().unwrap_err().to_string();
+            assert!(err.contains("step 5 waits for epoch 1"), "{err}");
+            assert!(p.open_epoch(2, Sampling::Uniform).is_err(), "epoch 2 is not gated");
+            let short = Sampling::Balanced(Arc::new(vec![0; 49]));
+            assert!(p.open_epoch(1, short).unwrap_err().to_string().contains("49 entries for 50"));
+            p.open_epoch(1, even.clone()).unwrap();
+            assert!(p.open_epoch(1, even.clone()).is_err(), "opened once");
+            steps.extend(p.map(|b| b.unwrap().indices));
+            ranks.push(steps);
+        }
+        (0..12).map(|t| ranks.iter().flat_map(|r| r[t].clone()).collect()).collect()
+    };
+    let one = global(1);
+    let sampler = Sampler::new(50, 12, 0).unwrap();
+    for (t, g) in one.iter().enumerate() {
+        let epoch = t / 4;
+        let order = sampler.order(epoch, if epoch == 1 { &even } else { &Sampling::Uniform });
+        assert_eq!(g, &sampler.global_batch_of(t, &order), "step {t}");
+        assert_eq!(epoch == 1, g.iter().all(|i| i % 2 == 0), "step {t}: {g:?}");
+    }
+    assert_eq!(global(2), one);
+    assert_eq!(global(3), one);
 }

@@ -6,7 +6,7 @@ use super::*;
 use crate::mix::{apply_mix, mix_plan};
 use crate::rgb::{decode, RgbAugmenter};
 use crate::rng::{key, sample_rng, Stream};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, Sampling};
 use crate::text;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -119,23 +119,24 @@ impl Worker {
     /// Build the batches of the steps that arrive on `tickets` until the pipeline
     /// is dropped. A panic while building becomes that batch's error (a bad
     /// sample never takes the worker down).
-    pub(super) fn serve(mut self, w: usize, tickets: Receiver<usize>, results: Sender<Produced>) {
+    pub(super) fn serve(mut self, w: usize, tickets: Receiver<Ticket>, results: Sender<Produced>) {
         // Its log lines (a skipped sample) carry the rank, as the main thread's do.
         let _rank = tracing::error_span!("rank", rank = self.cfg.rank).entered();
         let stall = stall_hook(self.cfg.rank);
-        while let Ok(step) = tickets.recv() {
+        while let Ok((step, sampling)) = tickets.recv() {
             if stall == Some(step + 1) {
                 // A read that never returns (a hung network filesystem), for the tests.
                 std::thread::sleep(Duration::from_secs(3600));
             }
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step))).unwrap_or_else(|e| {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(format!("worker data-{w} panicked on step {step}: {msg}"))
-            });
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build(step, &sampling)))
+                .unwrap_or_else(|e| {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("worker data-{w} panicked on step {step}: {msg}"))
+                });
             if results.send((step, out)).is_err() {
                 break;
             }
@@ -181,11 +182,12 @@ impl Worker {
         bad
     }
 
-    pub(super) fn build(&mut self, step: usize) -> Result<HostBatch, String> {
+    /// Build step `step`'s batch of this rank, its epoch drawn by `sampling`.
+    pub(super) fn build(&mut self, step: usize, sampling: &Sampling) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
         self.batch_bad.clear();
         if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            self.perm = Some((epoch, self.sampler.permutation(epoch)));
+            self.perm = Some((epoch, self.sampler.order(epoch, sampling)));
         }
         let perm = &self.perm.as_ref().unwrap().1;
         let global = self.sampler.global_batch_of(step, perm);

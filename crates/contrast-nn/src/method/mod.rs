@@ -40,6 +40,7 @@ use crate::optim::{named_params, Exclusions, Param};
 use crate::state::{var_store_items, StateItem};
 use crate::{NnError, Result};
 use contrast_config::{invalid, ConfigError, LossConfig, LossKind, MethodPlan, MethodSpec, ModelConfig, Settings};
+pub use contrast_data::Sampling;
 use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -93,7 +94,7 @@ pub struct EpochCtx<'a> {
     /// Global sums and gathers over the run's ranks.
     pub comm: &'a dyn GlobalSum,
     /// When the method asked for it ([`Method::wants_features`]): this rank's
-    /// L2-normalised features ([`Method::features`], eval mode) of the
+    /// L2-normalised features ([`Method::pass_features`], eval mode) of the
     /// un-augmented training set, laid out as `Layout::ItemSharded` lays items
     /// out (row j is item rank + j·P; `[item_rows, D]`; an item that cannot be
     /// read is logged and seen as a blank image). No rank holds the whole set.
@@ -193,6 +194,23 @@ pub trait Method {
         false
     }
 
+    /// Whether the batches of `epoch` wait for its [`Method::on_epoch`]: the
+    /// pipeline builds none of them (prefetch stops at the boundary) until it
+    /// ran and [`Method::sampling`] was asked. By default, the epochs that ask
+    /// for a feature pass; a method that samples gates the epochs it samples.
+    fn gates_epoch(&self, epoch: usize) -> bool {
+        self.wants_features(epoch)
+    }
+
+    /// How the current epoch draws its items (asked on gated epochs, after
+    /// `on_epoch` and after a resume): per-item weights or pseudo-classes over
+    /// the whole training set, equal on every rank, and a function of
+    /// checkpoint state only, so a resume draws the same batches. None: the
+    /// uniform permutation.
+    fn sampling(&self, _comm: &dyn GlobalSum) -> Result<Option<Sampling>> {
+        Ok(None)
+    }
+
     /// After the gradients are summed and before the optimiser steps: the
     /// method may leave parameters out of this step's update (SwAV's frozen
     /// prototypes) through `exclusions`, which keeps what it sets until it
@@ -223,6 +241,13 @@ pub trait Method {
     /// What evaluation embeds: the backbone's features `[B, embed_dim]` (eval mode).
     fn features(&self, images: &Tensor) -> Tensor {
         self.backbone().forward_t(images, false)
+    }
+
+    /// What the feature pass of [`EpochCtx::features`] embeds (eval mode, before
+    /// L2 normalisation): [`Method::features`] unless the method needs its own
+    /// embedding (InstDisc fills its bank with its projected unit vectors).
+    fn pass_features(&self, images: &Tensor) -> Tensor {
+        self.features(images)
     }
 
     /// Image embeddings in a shared image–text space (image–text methods).

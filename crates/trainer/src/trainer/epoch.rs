@@ -1,21 +1,52 @@
 //! The start of an epoch: the method's `on_epoch`, with a feature pass over the
-//! un-augmented training set when it asks for one. The pass splits the items
+//! un-augmented training set when it asks for one, then the epoch's sampling
+//! handed to the pipeline when the method gates the epoch (its batches are not
+//! built before, so they may depend on what `on_epoch` computed). The pass splits the items
 //! as `Layout::ItemSharded` does (item i on rank i mod P) and gathers nothing:
 //! each rank hands its method its own rows.
 
 use super::Trainer;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use contrast_comm::Collective;
+use contrast_data::Pipeline;
 use contrast_nn::method::EpochCtx;
-use contrast_nn::state::{item_indices, item_rows};
+use contrast_nn::state::item_indices;
+use std::collections::BTreeSet;
 use tch::{Kind, Tensor};
 
 /// Images per forward pass of the feature pass.
 const CHUNK: usize = 500;
 
 impl<C: Collective> Trainer<'_, C> {
+    /// Before the batch of step `step` (0-based) is asked for: when it opens an
+    /// epoch, run the method's start of it (every rank at the same step); when
+    /// the pipeline waits for that epoch (a gated epoch, or a resume into one),
+    /// hand it the method's sampling.
+    pub(super) fn prepare_epoch(&mut self, step: usize, pipeline: &mut Pipeline) -> Result<()> {
+        let epoch = self.sampler.epoch_of(step);
+        let context = || format!("epoch {epoch} starting at step {}", step + 1);
+        if self.progress.epoch != Some(epoch) {
+            self.start_epoch(epoch).with_context(context)?;
+        }
+        if pipeline.waits_for(epoch) {
+            let sampling = self.method.sampling(self.comm).with_context(context)?;
+            pipeline.open_epoch(epoch, sampling.unwrap_or_default()).with_context(context)?;
+        }
+        Ok(())
+    }
+
+    /// The epochs from `start_step` on whose batches wait for the method's start of the epoch.
+    pub fn gated_epochs(&self, start_step: usize) -> BTreeSet<usize> {
+        let steps = self.plan.steps;
+        let epochs = match start_step < steps {
+            true => self.sampler.epoch_of(start_step)..=self.sampler.epoch_of(steps - 1),
+            false => return BTreeSet::new(),
+        };
+        epochs.filter(|&e| self.method.gates_epoch(e)).collect()
+    }
+
     /// Run the method's start of `epoch` (every rank at the same step).
-    pub(super) fn start_epoch(&mut self, epoch: usize) -> Result<()> {
+    fn start_epoch(&mut self, epoch: usize) -> Result<()> {
         let features = match self.method.wants_features(epoch) {
             true => Some(self.feature_pass()?),
             false => None,
@@ -49,13 +80,15 @@ impl<C: Collective> Trainer<'_, C> {
                     // An unreadable item (logged by the set) is a blank image; its label is no guide
                     // (a caption CSV has none), so nothing else marks it.
                     let (x, _labels) = set.batch_of(which, device);
-                    contrast_nn::loss::l2_normalize(&method.features(&x).to_kind(Kind::Float))
+                    contrast_nn::loss::l2_normalize(&method.pass_features(&x).to_kind(Kind::Float))
                 })
                 .collect()
         });
-        let dim = self.method.backbone().out_dim();
         Ok(match parts.is_empty() {
-            true => Tensor::zeros([item_rows(n, rank, p) as i64, dim], (Kind::Float, device)),
+            // A rank with no item (fewer items than ranks): no rows, of the width one image gives.
+            true => tch::no_grad(|| {
+                method.pass_features(&set.batch_of(&[0], device).0).narrow(0, 0, 0).to_kind(Kind::Float)
+            }),
             false => Tensor::cat(&parts, 0),
         })
     }

@@ -18,6 +18,10 @@ impl<C: Collective> Trainer<'_, C> {
         }
         loop {
             let done = self.progress.start_step + self.progress.trained_steps;
+            if done < self.plan.steps {
+                watchdog::enter(Phase::EpochStart, done);
+                self.prepare_epoch(done, &mut pipeline)?;
+            }
             watchdog::enter(Phase::DataWait, done);
             // A stop signal while this rank waits for data is acted on within 100 ms.
             let next = pipeline.next_batch_or(|| crate::signals::received().is_some());

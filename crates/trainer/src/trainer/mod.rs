@@ -318,10 +318,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         let t0 = Instant::now();
         let mem0 = crate::alloc::ProcessCounters::now();
         let (step, wait, bad) = (batch.step, batch.wait, std::mem::take(&mut batch.bad));
-        if self.progress.epoch != Some(batch.epoch) {
-            let epoch = batch.epoch;
-            self.start_epoch(epoch).with_context(|| format!("epoch {epoch} starting at step {}", step + 1))?;
-        }
+        debug_assert_eq!(self.progress.epoch, Some(batch.epoch), "the epoch started before its first batch");
         let lr = self.schedule.lr(step);
         let inputs = self.tensors(&mut batch);
         // The tensors own copies: the host buffers go back to the pipeline for a later step.
