@@ -1,6 +1,6 @@
 //! The commands besides training: `trainer eval`, `embed`, `export` and `config`.
 
-use crate::{build_method, checkpoint, collective_command, data, eval, load_plan, resolve_device, rundir, trainer};
+use crate::{build_method, checkpoint, collective_command, data, load_plan, resolve_device, rundir, trainer};
 use anyhow::{Context, Result};
 use contrast_comm::{Collective, Comm};
 use contrast_config::Plan;
@@ -81,15 +81,15 @@ pub fn config_command(path: &Path, overrides: &[String], print: bool) -> Result<
 }
 
 /// A checkpoint's model, loaded on every rank, with what it runs with.
-struct Checkpointed {
-    method: Box<dyn Method>,
-    device: Device,
-    tokenizer: Arc<Tokenizer>,
-    loaded: checkpoint::Loaded,
+pub(crate) struct Checkpointed {
+    pub(crate) method: Box<dyn Method>,
+    pub(crate) device: Device,
+    pub(crate) tokenizer: Arc<Tokenizer>,
+    pub(crate) loaded: checkpoint::Loaded,
 }
 
 /// Build the plan's method and load `ckpt`'s weights into it (rank 0 reads, every rank gets them).
-fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpointed> {
+pub(crate) fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpointed> {
     tch::set_num_threads(plan.threads as i32);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
     let tokenizer = data::tokenizer(plan)?;
@@ -98,42 +98,6 @@ fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpoint
     let loaded = checkpoint::load(comm, find, |_| Ok(()), &method.state(), None)?.context("no checkpoint")?;
     method.load_state(&loaded.model, comm.rank(), comm.world_size())?;
     Ok(Checkpointed { method, device, tokenizer, loaded })
-}
-
-/// `trainer embed --checkpoint DIR --out FILE [--split test]`: the L2-normalised
-/// backbone features of every image of a split, their labels (−1: none or
-/// unreadable) and source names, as one safetensors file (`embeddings` `[n, D]`
-/// f32, `labels` `[n]` i64; the names as a JSON list under the header's
-/// `paths` metadata). Features are computed in slices across ranks.
-pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
-    collective_command(|comm| embed(comm, path, overrides, ckpt, out, test))
-}
-
-fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
-    refuse_inside_checkpoint(out)?;
-    let plan = load_plan(comm, path, overrides)?;
-    let m = load_checkpointed(comm, &plan, ckpt)?;
-    let (set, name) = data::embed_set(&plan, test)?;
-    let dim = m.method.backbone().out_dim();
-    let (x, labels) = eval::features(comm, &set, m.device, dim, |x| m.method.features(x));
-    if comm.rank() != 0 {
-        return Ok(());
-    }
-    let paths: Vec<String> = (0..set.len()).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();
-    let rows = contrast_nn::to_host::<f32>(&x);
-    let as_bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let (xb, lb) = (as_bytes(&rows), labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
-    use safetensors::tensor::{Dtype, TensorView};
-    let n = labels.len();
-    let views = [
-        ("embeddings", TensorView::new(Dtype::F32, vec![n, dim as usize], &xb)?),
-        ("labels", TensorView::new(Dtype::I64, vec![n], &lb)?),
-    ];
-    let meta = [("paths".to_string(), serde_json::to_string(&paths)?)].into_iter().collect();
-    safetensors::tensor::serialize_to_file(views, &Some(meta), out)
-        .with_context(|| format!("writing {}", out.display()))?;
-    tracing::info!("embedded {n} images of {} into {}", m.loaded.dir.display(), out.display());
-    Ok(())
 }
 
 /// `trainer eval --config FILE --checkpoint DIR`: print the evaluation as JSON.
@@ -167,7 +131,7 @@ fn eval(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path) -> Result<(
 /// Refuse an output path inside a checkpoint directory (`step-<N>/`, `best/`,
 /// or any directory holding a `state.json`): a file written there would change
 /// what a resume or an evaluation of that checkpoint reads.
-fn refuse_inside_checkpoint(out: &Path) -> Result<()> {
+pub(crate) fn refuse_inside_checkpoint(out: &Path) -> Result<()> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let Ok(parent) = parent.canonicalize() else { return Ok(()) };
     for dir in parent.ancestors() {

@@ -12,6 +12,7 @@ pub mod alloc;
 pub mod checkpoint;
 mod commands;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod host;
 pub mod metrics;
@@ -39,7 +40,8 @@ use std::path::Path;
 use tch::Device;
 use trainer::{Parts, Trainer};
 
-pub use commands::{config_command, embed_command, eval_command, export_command};
+pub use commands::{config_command, eval_command, export_command};
+pub use embed::embed_command;
 
 /// What `summary.json` holds (flat keys; accuracies are fractions in [0, 1]).
 #[derive(Debug, Clone, Serialize, Default)]

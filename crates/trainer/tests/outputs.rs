@@ -257,21 +257,55 @@ fn the_best_checkpoint_is_kept_and_models_export_and_embed() {
         let diff = (t.to_kind(tch::Kind::Float) - w).abs().max().double_value(&[]);
         assert!(diff <= 1e-2 * w.abs().max().double_value(&[]).max(1e-3), "{name} moved by {diff}");
     }
-    // Embed the test split: the same on 1 and 2 ranks, with labels and source names.
-    let (one, two) = (fx.path("emb1.safetensors"), fx.path("emb2.safetensors"));
-    for (np, f) in [(0, &one), (2, &two)] {
+    embed_writes_one_file_per_rank_that_concatenate_to_one_ranks(&fx, &run_dir);
+}
+
+/// `trainer embed` of the test split on 1 rank (one file) and on 2 ranks (one
+/// part per rank and an index): the parts concatenate to the one file, with
+/// labels and source names; a rerun with another rank count removes the other
+/// run's files under that name.
+fn embed_writes_one_file_per_rank_that_concatenate_to_one_ranks(fx: &Fixture, run_dir: &std::path::Path) {
+    let embed = |np: usize, f: &std::path::Path| {
         let a = ["embed", "--checkpoint", run_dir.to_str().unwrap(), "--out", f.to_str().unwrap(), "--split", "test"];
         ok(run(np, &a, &[]));
-    }
-    let (a, b) = (Tensor::read_safetensors(&one).unwrap(), Tensor::read_safetensors(&two).unwrap());
-    let get = |v: &[(String, Tensor)], n: &str| v.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
-    assert_eq!(get(&a, "embeddings").size(), vec![60, 32]);
-    assert!((get(&a, "embeddings") - get(&b, "embeddings")).abs().max().double_value(&[]) < 1e-5);
-    let labels: Vec<i64> = Vec::try_from(get(&a, "labels")).unwrap();
+    };
+    let get = |f: &std::path::Path, n: &str| {
+        Tensor::read_safetensors(f).unwrap().into_iter().find(|(k, _)| k == n).unwrap().1
+    };
+    let paths_of = |f: &std::path::Path| -> Vec<String> {
+        serde_json::from_str(safetensors_metadata(f)["paths"].as_str().unwrap()).unwrap()
+    };
+    let (one, two) = (fx.path("emb1.safetensors"), fx.path("emb2.safetensors"));
+    embed(0, &one);
+    embed(2, &two);
+    assert_eq!(get(&one, "embeddings").size(), vec![60, 32]);
+    let labels: Vec<i64> = Vec::try_from(get(&one, "labels")).unwrap();
     assert_eq!(labels, (0..60).map(|i| i % 10).collect::<Vec<i64>>());
-    let paths: Vec<String> = serde_json::from_str(safetensors_metadata(&one)["paths"].as_str().unwrap()).unwrap();
+    let paths = paths_of(&one);
     assert_eq!(paths.len(), 60);
     assert!(paths[7].ends_with("t10k-images-idx3-ubyte#7"), "{}", paths[7]);
+    // Two ranks: two parts of 30 rows, listed by the index; no file under the name itself.
+    assert!(!two.exists());
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.path("emb2.safetensors.index.json")).unwrap()).unwrap();
+    assert_eq!((index["rows"].as_u64(), index["dim"].as_u64()), (Some(60), Some(32)));
+    let parts: Vec<std::path::PathBuf> =
+        index["parts"].as_array().unwrap().iter().map(|p| fx.path(p["file"].as_str().unwrap())).collect();
+    assert_eq!(parts, [fx.path("emb2-00001-of-00002.safetensors"), fx.path("emb2-00002-of-00002.safetensors")]);
+    assert_eq!(index["parts"][1]["first_row"].as_u64(), Some(30));
+    assert_eq!(safetensors_metadata(&parts[1])["first_row"].as_str(), Some("30"));
+    let joined = Tensor::cat(&[get(&parts[0], "embeddings"), get(&parts[1], "embeddings")], 0);
+    assert!((joined - get(&one, "embeddings")).abs().max().double_value(&[]) < 1e-5);
+    let labels2: Vec<i64> =
+        Vec::try_from(Tensor::cat(&[get(&parts[0], "labels"), get(&parts[1], "labels")], 0)).unwrap();
+    assert_eq!(labels2, labels);
+    assert_eq!([paths_of(&parts[0]), paths_of(&parts[1])].concat(), paths);
+    // A rerun under the same name with one rank leaves one file, and the parts and index go.
+    embed(0, &two);
+    assert!(two.exists() && !parts[0].exists() && !parts[1].exists());
+    assert!(!fx.path("emb2.safetensors.index.json").exists());
+    let left: Vec<_> = std::fs::read_dir(fx.path("")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().contains(".partial")), "{left:?}");
 }
 
 #[test]

@@ -174,9 +174,14 @@ pub enum ViewAug {
 
 /// Rows `[lo, hi)` of `n` that rank r handles when n is split in P near-equal slices.
 fn slice_of<C: Collective>(comm: &C, n: usize) -> (usize, usize, usize) {
-    let per = n.div_ceil(comm.world_size());
-    let lo = (comm.rank() * per).min(n);
-    (lo, (lo + per).min(n), per)
+    let (lo, hi) = slice_bounds(n, comm.rank(), comm.world_size());
+    (lo, hi, n.div_ceil(comm.world_size()))
+}
+
+/// Rows `[lo, hi)` of rank `rank` of `p` over `n` rows: ⌈n/P⌉ each, the last ranks fewer.
+pub fn slice_bounds(n: usize, rank: usize, p: usize) -> (usize, usize) {
+    let per = n.div_ceil(p.max(1));
+    ((rank * per).min(n), ((rank + 1) * per).min(n))
 }
 
 /// Features and labels of every image, computed in slices across ranks and

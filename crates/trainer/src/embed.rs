@@ -1,0 +1,165 @@
+//! `trainer embed`: the L2-normalised backbone features of every image of a
+//! split, written by the ranks in parts, so that no rank holds the whole set.
+//!
+//! Rank r of P embeds the contiguous rows `[lo_r, hi_r)` (the evaluation's
+//! slices) and writes them itself:
+//! - one rank: `--out FILE` holds every row;
+//! - P ranks: `STEM-0000r-of-0000P.EXT` next to `FILE` (1-based, as sharded
+//!   safetensors checkpoints are named), and rank 0 writes `FILE.index.json`:
+//!   `{"rows": n, "dim": D, "parts": [{"file", "first_row", "rows"}, …]}`.
+//!   Concatenating the parts in order gives the rows of one rank's `FILE`.
+//!
+//! Each file holds `embeddings` `[rows, D]` f32 and `labels` `[rows]` i64 (−1:
+//! none, or unreadable), and in its header metadata the rows' source names
+//! (`paths`, a JSON list), `first_row` and `rows_total`. Every file is written
+//! to a temporary name and renamed, so a killed job leaves no half-written
+//! part under a final name. A rerun into the same name removes the files of an
+//! earlier run with another rank count (its parts, its index, or its single
+//! file), so that no stale part can be read with the new ones.
+
+use crate::commands::{load_checkpointed, refuse_inside_checkpoint};
+use crate::{collective_command, data, eval, load_plan};
+use anyhow::{bail, Context, Result};
+use contrast_comm::{Collective, Comm};
+use std::path::{Path, PathBuf};
+
+/// `trainer embed --checkpoint DIR --out FILE [--split test]` (see the module doc).
+pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
+    collective_command(|comm| embed(comm, path, overrides, ckpt, out, test))
+}
+
+fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
+    refuse_inside_checkpoint(out)?;
+    let plan = load_plan(comm, path, overrides)?;
+    let m = load_checkpointed(comm, &plan, ckpt)?;
+    let (set, name) = data::embed_set(&plan, test)?;
+    let dim = m.method.backbone().out_dim();
+    let (x, labels, (lo, hi, _)) = eval::local_features(comm, &set, m.device, dim, |x| m.method.features(x));
+    let (rank, parts, n) = (comm.rank(), comm.world_size(), set.len());
+    let file = part_path(out, rank, parts);
+    let paths: Vec<String> = (lo..hi).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();
+    let written = write_part(&file, &contrast_nn::to_host::<f32>(&x), &labels, dim as usize, &paths, lo, n);
+    // Every rank learns whether every part was written before rank 0 names them in the index.
+    let mut failed = [written.is_err() as u8 as f64];
+    comm.all_reduce_sum(&mut failed);
+    written?;
+    if failed[0] > 0.0 {
+        bail!("{} rank(s) could not write their part of {} (their errors say why)", failed[0], out.display());
+    }
+    if rank == 0 {
+        let bounds: Vec<(usize, usize)> = (0..parts).map(|r| eval::slice_bounds(n, r, parts)).collect();
+        finish(out, parts, &bounds, n, dim as usize)?;
+        let what =
+            if parts == 1 { String::new() } else { format!(" in {parts} parts (index {})", index_path(out).display()) };
+        tracing::info!("embedded {n} images of {} into {}{what}", m.loaded.dir.display(), out.display());
+    }
+    Ok(())
+}
+
+/// The file rank `rank` of `parts` writes: `out` itself for one rank.
+pub fn part_path(out: &Path, rank: usize, parts: usize) -> PathBuf {
+    if parts == 1 {
+        return out.to_path_buf();
+    }
+    let (stem, ext) = stem_and_ext(out);
+    out.with_file_name(format!("{stem}-{:05}-of-{parts:05}{ext}", rank + 1))
+}
+
+/// `FILE.index.json`, which lists the parts of a run with several ranks.
+pub fn index_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".index.json");
+    out.with_file_name(name)
+}
+
+/// The file name of `out` split as `emb` and `.safetensors`.
+fn stem_and_ext(out: &Path) -> (String, String) {
+    let stem = out.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    let ext = out.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    (stem, ext)
+}
+
+/// Write one part (to a temporary name, then renamed).
+fn write_part(
+    file: &Path,
+    rows: &[f32],
+    labels: &[i64],
+    dim: usize,
+    paths: &[String],
+    lo: usize,
+    n: usize,
+) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let as_bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let (xb, lb) = (as_bytes(rows), labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+    let views = [
+        ("embeddings", TensorView::new(Dtype::F32, vec![labels.len(), dim], &xb)?),
+        ("labels", TensorView::new(Dtype::I64, vec![labels.len()], &lb)?),
+    ];
+    let meta = [
+        ("paths".to_string(), serde_json::to_string(paths)?),
+        ("first_row".to_string(), lo.to_string()),
+        ("rows_total".to_string(), n.to_string()),
+    ];
+    let tmp = with_suffix(file, ".partial");
+    safetensors::tensor::serialize_to_file(views, &Some(meta.into_iter().collect()), &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("renaming {} to {}", tmp.display(), file.display()))
+}
+
+fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    file.with_file_name(name)
+}
+
+/// Rank 0, once every part is written: remove an earlier run's files of
+/// another rank count, and write the index (several ranks).
+fn finish(out: &Path, parts: usize, bounds: &[(usize, usize)], n: usize, dim: usize) -> Result<()> {
+    let keep: Vec<PathBuf> = (0..parts).map(|r| part_path(out, r, parts)).collect();
+    for stale in stale_files(out, &keep)? {
+        tracing::warn!("removing {} (an earlier embed's output under the same name)", stale.display());
+        std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+    }
+    if parts == 1 {
+        return Ok(());
+    }
+    let files: Vec<serde_json::Value> = keep
+        .iter()
+        .zip(bounds)
+        .map(|(f, (lo, hi))| {
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            serde_json::json!({ "file": name, "first_row": lo, "rows": hi - lo })
+        })
+        .collect();
+    let index = serde_json::json!({ "rows": n, "dim": dim, "parts": files });
+    let (path, tmp) = (index_path(out), with_suffix(&index_path(out), ".partial"));
+    std::fs::write(&tmp, serde_json::to_string_pretty(&index)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// The files next to `out` that an embed into `out` with another rank count
+/// wrote: `out` itself, its index, and parts `STEM-NNNNN-of-NNNNN.EXT`, less `keep`.
+fn stale_files(out: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (stem, ext) = stem_and_ext(out);
+    let is_part = |name: &str| {
+        let Some(rest) = name.strip_prefix(&format!("{stem}-")).and_then(|r| r.strip_suffix(ext.as_str())) else {
+            return false;
+        };
+        let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+        rest.split_once("-of-").is_some_and(|(a, b)| digits(a) && digits(b))
+    };
+    let mut stale = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let ours = is_part(&name) || path == out || path == index_path(out);
+        if ours && path.is_file() && !keep.contains(&path) {
+            stale.push(path);
+        }
+    }
+    stale.sort();
+    Ok(stale)
+}
