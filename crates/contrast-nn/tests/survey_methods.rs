@@ -8,7 +8,7 @@ use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
 use contrast_config::{LossKind, MethodPlan, Norm};
 use contrast_nn::loss::Shard;
-use contrast_nn::method::{build, Batch, Spec, StepInfo};
+use contrast_nn::method::{build, Batch, EpochCtx, Spec, StepInfo};
 use contrast_nn::optim::{Optimizer, OptimizerKind};
 use contrast_nn::GlobalBatch;
 use std::collections::HashMap;
@@ -190,6 +190,25 @@ fn instdisc_bank_is_exact_across_ranks_and_resumes_onto_another_world_size() {
         let norm: f64 = (0..6).map(|j| b1.data[i * 6 + j].powi(2)).sum::<f64>().sqrt();
         assert!((norm - 1.0).abs() < 1e-12, "bank rows stay unit vectors");
     }
+}
+
+#[test]
+fn instdisc_bank_can_start_from_the_feature_pass() {
+    let case = Case { keys: |m| set_key(m, "bank_init", "features"), ..INSTDISC };
+    let mut m = build(&case.spec(2, 1)).unwrap();
+    assert!(m.wants_features(0) && !m.wants_features(1), "a feature pass before the first epoch only");
+    let x = Tensor::randn([3, 1, SIDE, SIDE], (Kind::Double, tch::Device::Cpu));
+    assert_eq!(m.pass_features(&x).size(), [3, 6], "the pass embeds the bank's unit vectors");
+    // Rank 1 of 2 holds items 1, 3, …, 21: 11 rows.
+    let rows = contrast_nn::loss::l2_normalize(&Tensor::randn([11, 6], (Kind::Double, tch::Device::Cpu)));
+    let mut ctx = EpochCtx { epoch: 0, rank: 1, world_size: 2, comm: &Solo, features: Some(rows.shallow_clone()) };
+    m.on_epoch(&mut ctx).unwrap();
+    let bank = m.state().into_iter().find(|i| i.name == "method.bank").unwrap().tensor;
+    assert_eq!(Host::of(&bank).data, Host::of(&rows).data);
+    let wrong = Tensor::zeros([10, 6], (Kind::Double, tch::Device::Cpu));
+    let mut ctx = EpochCtx { epoch: 0, rank: 1, world_size: 2, comm: &Solo, features: Some(wrong) };
+    let err = m.on_epoch(&mut ctx).err().unwrap().to_string();
+    assert!(err.contains("the feature pass gave [10, 6] rows for a bank shard of [11, 6]"), "{err}");
 }
 
 /// Wu et al.'s loss for one step, transcribed from `lemniscate.pytorch`

@@ -52,9 +52,16 @@ fn shipped_configs_reproduce_the_recorded_losses() {
 fn shipped_method_configs_train() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let dir = tempfile::tempdir().unwrap();
-    for (config, state) in
-        [("mocov2", "method.queue"), ("byol", "momentum.projector.fc1.weight"), ("simsiam", "predictor.fc1.weight")]
-    {
+    for (config, state) in [
+        ("mocov2", "method.queue"),
+        ("byol", "momentum.projector.fc1.weight"),
+        ("simsiam", "predictor.fc1.weight"),
+        ("mochi", "method.queue"),
+        ("supcon", "head.fc2.weight"),
+        ("barlow_twins", "projector.fc3.weight"),
+        ("swav", "prototypes.weight"),
+        ("instdisc", "method.bank"),
+    ] {
         let run_dir = dir.path().join(config);
         let cfg = root.join(format!("configs/{config}.yaml"));
         let sets = [

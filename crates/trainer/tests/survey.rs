@@ -7,7 +7,7 @@ use crate::common::*;
 
 /// (run name, loss, extra YAML) of each method; the fixture's config with its keys.
 const METHODS: [(&str, &str, &str); 4] = [
-    ("instdisc", "bank_nce", "method: {name: instdisc, negatives: 16, proximal: 0.5}\n"),
+    ("instdisc", "bank_nce", "method: {name: instdisc, negatives: 16, proximal: 0.5, bank_init: features}\n"),
     ("barlow_twins", "barlow_twins", "method: {name: barlow_twins}\n"),
     ("swav", "swav", "method: {name: swav, prototypes: 6, freeze_prototypes_steps: 1, queue_size: 16}\n"),
     (

@@ -24,7 +24,7 @@
 //! from the step's gathered, detached features (`method.momentum`, 0.5 in the
 //! reference). Queries use the first view only.
 
-use super::{check_momentum, set_kind, settings, Batch, Method, MethodEntry, Share, Spec, StepInfo};
+use super::{check_momentum, set_kind, settings, Batch, EpochCtx, Method, MethodEntry, Share, Spec, StepInfo};
 use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
 use crate::loss::{l2_normalize, Ctx, GlobalSum};
@@ -47,11 +47,24 @@ pub struct InstDiscKeys {
     pub momentum: f64,
     /// Weight λ of the proximal term λ‖v − m‖² (0: off; the paper's proximal runs use 30).
     pub proximal: f64,
+    /// What the bank holds before the first step.
+    pub bank_init: BankInit,
+}
+
+/// The bank's starting rows (`method.bank_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BankInit {
+    /// One random unit vector per item, from (seed, item) alone (the reference's start).
+    Random,
+    /// The untrained network's own unit embedding of each item (the
+    /// un-augmented image), from a feature pass before the first step.
+    Features,
 }
 
 impl Default for InstDiscKeys {
     fn default() -> Self {
-        Self { negatives: 4096, momentum: 0.5, proximal: 0.0 }
+        Self { negatives: 4096, momentum: 0.5, proximal: 0.0, bank_init: BankInit::Random }
     }
 }
 
@@ -138,7 +151,10 @@ impl MethodSpec for InstDiscSpec {
             }
             None => String::new(),
         };
-        format!(" method=InstDisc negatives={} momentum={} proximal={}{bank}", k.negatives, k.momentum, k.proximal)
+        format!(
+            " method=InstDisc negatives={} momentum={} proximal={} bank_init={:?}{bank}",
+            k.negatives, k.momentum, k.proximal, k.bank_init
+        )
     }
 
     fn negatives_per_anchor(&self, settings: &Settings, _run: &RunInfo) -> Option<usize> {
@@ -292,6 +308,29 @@ impl Method for InstDisc {
         }
         *self.pending.borrow_mut() = Some((items, v.detach()));
         Ok(Share { loss, monitor: Some(g.towers[0].shallow_clone()) })
+    }
+
+    fn wants_features(&self, epoch: usize) -> bool {
+        epoch == 0 && self.keys.bank_init == BankInit::Features
+    }
+
+    fn pass_features(&self, images: &Tensor) -> Tensor {
+        self.backbone.forward_t(images, false).apply(&self.head)
+    }
+
+    /// With `bank_init: features`, the bank starts as the feature pass's rows
+    /// (this rank's items, in the bank's own item-sharded order).
+    fn on_epoch(&mut self, ctx: &mut EpochCtx) -> Result<()> {
+        let (Some(rows), Some((_, bank))) = (ctx.features.take(), self.bank.as_mut()) else { return Ok(()) };
+        if rows.size() != bank.size() {
+            return Err(NnError::Shape(format!(
+                "InstDisc: the feature pass gave {:?} rows for a bank shard of {:?}",
+                rows.size(),
+                bank.size()
+            )));
+        }
+        tch::no_grad(|| bank.copy_(&rows));
+        Ok(())
     }
 
     fn after_step(&mut self, _info: &StepInfo, _comm: &dyn GlobalSum) -> Result<()> {

@@ -18,7 +18,7 @@
 //! (the plan line states its bytes). The synthetic logits of a rank's own
 //! queries join its share through [`ShardedQueue::infonce_share_with`].
 
-use crate::loss::{l2_normalize, Ctx};
+use crate::loss::Ctx;
 use crate::queue::ShardedQueue;
 use crate::Result;
 use tch::{Kind, Tensor};
@@ -148,22 +148,20 @@ impl Mochi {
         let (b, off) = (shard.local_batch, shard.offset());
         let own = table.narrow(0, off as i64, b as i64).to_kind(qn.kind());
         let q_own = qn.narrow(0, off as i64, b as i64);
-        let mut logits = Vec::with_capacity(b);
-        for (r, plan) in plans[off..off + b].iter().enumerate() {
-            let rows = own.get(r as i64);
-            let mut synth = Vec::with_capacity(plan.pairs.len() + plan.query.len());
-            for (k, &(_, _, alpha)) in plan.pairs.iter().enumerate() {
-                synth.push(rows.get(2 * k as i64) * alpha + rows.get(2 * k as i64 + 1) * (1.0 - alpha));
-            }
-            let base = 2 * plan.pairs.len() as i64;
-            let q = q_own.get(r as i64).detach();
-            for (k, &(_, beta)) in plan.query.iter().enumerate() {
-                synth.push(&q * beta + rows.get(base + k as i64) * (1.0 - beta));
-            }
-            let h = l2_normalize(&Tensor::stack(&synth, 0)).detach();
-            logits.push(h.matmul(&q_own.get(r as i64)) / t);
-        }
-        Ok(Tensor::stack(&logits, 0))
+        let (mn, mq) = (self.mix_negatives as i64, self.mix_query as i64);
+        // Every own query at once: [B, mix_negatives] α and [B, mix_query] β, as the plans drew them.
+        let coef = |f: &dyn Fn(&RowPlan) -> Vec<f64>, k: i64| {
+            let v: Vec<f64> = plans[off..off + b].iter().flat_map(f).collect();
+            Tensor::from_slice(&v).view([b as i64, k, 1]).to_kind(qn.kind()).to_device(qn.device())
+        };
+        let alpha = coef(&|p| p.pairs.iter().map(|x| x.2).collect(), mn);
+        let beta = coef(&|p| p.query.iter().map(|x| x.1).collect(), mq);
+        let pairs = own.narrow(1, 0, 2 * mn).view([b as i64, mn, 2, d]);
+        let mixed_pairs = pairs.select(2, 0) * &alpha + pairs.select(2, 1) * (1.0 - &alpha);
+        let q = q_own.detach().unsqueeze(1);
+        let mixed_query = &q * &beta + own.narrow(1, 2 * mn, mq) * (1.0 - &beta);
+        let h = l2_normalize_last(&Tensor::cat(&[mixed_pairs, mixed_query], 1)).detach(); // [B, M', d]
+        Ok(h.matmul(&q_own.unsqueeze(2)).squeeze_dim(2) / t)
     }
 
     /// The queue rows `wanted` (canonical ids) as a `[len, d]` f64 table on every
@@ -187,4 +185,11 @@ impl Mochi {
         ctx.reduce.sum(&mut table);
         Tensor::from_slice(&table).view([wanted.len() as i64, d as i64]).to_device(queue.shard().device())
     }
+}
+
+/// L2 normalisation of the last dimension (as `l2_normalize` does for rows).
+fn l2_normalize_last(x: &Tensor) -> Tensor {
+    let shape = x.size();
+    let d = *shape.last().expect("a vector dimension");
+    crate::loss::l2_normalize(&x.reshape([-1, d])).view(shape.as_slice())
 }
