@@ -25,6 +25,16 @@ pub enum Sampling {
 }
 
 impl Sampling {
+    /// A hash of the sampling, so that ranks can check they hold the same one.
+    pub fn fingerprint(&self) -> u64 {
+        let (tag, bytes): (&[u8], Vec<u8>) = match self {
+            Sampling::Uniform => (b"uniform", Vec::new()),
+            Sampling::Weighted(w) => (b"weighted", w.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Sampling::Balanced(c) => (b"balanced", c.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        };
+        crate::fingerprint([tag, &bytes[..]])
+    }
+
     /// Check the sampling against a training set of `len` items; the error
     /// says what is wrong (length, a bad weight, all weights zero).
     pub fn check(&self, len: usize) -> Result<(), DataError> {

@@ -19,11 +19,12 @@ use contrast_nn::Result;
 use tch::nn::VarStore;
 use tch::Tensor;
 
-struct ProbeSpec;
+/// The probe, under its name; `skewed_probe` hands rank 1 a sampling of its own.
+struct ProbeSpec(&'static str);
 
 impl MethodSpec for ProbeSpec {
     fn name(&self) -> &'static str {
-        "epoch_probe"
+        self.0
     }
     fn defaults(&self) -> Settings {
         Settings::default()
@@ -38,7 +39,7 @@ impl MethodSpec for ProbeSpec {
         Ok(())
     }
     fn describe(&self, _settings: &Settings, _run: &RunInfo) -> String {
-        " method=epoch_probe".into()
+        format!(" method={}", self.0)
     }
 }
 
@@ -50,6 +51,8 @@ struct Probe {
     /// The last feature pass: this rank's rows, item-sharded.
     features: Tensor,
     items: usize,
+    /// Whether this rank's sampling differs from the others' (a broken method).
+    skewed: bool,
 }
 
 impl Method for Probe {
@@ -90,7 +93,7 @@ impl Method for Probe {
     }
     fn sampling(&self, _comm: &dyn GlobalSum) -> Result<Option<Sampling>> {
         let epoch = self.counts.double_value(&[1]) as usize;
-        let weights = (0..self.items).map(|i| (i % 3 == epoch % 3) as u8 as f64).collect();
+        let weights = (0..self.items).map(|i| (i % 3 == epoch % 3 || self.skewed) as u8 as f64).collect();
         Ok((epoch > 0).then(|| Sampling::Weighted(std::sync::Arc::new(weights))))
     }
     fn state(&self) -> Vec<StateItem> {
@@ -106,16 +109,20 @@ impl Method for Probe {
 }
 
 fn build_probe(vs: VarStore, spec: &Spec) -> Result<Box<dyn Method>> {
+    let skewed = spec.method.name == "skewed_probe" && spec.shard.rank == 1;
     let backbone = encoder::build(&(&vs.root() / "backbone"), spec)?;
     let items = spec.items.expect("training knows its items");
     let rows = contrast_nn::state::item_rows(items, spec.shard.rank, spec.shard.world_size) as i64;
     let features = Tensor::zeros([rows, backbone.out_dim()], (tch::Kind::Float, tch::Device::Cpu));
-    Ok(Box::new(Probe { vs, backbone, counts: Tensor::from_slice(&[0.0f64, -1.0]), features, items }))
+    Ok(Box::new(Probe { vs, backbone, counts: Tensor::from_slice(&[0.0f64, -1.0]), features, items, skewed }))
 }
 
 #[test]
 fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch_and_its_sampling_draws_the_batches() {
-    contrast_nn::registry::register_method(MethodEntry { spec: &ProbeSpec, build: build_probe }).unwrap();
+    contrast_nn::registry::register_method(MethodEntry { spec: &ProbeSpec("epoch_probe"), build: build_probe })
+        .unwrap();
+    contrast_nn::registry::register_method(MethodEntry { spec: &ProbeSpec("skewed_probe"), build: build_probe })
+        .unwrap();
     let fx = Fixture::new();
     let cfg = fx.config("probe", "ntxent", "method: {name: epoch_probe}\n");
     let yaml = std::fs::read_to_string(&cfg).unwrap().replace(", proj_hidden: 16", "").replace("proj_dim: 8, ", "");
@@ -150,6 +157,22 @@ fn on_epoch_runs_once_per_epoch_and_not_again_when_a_resume_lands_mid_epoch_and_
     for row in one.chunks(32) {
         assert!((row.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-4, "unit rows");
     }
+    // A method whose ranks hand over different samplings is stopped when the epoch opens.
+    let skewed = cfg.with_file_name("skewed.yaml");
+    std::fs::write(&skewed, std::fs::read_to_string(&cfg).unwrap().replace("epoch_probe", "skewed_probe")).unwrap();
+    let sets = [
+        "train.steps=35".to_string(),
+        "metrics.enabled=false".into(),
+        format!("checkpoint.dir={}", fx.path("skewed").display()),
+    ];
+    let errs: Vec<String> = contrast_comm::Threads::run(2, |c| {
+        trainer::train(&c, &skewed, &sets).map(|_| ()).map_err(|e| format!("{e:#}"))
+    })
+    .into_iter()
+    .filter_map(|r| r.err())
+    .collect();
+    assert_eq!(errs.len(), 2, "both ranks stop: {errs:?}");
+    assert!(errs[0].contains("epoch 1 starting at step 31: rank 1's sampling differs from rank 0's"), "{errs:?}");
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {

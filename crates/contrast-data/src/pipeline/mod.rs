@@ -12,6 +12,12 @@
 //! [`Pipeline::recycle`] and a worker fills the same allocations for a later
 //! step, so a steady-state run allocates no batch memory (every element is
 //! overwritten, so a recycled buffer cannot leak old values).
+//!
+//! An epoch is drawn by a [`Sampling`] (uniform, per-item weights, or
+//! pseudo-classes). A *gated* epoch ([`PipelineConfig::gated_epochs`]) gets its
+//! sampling from the trainer after the method's start of the epoch
+//! ([`Pipeline::open_epoch`]); until then no ticket of it is issued, so
+//! prefetch stops at its first step.
 
 use crate::augment::Augmenter;
 use crate::idx::Images;
@@ -377,17 +383,18 @@ impl Pipeline {
 
     /// Keep `prefetch` steps in flight or ready, up to the first step whose epoch waits.
     fn fill(&mut self) {
-        let mut uniform: Option<(usize, Arc<Sampling>)> = None;
+        // The sampling of the epoch the last ticket fell in, so one Arc serves a whole epoch.
+        let mut current: Option<(usize, Arc<Sampling>)> = None;
         while self.next_ticket < self.end_step && self.next_ticket < self.next_step + self.prefetch {
             let epoch = self.sampler.epoch_of(self.next_ticket);
-            let sampling = match &uniform {
+            let sampling = match &current {
                 Some((e, s)) if *e == epoch => s.clone(),
                 _ => match self.sampling_of(epoch) {
                     Some(s) => s,
                     None => return,
                 },
             };
-            uniform = Some((epoch, sampling.clone()));
+            current = Some((epoch, sampling.clone()));
             if let Some(t) = &self.tickets {
                 let _ = t.send((self.next_ticket, sampling));
             }

@@ -1,9 +1,10 @@
 //! The start of an epoch: the method's `on_epoch`, with a feature pass over the
 //! un-augmented training set when it asks for one, then the epoch's sampling
 //! handed to the pipeline when the method gates the epoch (its batches are not
-//! built before, so they may depend on what `on_epoch` computed). The pass splits the items
-//! as `Layout::ItemSharded` does (item i on rank i mod P) and gathers nothing:
-//! each rank hands its method its own rows.
+//! built before, so they may depend on what `on_epoch` computed; every rank
+//! must hand over the same sampling, which is checked). The pass splits the
+//! items as `Layout::ItemSharded` does (item i on rank i mod P) and gathers
+//! nothing: each rank hands its method its own rows.
 
 use super::Trainer;
 use anyhow::{Context, Result};
@@ -29,8 +30,16 @@ impl<C: Collective> Trainer<'_, C> {
             self.start_epoch(epoch).with_context(context)?;
         }
         if pipeline.waits_for(epoch) {
-            let sampling = self.method.sampling(self.comm).with_context(context)?;
-            pipeline.open_epoch(epoch, sampling.unwrap_or_default()).with_context(context)?;
+            let sampling = self.method.sampling(self.comm).with_context(context)?.unwrap_or_default();
+            // Ranks drawing different batches would train on no global batch at all: refuse.
+            let all = self.comm.all_gather(&[sampling.fingerprint() as i64]);
+            if let Some(r) = all.iter().position(|&h| h != all[0]) {
+                anyhow::bail!(
+                    "{}: rank {r}'s sampling differs from rank 0's (a method's sampling must be equal on every rank)",
+                    context()
+                );
+            }
+            pipeline.open_epoch(epoch, sampling).with_context(context)?;
         }
         Ok(())
     }
