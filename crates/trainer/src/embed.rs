@@ -30,6 +30,11 @@ pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path,
 
 fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
     refuse_inside_checkpoint(out)?;
+    // Before any work: a mistyped directory should not cost a whole embedding pass.
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        bail!("--out {}: the directory {} does not exist", out.display(), dir.display());
+    }
     let plan = load_plan(comm, path, overrides)?;
     let m = load_checkpointed(comm, &plan, ckpt)?;
     let (set, name) = data::embed_set(&plan, test)?;

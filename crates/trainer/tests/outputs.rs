@@ -304,6 +304,11 @@ fn embed_writes_one_file_per_rank_that_concatenate_to_one_ranks(fx: &Fixture, ru
     embed(0, &two);
     assert!(two.exists() && !parts[0].exists() && !parts[1].exists());
     assert!(!fx.path("emb2.safetensors.index.json").exists());
+    // A mistyped directory is refused before any embedding is computed.
+    let missing = fx.path("no/such/dir/e.safetensors");
+    let out = run(0, &["embed", "--checkpoint", run_dir.to_str().unwrap(), "--out", missing.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/no/such/dir does not exist"), "{err}");
     let left: Vec<_> = std::fs::read_dir(fx.path("")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().contains(".partial")), "{left:?}");
 }
