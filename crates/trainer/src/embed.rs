@@ -31,7 +31,7 @@ pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path,
 fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
     refuse_inside_checkpoint(out)?;
     // Before any work: a mistyped directory should not cost a whole embedding pass.
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out_dir(out);
     if !dir.is_dir() {
         bail!("--out {}: the directory {} does not exist", out.display(), dir.display());
     }
@@ -72,9 +72,12 @@ pub fn part_path(out: &Path, rank: usize, parts: usize) -> PathBuf {
 
 /// `FILE.index.json`, which lists the parts of a run with several ranks.
 pub fn index_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".index.json");
-    out.with_file_name(name)
+    with_suffix(out, ".index.json")
+}
+
+/// The directory `out` is written into (`.` for a bare file name).
+fn out_dir(out: &Path) -> &Path {
+    out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// The file name of `out` split as `emb` and `.safetensors`.
@@ -147,7 +150,7 @@ fn finish(out: &Path, parts: usize, bounds: &[(usize, usize)], n: usize, dim: us
 /// The files next to `out` that an embed into `out` with another rank count
 /// wrote: `out` itself, its index, and parts `STEM-NNNNN-of-NNNNN.EXT`, less `keep`.
 fn stale_files(out: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = out_dir(out);
     let (stem, ext) = stem_and_ext(out);
     let is_part = |name: &str| {
         let Some(rest) = name.strip_prefix(&format!("{stem}-")).and_then(|r| r.strip_suffix(ext.as_str())) else {
