@@ -159,6 +159,10 @@ pub enum LossKind {
     /// SimSiam's negative cosine −cos(p, sg z), symmetrised.
     #[serde(rename = "negative_cosine")]
     NegativeCosine,
+    /// Cross-entropy of a classifier against per-item pseudo-labels, mean over
+    /// the views' rows (DeepCluster's `nn.CrossEntropyLoss`).
+    #[serde(rename = "cross_entropy")]
+    CrossEntropy,
 }
 
 impl LossConfig {
@@ -218,7 +222,7 @@ impl LossKind {
             LossKind::Triplet => &["margin", "mining"],
             LossKind::Lifted | LossKind::GeneralizedLifted => &["pos_margin", "neg_margin"],
             LossKind::LiftedHard => &["neg_margin"],
-            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine => &[],
+            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine | LossKind::CrossEntropy => &[],
             LossKind::Nce => &["temperature", "noise_size"],
         }
     }
@@ -247,7 +251,12 @@ impl LossKind {
     pub fn is_method_own(self) -> bool {
         matches!(
             self,
-            LossKind::InfoNce | LossKind::BankNce | LossKind::Swav | LossKind::NormalizedMse | LossKind::NegativeCosine
+            LossKind::InfoNce
+                | LossKind::BankNce
+                | LossKind::Swav
+                | LossKind::NormalizedMse
+                | LossKind::NegativeCosine
+                | LossKind::CrossEntropy
         )
     }
 
@@ -261,6 +270,7 @@ impl LossKind {
                     | LossKind::InfoNce
                     | LossKind::NormalizedMse
                     | LossKind::NegativeCosine
+                    | LossKind::CrossEntropy
             )
     }
 

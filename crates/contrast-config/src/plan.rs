@@ -137,6 +137,7 @@ fn negatives_of(loss: LossKind, n: usize) -> usize {
         | LossKind::BarlowTwinsUnbiased
         | LossKind::NormalizedMse
         | LossKind::NegativeCosine
+        | LossKind::CrossEntropy
         | LossKind::InfoNce => 0,
         k if k.is_metric() => n - 1,
         _ => 2 * n - 2,

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod head;
 pub mod import;
 mod import_table;
+pub mod kmeans;
 pub mod loss;
 pub mod method;
 pub mod optim;

@@ -99,6 +99,9 @@ pub struct Optimizer {
     /// Parameters left out of every update for now (no decay, no moments, no
     /// change): the exclusion list a method sets for a while (frozen prototypes).
     excluded: std::collections::BTreeSet<String>,
+    /// Parameters whose state a method restarts ([`Optimizer::restart`]), with
+    /// the step count at their last restart (saved as `<param>.restarted_at`).
+    restarted_at: std::collections::BTreeMap<String, i64>,
 }
 
 impl Optimizer {
@@ -109,7 +112,39 @@ impl Optimizer {
             OptimizerKind::AdamW { .. } => 2,
         };
         let state = params.iter().map(|p| (0..slots).map(|_| p.tensor.zeros_like().detach()).collect()).collect();
-        Self { kind, weight_decay, params, state, lars: None, steps: 0, excluded: Default::default() }
+        let (excluded, restarted_at) = Default::default();
+        Self { kind, weight_decay, params, state, lars: None, steps: 0, excluded, restarted_at }
+    }
+
+    /// Let [`Optimizer::restart`] restart the parameters named `names` (a
+    /// method's classifier that is re-initialised each epoch): their restart
+    /// step becomes checkpoint state. An unknown name is an error.
+    pub fn track_restarts<S: AsRef<str>>(&mut self, names: &[S]) -> Result<(), String> {
+        for n in names {
+            let n = n.as_ref();
+            if !self.params.iter().any(|p| p.name == n) {
+                return Err(format!("`{n}` is not a parameter the optimiser holds"));
+            }
+            self.restarted_at.insert(n.to_string(), 0);
+        }
+        Ok(())
+    }
+
+    /// Restart the state of the tracked parameters named `names`, as a fresh
+    /// optimiser over them would start: zero moments, and the next step is
+    /// their first (AdamW's bias correction counts from it; SGD's momentum
+    /// buffer takes the first gradient as it is).
+    pub fn restart<S: AsRef<str>>(&mut self, names: &[S]) -> Result<(), String> {
+        for n in names {
+            let at = self
+                .restarted_at
+                .get_mut(n.as_ref())
+                .ok_or_else(|| format!("`{}` is not tracked for restarts", n.as_ref()))?;
+            *at = self.steps;
+            let i = self.params.iter().position(|p| p.name == n.as_ref()).expect("tracked parameters are held");
+            tch::no_grad(|| self.state[i].iter_mut().for_each(|t| drop(t.zero_())));
+        }
+        Ok(())
     }
 
     /// Wrap in LARS with trust coefficient `eta` (parameters with `lars` set are adapted).
@@ -193,7 +228,6 @@ impl Optimizer {
     /// One update at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
         self.steps += 1;
-        let t = self.steps as f64;
         let wd = self.weight_decay;
         tch::no_grad(|| {
             for (p, st) in self.params.iter().zip(self.state.iter_mut()) {
@@ -201,6 +235,9 @@ impl Optimizer {
                 if !g.defined() || self.excluded.contains(&p.name) {
                     continue;
                 }
+                // Steps since the parameter's state (re)started.
+                let since = self.steps - self.restarted_at.get(&p.name).copied().unwrap_or(0);
+                let t = since as f64;
                 let mut w = p.tensor.shallow_clone();
                 let decay = if p.decay { wd } else { 0.0 };
                 let (g, decay) = match self.lars {
@@ -213,7 +250,7 @@ impl Optimizer {
                         let d = if decay > 0.0 { &g + &w * decay } else { g.shallow_clone() };
                         let d = if momentum > 0.0 {
                             let buf = &mut st[0];
-                            if self.steps == 1 {
+                            if since == 1 {
                                 let _ = buf.copy_(&d);
                             } else {
                                 let _ = buf.g_mul_scalar_(momentum).g_add_(&d);
@@ -256,6 +293,7 @@ impl Optimizer {
             .flat_map(|(p, st)| st.iter().zip(names).map(move |(t, s)| (format!("{}.{s}", p.name), t.shallow_clone())))
             .collect();
         out.push(("__steps__".into(), Tensor::from_slice(&[self.steps])));
+        out.extend(self.restarted_at.iter().map(|(n, &at)| (format!("{n}.restarted_at"), Tensor::from_slice(&[at]))));
         out
     }
 
@@ -274,6 +312,10 @@ impl Optimizer {
             }
         }
         self.steps = map.get("__steps__").map(|t| t.int64_value(&[0])).ok_or("optimizer `__steps__` is missing")?;
+        for (n, at) in self.restarted_at.iter_mut() {
+            let key = format!("{n}.restarted_at");
+            *at = map.get(key.as_str()).map(|t| t.int64_value(&[0])).ok_or(format!("optimizer `{key}` is missing"))?;
+        }
         Ok(())
     }
 }

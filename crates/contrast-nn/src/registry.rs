@@ -20,6 +20,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::instdisc::ENTRY,
         method::barlow_twins::ENTRY,
         method::swav::ENTRY,
+        method::deepcluster::ENTRY,
     ])
 });
 

@@ -374,6 +374,14 @@ fn survey_methods_refuse_bad_counts_naming_the_key() {
     }
     plan.resolve_items(240).unwrap();
     assert!(plan.describe().contains("bank=240×128 (0.1 MiB per rank)"), "{}", plan.describe());
+    // DeepCluster: clusters below 2 or above the items; no k-means iteration.
+    let e = err("method: {name: deepcluster, clusters: 1}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.clusters") && e.contains("at least 2"), "{e}");
+    let e = err("method: {name: deepcluster, clusters: 10, kmeans_iters: 0}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.kmeans_iters"), "{e}");
+    let mut plan = resolve("method: {name: deepcluster, clusters: 300}\ntrain: {global_batch: 8}", 2).unwrap();
+    let e = plan.resolve_items(240).unwrap_err().to_string();
+    assert!(e.contains("method.clusters") && e.contains("300 clusters for 240 training items"), "{e}");
     // Another method's key stays an error.
     let e = err("method: {name: barlow_twins, prototypes: 10}\ntrain: {global_batch: 8}");
     assert!(e.contains("method.prototypes") && e.contains("barlow_twins"), "{e}");

@@ -115,3 +115,46 @@ fn warmup_then_cosine() {
     let c = Schedule { cosine: false, ..s };
     assert_eq!(c.lr(100), 1.0);
 }
+
+#[test]
+fn a_restarted_parameter_steps_as_under_a_fresh_optimiser_and_its_restart_is_state() {
+    // DeepCluster's classifier: its AdamW moments restart each epoch, and its
+    // bias correction counts from the restart, as a new torch.optim.AdamW would.
+    let kind = OptimizerKind::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 };
+    let params = || vec![param("body", &[1.0, -1.0], &[1, 2]), param("top", &[0.5, 0.25], &[1, 2])];
+    let mut opt = Optimizer::new(kind.clone(), 0.01, params());
+    assert!(opt.track_restarts(&["nope"]).unwrap_err().contains("`nope`"));
+    opt.track_restarts(&["top"]).unwrap();
+    for t in 0..3 {
+        set_grad(&opt.params[0], &[0.1 * t as f64, 1.0]);
+        set_grad(&opt.params[1], &[1.0, -0.5 * t as f64]);
+        opt.step(0.01);
+    }
+    assert!(opt.restart(&["body"]).unwrap_err().contains("not tracked"));
+    opt.restart(&["top"]).unwrap();
+    // A fresh optimiser over `top` alone, from where `top` stands now.
+    let now = values(&opt.params[1]);
+    let mut fresh = Optimizer::new(kind.clone(), 0.01, vec![param("top", &now, &[1, 2])]);
+    for t in 0..2 {
+        let g = [0.3, 0.7 * (t + 1) as f64];
+        set_grad(&opt.params[0], &[1.0, 1.0]);
+        set_grad(&opt.params[1], &g);
+        set_grad(&fresh.params[0], &g);
+        opt.step(0.01);
+        fresh.step(0.01);
+        assert!(rel(&values(&opt.params[1]), &values(&fresh.params[0])) < 1e-12, "step {t} after the restart");
+    }
+    // The restart step is saved and restored; without it the state is refused.
+    let state = opt.named_state();
+    assert!(state.iter().any(|(n, t)| n == "top.restarted_at" && t.int64_value(&[0]) == 3));
+    let mut back = Optimizer::new(kind, 0.01, params());
+    back.track_restarts(&["top"]).unwrap();
+    back.load_state(&state).unwrap();
+    assert_eq!(back.named_state().last().map(|(_, t)| t.int64_value(&[0])), Some(3));
+    let without: Vec<_> = state.into_iter().filter(|(n, _)| n != "top.restarted_at").collect();
+    assert!(back.load_state(&without).unwrap_err().contains("top.restarted_at"));
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-12)).fold(0.0, f64::max)
+}

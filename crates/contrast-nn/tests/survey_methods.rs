@@ -8,7 +8,7 @@ use crate::common::*;
 use contrast_comm::{Collective, Solo, Threads};
 use contrast_config::{LossKind, MethodPlan, Norm};
 use contrast_nn::loss::Shard;
-use contrast_nn::method::{build, Batch, EpochCtx, Spec, StepInfo};
+use contrast_nn::method::{build, Batch, EpochCtx, Method, Spec, StepInfo};
 use contrast_nn::optim::{Optimizer, OptimizerKind};
 use contrast_nn::GlobalBatch;
 use std::collections::HashMap;
@@ -24,6 +24,8 @@ struct Case {
     items: usize,
     /// Global batch N.
     n: usize,
+    /// Steps per epoch when the method starts epochs (k-means), else 0.
+    epoch_steps: usize,
     keys: fn(&mut MethodPlan),
 }
 
@@ -61,6 +63,22 @@ fn views(step: usize, n: usize, r: usize, b: usize) -> Vec<Tensor> {
         .collect()
 }
 
+/// The un-augmented image of `item` (the feature pass's input).
+fn item_image(item: usize) -> Tensor {
+    Tensor::from_slice(&randn_vec((SIDE * SIDE) as usize, 5000 + item as u64)).view([1, 1, SIDE, SIDE])
+}
+
+/// The start of `epoch` as the trainer runs it: the feature pass over this
+/// rank's items (rank, rank + P, …), `on_epoch`, and the restarts.
+fn start_epoch<C: Collective>(c: &C, case: &Case, m: &mut dyn Method, opt: &mut Optimizer, epoch: usize) {
+    let (p, r) = (c.world_size(), c.rank());
+    let images: Vec<Tensor> = (r..case.items).step_by(p).map(item_image).collect();
+    let features = tch::no_grad(|| contrast_nn::loss::l2_normalize(&m.pass_features(&Tensor::cat(&images, 0))));
+    let mut ctx = EpochCtx { epoch, rank: r, world_size: p, comm: c, features: Some(features) };
+    m.on_epoch(&mut ctx).unwrap();
+    opt.restart(&m.restarts()).unwrap();
+}
+
 /// Initial weights every layout starts from.
 fn snapshot(case: &Case) -> HashMap<String, Host> {
     tch::manual_seed(3);
@@ -85,6 +103,7 @@ fn train<C: Collective>(
         }
     });
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 1e-4, m.params());
+    opt.track_restarts(&m.restarts()).unwrap();
     if let Some((model, optim)) = saved {
         let map: HashMap<String, Tensor> = model.iter().map(|(n, t)| (n.clone(), t.t())).collect();
         m.load_state(&map, r, p).unwrap();
@@ -95,6 +114,9 @@ fn train<C: Collective>(
     let total = 6;
     let losses = span
         .map(|step| {
+            if case.epoch_steps > 0 && step % case.epoch_steps == 0 {
+                start_epoch(c, case, m.as_mut(), &mut opt, step / case.epoch_steps);
+            }
             let v = views(step, case.n, r, b);
             let items = items_of(step, case.n, case.items);
             let indices = &items[r * b..(r + 1) * b];
@@ -165,6 +187,7 @@ const INSTDISC: Case = Case {
     // 22 items: no world size of the test divides it.
     items: 22,
     n: 12,
+    epoch_steps: 0,
     keys: |m| {
         set_key(m, "negatives", 7);
         set_key(m, "proximal", 0.5);
@@ -270,6 +293,7 @@ const BARLOW_TWINS: Case = Case {
     loss: LossKind::BarlowTwins,
     items: 22,
     n: 12,
+    epoch_steps: 0,
     keys: |m| set_key(m, "projector_layers", 3),
 };
 
@@ -302,6 +326,7 @@ const SWAV: Case = Case {
     loss: LossKind::Swav,
     items: 22,
     n: 12,
+    epoch_steps: 0,
     keys: |m| {
         set_key(m, "prototypes", 5);
         set_key(m, "freeze_prototypes_steps", 2);
@@ -351,6 +376,7 @@ const MOCHI: Case = Case {
     loss: LossKind::InfoNce,
     items: 22,
     n: 12,
+    epoch_steps: 0,
     keys: |m| {
         set_key(m, "queue_size", 36);
         set_key(m, "momentum", 0.9);
@@ -440,4 +466,66 @@ fn mochi_over_the_sharded_queue_matches_the_replicated_transcription() {
         assert!((loss - want_loss).abs() <= 1e-12 * want_loss.abs(), "P={p}: {loss} vs {want_loss}");
         assert_close(&format!("P={p}: query gradient"), &grad, &want_grad, 1e-10);
     }
+}
+
+const DEEPCLUSTER: Case = Case {
+    name: "deepcluster",
+    loss: LossKind::CrossEntropy,
+    items: 22,
+    n: 12,
+    // Epochs of 3 steps: the stop after step 2 falls inside the first, and the
+    // second starts (k-means, a fresh classifier) on the resumed world size.
+    epoch_steps: 3,
+    keys: |m| {
+        set_key(m, "clusters", 4);
+        set_key(m, "kmeans_iters", 3);
+    },
+};
+
+#[test]
+fn deepcluster_pseudo_labels_and_classifier_are_exact_across_ranks_and_resume() {
+    check_layouts(&DEEPCLUSTER);
+    // The clustering state: 22 labels in 0..4 and 4 centroids of the head's width.
+    let (_, (model, optim)) = run(&DEEPCLUSTER, 2, &snapshot(&DEEPCLUSTER), None, 0..4);
+    let item = |name: &str| model.iter().find(|(n, _)| n == name).map(|(_, t)| t).unwrap();
+    let labels = item("method.pseudo_labels");
+    assert_eq!(labels.shape, [22]);
+    assert!(labels.data.iter().all(|&l| (0.0..4.0).contains(&l)), "{:?}", labels.data);
+    assert_eq!(item("method.centroids").shape, [4, 6]);
+    // The classifier restarted with the second epoch, at step 3.
+    let restarted: Vec<f64> =
+        optim.iter().filter(|(n, _)| n.ends_with("restarted_at")).map(|(_, t)| t.data[0]).collect();
+    assert_eq!(restarted, [3.0, 3.0]);
+}
+
+#[test]
+fn deepcluster_samples_its_pseudo_classes_and_refuses_bad_state() {
+    let mut m = build(&DEEPCLUSTER.spec(1, 0)).unwrap();
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.0, m.params());
+    opt.track_restarts(&m.restarts()).unwrap();
+    assert!(m.wants_features(0) && m.wants_features(7) && m.gates_epoch(3), "every epoch clusters");
+    start_epoch(&Solo, &DEEPCLUSTER, m.as_mut(), &mut opt, 0);
+    let labels = m.state().into_iter().find(|i| i.name == "method.pseudo_labels").unwrap().tensor;
+    let want: Vec<u32> = contrast_nn::to_host::<i64>(&labels).into_iter().map(|l| l as u32).collect();
+    match m.sampling(&Solo).unwrap() {
+        Some(contrast_nn::method::Sampling::Balanced(got)) => assert_eq!(*got, want),
+        _ => panic!("DeepCluster samples uniformly over its pseudo-classes"),
+    }
+    // The loss is PyTorch's mean cross-entropy over every view's rows.
+    let (v, items) = (views(0, 12, 0, 12), items_of(0, 12, 22));
+    let batch = Batch { step: 0, views: &v, captions: None, labels: None, mix: None, indices: &items };
+    let towers = m.forward(&batch, &Solo).unwrap();
+    let out = GlobalBatch::new(&Solo, 12)
+        .step_towers(&towers, &opt.tensors(), &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
+        .unwrap();
+    let target = Tensor::from_slice(&items.iter().map(|&i| want[i] as i64).collect::<Vec<_>>());
+    let logits = Tensor::cat(&towers.grad, 0).detach();
+    // F.cross_entropy = nll_loss(log_softmax) (tch's `cross_entropy_for_logits` would round through f32).
+    let torch = logits.log_softmax(-1, Kind::Double).nll_loss(&Tensor::cat(&[&target, &target], 0)).double_value(&[]);
+    assert!((out.loss - torch).abs() <= 1e-12 * torch, "{} vs {torch}", out.loss);
+    // A label outside the clusters, from a damaged checkpoint, is refused by name.
+    let mut saved: HashMap<String, Tensor> = m.state().into_iter().map(|i| (i.name, i.tensor.copy())).collect();
+    saved.insert("method.pseudo_labels".into(), Tensor::full([22], 9, (Kind::Int64, tch::Device::Cpu)));
+    let err = m.load_state(&saved, 0, 1).err().unwrap().to_string();
+    assert!(err.contains("`method.pseudo_labels` holds label 9 outside 0..4"), "{err}");
 }

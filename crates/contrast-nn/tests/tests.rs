@@ -8,11 +8,13 @@
 //! - stream: the streaming loss heads against their materialised reference forms;
 //! - survey_methods: methods with per-item state (InstDisc's bank): P-rank
 //!   parity, resume onto another world size, the reference's loss;
+//! - kmeans: k-means over item-sharded rows against one rank and plain Lloyd;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
 mod common;
 mod config;
 mod encoders;
+mod kmeans;
 mod losses;
 mod methods;
 mod optim;

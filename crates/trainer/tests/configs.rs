@@ -61,6 +61,7 @@ fn shipped_method_configs_train() {
         ("barlow_twins", "projector.fc3.weight"),
         ("swav", "prototypes.weight"),
         ("instdisc", "method.bank"),
+        ("deepcluster", "method.pseudo_labels"),
     ] {
         let run_dir = dir.path().join(config);
         let cfg = root.join(format!("configs/{config}.yaml"));

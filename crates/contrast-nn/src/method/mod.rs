@@ -25,6 +25,7 @@
 pub mod barlow_twins;
 pub mod byol;
 pub mod clip;
+pub mod deepcluster;
 pub mod instdisc;
 pub mod mochi;
 pub mod moco;
@@ -218,6 +219,14 @@ pub trait Method {
     /// zeroing its gradient would not do under decoupled weight decay.
     fn before_optimizer_step(&mut self, _info: &StepInfo, _exclusions: &mut Exclusions) -> Result<()> {
         Ok(())
+    }
+
+    /// Parameters whose optimiser state restarts whenever [`Method::on_epoch`]
+    /// runs (DeepCluster's classifier, re-initialised each epoch): the trainer
+    /// zeroes their moments and counts their steps afresh, as a new optimiser
+    /// over them would.
+    fn restarts(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// The trainable parameters with their groups (decay, LR factor, LARS), sorted by name.

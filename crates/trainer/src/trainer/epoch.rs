@@ -63,6 +63,7 @@ impl<C: Collective> Trainer<'_, C> {
         let (rank, world_size) = (self.comm.rank(), self.comm.world_size());
         let mut ctx = EpochCtx { epoch, rank, world_size, comm: self.comm, features };
         self.method.on_epoch(&mut ctx)?;
+        self.opt.restart(&self.method.restarts()).map_err(|e| anyhow::anyhow!("method {}: {e}", self.method.name()))?;
         self.progress.epoch = Some(epoch);
         Ok(())
     }

@@ -117,7 +117,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
     /// Assemble the loop, resuming from `checkpoint.dir/latest` when `train.resume` is set.
     pub fn new(comm: &'c C, plan: Plan, parts: Parts) -> Result<Self> {
         let c = &plan.config;
-        let opt = optimizer(&plan, parts.method.as_ref());
+        let opt = optimizer(&plan, parts.method.as_ref())?;
         let (every, at_end) = (c.eval.every as usize, c.eval.at_end);
         let bad = BadBudget::new(c.data.max_bad_fraction, parts.sampler.dataset_len(), []);
         let mut t = Self {

@@ -49,7 +49,9 @@ pub(super) mod control {
 
 /// The optimiser of the plan: SGD or AdamW, wrapped in LARS when asked, over
 /// the method's parameter groups.
-pub fn optimizer(plan: &Plan, method: &dyn Method) -> Optimizer {
+/// The optimiser of the plan over the method's parameters, tracking the ones
+/// the method restarts each epoch ([`Method::restarts`]).
+pub fn optimizer(plan: &Plan, method: &dyn Method) -> Result<Optimizer> {
     let o = &plan.config.train.optimizer;
     let kind = match o.name {
         contrast_config::OptimizerName::Sgd => OptimizerKind::Sgd { momentum: o.momentum, nesterov: o.nesterov },
@@ -57,12 +59,9 @@ pub fn optimizer(plan: &Plan, method: &dyn Method) -> Optimizer {
             OptimizerKind::AdamW { beta1: o.betas[0], beta2: o.betas[1], eps: o.eps }
         }
     };
-    let opt = Optimizer::new(kind, o.weight_decay, method.params());
-    if o.lars {
-        opt.with_lars(o.trust_coefficient)
-    } else {
-        opt
-    }
+    let mut opt = Optimizer::new(kind, o.weight_decay, method.params());
+    opt.track_restarts(&method.restarts()).map_err(|e| anyhow::anyhow!("method {}: {e}", method.name()))?;
+    Ok(if o.lars { opt.with_lars(o.trust_coefficient) } else { opt })
 }
 
 /// The learning-rate schedule of the plan.
