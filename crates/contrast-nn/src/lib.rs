@@ -22,6 +22,7 @@ pub mod precision;
 pub mod queue;
 pub mod registry;
 pub mod state;
+pub mod whiten;
 pub mod wire;
 
 pub use engine::{Gathered, GlobalBatch, StepOutput, Towers};

@@ -379,6 +379,9 @@ fn survey_methods_refuse_bad_counts_naming_the_key() {
     assert!(e.contains("method.clusters") && e.contains("at least 2"), "{e}");
     let e = err("method: {name: deepcluster, clusters: 10, kmeans_iters: 0}\ntrain: {global_batch: 8}");
     assert!(e.contains("method.kmeans_iters"), "{e}");
+    let e =
+        err("method: {name: deepcluster, clusters: 10, pca_dim: 65}\nmodel: {proj_dim: 64}\ntrain: {global_batch: 8}");
+    assert!(e.contains("method.pca_dim") && e.contains("model.proj_dim = 64"), "{e}");
     let mut plan = resolve("method: {name: deepcluster, clusters: 300}\ntrain: {global_batch: 8}", 2).unwrap();
     let e = plan.resolve_items(240).unwrap_err().to_string();
     assert!(e.contains("method.clusters") && e.contains("300 clusters for 240 training items"), "{e}");

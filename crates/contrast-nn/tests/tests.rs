@@ -9,6 +9,7 @@
 //! - survey_methods: methods with per-item state (InstDisc's bank): P-rank
 //!   parity, resume onto another world size, the reference's loss;
 //! - kmeans: k-means over item-sharded rows against one rank and plain Lloyd;
+//! - whiten: whitening against Su et al.'s transcription and across ranks;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
 mod common;
@@ -23,3 +24,4 @@ mod parity;
 mod stream;
 mod survey;
 mod survey_methods;
+mod whiten;

@@ -18,10 +18,12 @@
 //! - The loss: cross-entropy of every view's logits against its item's
 //!   pseudo-label, mean over the views' rows of the global batch.
 //!
+//! With `method.pca_dim` the features are PCA-whitened to that many dimensions
+//! ([`crate::whiten`], statistics summed over the ranks in f64) and
+//! L2-normalised again before k-means, as the reference does (to 256).
+//!
 //! Where this differs from the reference: no Sobel filter (the images here are
-//! grayscale already), and k-means runs on the L2-normalised head features
-//! without the reference's PCA to 256 dimensions (the head is `model.proj_dim`
-//! wide already).
+//! grayscale already), and no PCA unless `method.pca_dim` asks for it.
 
 use super::{set_kind, settings, Batch, EpochCtx, Method, MethodEntry, Sampling, Share, Spec};
 use crate::encoder::{self, Encoder};
@@ -47,11 +49,14 @@ pub struct DeepClusterKeys {
     pub clusters: usize,
     /// Lloyd iterations of each k-means (the reference's faiss `niter`, 20).
     pub kmeans_iters: usize,
+    /// PCA-whitening of the features to this many dimensions before their L2
+    /// normalisation and k-means (the reference's 256; 0: none).
+    pub pca_dim: usize,
 }
 
 impl Default for DeepClusterKeys {
     fn default() -> Self {
-        Self { clusters: 10000, kmeans_iters: 20 }
+        Self { clusters: 10000, kmeans_iters: 20, pca_dim: 0 }
     }
 }
 
@@ -109,6 +114,12 @@ impl MethodSpec for DeepClusterSpec {
         if k.kmeans_iters == 0 {
             return Err(invalid("method.kmeans_iters", "must be at least 1"));
         }
+        if k.pca_dim > run.proj_dim {
+            return Err(invalid(
+                "method.pca_dim",
+                format!("{} is above the features' width model.proj_dim = {}", k.pca_dim, run.proj_dim),
+            ));
+        }
         if let Some(items) = run.items.filter(|&n| k.clusters > n) {
             return Err(invalid(
                 "method.clusters",
@@ -120,7 +131,7 @@ impl MethodSpec for DeepClusterSpec {
 
     fn describe(&self, settings: &Settings, _run: &RunInfo) -> String {
         let k = Self::keys(settings).unwrap_or_default();
-        format!(" method=DeepCluster clusters={} kmeans_iters={}", k.clusters, k.kmeans_iters)
+        format!(" method=DeepCluster clusters={} kmeans_iters={} pca_dim={}", k.clusters, k.kmeans_iters, k.pca_dim)
     }
 
     fn negatives_per_anchor(&self, settings: &Settings, _run: &RunInfo) -> Option<usize> {
@@ -278,8 +289,12 @@ impl Method for DeepCluster {
 
     /// k-means on the feature pass: new pseudo-labels and centroids, and a fresh classifier.
     fn on_epoch(&mut self, ctx: &mut EpochCtx) -> Result<()> {
-        let features =
+        let mut features =
             ctx.features.take().ok_or_else(|| NnError::Param("DeepCluster needs the feature pass".into()))?;
+        if self.keys.pca_dim > 0 {
+            let w = crate::whiten::Whitening::fit(&features, ctx.comm, Some(self.keys.pca_dim))?;
+            features = crate::loss::l2_normalize(&w.apply(&features.to_kind(Kind::Double)));
+        }
         let c = self.clustering.as_ref().ok_or_else(|| NnError::Param("DeepCluster needs the training set".into()))?;
         let shard = Sharding { items: c.items, rank: ctx.rank, world_size: ctx.world_size };
         let key = contrast_data::rng::key(&[self.seed, KMEANS, ctx.epoch as u64]);
