@@ -499,6 +499,22 @@ fn deepcluster_pseudo_labels_and_classifier_are_exact_across_ranks_and_resume() 
 }
 
 #[test]
+fn deepcluster_whitened_before_kmeans_is_exact_across_ranks_and_resumes() {
+    let case = Case {
+        keys: |m| {
+            set_key(m, "clusters", 4);
+            set_key(m, "kmeans_iters", 3);
+            set_key(m, "pca_dim", 3);
+        },
+        ..DEEPCLUSTER
+    };
+    check_layouts(&case);
+    let (_, (model, _)) = run(&case, 2, &snapshot(&case), None, 0..1);
+    let centroids = model.iter().find(|(n, _)| n == "method.centroids").map(|(_, t)| t).unwrap();
+    assert_eq!(centroids.shape, [4, 3], "k-means clusters the whitened features");
+}
+
+#[test]
 fn deepcluster_samples_its_pseudo_classes_and_refuses_bad_state() {
     let mut m = build(&DEEPCLUSTER.spec(1, 0)).unwrap();
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.0, m.params());

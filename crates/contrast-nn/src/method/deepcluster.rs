@@ -54,6 +54,17 @@ pub struct DeepClusterKeys {
     pub pca_dim: usize,
 }
 
+impl DeepClusterKeys {
+    /// The width of what k-means clusters: `pca_dim`, or the head's `proj_dim`.
+    fn cluster_dim(&self, proj_dim: i64) -> i64 {
+        if self.pca_dim > 0 {
+            self.pca_dim as i64
+        } else {
+            proj_dim
+        }
+    }
+}
+
 impl Default for DeepClusterKeys {
     fn default() -> Self {
         Self { clusters: 10000, kmeans_iters: 20, pca_dim: 0 }
@@ -62,7 +73,7 @@ impl Default for DeepClusterKeys {
 
 /// Name of the pseudo-labels in checkpoints (`[n]` i64, item order).
 pub const LABELS: &str = "method.pseudo_labels";
-/// Name of the last k-means's centroids in checkpoints (`[k, proj_dim]` f64).
+/// Name of the last k-means's centroids in checkpoints (`[k, pca_dim or proj_dim]` f64).
 pub const CENTROIDS: &str = "method.centroids";
 /// The classifier's parameters, re-initialised each epoch.
 pub const TOP: [&str; 2] = ["top.bias", "top.weight"];
@@ -183,7 +194,7 @@ impl DeepCluster {
         let clustering = spec.items.map(|n| Clustering {
             items: n,
             labels: Tensor::zeros([item_rows(n, rank, world_size) as i64], (Kind::Int64, spec.device)),
-            centroids: Tensor::zeros([keys.clusters as i64, d], (Kind::Double, spec.device)),
+            centroids: Tensor::zeros([keys.clusters as i64, keys.cluster_dim(d)], (Kind::Double, spec.device)),
         });
         let seed = spec.seed;
         let all_labels = None.into();
@@ -299,6 +310,15 @@ impl Method for DeepCluster {
         let shard = Sharding { items: c.items, rank: ctx.rank, world_size: ctx.world_size };
         let key = contrast_data::rng::key(&[self.seed, KMEANS, ctx.epoch as u64]);
         let found = kmeans(&features, shard, self.keys.clusters, self.keys.kmeans_iters, key, ctx.comm)?;
+        if found.centroids.size() != c.centroids.size() || found.labels.size() != c.labels.size() {
+            return Err(NnError::Shape(format!(
+                "DeepCluster: k-means gave centroids {:?} and labels {:?} for state of {:?} and {:?}",
+                found.centroids.size(),
+                found.labels.size(),
+                c.centroids.size(),
+                c.labels.size()
+            )));
+        }
         tch::no_grad(|| {
             c.labels.shallow_clone().copy_(&found.labels);
             c.centroids.shallow_clone().copy_(&found.centroids);
