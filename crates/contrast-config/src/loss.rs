@@ -163,6 +163,10 @@ pub enum LossKind {
     /// the views' rows (DeepCluster's `nn.CrossEntropyLoss`).
     #[serde(rename = "cross_entropy")]
     CrossEntropy,
+    /// CPC's InfoNCE with one bilinear map per offset, over a grid of patches
+    /// (method `cpc`; negatives: the same position in the other images).
+    #[serde(rename = "cpc")]
+    Cpc,
 }
 
 impl LossConfig {
@@ -222,7 +226,7 @@ impl LossKind {
             LossKind::Triplet => &["margin", "mining"],
             LossKind::Lifted | LossKind::GeneralizedLifted => &["pos_margin", "neg_margin"],
             LossKind::LiftedHard => &["neg_margin"],
-            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine | LossKind::CrossEntropy => &[],
+            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine | LossKind::CrossEntropy | LossKind::Cpc => &[],
             LossKind::Nce => &["temperature", "noise_size"],
         }
     }
@@ -257,6 +261,7 @@ impl LossKind {
                 | LossKind::NormalizedMse
                 | LossKind::NegativeCosine
                 | LossKind::CrossEntropy
+                | LossKind::Cpc
         )
     }
 

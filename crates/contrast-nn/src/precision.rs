@@ -8,6 +8,20 @@ use tch::{Device, Kind, Tensor};
 
 extern "C" {
     fn contrast_autocast_bf16(cuda: i32, enabled: i32) -> i32;
+    fn contrast_flush_denormal(on: i32) -> i32;
+}
+
+/// Flush denormal floats to zero on the CPU (`torch.set_flush_denormal`) for
+/// this thread and the threads it starts afterwards (libtorch's intra-op pool,
+/// created on its first use): products with exp of very negative logits, which
+/// a temperature-free loss such as CPC's reaches as training sharpens it, then
+/// stay on the fast path. Whether the CPU supports it.
+pub fn flush_denormal(on: bool) -> bool {
+    // SAFETY: a plain C function (src/autocast.cpp) taking an int, catching every
+    // C++ exception; it sets only this thread's floating-point control flags.
+    #[allow(unsafe_code)]
+    let supported = unsafe { contrast_flush_denormal(i32::from(on)) };
+    supported == 1
 }
 
 /// Turn bf16 autocast on or off for `device`'s type on this thread; the previous state.

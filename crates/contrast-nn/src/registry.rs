@@ -21,6 +21,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::barlow_twins::ENTRY,
         method::swav::ENTRY,
         method::deepcluster::ENTRY,
+        method::cpc::ENTRY,
     ])
 });
 

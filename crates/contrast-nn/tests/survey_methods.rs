@@ -37,6 +37,7 @@ impl Case {
         s.model = convnet_model(4, 32, 8, 6, Norm::Group);
         s.shard = Shard { rank, world_size: p, local_batch: self.n / p };
         s.items = Some(self.items);
+        s.image_size = SIDE;
         s.seed = 5;
         s.kind = Kind::Double;
         s
@@ -544,4 +545,62 @@ fn deepcluster_samples_its_pseudo_classes_and_refuses_bad_state() {
     saved.insert("method.pseudo_labels".into(), Tensor::full([22], 9, (Kind::Int64, tch::Device::Cpu)));
     let err = m.load_state(&saved, 0, 1).err().unwrap().to_string();
     assert!(err.contains("`method.pseudo_labels` holds label 9 outside 0..4"), "{err}");
+}
+
+const CPC: Case = Case {
+    name: "cpc",
+    loss: LossKind::Cpc,
+    items: 22,
+    n: 12,
+    epoch_steps: 0,
+    // 8-pixel views: 4-pixel patches every 2 pixels, a 3 × 3 grid, offsets 1 and 2.
+    keys: |m| {
+        set_key(m, "patch_size", 4);
+        set_key(m, "patch_stride", 2);
+        set_key(m, "context_dim", 5);
+    },
+};
+
+#[test]
+fn cpc_codes_contexts_and_maps_are_exact_across_ranks_and_resume() {
+    check_layouts(&CPC);
+}
+
+#[test]
+fn cpc_loss_is_the_mean_infonce_over_offsets_and_positions() {
+    let m = build(&CPC.spec(1, 0)).unwrap();
+    let (v, items) = (views(0, 12, 0, 12), items_of(0, 12, 22));
+    let batch = Batch { step: 0, views: &v, captions: None, labels: None, mix: None, indices: &items };
+    let towers = m.forward(&batch, &Solo).unwrap();
+    let params: Vec<Tensor> = m.params().into_iter().map(|p| p.tensor).collect();
+    let out = GlobalBatch::new(&Solo, 12)
+        .step_towers(&towers, &params, &[], |g, ctx| Ok(m.loss_share(g, &batch, ctx)?.loss))
+        .unwrap();
+    // Written out: for k = 1, 2 and every (row, col) with a row k below, the
+    // logits c_i(row, col)ᵀ W_kᵀ z_j(row + k, col) over the 12 images, label i.
+    let vars = m.var_store().variables();
+    let z = towers.grad[0].detach().view([12, 3, 3, -1]);
+    let c = towers.grad[1].detach().view([12, 3, 3, -1]);
+    let (mut sum, mut terms) = (0.0, 0);
+    for k in 1..=2i64 {
+        let w = &vars[&format!("predict.k{k}.weight")];
+        for row in 0..3 - k {
+            for col in 0..3 {
+                let logits = c.select(1, row).select(1, col).matmul(&w.tr()).matmul(&z.select(1, row + k).select(1, col).tr());
+                let labels = Tensor::arange(12, (Kind::Int64, tch::Device::Cpu));
+                sum += logits.log_softmax(-1, Kind::Double).nll_loss(&labels).double_value(&[]);
+                terms += 1;
+            }
+        }
+    }
+    let want = sum / terms as f64;
+    assert_eq!(terms, 9);
+    assert!((out.loss - want).abs() <= 1e-12 * want, "{} vs {want}", out.loss);
+    // Evaluation embeds the whole image with the patch encoder.
+    assert_eq!(m.features(&v[0]).size(), [12, 32]);
+    // A grid with no row left to predict is refused at build, naming the keys.
+    let mut spec = CPC.spec(1, 0);
+    spec.image_size = 5;
+    let err = build(&spec).err().unwrap().to_string();
+    assert!(err.contains("method.patch_size 4 with method.patch_stride 2 gives a grid of 1 rows"), "{err}");
 }

@@ -90,7 +90,7 @@ pub(crate) struct Checkpointed {
 
 /// Build the plan's method and load `ckpt`'s weights into it (rank 0 reads, every rank gets them).
 pub(crate) fn load_checkpointed(comm: &Comm, plan: &Plan, ckpt: &Path) -> Result<Checkpointed> {
-    tch::set_num_threads(plan.threads as i32);
+    crate::compute_threads(plan);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
     let tokenizer = data::tokenizer(plan)?;
     let mut method = build_method(comm, plan, device, &tokenizer)?;

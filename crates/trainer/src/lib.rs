@@ -335,7 +335,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
         // Recorded in config.yaml and summary.json; only rank 0 reads the file.
         plan.config.model.pretrained_sha256 = pretrained::pretrained_sha256(&plan)?;
     }
-    tch::set_num_threads(plan.threads as i32);
+    compute_threads(&plan);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;
     let (input, class_names) = open_training_input(comm, &plan)?;
     plan.resolve_epochs(input.len())?;
@@ -495,4 +495,11 @@ pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path
     found.with_context(|| {
         format!("no --config given and no {} in the run directory of {}", rundir::CONFIG_FILE, checkpoint.display())
     })
+}
+
+/// The rank's compute threads: denormals flushed to zero (before libtorch's
+/// intra-op pool starts, so its threads inherit it) and the plan's count.
+pub(crate) fn compute_threads(plan: &Plan) {
+    contrast_nn::precision::flush_denormal(true);
+    tch::set_num_threads(plan.threads as i32);
 }

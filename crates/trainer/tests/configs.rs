@@ -62,6 +62,7 @@ fn shipped_method_configs_train() {
         ("swav", "prototypes.weight"),
         ("instdisc", "method.bank"),
         ("deepcluster", "method.pseudo_labels"),
+        ("cpc", "predict.k1.weight"),
     ] {
         let run_dir = dir.path().join(config);
         let cfg = root.join(format!("configs/{config}.yaml"));

@@ -1,5 +1,5 @@
 //! The survey's methods through the real binary: each (InstDisc, Barlow Twins,
-//! SwAV, MoCHi, DeepCluster) trains on 2 MPI ranks with the weights (and the
+//! SwAV, MoCHi, DeepCluster, CPC) trains on 2 MPI ranks with the weights (and the
 //! bank, queues, prototypes, pseudo-labels and centroids) of one rank, and the
 //! stateful ones stop in the middle of an epoch on 2 ranks and resume on 1
 //! with the losses of the uninterrupted run.
@@ -7,7 +7,7 @@
 use crate::common::*;
 
 /// (run name, loss, extra YAML) of each method; the fixture's config with its keys.
-const METHODS: [(&str, &str, &str); 5] = [
+const METHODS: [(&str, &str, &str); 6] = [
     ("instdisc", "bank_nce", "method: {name: instdisc, negatives: 16, proximal: 0.5, bank_init: features}\n"),
     ("barlow_twins", "barlow_twins", "method: {name: barlow_twins}\n"),
     ("swav", "swav", "method: {name: swav, prototypes: 6, freeze_prototypes_steps: 1, queue_size: 16}\n"),
@@ -17,6 +17,7 @@ const METHODS: [(&str, &str, &str); 5] = [
         "method: {name: moco_v2, queue_size: 16, hard_negatives: 4, mix_negatives: 2, mix_query: 2}\n",
     ),
     ("deepcluster", "cross_entropy", "method: {name: deepcluster, clusters: 5, kmeans_iters: 3}\n"),
+    ("cpc", "cpc", "method: {name: cpc, patch_size: 10, patch_stride: 6, context_dim: 8}\n"),
 ];
 
 /// The fixture's config for `method`, without the head keys it does not read.
@@ -25,6 +26,11 @@ fn config(fx: &Fixture, name: &str, loss: &str, extra: &str) -> std::path::PathB
     if loss == "bank_nce" || loss == "cross_entropy" {
         // InstDisc's and DeepCluster's heads are one linear layer: they read model.proj_dim only.
         let yaml = std::fs::read_to_string(&path).unwrap().replace(", proj_hidden: 16", "");
+        std::fs::write(&path, yaml).unwrap();
+    }
+    if loss == "cpc" {
+        // CPC has no projection head.
+        let yaml = std::fs::read_to_string(&path).unwrap().replace(", proj_dim: 8", "").replace(", proj_hidden: 16", "");
         std::fs::write(&path, yaml).unwrap();
     }
     path

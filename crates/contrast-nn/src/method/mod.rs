@@ -25,6 +25,7 @@
 pub mod barlow_twins;
 pub mod byol;
 pub mod clip;
+pub mod cpc;
 pub mod deepcluster;
 pub mod instdisc;
 pub mod mochi;
