@@ -226,7 +226,11 @@ impl LossKind {
             LossKind::Triplet => &["margin", "mining"],
             LossKind::Lifted | LossKind::GeneralizedLifted => &["pos_margin", "neg_margin"],
             LossKind::LiftedHard => &["neg_margin"],
-            LossKind::NPair | LossKind::NormalizedMse | LossKind::NegativeCosine | LossKind::CrossEntropy | LossKind::Cpc => &[],
+            LossKind::NPair
+            | LossKind::NormalizedMse
+            | LossKind::NegativeCosine
+            | LossKind::CrossEntropy
+            | LossKind::Cpc => &[],
             LossKind::Nce => &["temperature", "noise_size"],
         }
     }

@@ -9,6 +9,7 @@
 //! - survey_methods: methods with per-item state (InstDisc's bank): P-rank
 //!   parity, resume onto another world size, the reference's loss;
 //! - kmeans: k-means over item-sharded rows against one rank and plain Lloyd;
+//! - survey_epochs: DeepCluster and CPC through the same harness;
 //! - whiten: whitening against Su et al.'s transcription and across ranks;
 //! - config: plan resolution with the real registry, and a method registered from outside.
 
@@ -23,5 +24,6 @@ mod overlap;
 mod parity;
 mod stream;
 mod survey;
+mod survey_epochs;
 mod survey_methods;
 mod whiten;

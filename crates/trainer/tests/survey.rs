@@ -30,7 +30,8 @@ fn config(fx: &Fixture, name: &str, loss: &str, extra: &str) -> std::path::PathB
     }
     if loss == "cpc" {
         // CPC has no projection head.
-        let yaml = std::fs::read_to_string(&path).unwrap().replace(", proj_dim: 8", "").replace(", proj_hidden: 16", "");
+        let yaml =
+            std::fs::read_to_string(&path).unwrap().replace(", proj_dim: 8", "").replace(", proj_hidden: 16", "");
         std::fs::write(&path, yaml).unwrap();
     }
     path

@@ -31,7 +31,7 @@ use crate::loss::{cpc_share, Ctx, GlobalSum};
 use crate::{NnError, Result};
 use contrast_config::{invalid, AugmentPreset, ConfigError, LossKind, MethodSpec, RunInfo, Settings};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, RNN, VarStore};
+use tch::nn::{self, VarStore, RNN};
 use tch::Tensor;
 
 /// CPC's `method.*` keys.
