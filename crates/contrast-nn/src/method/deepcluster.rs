@@ -118,10 +118,7 @@ impl MethodSpec for DeepClusterSpec {
 
     fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
         let k = Self::keys(settings)?;
-        if k.clusters < 2 {
-            return Err(invalid("method.clusters", format!("must be at least 2, got {}", k.clusters)));
-        }
-        contrast_config::within_ceiling("method.clusters", k.clusters as u64, 1 << 20, 4 * 8192, "the classifier")?;
+        super::check_classes("method.clusters", k.clusters, "clusters", run)?;
         if k.kmeans_iters == 0 {
             return Err(invalid("method.kmeans_iters", "must be at least 1"));
         }
@@ -129,12 +126,6 @@ impl MethodSpec for DeepClusterSpec {
             return Err(invalid(
                 "method.pca_dim",
                 format!("{} is above the features' width model.proj_dim = {}", k.pca_dim, run.proj_dim),
-            ));
-        }
-        if let Some(items) = run.items.filter(|&n| k.clusters > n) {
-            return Err(invalid(
-                "method.clusters",
-                format!("{} clusters for {items} training items: at most one per item", k.clusters),
             ));
         }
         Ok(())

@@ -344,6 +344,25 @@ pub(crate) fn settings<T: serde::de::DeserializeOwned>(spec: &Spec) -> Result<T>
     spec.method.parse().map_err(|e| NnError::Param(e.to_string()))
 }
 
+/// The check of a count of classes over the training items (SwAV's
+/// prototypes, DeepCluster's clusters): at least 2, within the size ceiling,
+/// and at most one per item once the items are known.
+pub(crate) fn check_classes(
+    key: &str,
+    count: usize,
+    noun: &str,
+    run: &contrast_config::RunInfo,
+) -> std::result::Result<(), ConfigError> {
+    if count < 2 {
+        return Err(invalid(key, format!("must be at least 2, got {count}")));
+    }
+    contrast_config::within_ceiling(key, count as u64, 1 << 20, 4 * 8192, &format!("the {noun}"))?;
+    if let Some(items) = run.items.filter(|&n| count > n) {
+        return Err(invalid(key, format!("{count} {noun} for {items} training items: at most one per item")));
+    }
+    Ok(())
+}
+
 /// The check of an EMA momentum m (MoCo, BYOL): 0 ≤ m < 1.
 pub(crate) fn check_momentum(m: f64) -> std::result::Result<(), ConfigError> {
     if !(0.0..1.0).contains(&m) {

@@ -105,16 +105,7 @@ impl MethodSpec for SwavSpec {
 
     fn check(&self, settings: &Settings, run: &RunInfo) -> std::result::Result<(), ConfigError> {
         let k = Self::keys(settings)?;
-        if k.prototypes < 2 {
-            return Err(invalid("method.prototypes", format!("must be at least 2, got {}", k.prototypes)));
-        }
-        contrast_config::within_ceiling("method.prototypes", k.prototypes as u64, 1 << 20, 4 * 8192, "the prototypes")?;
-        if let Some(items) = run.items.filter(|&n| k.prototypes > n) {
-            return Err(invalid(
-                "method.prototypes",
-                format!("{} prototypes for {items} training items: at most one per item", k.prototypes),
-            ));
-        }
+        super::check_classes("method.prototypes", k.prototypes, "prototypes", run)?;
         if !(k.sinkhorn_epsilon >= 2e-3 && k.sinkhorn_epsilon.is_finite()) {
             return Err(invalid("method.sinkhorn_epsilon", format!("must be ≥ 0.002, got {}", k.sinkhorn_epsilon)));
         }
