@@ -81,10 +81,36 @@ pub(crate) fn start_epoch<C: Collective>(c: &C, case: &Case, m: &mut dyn Method,
 }
 
 /// Initial weights every layout starts from.
+/// The same on every run: each variable that varies is redrawn from a stream
+/// keyed on its name, at its initialiser's mean and spread (libtorch's global
+/// generator is shared with the tests that run alongside, so the built values
+/// alone would differ from run to run); constant ones (norm weights, running
+/// statistics, zero biases) keep their values.
 pub(crate) fn snapshot(case: &Case) -> HashMap<String, Host> {
-    tch::manual_seed(3);
     let m = build(&case.spec(1, 0)).unwrap();
-    m.var_store().variables().into_iter().map(|(n, t)| (n, Host::of(&t))).collect()
+    let mut vars: Vec<(String, Tensor)> = m.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter()
+        .enumerate()
+        .map(|(i, (name, t))| {
+            let t = t.detach().to_kind(Kind::Double);
+            let (mean, std) = (t.mean(Kind::Double).double_value(&[]), t.std(false).double_value(&[]));
+            let draw = || Tensor::from_slice(&randn_vec(t.numel(), 9000 + i as u64)).view(t.size().as_slice());
+            let fresh = match (t.numel() > 1 && std > 0.0, t.dim()) {
+                (false, _) => t,
+                (true, 1) => draw() * std + mean,
+                // Rows keep their norms (SwAV's prototypes start as unit rows).
+                (true, _) => {
+                    let (rows, norm) = (t.size()[0], |x: &Tensor| {
+                        x.reshape([t.size()[0], -1]).norm_scalaropt_dim(2, [1i64].as_slice(), true)
+                    });
+                    let d = draw();
+                    (d.reshape([rows, -1]) / norm(&d) * norm(&t)).view(t.size().as_slice())
+                }
+            };
+            (name, Host::of(&fresh))
+        })
+        .collect()
 }
 
 /// One rank: steps `span` from the initial weights or `saved`; the losses and the final canonical state.
