@@ -48,9 +48,8 @@ pub(super) mod control {
 }
 
 /// The optimiser of the plan: SGD or AdamW, wrapped in LARS when asked, over
-/// the method's parameter groups.
-/// The optimiser of the plan over the method's parameters, tracking the ones
-/// the method restarts each epoch ([`Method::restarts`]).
+/// the method's parameter groups, tracking the parameters the method restarts
+/// each epoch ([`Method::restarts`]).
 pub fn optimizer(plan: &Plan, method: &dyn Method) -> Result<Optimizer> {
     let o = &plan.config.train.optimizer;
     let kind = match o.name {
