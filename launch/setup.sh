@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up contrast on a Debian machine, idempotently:
-#   1. Debian packages: Open MPI (+ libclang for the MPI bindings), Fashion-MNIST;
+#   1. Debian packages: Open MPI (+ libclang for the MPI bindings), Fashion-MNIST,
+#      fortunes (converted into data/fortunes/, the text methods' corpus);
 #   2. a venv with torch==2.13.0 (for its libtorch; torchvision==0.28.0 only as
 #      the data benchmark's baseline), cached outside the
 #      clone in ~/.cache/contrast (override: CONTRAST_VENV) and linked as .venv;
@@ -10,7 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-packages=(libopenmpi-dev openmpi-bin libclang-dev dataset-fashion-mnist pkg-config python3-venv)
+packages=(libopenmpi-dev openmpi-bin libclang-dev dataset-fashion-mnist fortunes pkg-config python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,6 +22,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The sentence corpus of configs/simcse.yaml and configs/quick_thought.yaml
+# (data/fortunes/{train,test}.tsv), rewritten when the converter changes.
+if [ ! -s data/fortunes/train.tsv ] || [ tools/fortunes_to_lines.py -nt data/fortunes/train.tsv ]; then
+  python3 tools/fortunes_to_lines.py --out data/fortunes
 fi
 
 venv="${CONTRAST_VENV:-$HOME/.cache/contrast/venv-torch-2.13.0}"

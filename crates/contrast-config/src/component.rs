@@ -133,6 +133,16 @@ pub trait MethodSpec: Send + Sync {
     fn shuffled_view(&self, _settings: &Settings) -> Option<usize> {
         None
     }
+    /// Whether it trains on sentences alone (`data.dataset: lines`, no image):
+    /// its batches hold captions and no view.
+    fn text_only(&self) -> bool {
+        false
+    }
+    /// Whether a text-only method's items are pairs of adjacent sentences of one
+    /// group (Quick-Thought): the corpus needs a group column.
+    fn sentence_pairs(&self) -> bool {
+        false
+    }
     /// Whether its forward is a function of each row alone (no batch statistics
     /// in its heads, no exchange inside it), so the gradient cache
     /// (`train.micro_batch`) may run it in chunks of rows.

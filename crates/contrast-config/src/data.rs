@@ -84,12 +84,25 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100 (fine labels), pickle or binary.
     Cifar100,
+    /// Sentences, one per line of a text file: `text`, `label<TAB>text` or
+    /// `label<TAB>group<TAB>text` (text-only methods: SimCSE, Quick-Thought).
+    Lines,
 }
 
 impl DatasetKind {
-    /// True for decoded RGB images (every kind but IDX).
+    /// True for decoded RGB images (image folders, CSV, shards, CIFAR).
     pub fn is_files(self) -> bool {
-        self != DatasetKind::FashionMnist
+        !matches!(self, DatasetKind::FashionMnist | DatasetKind::Lines)
+    }
+
+    /// True for IDX images (grayscale, read whole at start).
+    pub fn is_idx(self) -> bool {
+        self == DatasetKind::FashionMnist
+    }
+
+    /// True for sentences (`lines`): no image at all.
+    pub fn is_lines(self) -> bool {
+        self == DatasetKind::Lines
     }
 
     /// True for formats whose samples are compressed images to decode (PNG,
@@ -272,7 +285,7 @@ impl Default for AugConfig {
 /// directory of a shard pattern (the shards are checked when indexed), or a directory.
 pub(crate) fn root_exists(dataset: DatasetKind, root: &Path) -> bool {
     match dataset {
-        DatasetKind::Csv => root.is_file(),
+        DatasetKind::Csv | DatasetKind::Lines => root.is_file(),
         DatasetKind::Webdataset => root.parent().map(|p| p.as_os_str().is_empty() || p.is_dir()).unwrap_or(false),
         DatasetKind::FashionMnist | DatasetKind::ImageFolder | DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
             root.is_dir()
@@ -283,25 +296,28 @@ pub(crate) fn root_exists(dataset: DatasetKind, root: &Path) -> bool {
 /// The `data.*` keys that the chosen dataset, preset, mixing and loss do not read.
 pub(crate) fn rules(c: &Config, loss: LossKind, r: &mut Rules) {
     let d = &c.data;
+    let lines = d.dataset.is_lines();
+    let images = ["image_size", "max_image_bytes", "max_image_pixels", "augment", "aug", "mix", "small_crops"];
+    r.keys("data", &images, "data.dataset: lines (sentences, no image)", lines);
     let eval_dataset = c.eval.dataset.unwrap_or(d.dataset);
     let csv = d.dataset == DatasetKind::Csv || eval_dataset == DatasetKind::Csv;
     r.keys("data", &["csv_img_key", "csv_caption_key", "csv_separator"], "a dataset that is not csv", !csv);
-    r.keys("data", &["image_size"], "fashion_mnist (its images are 28×28)", !d.dataset.is_files());
+    r.keys("data", &["image_size"], "fashion_mnist (its images are 28×28)", d.dataset.is_idx());
     let caps = ["max_image_bytes", "max_text_bytes", "max_image_pixels"];
-    r.keys("data", &caps, "fashion_mnist (its IDX files are read whole at start)", !d.dataset.is_files());
+    r.keys("data", &caps, "fashion_mnist (its IDX files are read whole at start)", d.dataset.is_idx());
     let preset = format!("data.augment: {}", d.augment.as_str());
     r.keys("data", &["small_crops", "small_size"], &preset, d.augment != AugmentPreset::Swav);
     r.keys("data", &["mix_alpha", "mix_group"], "data.mix: none", d.mix == MixName::None);
     // `data.aug` parameterises the `simclr` preset (and, for IDX, the views of `swav`).
     let reads_aug = match d.augment {
         AugmentPreset::Simclr => true,
-        AugmentPreset::Swav => !d.dataset.is_files(),
+        AugmentPreset::Swav => d.dataset.is_idx(),
         _ => false,
     };
     r.keys("data", &["aug"], &preset, !reads_aug);
     let rgb_only = ["saturation", "hue", "gray_prob", "solarize_prob", "randaugment_n", "randaugment_m", "autoaugment"];
-    r.keys("data.aug", &rgb_only, "fashion_mnist (grayscale)", !d.dataset.is_files());
-    r.keys("data", &["text"], &format!("loss {loss:?} (no captions)"), !loss.is_image_text());
+    r.keys("data.aug", &rgb_only, "fashion_mnist (grayscale)", d.dataset.is_idx());
+    r.keys("data", &["text"], &format!("loss {loss:?} on images (no captions)"), !loss.is_image_text() && !lines);
     let t = &d.text;
     r.keys("data.text", &["synonyms"], "data.text.eda_alpha: 0", t.eda_alpha == 0.0);
     r.keys("data.text", &["cutoff_ratio"], "data.text.cutoff: none", t.cutoff == CutoffName::None);
@@ -356,10 +372,10 @@ pub(crate) fn check(c: &Config, loss: LossKind, accepts_augment: bool, method: &
     )?;
     crate::within_ceiling("data.prefetch", d.prefetch as u64, MAX_PREFETCH as u64, 1, "ready batches")?;
     let preset = d.augment;
-    if matches!(preset, AugmentPreset::Mocov2 | AugmentPreset::Byol) && !d.dataset.is_files() {
+    if matches!(preset, AugmentPreset::Mocov2 | AugmentPreset::Byol) && d.dataset.is_idx() {
         return Err(invalid("data.augment", format!("`{}` is an RGB preset: use a file dataset", preset.as_str())));
     }
-    if !accepts_augment {
+    if !accepts_augment && !d.dataset.is_lines() {
         return Err(invalid(
             "data.augment",
             format!("method {method} with loss {loss:?} does not train on the `{}` preset", preset.as_str()),
@@ -375,8 +391,14 @@ pub(crate) fn check(c: &Config, loss: LossKind, accepts_augment: bool, method: &
         return Err(invalid(
             "data.root",
             format!(
-                "{} does not exist (for fashion_mnist install Debian's dataset-fashion-mnist or point data.root at IDX files)",
-                d.root.display()
+                "{} does not exist ({})",
+                d.root.display(),
+                match d.dataset {
+                    DatasetKind::FashionMnist =>
+                        "install Debian's dataset-fashion-mnist or point data.root at IDX files",
+                    DatasetKind::Lines => "launch/setup.sh writes the fortunes corpus to data/fortunes/",
+                    _ => "point data.root at the dataset",
+                }
             ),
         ));
     }

@@ -36,7 +36,7 @@ pub use data::{
     MAX_PREFETCH, MAX_WORKERS,
 };
 pub use loss::{LossConfig, LossKind, Mining};
-pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig};
+pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig, TextPool};
 pub use plan::{Plan, Topology};
 pub use run::{CheckpointConfig, EvalConfig, MetricsConfig, BEST_METRICS};
 pub use train::{

@@ -92,6 +92,28 @@ pub struct TextConfig {
     pub context: i64,
     /// Activation of the MLPs: `gelu` or `quick_gelu` (x·σ(1.702x), OpenAI CLIP's).
     pub act: TextAct,
+    /// Causal attention (CLIP's text tower); false: every token sees every
+    /// token of its text (BERT's, SimCSE's encoder), padding masked.
+    pub causal: bool,
+    /// Where the tower pools a text: `last` (its end token, CLIP), `mean` (over
+    /// its tokens, start and end included) or `first` (its start token, BERT's `[CLS]`).
+    pub pool: TextPool,
+    /// Dropout probability on the embeddings, the attention output and the MLP
+    /// output of every block (BERT's hidden dropout); its masks are keyed on
+    /// (seed, step, global row, view, layer), not on libtorch's generator.
+    pub dropout: f64,
+}
+
+/// `model.text.pool`: where the text tower pools a text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPool {
+    /// The text's last token (its end token).
+    Last,
+    /// The mean over the text's tokens.
+    Mean,
+    /// The text's first token (its start token).
+    First,
 }
 
 /// `model.text.act` (and `model.vit.act`): the transformer MLP's activation.
@@ -106,7 +128,16 @@ pub enum TextAct {
 
 impl Default for TextConfig {
     fn default() -> Self {
-        Self { width: 64, layers: 2, heads: 4, context: 48, act: TextAct::Gelu }
+        Self {
+            width: 64,
+            layers: 2,
+            heads: 4,
+            context: 48,
+            act: TextAct::Gelu,
+            causal: true,
+            pool: TextPool::Last,
+            dropout: 0.0,
+        }
     }
 }
 
@@ -219,6 +250,15 @@ pub(crate) fn check(m: &ModelConfig) -> Result<(), ConfigError> {
     }
     if m.text.context < 8 {
         return Err(invalid("model.text.context", format!("must be ≥ 8, got {}", m.text.context)));
+    }
+    if !(0.0..1.0).contains(&m.text.dropout) {
+        return Err(invalid("model.text.dropout", format!("must lie in [0, 1), got {}", m.text.dropout)));
+    }
+    if m.text.causal && m.text.pool == TextPool::First {
+        return Err(invalid(
+            "model.text.pool",
+            "`first` under causal attention sees the start token alone: set model.text.causal: false",
+        ));
     }
     if let Some(p) = m.pretrained.as_ref().filter(|p| p.extension().is_some_and(|e| e != "safetensors")) {
         return Err(invalid(

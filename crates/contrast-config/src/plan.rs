@@ -87,9 +87,27 @@ fn resolve_method(c: &Config, catalog: &dyn Catalog) -> Result<(&'static dyn Met
     Ok((spec, loss))
 }
 
+/// A text-only method trains on sentences (`data.dataset: lines`), and sentences train only a text-only method.
+fn check_input(c: &Config, spec: &dyn MethodSpec) -> Result<(), ConfigError> {
+    match (spec.text_only(), c.data.dataset.is_lines()) {
+        (true, false) => Err(invalid(
+            "data.dataset",
+            format!("method {} trains on sentences: set data.dataset: lines (got {:?})", spec.name(), c.data.dataset),
+        )),
+        (false, true) => Err(invalid(
+            "method.name",
+            format!(
+                "data.dataset: lines holds sentences without images: method {} needs images (text-only methods: simcse, quick_thought)",
+                spec.name()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The images the encoder sees: 1 channel at 28 px for IDX, RGB at `data.image_size` for files.
 fn image_of(c: &Config) -> ImageInfo {
-    if c.data.dataset.is_files() {
+    if !c.data.dataset.is_idx() {
         ImageInfo { channels: 3, size: c.data.image_size as i64 }
     } else {
         ImageInfo { channels: 1, size: 28 }
@@ -150,6 +168,7 @@ impl Plan {
     pub fn resolve(config: Config, topo: Topology, catalog: &dyn Catalog) -> Result<Self, ConfigError> {
         let c = &config;
         let (spec, loss) = resolve_method(c, catalog)?;
+        check_input(c, spec)?;
         loss::check(c, loss)?;
         let mut rules = Rules::default();
         loss::rules(loss, &mut rules);

@@ -101,6 +101,12 @@ pub struct EvalConfig {
     pub root: Option<PathBuf>,
     /// Format of `eval.root`: `image_folder`, `webdataset` or `csv` (unset = `data.dataset`).
     pub dataset: Option<DatasetKind>,
+    /// Whiten the features before kNN, the linear probe, alignment and
+    /// `trainer embed` (Su et al. 2021): x ↦ (x − μ)·U·Λ^(−1/2), μ and the
+    /// covariance from the kNN memory (the training split), then L2-normalise.
+    pub whiten: bool,
+    /// Keep the first k whitened dimensions (largest variance first); 0 = all.
+    pub whiten_dim: usize,
 }
 
 impl Default for EvalConfig {
@@ -115,14 +121,17 @@ impl Default for EvalConfig {
             max_test: 0,
             root: None,
             dataset: None,
+            whiten: false,
+            whiten_dim: 0,
         }
     }
 }
 
 /// The `eval.*` and `metrics.*` keys that the dataset and the metrics settings do not read.
 pub(crate) fn rules(c: &Config, r: &mut Rules) {
-    let idx = !c.data.dataset.is_files();
+    let idx = c.data.dataset.is_idx();
     r.keys("eval", &["root"], "fashion_mnist (its t10k files in data.root are the test split)", idx);
+    r.keys("eval", &["whiten_dim"], "eval.whiten: false", !c.eval.whiten);
     r.keys("metrics", &["textfile_every"], "metrics without metrics.textfile_dir", c.metrics.textfile_dir.is_none());
     r.keys("metrics", &["max_connections"], "metrics.enabled: false", !c.metrics.enabled);
 }
@@ -184,13 +193,13 @@ pub(crate) fn check_eval(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid("eval.knn_t", format!("must be > 0, got {}", c.eval.knn_t)));
     }
     let eval_dataset = c.eval.dataset.unwrap_or(c.data.dataset);
-    if c.data.dataset.is_files() != eval_dataset.is_files() {
+    if c.data.dataset.is_files() != eval_dataset.is_files() || c.data.dataset.is_lines() != eval_dataset.is_lines() {
         return Err(invalid(
             "eval.dataset",
             format!("{eval_dataset:?} images do not fit an encoder trained on {:?}", c.data.dataset),
         ));
     }
-    if let Some(root) = c.eval.root.as_ref().filter(|_| eval_dataset.is_files()) {
+    if let Some(root) = c.eval.root.as_ref().filter(|_| !eval_dataset.is_idx()) {
         if !root_exists(eval_dataset, root) {
             return Err(invalid("eval.root", format!("{} does not exist", root.display())));
         }

@@ -10,6 +10,7 @@ pub mod augment;
 pub mod hostile;
 pub mod idx;
 pub mod limits;
+pub mod lines;
 pub mod mix;
 pub mod pipeline;
 pub mod randaug;

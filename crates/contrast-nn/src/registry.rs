@@ -22,6 +22,8 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::swav::ENTRY,
         method::deepcluster::ENTRY,
         method::cpc::ENTRY,
+        method::simcse::ENTRY,
+        method::quick_thought::ENTRY,
     ])
 });
 

@@ -111,7 +111,8 @@ fn full_size_encoders_match_the_upstream_key_contracts() {
     // open_clip's ViT-B-32 into the CLIP method: image tower, text tower, projections and logit scale.
     let vit = "{vit: {patch_size: 32, pre_norm: true, ln_eps: 1.0e-5, patch_bias: false}}";
     let mut s = spec("clip", "vit_base", vit, 224, Kind::Float);
-    s.model.text = TextConfig { width: 512, layers: 12, heads: 8, context: 77, act: TextAct::Gelu };
+    s.model.text =
+        TextConfig { width: 512, layers: 12, heads: 8, context: 77, act: TextAct::Gelu, ..Default::default() };
     (s.model.proj_dim, s.text_vocab) = (512, 49408);
     let m = build(&s).unwrap();
     let r = import_as(m.as_ref(), state(&keys_of(&k["open_clip_ViT-B-32"]), true), PretrainedFormat::Auto, &[]);
@@ -155,7 +156,8 @@ fn small_encoders_match_torchvision_timm_and_open_clip() {
             let v = format!("{{vit: {{patch_size: 8, dim: 64, depth: 2, heads: 2, pre_norm: true, ln_eps: 1.0e-5, patch_bias: false, act: {act}}}}}");
             let mut s = spec("clip", "vit", &v, 32, Kind::Double);
             let text_act = if act == "gelu" { TextAct::Gelu } else { TextAct::QuickGelu };
-            s.model.text = TextConfig { width: 32, layers: 1, heads: 2, context: 16, act: text_act };
+            s.model.text =
+                TextConfig { width: 32, layers: 1, heads: 2, context: 16, act: text_act, ..Default::default() };
             (s.model.proj_dim, s.text_vocab) = (16, 100);
             let m = build(&s).unwrap();
             import_as(m.as_ref(), state(&keys, false), PretrainedFormat::OpenClip, &[]);
@@ -376,7 +378,14 @@ fn full_size_encoders_match_the_libraries_behind_a_flag() {
             "full_open_clip_vit_b_32" => {
                 let vit = "{vit: {patch_size: 32, pre_norm: true, ln_eps: 1.0e-5, patch_bias: false}}";
                 let mut s = spec("clip", "vit_base", vit, 224, Kind::Double);
-                s.model.text = TextConfig { width: 512, layers: 12, heads: 8, context: 77, act: TextAct::Gelu };
+                s.model.text = TextConfig {
+                    width: 512,
+                    layers: 12,
+                    heads: 8,
+                    context: 77,
+                    act: TextAct::Gelu,
+                    ..Default::default()
+                };
                 (s.model.proj_dim, s.text_vocab) = (512, 49408);
                 let m = build(&s).unwrap();
                 import_as(
@@ -422,7 +431,8 @@ fn every_method_takes_a_step_on_every_encoder() {
             if matches!(method, "byol" | "simsiam") {
                 s.method.settings.set("predictor_hidden", 8);
             }
-            s.model.text = TextConfig { width: 16, layers: 1, heads: 2, context: 12, act: TextAct::Gelu };
+            s.model.text =
+                TextConfig { width: 16, layers: 1, heads: 2, context: 12, act: TextAct::Gelu, ..Default::default() };
             (s.model.proj_dim, s.model.proj_hidden, s.text_vocab) = (8, 16, 64);
             let m = build(&s).unwrap_or_else(|e| panic!("{method} on {encoder}: {e}"));
             let batch =

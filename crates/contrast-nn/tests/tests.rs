@@ -26,4 +26,5 @@ mod stream;
 mod survey;
 mod survey_epochs;
 mod survey_methods;
+mod text_methods;
 mod whiten;

@@ -2,10 +2,11 @@
 //! RGB), batch-level mixing, the training input, the caption tokenizer and
 //! mode, and the evaluation sets.
 
-use crate::eval::{EvalData, EvalSet, ViewAug};
+use crate::eval::{EvalData, EvalSet, LineSet, ViewAug};
 use anyhow::{bail, Context, Result};
 use contrast_config::{AugmentPreset, CutoffName, DatasetKind, MixName, Plan};
 use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
+use contrast_data::lines::Corpus;
 use contrast_data::pipeline::Input;
 use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
 use contrast_data::source::{Cifar, CifarSource, CsvSource, ImageFolder, Source, WebDataset};
@@ -101,9 +102,37 @@ pub fn mix_config(plan: &Plan) -> Option<(contrast_data::mix::MixConfig, usize)>
     Some((MixConfig { kind, alpha: d.mix_alpha, group: d.mix_group }, views))
 }
 
+/// The corpus at `path` (`data.dataset: lines`), or an error naming the file.
+pub fn corpus(path: &Path) -> Result<Arc<Corpus>> {
+    Ok(Arc::new(Corpus::load(path).with_context(|| format!("loading data.root {}", path.display()))?))
+}
+
+/// The sentences of a text-only run: each sentence, or for a method that
+/// trains on adjacent pairs the sentences followed by one of their group.
+fn lines_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
+    let root = &plan.config.data.root;
+    let corpus = corpus(root)?;
+    let pairs = plan.method.spec.0.sentence_pairs();
+    if pairs && !corpus.grouped {
+        bail!(
+            "data.root {}: method {} trains on adjacent sentences of one group: write lines as label<TAB>group<TAB>text",
+            root.display(),
+            plan.method.name
+        );
+    }
+    if pairs && corpus.anchors.is_empty() {
+        bail!("data.root {}: no group holds two consecutive sentences: no pair to train on", root.display());
+    }
+    let names = corpus.class_names.clone();
+    Ok((Input::Lines { corpus, pairs }, names))
+}
+
 /// The training input of the plan and its class names.
 pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     let d = &plan.config.data;
+    if d.dataset.is_lines() {
+        return lines_input(plan);
+    }
     if !d.dataset.is_files() {
         let images =
             Images::load_split(&d.root, "train").with_context(|| format!("loading data.root {}", d.root.display()))?;
@@ -142,7 +171,7 @@ fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path, train: bool) -> R
         DatasetKind::ImageFolder => Box::new(ImageFolder::open(root)?),
         DatasetKind::Csv => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, sep)?),
         DatasetKind::Webdataset => Box::new(WebDataset::open(&root.to_string_lossy())?),
-        DatasetKind::FashionMnist => bail!("fashion_mnist is not a file dataset"),
+        DatasetKind::FashionMnist | DatasetKind::Lines => bail!("{dataset:?} is not an image file dataset"),
     })
 }
 
@@ -150,6 +179,9 @@ fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path, train: bool) -> R
 /// test split). `opened` is the training set's source when the caller already has it.
 pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::result::Result<EvalData, &'static str>> {
     let (d, e) = (&plan.config.data, &plan.config.eval);
+    if d.dataset.is_lines() {
+        return lines_eval(plan);
+    }
     if !d.dataset.is_files() {
         let mut train = Images::load_split(&d.root, "train")?;
         let mut test = Images::load_split(&d.root, "t10k")?;
@@ -183,6 +215,24 @@ pub fn load_eval(plan: &Plan, opened: Option<Arc<dyn Source>>) -> Result<std::re
     Ok(Ok(EvalData { memory, test: EvalSet::files(test, e.max_test, transform, threads), class_names, views }))
 }
 
+/// The evaluation data of sentences: the training corpus as kNN memory, the
+/// corpus at `eval.root` as the test set, and adjacent sentences for alignment.
+fn lines_eval(plan: &Plan) -> Result<std::result::Result<EvalData, &'static str>> {
+    let (d, e) = (&plan.config.data, &plan.config.eval);
+    let Some(root) = e.root.as_ref() else { return Ok(Err("set eval.root to a labelled corpus of test sentences")) };
+    let (tokenizer, context) = (tokenizer(plan)?, plan.config.model.text.context as usize);
+    let train = corpus(&d.root)?;
+    let test = Arc::new(Corpus::load(root).with_context(|| format!("loading eval.root {}", root.display()))?);
+    let class_names = train.class_names.clone();
+    let set = |c: Arc<Corpus>, max| EvalSet::Lines(LineSet::new(c, max, tokenizer.clone(), context));
+    Ok(Ok(EvalData {
+        memory: Some(set(train, e.max_train)),
+        test: set(test, e.max_test),
+        class_names,
+        views: Some(ViewAug::Adjacent),
+    }))
+}
+
 /// The evaluation transform: what training normalised (the first view's
 /// statistics), resized and centre-cropped, no random op.
 fn eval_transform(plan: &Plan) -> RgbAugParams {
@@ -195,6 +245,16 @@ fn eval_transform(plan: &Plan) -> RgbAugParams {
 /// name for each image's source.
 pub fn embed_set(plan: &Plan, test: bool) -> Result<(EvalSet, Box<dyn Fn(usize) -> String>)> {
     let (d, e) = (&plan.config.data, &plan.config.eval);
+    if d.dataset.is_lines() {
+        let path = match (test, &e.root) {
+            (false, _) => d.root.clone(),
+            (true, Some(root)) => root.clone(),
+            (true, None) => bail!("--split test needs eval.root"),
+        };
+        let lines = LineSet::new(corpus(&path)?, 0, tokenizer(plan)?, plan.config.model.text.context as usize);
+        let shown = path.display().to_string();
+        return Ok((EvalSet::Lines(lines), Box::new(move |i| format!("{shown}#{}", i + 1))));
+    }
     if !d.dataset.is_files() {
         let split = if test { "t10k" } else { "train" };
         let images = Images::load_split(&d.root, split)?;
@@ -215,7 +275,8 @@ pub fn embed_set(plan: &Plan, test: bool) -> Result<(EvalSet, Box<dyn Fn(usize) 
 /// What a batch holds for the plan: captions for image–text methods (with
 /// their augmentation), views otherwise.
 pub fn mode(plan: &Plan, tokenizer: &Arc<Tokenizer>, class_names: Vec<String>) -> Result<Mode> {
-    if !plan.loss.is_image_text() {
+    let lines = plan.config.data.dataset.is_lines();
+    if !plan.loss.is_image_text() && !lines {
         return Ok(Mode::Views);
     }
     let (c, t) = (&plan.config, &plan.config.data.text);
@@ -228,6 +289,10 @@ pub fn mode(plan: &Plan, tokenizer: &Arc<Tokenizer>, class_names: Vec<String>) -
         CutoffName::Span => Some((contrast_data::textaug::Cutoff::Span, t.cutoff_ratio)),
         CutoffName::None => None,
     };
-    let text = contrast_data::pipeline::TextAug { eda, cutoff };
-    Ok(Mode::ImageText { context: c.model.text.context as usize, tokenizer: tokenizer.clone(), class_names, text })
+    let (text, context, tokenizer) =
+        (contrast_data::pipeline::TextAug { eda, cutoff }, c.model.text.context as usize, tokenizer.clone());
+    Ok(match lines {
+        true => Mode::Text { context, tokenizer, text },
+        false => Mode::ImageText { context, tokenizer, class_names, text },
+    })
 }

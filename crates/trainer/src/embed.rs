@@ -9,6 +9,9 @@
 //!   `{"rows": n, "dim": D, "parts": [{"file", "first_row", "rows"}, …]}`.
 //!   Concatenating the parts in order gives the rows of one rank's `FILE`.
 //!
+//! With `eval.whiten`, the features are whitened first (statistics of the
+//! training split, `eval.whiten_dim` dimensions) and then L2-normalised.
+//!
 //! Each file holds `embeddings` `[rows, D]` f32 and `labels` `[rows]` i64 (−1:
 //! none, or unreadable), and in its header metadata the rows' source names
 //! (`paths`, a JSON list), `first_row` and `rows_total`. Every file is written
@@ -38,8 +41,24 @@ fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path
     let plan = load_plan(comm, path, overrides)?;
     let m = load_checkpointed(comm, &plan, ckpt)?;
     let (set, name) = data::embed_set(&plan, test)?;
-    let dim = m.method.backbone().out_dim();
-    let (x, labels, (lo, hi, _)) = eval::local_features(comm, &set, m.device, dim, |x| m.method.features(x));
+    let raw = m.method.backbone().out_dim();
+    // `eval.whiten`: statistics of the training split (at most eval.max_train items), whatever the split embedded.
+    let whitening = match plan.config.eval.whiten {
+        true => {
+            let (train, _) = data::embed_set(&plan, false)?;
+            let train = train.strided(plan.config.eval.max_train);
+            eval::whitening_of(comm, &plan.config.eval, &train, m.device, raw, |x| m.method.features(x))?
+        }
+        false => None,
+    };
+    let dim = whitening.as_ref().map_or(raw, |w| w.1);
+    let features = |x: &tch::Tensor| match &whitening {
+        Some((w, _)) => w.apply(&m.method.features(x)),
+        None => m.method.features(x),
+    };
+    let (x, labels, (lo, hi, _)) = eval::local_features(comm, &set, m.device, dim, features);
+    // The file's labels: −1 for no label or an unreadable input (whose row is zero).
+    let labels: Vec<i64> = labels.into_iter().map(|l| l.max(-1)).collect();
     let (rank, parts, n) = (comm.rank(), comm.world_size(), set.len());
     let file = part_path(out, rank, parts);
     let paths: Vec<String> = (lo..hi).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();

@@ -63,6 +63,10 @@ pub struct Summary {
     /// kNN top-1 of raw pixels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub knn_top1_raw_pixels: Option<f64>,
+    /// kNN top-1 of the bag of words (sentences, `data.dataset: lines`: their
+    /// baseline in place of raw pixels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knn_top1_bag_of_words: Option<f64>,
     /// The final evaluation of the trained backbone (flat keys: `knn_top1`, `knn_top5`,
     /// `linear_top1`, `zero_shot_top1/5`, `i2t_r1`…, `alignment`, `uniformity`).
     #[serde(flatten)]
@@ -253,13 +257,14 @@ pub(crate) fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
     std::fs::write(dir.join(rundir::SUMMARY_FILE), &text)?;
     let pct = |v: Option<f64>| v.map(|x| format!("{:.2}%", 100.0 * x)).unwrap_or_else(|| "-".into());
     tracing::info!(
-        "done: {} steps, final loss {:.4}, {:.0} samples/s | kNN top-1: trained {}  untrained {}  raw pixels {}{}",
+        "done: {} steps, final loss {:.4}, {:.0} samples/s | kNN top-1: trained {}  untrained {}  {} {}{}",
         summary.steps,
         summary.final_loss,
         summary.samples_per_s,
         pct(summary.eval.knn_top1),
         pct(summary.knn_top1_init),
-        pct(summary.knn_top1_raw_pixels),
+        if summary.knn_top1_bag_of_words.is_some() { "bag of words" } else { "raw pixels" },
+        pct(summary.knn_top1_raw_pixels.or(summary.knn_top1_bag_of_words)),
         summary.eval.zero_shot_top1.map(|z| format!(" | zero-shot top-1 {:.2}%", 100.0 * z)).unwrap_or_default()
     );
     println!("{text}");
@@ -358,6 +363,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let sampler = contrast_data::Sampler::new(input.len(), plan.global_batch, plan.config.seed)?;
     let tokenizer = data::tokenizer(&plan)?;
     let method = build_method(comm, &plan, device, &tokenizer)?;
+    if plan.config.eval.whiten {
+        eval::check_whiten_dim(&plan.config.eval, method.backbone().out_dim())?;
+    }
     let eval = eval_data(&plan, &input)?;
     let mode = data::mode(&plan, &tokenizer, class_names)?;
     let dataset_fingerprint = input.fingerprint();
@@ -452,7 +460,7 @@ fn eval_data(plan: &Plan, input: &Input) -> Result<Option<EvalData>> {
     }
     let opened = match input {
         Input::Files { source, .. } => Some(source.clone()),
-        Input::Idx { .. } => None,
+        Input::Idx { .. } | Input::Lines { .. } => None,
     };
     Ok(match data::load_eval(plan, opened)? {
         Ok(d) => Some(d),

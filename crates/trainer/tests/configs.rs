@@ -63,15 +63,24 @@ fn shipped_method_configs_train() {
         ("instdisc", "method.bank"),
         ("deepcluster", "method.pseudo_labels"),
         ("cpc", "predict.k1.weight"),
+        ("simcse", "backbone.proj.weight"),
+        ("quick_thought", "backbone.context.proj.weight"),
     ] {
         let run_dir = dir.path().join(config);
         let cfg = root.join(format!("configs/{config}.yaml"));
-        let sets = [
+        let mut sets = vec![
             "train.steps=3".to_string(),
             "train.global_batch=32".into(),
             "eval.at_end=false".into(),
             format!("checkpoint.dir={}", run_dir.display()),
         ];
+        if matches!(config, "simcse" | "quick_thought") {
+            // The configs name the corpus launch/setup.sh writes, relative to the repository.
+            let fortunes = root.join("data/fortunes");
+            sets.push(format!("data.root={}", fortunes.join("train.tsv").display()));
+            sets.push(format!("data.text.tokenizer={}", fortunes.join("tokenizer.json").display()));
+            sets.push(format!("eval.root={}", fortunes.join("test.tsv").display()));
+        }
         let mut args = vec!["--config".to_string(), cfg.to_str().unwrap().to_string()];
         args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]));
         let out = ok(run(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));

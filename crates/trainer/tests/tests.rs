@@ -15,3 +15,4 @@ mod parity;
 mod reliability;
 mod resume;
 mod survey;
+mod text;

@@ -51,6 +51,16 @@ pub enum Mode {
         /// Caption augmentation.
         text: TextAug,
     },
+    /// Sentences and no view ([`Input::Lines`]): one caption per row, or two
+    /// (a sentence and the next one of its group) for pairs.
+    Text {
+        /// Tokens per caption.
+        context: usize,
+        /// Byte-level or Hugging Face tokenizer.
+        tokenizer: Arc<text::Tokenizer>,
+        /// Caption augmentation.
+        text: TextAug,
+    },
 }
 
 /// Caption augmentation of [`Mode::ImageText`], keyed on (seed, epoch, global index).
@@ -76,9 +86,9 @@ pub struct HostBatch {
     pub views: Vec<Vec<f32>>,
     /// Class label of each row.
     pub labels: Vec<i64>,
-    /// Caption tokens `[B, context]` (empty unless [`Mode::ImageText`]).
+    /// Caption tokens `[B, m, context]`, m captions per row (empty without captions).
     pub tokens: Vec<i64>,
-    /// Position of each caption's last token, where the text tower pools (empty unless [`Mode::ImageText`]).
+    /// Position of each caption's last token `[B, m]`, where the text tower pools (empty without captions).
     pub text_end: Vec<i64>,
     /// Time the trainer waited for this batch.
     pub wait: Duration,
@@ -109,6 +119,14 @@ pub enum Input {
         /// Stop with an error when more than this fraction of the samples is bad.
         max_bad_fraction: f64,
     },
+    /// Sentences ([`Mode::Text`]): an item is a sentence, or with `pairs` a
+    /// sentence followed by one of its group (the items are `corpus.anchors`).
+    Lines {
+        /// The sentences.
+        corpus: Arc<crate::lines::Corpus>,
+        /// Items are adjacent pairs (Quick-Thought).
+        pairs: bool,
+    },
 }
 
 impl Input {
@@ -117,6 +135,16 @@ impl Input {
         match self {
             Input::Idx { images, .. } => images.len(),
             Input::Files { source, .. } => source.len(),
+            Input::Lines { corpus, pairs: true } => corpus.anchors.len(),
+            Input::Lines { corpus, pairs: false } => corpus.len(),
+        }
+    }
+
+    /// Captions of one row in [`Mode::Text`]: 2 for pairs, else 1.
+    pub fn captions_per_row(&self) -> usize {
+        match self {
+            Input::Lines { pairs: true, .. } => 2,
+            _ => 1,
         }
     }
 
@@ -134,13 +162,14 @@ impl Input {
                 crate::fingerprint(dims.iter().map(|d| &d[..]).chain([&images.labels[..], &images.pixels[..]]))
             }
             Input::Files { source, .. } => source.fingerprint(),
+            Input::Lines { corpus, pairs } => corpus.fingerprint() ^ u64::from(*pairs),
         }
     }
 
     /// `data.max_bad_fraction` of a file input (0 for IDX, which has no bad samples).
     pub fn max_bad_fraction(&self) -> f64 {
         match self {
-            Input::Idx { .. } => 0.0,
+            Input::Idx { .. } | Input::Lines { .. } => 0.0,
             Input::Files { max_bad_fraction, .. } => *max_bad_fraction,
         }
     }
@@ -150,6 +179,7 @@ impl Input {
         match self {
             Input::Idx { augment, .. } => augment.len(),
             Input::Files { augment, .. } => augment.len(),
+            Input::Lines { .. } => 0,
         }
     }
 
@@ -170,6 +200,7 @@ impl Input {
                 let s = augment[k.min(augment.len() - 1)].size as usize;
                 (3, s, s)
             }
+            Input::Lines { .. } => (0, 0, 0),
         }
     }
 }
@@ -334,7 +365,7 @@ impl Pipeline {
         for w in 0..cfg.workers.max(1) {
             let rgb = match &*input {
                 Input::Files { augment, .. } => augment.iter().cloned().map(RgbAugmenter::new).collect(),
-                Input::Idx { .. } => Vec::new(),
+                Input::Idx { .. } | Input::Lines { .. } => Vec::new(),
             };
             let worker = Worker {
                 input: input.clone(),

@@ -30,13 +30,14 @@ pub(super) struct Worker {
 const MAX_REPLACEMENTS: u64 = 16;
 
 impl Worker {
-    /// Views, label and caption of sample `idx` written into `views` (one slice per view).
+    /// Views, label and captions of sample `idx` written into `views` (one
+    /// slice per view); no caption: the caption comes from the class name.
     pub(super) fn sample(
         &mut self,
         idx: usize,
         epoch: usize,
         views: &mut [&mut [f32]],
-    ) -> Result<(i64, Option<String>), String> {
+    ) -> Result<(i64, Vec<String>), String> {
         let seed = self.cfg.seed;
         let view_rng = |v: usize| sample_rng(seed, epoch as u64, idx as u64, Stream::View as u64 + v as u64);
         match &*self.input {
@@ -45,7 +46,12 @@ impl Worker {
                 for (v, buf) in views.iter_mut().enumerate() {
                     augment[v.min(augment.len() - 1)].apply(src, &mut view_rng(v), buf);
                 }
-                Ok((images.labels[idx] as i64, None))
+                Ok((images.labels[idx] as i64, Vec::new()))
+            }
+            Input::Lines { corpus, pairs } => {
+                let first = if *pairs { corpus.anchors[idx] } else { idx };
+                let texts = corpus.texts[first..=first + usize::from(*pairs)].to_vec();
+                Ok((corpus.labels[first], texts))
             }
             Input::Files { source, .. } => {
                 let raw = source.fetch(idx)?;
@@ -55,7 +61,7 @@ impl Worker {
                     let aug = &mut self.rgb[v.min(last)];
                     aug.apply(&img, &mut view_rng(v), buf).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
                 }
-                Ok((raw.label, raw.caption))
+                Ok((raw.label, raw.caption.into_iter().collect()))
             }
         }
     }
@@ -143,18 +149,26 @@ impl Worker {
         }
     }
 
-    /// Tokenise sample `idx`'s caption (its own, or a random template of its
-    /// class name) with the text augmentation into `row`; returns its end.
+    /// Tokenise caption `k` of sample `idx` (its own, or a random template of
+    /// its class name) with the text augmentation into `row`; returns its end.
+    /// Caption k draws from the streams (seed, epoch, index, caption + 1000·k + j).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn caption_row(
         &self,
         idx: usize,
         epoch: usize,
         label: i64,
+        k: usize,
         caption: Option<String>,
         row: &mut [i64],
     ) -> Result<i64, String> {
-        let Mode::ImageText { class_names, text: aug, tokenizer, .. } = &self.cfg.mode else { return Ok(0) };
-        let stream = |k: u64| sample_rng(self.cfg.seed, epoch as u64, idx as u64, Stream::Caption as u64 + k);
+        let (aug, tokenizer, class_names) = match &self.cfg.mode {
+            Mode::ImageText { class_names, text, tokenizer, .. } => (text, tokenizer, &class_names[..]),
+            Mode::Text { text, tokenizer, .. } => (text, tokenizer, &[][..]),
+            Mode::Views => return Ok(0),
+        };
+        let base = Stream::Caption as u64 + 1000 * k as u64;
+        let stream = |j: u64| sample_rng(self.cfg.seed, epoch as u64, idx as u64, base + j);
         let cap = match caption {
             Some(c) => c,
             None => {
@@ -199,9 +213,10 @@ impl Worker {
         indices.clear();
         indices.extend_from_slice(Sampler::local_rows(&global, self.cfg.rank, self.cfg.world_size));
         let b = indices.len();
-        let n_views = match self.cfg.mode {
-            Mode::Views => self.input.views(),
-            Mode::ImageText { .. } => 1,
+        let (n_views, ctx, per_row) = match &self.cfg.mode {
+            Mode::Views => (self.input.views(), 0, 0),
+            Mode::ImageText { context, .. } => (1, *context, 1),
+            Mode::Text { context, .. } => (0, *context, self.input.captions_per_row()),
         };
         let lens: Vec<usize> = (0..n_views).map(|k| self.input.view_len(k)).collect();
         // Every element of a view is written below, so a recycled buffer keeps no stale values.
@@ -211,15 +226,11 @@ impl Worker {
         }
         labels.clear();
         text_end.clear();
-        let ctx = match &self.cfg.mode {
-            Mode::ImageText { context, .. } => *context,
-            Mode::Views => 0,
-        };
         // Each caption row is rewritten whole by the tokenizer.
-        tokens.resize(b * ctx, 0);
+        tokens.resize(b * per_row * ctx, 0);
         for row in 0..b {
             let idx = indices[row];
-            let ((label, caption), shown) = self.with_replacement(idx, epoch, |w, src| {
+            let ((label, captions), shown) = self.with_replacement(idx, epoch, |w, src| {
                 let mut slices: Vec<&mut [f32]> =
                     views.iter_mut().zip(&lens).map(|(v, &l)| &mut v[row * l..(row + 1) * l]).collect();
                 w.sample(src, epoch, &mut slices)
@@ -227,8 +238,10 @@ impl Worker {
             // The row shows item `shown`: a replaced sample carries its replacement's index.
             indices[row] = shown;
             labels.push(label);
-            if ctx > 0 {
-                text_end.push(self.caption_row(idx, epoch, label, caption, &mut tokens[row * ctx..(row + 1) * ctx])?);
+            let mut captions = captions.into_iter();
+            for k in 0..per_row {
+                let at = (row * per_row + k) * ctx;
+                text_end.push(self.caption_row(idx, epoch, label, k, captions.next(), &mut tokens[at..at + ctx])?);
             }
         }
         if let Some(k) = self.cfg.shuffle_view.filter(|&k| k < views.len()) {

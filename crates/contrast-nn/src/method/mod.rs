@@ -30,7 +30,9 @@ pub mod deepcluster;
 pub mod instdisc;
 pub mod mochi;
 pub mod moco;
+pub mod quick_thought;
 pub mod simclr;
+pub mod simcse;
 pub mod simsiam;
 pub mod swav;
 

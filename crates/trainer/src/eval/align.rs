@@ -1,5 +1,6 @@
 //! Alignment and uniformity (Wang & Isola 2020) of the backbone features under
-//! two draws of the training augmentation.
+//! two draws of the training augmentation; for sentences, over pairs of
+//! adjacent sentences of one group (a quote's consecutive sentences).
 
 use super::*;
 use contrast_comm::Collective;
@@ -70,6 +71,19 @@ pub fn alignment_uniformity_of<C: Collective>(
     seed: u64,
     f: impl Fn(&Tensor) -> Tensor,
 ) -> (f64, f64) {
+    if let (EvalSet::Lines(lines) | EvalSet::Words(lines), ViewAug::Adjacent) = (set, aug) {
+        let pairs = lines.pairs(ALIGN_IMAGES);
+        let view = |k: usize| {
+            features_with(comm, pairs.len(), device, dim, &f, |s, e| {
+                let sentences: Vec<usize> = pairs[s..e].iter().map(|&i| i + k).collect();
+                match set {
+                    EvalSet::Words(_) => lines.words_of(&sentences, device),
+                    _ => lines.tokens_of(&sentences, device),
+                }
+            })
+        };
+        return keep_both(comm, pairs.len(), &[view(0), view(1)], device);
+    }
     let m = set.len().min(ALIGN_IMAGES);
     let (c, h, w) = set.shape();
     let views: Vec<(Tensor, Vec<i64>)> = (0..2)
@@ -77,12 +91,23 @@ pub fn alignment_uniformity_of<C: Collective>(
             features_with(comm, m, device, dim, &f, |s, e| {
                 let (data, ok) = view_batch(set, aug, k, s, e, seed);
                 let x = Tensor::from_slice(&data).view([(e - s) as i64, c, h, w]).to_device(device);
-                (x, ok.iter().map(|&g| if g { 0 } else { -1 }).collect())
+                (x, ok.iter().map(|&g| if g { 0 } else { UNREADABLE }).collect())
             })
         })
         .collect();
-    let keep: Vec<i64> =
-        (0..m as i64).filter(|&i| views[0].1[i as usize] >= 0 && views[1].1[i as usize] >= 0).collect();
+    keep_both(comm, m, &views, device)
+}
+
+/// Alignment and uniformity of the bag of words of a sentence set over its
+/// adjacent pairs (None for images).
+pub fn bag_of_words_alignment<C: Collective>(comm: &C, set: &EvalSet, device: Device) -> Option<(f64, f64)> {
+    let words = set.bag_of_words()?;
+    Some(alignment_uniformity_of(comm, &words, &ViewAug::Adjacent, device, BOW_DIM as i64, 0, |x| x.shallow_clone()))
+}
+
+/// Alignment and uniformity of the `m` rows both views could read.
+fn keep_both<C: Collective>(comm: &C, m: usize, views: &[(Tensor, Vec<i64>)], device: Device) -> (f64, f64) {
+    let keep: Vec<i64> = (0..m as i64).filter(|&i| views.iter().all(|v| v.1[i as usize] != UNREADABLE)).collect();
     let rows = Tensor::from_slice(&keep).to_device(device);
     alignment_uniformity(comm, &views[0].0.index_select(0, &rows), &views[1].0.index_select(0, &rows))
 }

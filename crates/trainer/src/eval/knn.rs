@@ -140,7 +140,7 @@ pub struct Features {
     pub classes: i64,
 }
 
-/// kNN top-1 on raw pixels (normalised inputs, flattened).
+/// kNN top-1 on raw pixels (normalised inputs, flattened); for sentences, on their bag of words.
 pub fn raw_pixels_knn<C: Collective>(
     comm: &C,
     memory: &EvalSet,
@@ -149,6 +149,9 @@ pub fn raw_pixels_knn<C: Collective>(
     k: i64,
     t: f64,
 ) -> Option<f64> {
+    if let (Some(memory), Some(test)) = (memory.bag_of_words(), test.bag_of_words()) {
+        return raw_pixels_knn(comm, &memory, &test, device, k, t);
+    }
     let dim = memory.pixels() as i64;
     knn_of(comm, memory, test, device, dim, k, t, |x| x.flatten(1, -1)).map(|(acc, _)| acc[0])
 }

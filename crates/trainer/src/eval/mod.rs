@@ -22,15 +22,21 @@ use tch::{Device, Kind, Tensor};
 
 mod align;
 mod knn;
+mod lines;
 mod zero_shot;
 pub use align::*;
 pub use knn::*;
+pub use lines::*;
 pub use zero_shot::*;
+
+/// The label of an input that could not be read or tokenised: its features
+/// are zero and it counts nowhere (−1 is a readable input without a label).
+pub const UNREADABLE: i64 = -2;
 
 /// Images per forward pass during evaluation.
 const CHUNK: usize = 500;
 
-/// Images to evaluate and their labels (−1: unlabelled or unreadable, left out).
+/// Images (or sentences) to evaluate and their labels (−1: unlabelled or unreadable, left out).
 pub enum EvalSet {
     /// IDX images, normalised with the dataset statistics.
     Idx(Images),
@@ -45,6 +51,11 @@ pub enum EvalSet {
         /// Decoding threads.
         threads: usize,
     },
+    /// Sentences, a strided subset `indices` of `corpus`: a batch is packed
+    /// captions `[n, context + 1]` ([`contrast_nn::encoder::text::Captions::pack`]).
+    Lines(LineSet),
+    /// The same sentences as word counts `[n, BOW_DIM]` (the bag-of-words baseline).
+    Words(LineSet),
 }
 
 impl EvalSet {
@@ -56,11 +67,33 @@ impl EvalSet {
         EvalSet::Files { source, indices, transform, threads: threads.max(1) }
     }
 
+    /// At most `max` of the set's items (0 = all), as evaluation takes them
+    /// (`eval.max_train`): IDX's first ones, files and sentences at an even stride.
+    pub fn strided(self, max: usize) -> Self {
+        let pick = |indices: Vec<usize>| match max {
+            0 => indices,
+            m if m >= indices.len() => indices,
+            m => (0..m).map(|i| indices[i * indices.len() / m]).collect(),
+        };
+        match self {
+            EvalSet::Idx(mut images) => {
+                images.truncate(max);
+                EvalSet::Idx(images)
+            }
+            EvalSet::Files { source, indices, transform, threads } => {
+                EvalSet::Files { source, indices: pick(indices), transform, threads }
+            }
+            EvalSet::Lines(s) => EvalSet::Lines(LineSet { indices: pick(s.indices.clone()), ..s }),
+            EvalSet::Words(s) => EvalSet::Words(LineSet { indices: pick(s.indices.clone()), ..s }),
+        }
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         match self {
             EvalSet::Idx(images) => images.len(),
             EvalSet::Files { indices, .. } => indices.len(),
+            EvalSet::Lines(s) | EvalSet::Words(s) => s.indices.len(),
         }
     }
 
@@ -74,6 +107,7 @@ impl EvalSet {
         match self {
             EvalSet::Idx(_) => None,
             EvalSet::Files { indices, .. } => Some(indices[i]),
+            EvalSet::Lines(s) | EvalSet::Words(s) => Some(s.indices[i]),
         }
     }
 
@@ -82,6 +116,8 @@ impl EvalSet {
         match self {
             EvalSet::Idx(images) => (1, images.height as i64, images.width as i64),
             EvalSet::Files { transform, .. } => (3, transform.size as i64, transform.size as i64),
+            EvalSet::Lines(s) => (1, 1, s.context as i64 + 1),
+            EvalSet::Words(_) => (1, 1, BOW_DIM as i64),
         }
     }
 
@@ -90,6 +126,8 @@ impl EvalSet {
         match self {
             EvalSet::Idx(images) => images.height * images.width,
             EvalSet::Files { transform, .. } => 3 * (transform.size as usize).pow(2),
+            EvalSet::Lines(s) => s.context + 1,
+            EvalSet::Words(_) => BOW_DIM,
         }
     }
 
@@ -101,6 +139,8 @@ impl EvalSet {
     /// [`EvalSet::batch`] of the images at positions `which` (any order).
     pub fn batch_of(&self, which: &[usize], device: Device) -> (Tensor, Vec<i64>) {
         match self {
+            EvalSet::Lines(s) => s.tokens(which, device),
+            EvalSet::Words(s) => s.words(which, device),
             EvalSet::Idx(images) => {
                 let (m, s) = FASHION_MNIST_MEAN_STD;
                 let pix = images.height * images.width;
@@ -117,7 +157,7 @@ impl EvalSet {
                 let pix = self.pixels();
                 let n = which.len();
                 let mut data = vec![0f32; n * pix];
-                let mut labels = vec![-1i64; n];
+                let mut labels = vec![UNREADABLE; n];
                 let per = n.div_ceil(*threads).max(1);
                 std::thread::scope(|scope| {
                     for (k, (out, lab)) in data.chunks_mut(per * pix).zip(labels.chunks_mut(per)).enumerate() {
@@ -170,6 +210,8 @@ pub enum ViewAug {
     Idx(Vec<contrast_data::Augmenter>),
     /// Decoded files: the RGB augmentation parameters.
     Files(Vec<RgbAugParams>),
+    /// Sentences: the two views of an item are a sentence and the next one of its group.
+    Adjacent,
 }
 
 /// Rows `[lo, hi)` of `n` that rank r handles when n is split in P near-equal slices.
@@ -206,7 +248,7 @@ fn features_with<C: Collective>(
     f: impl Fn(&Tensor) -> Tensor,
     batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
 ) -> (Tensor, Vec<i64>) {
-    let (local, labels, (_, _, per)) = local_features_with(comm, n, device, dim, f, batch);
+    let (local, labels, (_, _, per)) = local_features_with(comm, n, device, dim, f, batch, true);
     let rows = gather_slices(comm, &contrast_nn::to_host::<f32>(&local), n, per, dim as usize, 0.0);
     let labels = gather_slices(comm, &labels, n, per, 1, -1);
     (Tensor::from_slice(&rows).view([n as i64, dim]).to_device(device), labels)
@@ -221,7 +263,55 @@ pub fn local_features<C: Collective>(
     dim: i64,
     f: impl Fn(&Tensor) -> Tensor,
 ) -> (Tensor, Vec<i64>, (usize, usize, usize)) {
-    local_features_with(comm, set.len(), device, dim, f, |s, e| set.batch(s, e, device))
+    local_features_with(comm, set.len(), device, dim, f, |s, e| set.batch(s, e, device), true)
+}
+
+/// The whitening (Su et al. 2021) of `f`'s features fitted on `memory`: each
+/// rank embeds its slice (no L2 normalisation, unreadable rows left out) and
+/// the statistics are summed over the ranks in f64 ([`contrast_nn::whiten`]);
+/// `dims` keeps that many whitened dimensions. Collective.
+pub fn fit_whitening<C: Collective>(
+    comm: &C,
+    memory: &EvalSet,
+    device: Device,
+    dim: i64,
+    dims: Option<usize>,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> contrast_nn::Result<contrast_nn::whiten::Whitening> {
+    let (raw, labels, _) =
+        local_features_with(comm, memory.len(), device, dim, f, |s, e| memory.batch(s, e, device), false);
+    let read: Vec<i64> = (0..labels.len() as i64).filter(|&i| labels[i as usize] != UNREADABLE).collect();
+    let rows = raw.index_select(0, &Tensor::from_slice(&read).to_device(device));
+    contrast_nn::whiten::Whitening::fit(&rows, comm, dims)
+}
+
+/// `eval.whiten`: the whitening of `f` on the memory with `eval.whiten_dim`, and its output width.
+pub fn whitening_of<C: Collective>(
+    comm: &C,
+    cfg: &contrast_config::EvalConfig,
+    memory: &EvalSet,
+    device: Device,
+    dim: i64,
+    f: impl Fn(&Tensor) -> Tensor,
+) -> anyhow::Result<Option<(contrast_nn::whiten::Whitening, i64)>> {
+    if !cfg.whiten {
+        return Ok(None);
+    }
+    let k = check_whiten_dim(cfg, dim)?;
+    let w = fit_whitening(comm, memory, device, dim, Some(k as usize), f)?;
+    Ok(Some((w, k)))
+}
+
+/// The whitened width of `eval.whiten_dim` for `dim`-dimensional features:
+/// an error naming the key when it is above `dim`.
+pub fn check_whiten_dim(cfg: &contrast_config::EvalConfig, dim: i64) -> anyhow::Result<i64> {
+    match cfg.whiten_dim as i64 {
+        0 => Ok(dim),
+        k if k > dim => {
+            anyhow::bail!("eval.whiten_dim: {k} is more than the {dim} dimensions of the embedding (0 keeps all)")
+        }
+        k => Ok(k),
+    }
 }
 
 fn local_features_with<C: Collective>(
@@ -231,6 +321,7 @@ fn local_features_with<C: Collective>(
     dim: i64,
     f: impl Fn(&Tensor) -> Tensor,
     batch: impl Fn(usize, usize) -> (Tensor, Vec<i64>),
+    normalize: bool,
 ) -> (Tensor, Vec<i64>, (usize, usize, usize)) {
     let (lo, hi, per) = slice_of(comm, n);
     let mut parts = Vec::new();
@@ -240,8 +331,10 @@ fn local_features_with<C: Collective>(
         while s < hi {
             let e = (s + CHUNK).min(hi);
             let (x, l) = batch(s, e);
-            let valid = Tensor::from_slice(&l.iter().map(|&v| f32::from(v >= 0)).collect::<Vec<_>>()).to_device(device);
-            parts.push(l2_normalize(&f(&x).to_kind(Kind::Float)) * valid.unsqueeze(1));
+            let valid = l.iter().map(|&v| f32::from(v != UNREADABLE)).collect::<Vec<_>>();
+            let valid = Tensor::from_slice(&valid).to_device(device);
+            let y = f(&x).to_kind(Kind::Float);
+            parts.push(if normalize { l2_normalize(&y) } else { y } * valid.unsqueeze(1));
             labels.extend(l);
             s = e;
         }

@@ -64,6 +64,8 @@ pub fn captions(set: &EvalSet, labels: &[i64], class_names: &[String]) -> Vec<Op
         EvalSet::Files { source, indices, .. } => {
             indices.iter().enumerate().map(|(i, &k)| source.caption(k).or_else(|| from_class(i))).collect()
         }
+        // Sentences are their own captions (no image–text method trains on them).
+        EvalSet::Lines(s) | EvalSet::Words(s) => s.indices.iter().map(|&k| Some(s.corpus.texts[k].clone())).collect(),
     }
 }
 

@@ -246,8 +246,13 @@ impl<'c, C: Collective> Trainer<'c, C> {
             });
         let init = evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
         self.progress.init = (init.knn_top1, raw);
+        let bow =
+            (c.data.dataset.is_lines()).then(|| eval::bag_of_words_alignment(self.comm, &ev.data.test, self.device));
         if self.comm.rank() == 0 {
-            let raw = raw.map(|r| format!(", raw pixels {r:.4}")).unwrap_or_default();
+            let raw = match (raw, bow.flatten()) {
+                (Some(r), Some((a, u))) => format!(", bag of words {r:.4} (alignment {a:.3} uniformity {u:.3})"),
+                (r, _) => r.map(|r| format!(", raw pixels {r:.4}")).unwrap_or_default(),
+            };
             let extra = format!("{raw} ({:.1}s)", t0.elapsed().as_secs_f64());
             log_figures("before training (untrained encoder)", &init, &extra);
             record_evaluation(&self.plan.config.checkpoint.dir, 0, &init)?;
@@ -290,7 +295,11 @@ impl<'c, C: Collective> Trainer<'c, C> {
             .zip(&self.view_shapes)
             .map(|(v, &(ch, h, w))| upload(Tensor::from_slice(v).view([b, ch as i64, h as i64, w as i64]), device))
             .collect();
-        let captions = (!batch.tokens.is_empty()).then(|| Captions::from_host(&batch.tokens, &batch.text_end, device));
+        // The rows are rows rank·B.. of the global batch (they key the text tower's dropout masks).
+        let captions = (!batch.tokens.is_empty()).then(|| {
+            let per_row = batch.text_end.len() / (b as usize).max(1);
+            Captions::from_host_rows(&batch.tokens, &batch.text_end, per_row, self.comm.rank() * b as usize, device)
+        });
         let labels = self
             .plan
             .loss
@@ -517,7 +526,9 @@ impl<'c, C: Collective> Trainer<'c, C> {
             samples_per_s: if p.train_time > 0.0 { samples / (p.train_time + p.wait_time) } else { 0.0 },
             compute_samples_per_s: if p.train_time > 0.0 { samples / p.train_time } else { 0.0 },
             knn_top1_init: p.init.0,
-            knn_top1_raw_pixels: p.init.1,
+            // Sentences' baseline is their bag of words; the checkpoint keeps either in one field.
+            knn_top1_raw_pixels: p.init.1.filter(|_| !plan.config.data.dataset.is_lines()),
+            knn_top1_bag_of_words: p.init.1.filter(|_| plan.config.data.dataset.is_lines()),
             world_size: plan.world_size,
             global_batch: plan.global_batch,
             pretrained_sha256: plan.config.model.pretrained_sha256.clone(),

@@ -144,18 +144,27 @@ pub fn evaluate<C: Collective>(
     crate::watchdog::phase(crate::watchdog::Phase::Evaluation);
     let c = &plan.config;
     let mut f = EvalFigures::default();
+    let raw = method.backbone().out_dim();
+    // `eval.whiten`: every figure below sees the whitened features.
+    let whitening = match data.memory.as_ref() {
+        Some(memory) => eval::whitening_of(comm, &c.eval, memory, device, raw, |x| method.features(x))?,
+        None => None,
+    };
+    let dim = whitening.as_ref().map_or(raw, |w| w.1);
+    let features = |x: &Tensor| match &whitening {
+        Some((w, _)) => w.apply(&method.features(x)),
+        None => method.features(x),
+    };
     if let Some(memory) = data.memory.as_ref() {
-        let (k, t, dim) = (c.eval.knn_k, c.eval.knn_t, method.backbone().out_dim());
-        if let Some((knn, features)) = eval::knn_of(comm, memory, &data.test, device, dim, k, t, |x| method.features(x))
-        {
+        let (k, t) = (c.eval.knn_k, c.eval.knn_t);
+        if let Some((knn, features)) = eval::knn_of(comm, memory, &data.test, device, dim, k, t, &features) {
             (f.knn_top1, f.knn_top5) = (Some(knn[0]), Some(knn[1]));
             let steps = c.eval.linear_probe_steps as usize;
             f.linear_top1 = (steps > 0).then(|| eval::linear_probe(comm, &features, steps));
         }
     }
     if let Some(aug) = &data.views {
-        let (dim, seed) = (method.backbone().out_dim(), c.seed);
-        let (a, u) = eval::alignment_uniformity_of(comm, &data.test, aug, device, dim, seed, |x| method.features(x));
+        let (a, u) = eval::alignment_uniformity_of(comm, &data.test, aug, device, dim, c.seed, &features);
         (f.alignment, f.uniformity) = (Some(a), Some(u));
     }
     if plan.loss.is_image_text() {
