@@ -52,7 +52,7 @@ impl Text {
              data: {{dataset: lines, root: {train}, workers: 1, prefetch: 2}}\n\
              model: {{proj_dim: 8, text: {{width: 16, layers: 1, heads: 2, context: 24, causal: false, pool: mean, dropout: 0.1}}}}\n\
              method: {{name: {method}}}\n\
-             loss: {{name: {loss}, temperature: 0.1}}\n\
+             loss: {{name: {loss}, temperature: {t}}}\n\
              train: {{global_batch: 8, steps: 4, threads: 1, log_every: 1,\n\
                       optimizer: {{name: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.0001}},\n\
                       schedule: {{warmup_steps: 1}}}}\n\
@@ -61,6 +61,8 @@ impl Text {
             train = self.path("train.tsv").display(),
             test = self.path("test.tsv").display(),
             run = self.path(name).display(),
+            // Quick-Thought scores by the unnormalised inner product: at the paper's temperature 1.
+            t = if method == "quick_thought" { 1.0 } else { 0.1 },
         );
         let f = self.path(&format!("{name}.yaml"));
         std::fs::write(&f, yaml).unwrap();
