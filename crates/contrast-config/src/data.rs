@@ -315,7 +315,7 @@ pub(crate) fn rules(c: &Config, loss: LossKind, r: &mut Rules) {
         _ => false,
     };
     r.keys("data", &["aug"], &preset, !reads_aug);
-    let rgb_only = ["saturation", "hue", "gray_prob", "solarize_prob", "randaugment_n", "randaugment_m", "autoaugment"];
+    let rgb_only = ["saturation", "hue", "gray_prob", "solarize_prob", "autoaugment"];
     r.keys("data.aug", &rgb_only, "fashion_mnist (grayscale)", d.dataset.is_idx());
     r.keys("data", &["text"], &format!("loss {loss:?} on images (no captions)"), !loss.is_image_text() && !lines);
     let t = &d.text;

@@ -187,7 +187,10 @@ pub(crate) fn check_eval(c: &Config) -> Result<(), ConfigError> {
         ));
     }
     if c.eval.whiten && c.eval.max_train == 1 {
-        return Err(invalid("eval.max_train", "eval.whiten fits a covariance: it needs at least 2 training items (0 = all)"));
+        return Err(invalid(
+            "eval.max_train",
+            "eval.whiten fits a covariance: it needs at least 2 training items (0 = all)",
+        ));
     }
     if c.eval.knn_k <= 0 {
         return Err(invalid("eval.knn_k", format!("must be positive, got {}", c.eval.knn_k)));

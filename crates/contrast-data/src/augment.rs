@@ -29,6 +29,8 @@ pub struct AugParams {
     pub blur_prob: f32,
     /// Blur sigma range in pixels.
     pub blur_sigma: [f32; 2],
+    /// RandAugment's (N ops, magnitude M of 30) after the crop and flip, as on RGB views.
+    pub randaugment: Option<(usize, u32)>,
     /// Normalisation mean and standard deviation.
     pub mean_std: (f32, f32),
 }
@@ -45,6 +47,7 @@ impl AugParams {
             contrast: 0.0,
             blur_prob: 0.0,
             blur_sigma: [1.0, 1.0],
+            randaugment: None,
             mean_std,
         }
     }
@@ -214,6 +217,9 @@ impl Augmenter {
                 row.reverse();
             }
         }
+        if let Some((n, m)) = p.randaugment {
+            crate::randaug::rand_augment(out, h, w, n, m, rng);
+        }
         if p.jitter_prob > 0.0 && rng.gen::<f32>() < p.jitter_prob {
             let b = 1.0 + rng.gen_range(-p.brightness..=p.brightness);
             let c = 1.0 + rng.gen_range(-p.contrast..=p.contrast);
@@ -318,8 +324,28 @@ pub(crate) mod tests {
             contrast: 0.4,
             blur_prob: 0.5,
             blur_sigma: [0.1, 1.0],
+            randaugment: None,
             mean_std: (0.0, 1.0),
         }
+    }
+
+    #[test]
+    fn grayscale_views_take_randaugment_after_the_crop_and_flip() {
+        let src: Vec<u8> = (0..784).map(|i| (i * 7 % 256) as u8).collect();
+        let view = |params: AugParams, seed| {
+            let mut out = vec![0f32; 784];
+            Augmenter::new(params, 28, 28).apply(&src, &mut crate::rng::sample_rng(seed, 0, 5, 100), &mut out);
+            out
+        };
+        let ra = AugParams { randaugment: Some((2, 15)), ..plain() };
+        assert_eq!(view(ra.clone(), 3), view(ra.clone(), 3), "keyed on the stream");
+        let changed = (0..20).filter(|&s| view(ra.clone(), s) != view(plain(), s)).count();
+        assert!(changed >= 15, "two ops of 14 leave the image as it was only by Identity: {changed}/20 changed");
+        assert!((0..20).all(|s| view(ra.clone(), s).iter().all(|v| (0.0..=1.0).contains(v))));
+        // The ops draw from the view's stream after the crop and flip: those stay where they were.
+        let crop = AugParams { crop_scale: Some([0.3, 1.0]), flip_prob: 0.5, ..plain() };
+        let n0 = AugParams { randaugment: Some((0, 15)), ..crop.clone() };
+        assert_eq!(view(n0, 7), view(crop, 7), "N = 0 draws nothing");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! RandAugment (Cubuk et al. 2020) and an AutoAugment-style fixed policy
-//! (Cubuk et al. 2019, torchvision's ImageNet policy) on CHW `f32` images in [0, 1]; RandAugment follows
+//! (Cubuk et al. 2019, torchvision's ImageNet policy) on CHW `f32` images in
+//! [0, 1] of 3 channels or 1 (grayscale, where Color is the identity, as PIL's
+//! on an `L` image, and the gray level is the pixel itself); RandAugment follows
 //! torchvision's `RandAugment(num_ops, magnitude, num_magnitude_bins=31)`:
 //! N ops drawn uniformly (with replacement) from Identity, ShearX/Y,
 //! TranslateX/Y, Rotate, Brightness, Color, Contrast, Sharpness, Posterize,
@@ -13,8 +15,12 @@ use rand::Rng;
 
 const BINS: f32 = 30.0;
 
+/// The gray level of pixel `i` (ITU-R 601-2 luma for RGB, as PIL's `L` conversion; the pixel for one channel).
 fn gray(img: &[f32], plane: usize, i: usize) -> f32 {
-    0.299 * img[i] + 0.587 * img[plane + i] + 0.114 * img[2 * plane + i]
+    match img.len() / plane {
+        1 => img[i],
+        _ => 0.299 * img[i] + 0.587 * img[plane + i] + 0.114 * img[2 * plane + i],
+    }
 }
 
 /// Inverse-map every output pixel through `f(x, y) -> (sx, sy)` (nearest, fill 0).
@@ -26,7 +32,7 @@ fn warp(img: &mut [f32], h: usize, w: usize, f: impl Fn(f32, f32) -> (f32, f32))
             let (sx, sy) = f(x as f32 + 0.5, y as f32 + 0.5);
             let (ix, iy) = ((sx - 0.5).round(), (sy - 0.5).round());
             let inside = ix >= 0.0 && iy >= 0.0 && (ix as usize) < w && (iy as usize) < h;
-            for c in 0..3 {
+            for c in 0..img.len() / plane {
                 img[c * plane + y * w + x] = if inside { src[c * plane + iy as usize * w + ix as usize] } else { 0.0 };
             }
         }
@@ -72,9 +78,10 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
         }
         6 => img.iter_mut().for_each(|v| *v = (*v * (1.0 + 0.9 * m * sign)).clamp(0.0, 1.0)), // Brightness
         7 => {
+            let channels = img.len() / plane;
             let g: Vec<f32> =
-                (0..3).flat_map(|_| (0..plane).map(|i| gray(img, plane, i)).collect::<Vec<_>>()).collect();
-            blend(img, &g, 1.0 + 0.9 * m * sign); // Color (saturation)
+                (0..channels).flat_map(|_| (0..plane).map(|i| gray(img, plane, i)).collect::<Vec<_>>()).collect();
+            blend(img, &g, 1.0 + 0.9 * m * sign); // Color (saturation; the identity on one channel)
         }
         8 => {
             let mean = (0..plane).map(|i| gray(img, plane, i)).sum::<f32>() / plane as f32;
@@ -97,7 +104,7 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
             }); // Solarize
         }
         12 => {
-            for c in 0..3 {
+            for c in 0..img.len() / plane {
                 let ch = &mut img[c * plane..(c + 1) * plane];
                 let (lo, hi) = ch.iter().fold((1f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
                 if hi > lo {
@@ -106,7 +113,7 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
             } // AutoContrast
         }
         14 => img.iter_mut().for_each(|v| *v = 1.0 - *v), // Invert (AutoAugment only)
-        _ => (0..3).for_each(|c| equalize(&mut img[c * plane..(c + 1) * plane])), // Equalize
+        _ => (0..img.len() / plane).for_each(|c| equalize(&mut img[c * plane..(c + 1) * plane])), // Equalize
     }
 }
 
@@ -114,7 +121,7 @@ pub fn apply_op(img: &mut [f32], h: usize, w: usize, op: usize, magnitude: f32, 
 fn smoothed(img: &[f32], h: usize, w: usize) -> Vec<f32> {
     let plane = h * w;
     let mut smooth = img.to_vec();
-    for c in 0..3 {
+    for c in 0..img.len() / plane {
         for y in 1..h.saturating_sub(1) {
             for x in 1..w.saturating_sub(1) {
                 let mut acc = 4.0 * img[c * plane + y * w + x];
@@ -279,6 +286,26 @@ mod tests {
             changed += usize::from(x != img);
         }
         assert!(changed > 10, "most draws change the image ({changed}/20)");
+    }
+
+    #[test]
+    fn ops_work_on_one_channel_as_on_each_channel_of_three() {
+        // A gray RGB image (three equal planes) and its one plane give the same plane under every op.
+        let one: Vec<f32> = (0..36).map(|i| ((i * 7) % 36) as f32 / 36.0).collect();
+        for op in 0..=INVERT {
+            for m in [0.0, 9.0, 30.0] {
+                let (mut a, mut b) = (one.clone(), one.repeat(3));
+                apply_op(&mut a, 6, 6, op, m, 1.0);
+                apply_op(&mut b, 6, 6, op, m, 1.0);
+                assert!(a.iter().zip(&b[..36]).all(|(x, y)| (x - y).abs() < 1e-6), "op {op} at {m}");
+                assert!(a.iter().all(|v| (0.0..=1.0).contains(v)), "op {op} at {m}");
+            }
+        }
+        let mut x = one.clone();
+        rand_augment(&mut x, 6, 6, 3, 15, &mut crate::rng::sample_rng(4, 0, 1, 3));
+        let mut y = one.clone();
+        rand_augment(&mut y, 6, 6, 3, 15, &mut crate::rng::sample_rng(4, 0, 1, 3));
+        assert_eq!(x, y, "keyed");
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn augmenter(plan: &Plan, images: &Images) -> Vec<Augmenter> {
         contrast: a.contrast,
         blur_prob: a.blur_prob,
         blur_sigma: a.blur_sigma,
+        randaugment: (a.randaugment_n > 0).then_some((a.randaugment_n, a.randaugment_m)),
         mean_std: FASHION_MNIST_MEAN_STD,
     };
     let view = |params: AugParams| Augmenter::new(params, images.height, images.width);
