@@ -263,7 +263,11 @@ pub(crate) fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
         summary.samples_per_s,
         pct(summary.eval.knn_top1),
         pct(summary.knn_top1_init),
-        if summary.knn_top1_bag_of_words.is_some() { "bag of words" } else { "raw pixels" },
+        match (summary.knn_top1_raw_pixels, summary.knn_top1_bag_of_words) {
+            (_, Some(_)) => "bag of words",
+            (Some(_), None) => "raw pixels",
+            (None, None) => "baseline",
+        },
         pct(summary.knn_top1_raw_pixels.or(summary.knn_top1_bag_of_words)),
         summary.eval.zero_shot_top1.map(|z| format!(" | zero-shot top-1 {:.2}%", 100.0 * z)).unwrap_or_default()
     );
