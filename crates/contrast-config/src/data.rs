@@ -257,6 +257,10 @@ pub struct AugConfig {
     pub randaugment_m: u32,
     /// RGB datasets: apply the ImageNet AutoAugment policy.
     pub autoaugment: bool,
+    /// A RandAugment schedule to replay (a JSON list of `{step, n, m}` phases,
+    /// as population-based augmentation writes it): step s takes the (N, M) of
+    /// the last phase starting at or before s, instead of `randaugment_n`/`_m`.
+    pub randaugment_schedule: Option<PathBuf>,
 }
 
 impl Default for AugConfig {
@@ -277,6 +281,7 @@ impl Default for AugConfig {
             randaugment_n: 0,
             randaugment_m: 9,
             autoaugment: false,
+            randaugment_schedule: None,
         }
     }
 }
@@ -317,6 +322,8 @@ pub(crate) fn rules(c: &Config, loss: LossKind, r: &mut Rules) {
     r.keys("data", &["aug"], &preset, !reads_aug);
     let rgb_only = ["saturation", "hue", "gray_prob", "solarize_prob", "autoaugment"];
     r.keys("data.aug", &rgb_only, "fashion_mnist (grayscale)", d.dataset.is_idx());
+    let scheduled = d.aug.randaugment_schedule.is_some();
+    r.keys("data.aug", &["randaugment_n", "randaugment_m"], "data.aug.randaugment_schedule", scheduled);
     r.keys("data", &["text"], &format!("loss {loss:?} on images (no captions)"), !loss.is_image_text() && !lines);
     let t = &d.text;
     r.keys("data.text", &["synonyms"], "data.text.eda_alpha: 0", t.eda_alpha == 0.0);
@@ -463,6 +470,9 @@ fn check_aug(a: &AugConfig) -> Result<(), ConfigError> {
             "data.aug.crop_ratio",
             format!("the aspect ratio must be at most 100, got {:?}", a.crop_ratio),
         ));
+    }
+    if let Some(p) = a.randaugment_schedule.as_ref().filter(|p| !p.is_file()) {
+        return Err(invalid("data.aug.randaugment_schedule", format!("{} does not exist", p.display())));
     }
     if a.randaugment_n > 16 {
         return Err(invalid("data.aug.randaugment_n", format!("must lie in 0..=16, got {}", a.randaugment_n)));

@@ -199,6 +199,11 @@ impl Augmenter {
 
     /// Write one augmented, normalised view of `src` into `out` (`out_height × out_width`).
     pub fn apply<R: Rng>(&self, src: &[u8], rng: &mut R, out: &mut [f32]) {
+        self.apply_with(src, rng, out, self.params.randaugment)
+    }
+
+    /// [`Augmenter::apply`] with RandAugment's (N, M) given (a schedule's, for this step).
+    pub fn apply_with<R: Rng>(&self, src: &[u8], rng: &mut R, out: &mut [f32], randaugment: Option<(usize, u32)>) {
         let (h, w) = (self.height, self.width);
         let (oh, ow) = (self.out_height, self.out_width);
         let p = &self.params;
@@ -217,7 +222,7 @@ impl Augmenter {
                 row.reverse();
             }
         }
-        if let Some((n, m)) = p.randaugment {
+        if let Some((n, m)) = randaugment {
             crate::randaug::rand_augment(out, h, w, n, m, rng);
         }
         if p.jitter_prob > 0.0 && rng.gen::<f32>() < p.jitter_prob {

@@ -17,6 +17,7 @@ pub mod randaug;
 pub mod rgb;
 pub mod rng;
 pub mod sampler;
+pub mod schedule;
 pub mod source;
 pub mod text;
 pub mod textaug;

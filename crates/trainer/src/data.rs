@@ -9,6 +9,7 @@ use contrast_data::idx::{Images, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN_STD};
 use contrast_data::lines::Corpus;
 use contrast_data::pipeline::Input;
 use contrast_data::rgb::{small_crop_side, RgbAugParams, SWAV_LARGE_SCALE, SWAV_SMALL_SCALE};
+use contrast_data::schedule::RandAugSchedule;
 use contrast_data::source::{Cifar, CifarSource, CsvSource, ImageFolder, Source, WebDataset};
 use contrast_data::text::Tokenizer;
 use contrast_data::{AugParams, Augmenter, Mode};
@@ -153,6 +154,13 @@ pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     let input =
         Input::Files { source: source.into(), augment: rgb_augment(plan), max_bad_fraction: d.max_bad_fraction };
     Ok((input, names))
+}
+
+/// `data.aug.randaugment_schedule`, read and checked (an error names the file).
+pub fn randaug_schedule(plan: &Plan) -> Result<Option<Arc<RandAugSchedule>>> {
+    let Some(path) = plan.config.data.aug.randaugment_schedule.as_ref() else { return Ok(None) };
+    let s = RandAugSchedule::load(path).context("data.aug.randaugment_schedule")?;
+    Ok(Some(Arc::new(s)))
 }
 
 /// The caption tokenizer of the plan (`data.text.tokenizer`), for texts of `model.text.context` tokens.

@@ -366,6 +366,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     let view_shapes = (0..input.views().max(1)).map(|k| input.view_shape(k)).collect();
     let sampler = contrast_data::Sampler::new(input.len(), plan.global_batch, plan.config.seed)?;
     let tokenizer = data::tokenizer(&plan)?;
+    let schedule = data::randaug_schedule(&plan)?;
     let method = build_method(comm, &plan, device, &tokenizer)?;
     if plan.config.eval.whiten {
         eval::check_whiten_dim(&plan.config.eval, method.backbone().out_dim())?;
@@ -381,7 +382,7 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     trainer.baselines()?;
     let mut config = pipeline_config(comm, &plan, trainer.start_step(), mode);
     config.gated_epochs = trainer.gated_epochs(trainer.start_step());
-    let pipeline = Pipeline::start_input(input, config)?;
+    let pipeline = Pipeline::start_scheduled(input, config, schedule)?;
     trainer.run(pipeline)
 }
 

@@ -250,3 +250,36 @@ fn simclr_trains_on_an_image_folder_with_a_corrupt_file() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("1 of 49 samples are unreadable") && err.contains("max_bad_fraction"), "{err}");
 }
+
+/// A RandAugment schedule (what PBA writes) replays on Fashion-MNIST's grayscale views;
+/// a bad one, or one given with fixed RandAugment keys, is refused before training.
+#[test]
+fn a_randaugment_schedule_replays_and_bad_ones_are_refused() {
+    let fx = Fixture::new();
+    let cfg = fx.config("ra", "ntxent", "");
+    let good = fx.path("schedule.json");
+    std::fs::write(&good, r#"[{"step": 0, "n": 0, "m": 0}, {"step": 2, "n": 2, "m": 9}]"#).unwrap();
+    let set = |p: &std::path::Path| format!("data.aug.randaugment_schedule={}", p.display());
+    let go = |extra: &[String]| {
+        let mut a = vec!["--config".to_string(), cfg.to_str().unwrap().to_string()];
+        extra.iter().for_each(|s| a.extend(["--set".to_string(), s.clone()]));
+        run(0, &a.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+    ok(go(&[set(&good)]));
+    assert!(summary(&fx.path("ra"))["final_loss"].as_f64().unwrap().is_finite());
+    let bad = fx.path("bad.json");
+    std::fs::write(&bad, r#"[{"step": 1, "n": 2, "m": 9}]"#).unwrap();
+    let over = "checkpoint.overwrite=true".to_string();
+    for (extra, needles) in [
+        (vec![set(&bad), over.clone()], vec!["bad.json", "first phase starts at step 1"]),
+        (vec![set(&fx.path("missing.json")), over.clone()], vec!["data.aug.randaugment_schedule", "missing.json"]),
+        (vec![set(&good), "data.aug.randaugment_n=2".into(), over.clone()], vec!["data.aug.randaugment_n"]),
+    ] {
+        let out = go(&extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !err.contains("step 1/"), "{extra:?}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{extra:?}: `{n}` missing from {err}");
+        }
+    }
+}

@@ -337,6 +337,16 @@ impl Pipeline {
 
     /// Start `cfg.workers` worker threads over any input.
     pub fn start_input(input: Input, cfg: PipelineConfig) -> Result<Self, DataError> {
+        Self::start_scheduled(input, cfg, None)
+    }
+
+    /// [`Pipeline::start_input`] with a RandAugment schedule: the views of
+    /// step s take RandAugment's (N, M) of `schedule.at(s)` instead of their own.
+    pub fn start_scheduled(
+        input: Input,
+        cfg: PipelineConfig,
+        schedule: Option<Arc<crate::schedule::RandAugSchedule>>,
+    ) -> Result<Self, DataError> {
         if let Some((m, _)) = &cfg.mix {
             let b = cfg.global_batch / cfg.world_size.max(1);
             if m.group == 0 || b % m.group != 0 || !(m.alpha > 0.0) {
@@ -374,6 +384,8 @@ impl Pipeline {
                 batch_bad: Vec::new(),
                 sampler: sampler.clone(),
                 cfg: cfg.clone(),
+                schedule: schedule.clone(),
+                step: 0,
                 perm: None,
                 pool: pool_rx.clone(),
                 allocated: allocated.clone(),

@@ -401,3 +401,33 @@ fn a_gated_epoch_waits_for_its_sampling_and_draws_by_it_on_every_layout() {
     assert_eq!(global(2), one);
     assert_eq!(global(3), one);
 }
+
+#[test]
+fn a_randaugment_schedule_switches_the_views_at_its_steps_on_any_layout() {
+    use crate::schedule::{Phase, RandAugSchedule};
+    let schedule = RandAugSchedule::new(vec![Phase { step: 0, n: 0, m: 0 }, Phase { step: 2, n: 2, m: 15 }]).unwrap();
+    let views = |ra: Option<(usize, u32)>, schedule: Option<&RandAugSchedule>, world: usize| -> Vec<Vec<f32>> {
+        let params = AugParams { randaugment: ra, ..aug().params };
+        let per_rank: Vec<Vec<HostBatch>> = (0..world)
+            .map(|rank| {
+                let input = Input::Idx { images: images(50), augment: vec![Augmenter::new(params.clone(), 8, 8); 2] };
+                let p =
+                    Pipeline::start_scheduled(input, layout(rank, world, 12, 2, 4), schedule.cloned().map(Arc::new));
+                p.unwrap().map(|b| b.unwrap()).collect()
+            })
+            .collect();
+        // Each step's first view, its ranks' rows in order.
+        (0..4).map(|s| per_rank.iter().flat_map(|r| r[s].views[0].clone()).collect()).collect()
+    };
+    let (plain, fixed) = (views(None, None, 1), views(Some((2, 15)), None, 1));
+    for world in [1, 2, 3] {
+        let replay = views(Some((5, 30)), Some(&schedule), world);
+        assert_eq!(
+            replay[..2],
+            plain[..2],
+            "steps 1-2 take phase 0 (no op), over the views' own (5, 30), on {world} rank(s)"
+        );
+        assert_eq!(replay[2..], fixed[2..], "steps 3-4 take (2, 15) on {world} rank(s)");
+    }
+    assert_ne!(plain[2], fixed[2]);
+}

@@ -21,6 +21,9 @@ pub(super) struct Worker {
     pub(super) batch_bad: Vec<usize>,
     pub(super) sampler: Sampler,
     pub(super) cfg: PipelineConfig,
+    /// A RandAugment schedule over the steps, and the step being built.
+    pub(super) schedule: Option<Arc<crate::schedule::RandAugSchedule>>,
+    pub(super) step: usize,
     pub(super) perm: Option<(usize, Vec<usize>)>,
     pub(super) pool: Receiver<Buffers>,
     pub(super) allocated: Arc<AtomicUsize>,
@@ -40,11 +43,13 @@ impl Worker {
     ) -> Result<(i64, Vec<String>), String> {
         let seed = self.cfg.seed;
         let view_rng = |v: usize| sample_rng(seed, epoch as u64, idx as u64, Stream::View as u64 + v as u64);
+        let scheduled = self.schedule.as_ref().map(|s| s.at(self.step));
         match &*self.input {
             Input::Idx { images, augment } => {
                 let src = images.image(idx);
                 for (v, buf) in views.iter_mut().enumerate() {
-                    augment[v.min(augment.len() - 1)].apply(src, &mut view_rng(v), buf);
+                    let aug = &augment[v.min(augment.len() - 1)];
+                    aug.apply_with(src, &mut view_rng(v), buf, scheduled.or(aug.params.randaugment));
                 }
                 Ok((images.labels[idx] as i64, Vec::new()))
             }
@@ -59,6 +64,9 @@ impl Worker {
                 for (v, buf) in views.iter_mut().enumerate() {
                     let last = self.rgb.len() - 1;
                     let aug = &mut self.rgb[v.min(last)];
+                    if scheduled.is_some() {
+                        aug.params.randaugment = scheduled;
+                    }
                     aug.apply(&img, &mut view_rng(v), buf).map_err(|e| format!("{}: {e}", source.locate(idx)))?;
                 }
                 Ok((raw.label, raw.caption.into_iter().collect()))
@@ -199,6 +207,7 @@ impl Worker {
     /// Build step `step`'s batch of this rank, its epoch drawn by `sampling`.
     pub(super) fn build(&mut self, step: usize, sampling: &Sampling) -> Result<HostBatch, String> {
         let epoch = self.sampler.epoch_of(step);
+        self.step = step;
         self.batch_bad.clear();
         if self.perm.as_ref().map(|(e, _)| *e) != Some(epoch) {
             self.perm = Some((epoch, self.sampler.order(epoch, sampling)));
