@@ -140,20 +140,29 @@ pub struct Features {
     pub classes: i64,
 }
 
-/// kNN top-1 on raw pixels (normalised inputs, flattened); for sentences, on their bag of words.
+/// kNN top-1 on raw pixels (normalised inputs, flattened); for sentences, on
+/// their bag of words. With `eval.whiten` the inputs are whitened as the
+/// features are (fitted on the memory; `eval.whiten_dim` capped at the input's size).
 pub fn raw_pixels_knn<C: Collective>(
     comm: &C,
+    cfg: &contrast_config::EvalConfig,
     memory: &EvalSet,
     test: &EvalSet,
     device: Device,
-    k: i64,
-    t: f64,
-) -> Option<f64> {
+) -> anyhow::Result<Option<f64>> {
     if let (Some(memory), Some(test)) = (memory.bag_of_words(), test.bag_of_words()) {
-        return raw_pixels_knn(comm, &memory, &test, device, k, t);
+        return raw_pixels_knn(comm, cfg, &memory, &test, device);
     }
     let dim = memory.pixels() as i64;
-    knn_of(comm, memory, test, device, dim, k, t, |x| x.flatten(1, -1)).map(|(acc, _)| acc[0])
+    let cfg = contrast_config::EvalConfig { whiten_dim: cfg.whiten_dim.min(dim as usize), ..cfg.clone() };
+    let flat = |x: &Tensor| x.flatten(1, -1);
+    let w = whitening_of(comm, &cfg, memory, device, dim, flat)?;
+    let out_dim = w.as_ref().map_or(dim, |w| w.1);
+    let f = |x: &Tensor| match &w {
+        Some((w, _)) => w.apply(&flat(x)),
+        None => flat(x),
+    };
+    Ok(knn_of(comm, memory, test, device, out_dim, cfg.knn_k, cfg.knn_t, f).map(|(acc, _)| acc[0]))
 }
 
 /// Linear probe: multinomial logistic regression on frozen, L2-normalised

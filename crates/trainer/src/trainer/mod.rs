@@ -240,10 +240,10 @@ impl<'c, C: Collective> Trainer<'c, C> {
             return Ok(());
         };
         let (c, t0) = (&self.plan.config, Instant::now());
-        let raw =
-            ev.data.memory.as_ref().and_then(|m| {
-                eval::raw_pixels_knn(self.comm, m, &ev.data.test, self.device, c.eval.knn_k, c.eval.knn_t)
-            });
+        let raw = match ev.data.memory.as_ref() {
+            Some(m) => eval::raw_pixels_knn(self.comm, &c.eval, m, &ev.data.test, self.device)?,
+            None => None,
+        };
         let init = evaluate(self.comm, &self.plan, self.method.as_ref(), &ev.data, &self.tokenizer, self.device)?;
         self.progress.init = (init.knn_top1, raw);
         let bow =
