@@ -149,6 +149,17 @@ fn whitened_evaluation_and_embedding_agree_across_ranks() {
     let rows = embedding_rows(&t.path("emb-00001-of-00002.safetensors"))
         + embedding_rows(&t.path("emb-00002-of-00002.safetensors"));
     assert_eq!(rows, 96);
+    // Training with eval.whiten whitens the baselines too, alike on 1 and 2 ranks.
+    let baselines = |np: usize, name: &str| {
+        let c = t.config(name, "simcse", "infonce");
+        ok(run(np, &["--config", c.to_str().unwrap(), "--set", "eval.whiten=true", "--set", "eval.whiten_dim=4"], &[]));
+        summary(&t.path(name))
+    };
+    let (a, b) = (baselines(0, "w1"), baselines(2, "w2"));
+    for key in ["knn_top1_init", "knn_top1_bag_of_words"] {
+        let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-9, "{key}: 1 rank {x}, 2 ranks {y}");
+    }
     // A cut above the dimension is refused, naming the key.
     let bad = run(
         0,
