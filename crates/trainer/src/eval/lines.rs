@@ -80,8 +80,9 @@ impl LineSet {
         (Tensor::from_slice(&counts).view([sentences.len() as i64, BOW_DIM as i64]).to_device(device), labels)
     }
 
-    /// The sentences of the set followed by one of their group (corpus
-    /// indices of the first of each adjacent pair), at most `max`.
+    /// The corpus's sentences followed by one of their group (corpus indices
+    /// of the first of each adjacent pair), the first `max` of them, whatever
+    /// subset `indices` holds (`eval.max_test` does not thin the pairs).
     pub fn pairs(&self, max: usize) -> Vec<usize> {
         self.corpus.anchors.iter().copied().take(max).collect()
     }
