@@ -89,6 +89,41 @@ impl RandAugSchedule {
     }
 }
 
+/// The ops per view population-based augmentation searches: 0..=`SEARCH_OPS`
+/// (more than a few ops at once wash a 28-pixel image out).
+pub const SEARCH_OPS: usize = 3;
+
+/// A member's first (N, M) in population-based augmentation: uniform over
+/// N in 0..=[`SEARCH_OPS`] and M in 0..=[`MAX_MAGNITUDE`], drawn from `key`
+/// (of the seed and the member).
+pub fn initial(key: u64) -> (usize, u32) {
+    use rand::Rng;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(key);
+    (rng.gen_range(0..=SEARCH_OPS), rng.gen_range(0..=MAX_MAGNITUDE))
+}
+
+/// PBA's explore step on a copied (N, M), drawn from `key` (of the seed, the
+/// step and the member): with probability 0.2 each number is drawn afresh
+/// over its range, else M moves by 0 to 3 bins and N by at most one op, in
+/// either direction, clamped to the range (Ho et al. 2019, Algorithm 2, on
+/// RandAugment's two numbers).
+pub fn explore(n: usize, m: u32, key: u64) -> (usize, u32) {
+    use rand::Rng;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(key);
+    let n = if rng.gen_bool(0.2) {
+        rng.gen_range(0..=SEARCH_OPS)
+    } else {
+        (n as i64 + rng.gen_range(-1..=1)).clamp(0, SEARCH_OPS as i64) as usize
+    };
+    let m = if rng.gen_bool(0.2) {
+        rng.gen_range(0..=MAX_MAGNITUDE)
+    } else {
+        let step = rng.gen_range(0..=3) * if rng.gen_bool(0.5) { 1 } else { -1 };
+        (m as i64 + step).clamp(0, MAX_MAGNITUDE as i64) as u32
+    };
+    (n, m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +165,23 @@ mod tests {
             assert!(err.contains("s.json") && err.contains(why), "{err}");
         }
         assert!(RandAugSchedule::load(&dir.path().join("none.json")).unwrap_err().to_string().contains("none.json"));
+    }
+
+    #[test]
+    fn exploring_stays_in_range_moves_a_little_and_is_keyed() {
+        let mut moved = 0;
+        for k in 0..2000u64 {
+            let (n0, m0) = initial(k);
+            assert!(n0 <= SEARCH_OPS && m0 <= MAX_MAGNITUDE);
+            let (n, m) = explore(n0, m0, k);
+            assert_eq!(explore(n0, m0, k), (n, m), "a function of its key");
+            assert!(n <= SEARCH_OPS && m <= MAX_MAGNITUDE);
+            moved += ((n, m) != (n0, m0)) as usize;
+        }
+        // Most draws move; none is resampled more often than about one in five per number.
+        assert!(moved > 1000, "{moved}");
+        let far = (0..2000u64).filter(|&k| explore(1, 15, k).1.abs_diff(15) > 3).count();
+        assert!((150..=500).contains(&far), "{far}");
+        assert_ne!((0..50).map(initial).collect::<Vec<_>>(), (50..100).map(initial).collect::<Vec<_>>());
     }
 }

@@ -24,6 +24,7 @@ static METHODS: LazyLock<RwLock<Vec<MethodEntry>>> = LazyLock::new(|| {
         method::cpc::ENTRY,
         method::simcse::ENTRY,
         method::quick_thought::ENTRY,
+        method::pba::ENTRY,
     ])
 });
 

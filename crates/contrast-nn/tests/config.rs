@@ -389,3 +389,30 @@ fn survey_methods_refuse_bad_counts_naming_the_key() {
     let e = err("method: {name: barlow_twins, prototypes: 10}\ntrain: {global_batch: 8}");
     assert!(e.contains("method.prototypes") && e.contains("barlow_twins"), "{e}");
 }
+
+#[test]
+fn pba_members_are_placed_or_the_population_is_refused_before_training() {
+    use contrast_nn::method::pba::Placement;
+    assert_eq!(Placement::of(2, 4).unwrap(), Placement::Spans { ranks: 2 });
+    assert_eq!(Placement::of(4, 2).unwrap(), Placement::Shares { members: 2 });
+    assert_eq!(Placement::of(2, 2).unwrap(), Placement::Spans { ranks: 1 });
+    let p = Placement::Shares { members: 2 };
+    assert_eq!(p.members_of(1), (2..4, 1));
+    assert_eq!(p.first_rank(3), 1);
+    let s = Placement::Spans { ranks: 2 };
+    assert_eq!(s.members_of(3), (1..2, 1));
+    assert_eq!(s.first_rank(1), 2);
+    for (pop, world) in [(3, 2), (2, 3), (1, 1), (4, 6)] {
+        let e = Placement::of(pop, world).unwrap_err().to_string();
+        assert!(e.contains("method.population"), "{e}");
+    }
+    let pba = "method: {name: pba, population: 3, interval: 5}\ntrain: {global_batch: 12, steps: 10}\n";
+    let e = resolve(pba, 2).unwrap_err().to_string();
+    assert!(e.contains("method.population") && e.contains("cannot be placed on 2 ranks"), "{e}");
+    let plan = resolve(pba, 3).unwrap();
+    assert_eq!((plan.method.name.as_str(), plan.loss), ("pba", LossKind::NtXent));
+    let e = resolve(&pba.replace("interval: 5", "interval: 0"), 1).unwrap_err().to_string();
+    assert!(e.contains("method.interval"), "{e}");
+    let e = resolve(&pba.replace("interval: 5", "interval: 5, queue_size: 4"), 1).unwrap_err().to_string();
+    assert!(e.contains("method.queue_size"), "{e}");
+}

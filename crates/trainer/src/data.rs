@@ -156,6 +156,52 @@ pub fn training_input(plan: &Plan) -> Result<(Input, Vec<String>)> {
     Ok((input, names))
 }
 
+/// Population-based augmentation's held-out images, from the training split
+/// (`input`), so that selecting members never sees the test split: `queries`
+/// images at an even stride (`eval.max_test`) and, of the others, `memory` at
+/// an even stride (`eval.max_train`) as the kNN neighbours, both through the
+/// evaluation transform. Errors name the key when the split cannot hold both.
+pub fn held_out(plan: &Plan, input: &Input, memory: usize, queries: usize) -> Result<(EvalSet, EvalSet)> {
+    let n = input.len();
+    if memory == 0 || queries == 0 || memory + queries > n {
+        bail!(
+            "eval.max_train ({memory}) and eval.max_test ({queries}) size the held-out part of the training split \
+             that selects members: each at least 1, together at most its {n} items"
+        );
+    }
+    let picked: Vec<usize> = (0..queries).map(|i| i * n / queries).collect();
+    let rest: Vec<usize> = {
+        let mut taken = vec![false; n];
+        picked.iter().for_each(|&i| taken[i] = true);
+        (0..n).filter(|&i| !taken[i]).collect()
+    };
+    let neighbours: Vec<usize> = (0..memory).map(|i| rest[i * rest.len() / memory]).collect();
+    let set = |which: &[usize]| -> Result<EvalSet> {
+        Ok(match input {
+            Input::Idx { images, .. } => EvalSet::Idx(select_images(images, which)),
+            Input::Files { source, .. } => EvalSet::Files {
+                source: source.clone(),
+                indices: which.to_vec(),
+                transform: eval_transform(plan),
+                threads: plan.workers.max(1),
+            },
+            Input::Lines { .. } => bail!("population-based augmentation trains on images, not sentences"),
+        })
+    };
+    Ok((set(&neighbours)?, set(&picked)?))
+}
+
+/// The images at `which`, in that order.
+fn select_images(images: &Images, which: &[usize]) -> Images {
+    let pix = images.height * images.width;
+    Images {
+        pixels: which.iter().flat_map(|&i| images.pixels[i * pix..(i + 1) * pix].iter().copied()).collect(),
+        labels: which.iter().map(|&i| images.labels[i]).collect(),
+        height: images.height,
+        width: images.width,
+    }
+}
+
 /// `data.aug.randaugment_schedule`, read and checked (an error names the file).
 pub fn randaug_schedule(plan: &Plan) -> Result<Option<Arc<RandAugSchedule>>> {
     let Some(path) = plan.config.data.aug.randaugment_schedule.as_ref() else { return Ok(None) };

@@ -16,6 +16,7 @@ pub mod embed;
 pub mod eval;
 pub mod host;
 pub mod metrics;
+pub mod pba;
 pub mod plot;
 pub mod pretrained;
 pub mod progress;
@@ -78,6 +79,10 @@ pub struct Summary {
     /// The sha256 of `model.pretrained`, when the run imported weights.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pretrained_sha256: Option<String>,
+    /// Population-based augmentation: the member whose figures these are
+    /// (the best by held-out kNN top-1; its directory is `member-<k>/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_member: Option<usize>,
 }
 
 /// Log line format (`--log-format`).
@@ -343,6 +348,9 @@ pub fn train<C: Collective>(comm: &C, path: &Path, overrides: &[String]) -> Resu
     if comm.rank() == 0 && plan.config.model.pretrained.is_some() && !pretrained::resuming(&plan)? {
         // Recorded in config.yaml and summary.json; only rank 0 reads the file.
         plan.config.model.pretrained_sha256 = pretrained::pretrained_sha256(&plan)?;
+    }
+    if plan.method.name == "pba" {
+        return pba::train(comm, plan);
     }
     compute_threads(&plan);
     let device = resolve_device(&plan.config.train.device, comm.local_rank())?;

@@ -13,6 +13,9 @@
 //!   step-<N>/        a checkpoint: model.safetensors, optim.safetensors, state.json
 //!   best/            the best checkpoint by `checkpoint.best` (BEST_DIR)
 //!   .lock            flocked by the run that owns the directory (LOCK_FILE)
+//!   member-<k>/      population-based augmentation: member k's run directory
+//!   population.json  its members' schedules and rounds (pba::POPULATION_FILE)
+//!   randaugment_schedule.json  the best member's schedule (pba::SCHEDULE_FILE)
 //! ```
 //!
 //! Files are replaced by writing a temporary name unique to the process
@@ -68,5 +71,9 @@ pub fn is_tmp_name(name: &str) -> bool {
 /// fresh run must not mix its own with.
 pub fn is_run_output(name: &str) -> bool {
     let step = name.strip_prefix("step-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    step || [LATEST_FILE, BEST_DIR, STEPS_FILE, EVALS_FILE, SUMMARY_FILE, PLOT_FILE].contains(&name)
+    let member = name.strip_prefix("member-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let population = [crate::pba::POPULATION_FILE, crate::pba::SCHEDULE_FILE].contains(&name);
+    step || member
+        || population
+        || [LATEST_FILE, BEST_DIR, STEPS_FILE, EVALS_FILE, SUMMARY_FILE, PLOT_FILE].contains(&name)
 }

@@ -12,6 +12,7 @@ mod faults;
 mod hooks;
 mod outputs;
 mod parity;
+mod pba;
 mod reliability;
 mod resume;
 mod survey;

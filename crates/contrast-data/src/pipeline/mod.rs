@@ -101,7 +101,8 @@ pub struct HostBatch {
     pub mix: Option<(Vec<i64>, Vec<f64>)>,
 }
 
-/// Where samples come from and how they are augmented.
+/// Where samples come from and how they are augmented (a clone shares the data).
+#[derive(Clone)]
 pub enum Input {
     /// IDX images (grayscale, 28×28) with the grayscale augmenter.
     Idx {

@@ -30,6 +30,7 @@ pub mod deepcluster;
 pub mod instdisc;
 pub mod mochi;
 pub mod moco;
+pub mod pba;
 pub mod quick_thought;
 pub mod simclr;
 pub mod simcse;

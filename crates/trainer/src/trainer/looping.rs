@@ -12,13 +12,28 @@ use contrast_data::{Next, Pipeline};
 impl<C: Collective> Trainer<'_, C> {
     /// Train on every batch of `pipeline`, then write the last checkpoint and
     /// evaluate; returns the summary.
-    pub fn run(mut self, mut pipeline: Pipeline) -> Result<Summary> {
+    pub fn run(mut self, pipeline: Pipeline) -> Result<Summary> {
         if self.comm.rank() == 0 && crate::plain_logs() {
             crate::progress::start(self.plan.steps, self.progress.start_step);
         }
+        if let Ran::Stopped { done, loss, ranks } = self.train_until(pipeline, self.plan.steps)? {
+            return self.stop(done, loss, ranks);
+        }
+        watchdog::enter(Phase::End, self.plan.steps);
+        let p = &self.progress;
+        if p.trained_steps > 0 || p.start_step < self.plan.steps {
+            self.save(self.plan.steps, p.last_loss)?;
+        }
+        self.finish(None)
+    }
+
+    /// Train on every batch of `pipeline`, whose last step is `until` (a
+    /// stretch of the run: population-based augmentation runs each member in
+    /// stretches); a stop signal ends it early, every rank after the same step.
+    pub fn train_until(&mut self, mut pipeline: Pipeline, until: usize) -> Result<Ran> {
         loop {
             let done = self.progress.start_step + self.progress.trained_steps;
-            if done < self.plan.steps {
+            if done < until {
                 watchdog::enter(Phase::EpochStart, done);
                 self.prepare_epoch(done, &mut pipeline)?;
             }
@@ -37,30 +52,30 @@ impl<C: Collective> Trainer<'_, C> {
             let mut ranks = stop;
             self.comm.all_reduce_sum(&mut ranks);
             let Some(batch) = batch.filter(|_| ranks[0] == 0.0) else {
-                let loss = self.progress.last_loss;
                 pipeline.abandon();
-                return self.stop(done, loss, ranks[0].round() as usize);
+                return Ok(Ran::Stopped { done, loss: self.progress.last_loss, ranks: ranks[0].round() as usize });
             };
             let _step = tracing::error_span!("step", step = batch.step + 1).entered();
             let record: StepRecord = self.step(batch, &mut pipeline)?;
             self.after(&record)?;
             if record.stop_ranks > 0 {
                 pipeline.abandon();
-                return self.stop(record.done, record.loss, record.stop_ranks);
+                return Ok(Ran::Stopped { done: record.done, loss: record.loss, ranks: record.stop_ranks });
             }
         }
-        watchdog::enter(Phase::End, self.plan.steps);
-        let p = &self.progress;
-        if p.trained_steps > 0 || p.start_step < self.plan.steps {
-            self.save(self.plan.steps, p.last_loss)?;
-        }
-        self.finish(None)
+        Ok(Ran::Through)
     }
 
     /// A stop signal reached some rank: every rank is here after the same step,
     /// `done`. Checkpoint it (unless one was just written, or none is new) and
     /// end without the final evaluation.
     fn stop(self, done: usize, loss: f64, ranks: usize) -> Result<Summary> {
+        self.checkpoint_stop(done, loss, ranks)?;
+        self.finish(Some(done))
+    }
+
+    /// [`Trainer::stop`]'s checkpoint and warning, without the summary.
+    pub(crate) fn checkpoint_stop(&self, done: usize, loss: f64, ranks: usize) -> Result<()> {
         if let Some(sig) = crate::signals::received() {
             tracing::warn!("rank {} received {}", self.comm.rank(), crate::signals::name(sig));
         }
@@ -77,6 +92,21 @@ impl<C: Collective> Trainer<'_, C> {
             );
         }
         watchdog::enter(Phase::End, done);
-        self.finish(Some(done))
+        Ok(())
     }
+}
+
+/// How a stretch of training ended.
+pub enum Ran {
+    /// Every batch of the stretch was trained.
+    Through,
+    /// A stop signal: every rank stopped after step `done` (`ranks` of them received one).
+    Stopped {
+        /// The last step trained.
+        done: usize,
+        /// Its loss.
+        loss: f64,
+        /// Ranks that received the signal.
+        ranks: usize,
+    },
 }

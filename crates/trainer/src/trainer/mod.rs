@@ -32,7 +32,10 @@ use tch::{Device, Tensor};
 
 mod epoch;
 mod looping;
+mod member;
 mod parts;
+
+pub use looping::Ran;
 
 use parts::*;
 pub use parts::{evaluate, optimizer, schedule, Checkpointer, CollapseGuard, Evaluator, StepLog, COLLAPSE_PATIENCE};
@@ -500,7 +503,17 @@ impl<'c, C: Collective> Trainer<'c, C> {
 
     /// The summary (with the final evaluation), written by rank 0; `stopped_at`
     /// is the step a stop signal ended the run at.
-    fn finish(mut self, stopped_at: Option<usize>) -> Result<Summary> {
+    fn finish(self, stopped_at: Option<usize>) -> Result<Summary> {
+        let (comm, dir) = (self.comm, self.plan.config.checkpoint.dir.clone());
+        let summary = self.final_summary(stopped_at)?;
+        if comm.rank() == 0 {
+            crate::write_summary(&dir, &summary)?;
+        }
+        Ok(summary)
+    }
+
+    /// [`Trainer::finish`]'s summary, not written.
+    fn final_summary(mut self, stopped_at: Option<usize>) -> Result<Summary> {
         crate::progress::finish();
         // Training's buffers are free now: hand their pages back before evaluating.
         crate::alloc::release();
@@ -536,9 +549,6 @@ impl<'c, C: Collective> Trainer<'c, C> {
         };
         if let Some(f) = final_eval {
             summary.eval = f;
-        }
-        if self.comm.rank() == 0 {
-            crate::write_summary(&plan.config.checkpoint.dir, &summary)?;
         }
         Ok(summary)
     }
