@@ -511,7 +511,11 @@ pub fn config_path(config: Option<&Path>, checkpoint: &Path) -> Result<std::path
     if let Some(c) = config {
         return Ok(c.to_path_buf());
     }
-    let run_dir = if checkpoint.join(rundir::STATE_FILE).is_file() { checkpoint.parent() } else { Some(checkpoint) };
+    let run_dir = match checkpoint.join(rundir::STATE_FILE).is_file() {
+        true => checkpoint.parent().map(Path::to_path_buf),
+        // A population's directory: its best member's run.
+        false => Some(pba::best_member_dir(checkpoint).unwrap_or_else(|| checkpoint.to_path_buf())),
+    };
     let found = run_dir.map(|d| d.join(rundir::CONFIG_FILE)).filter(|p| p.is_file());
     found.with_context(|| {
         format!("no --config given and no {} in the run directory of {}", rundir::CONFIG_FILE, checkpoint.display())

@@ -204,11 +204,13 @@ fn step_dirs(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(steps)
 }
 
-/// A step directory, or a run directory resolved through `latest`.
+/// A step directory, or a run directory resolved through `latest` (a
+/// population's directory through its best member's).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).is_file() {
         return Ok(path.to_path_buf());
     }
+    let path = &crate::pba::best_member_dir(path).unwrap_or_else(|| path.to_path_buf());
     latest(path)?.with_context(|| {
         format!("{} is neither a step-<N> checkpoint nor a run directory with `latest`", path.display())
     })

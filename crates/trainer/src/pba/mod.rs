@@ -42,6 +42,15 @@ pub fn member_dir(root: &Path, k: usize) -> PathBuf {
     root.join(format!("member-{k}"))
 }
 
+/// The best member's directory of a population's run directory, once the run
+/// named it in `population.json` (what `trainer eval`, `embed` and `export`
+/// read when given the population's directory).
+pub fn best_member_dir(root: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(root.join(POPULATION_FILE)).ok()?;
+    let best = serde_json::from_str::<serde_json::Value>(&text).ok()?.get("best")?.as_u64()?;
+    Some(member_dir(root, best as usize))
+}
+
 /// One member hosted by this rank.
 struct Member<'c, C: Collective> {
     k: usize,
@@ -121,7 +130,8 @@ fn member_plan(plan: &Plan, k: usize, ranks: usize, local_size: usize) -> Result
     c.checkpoint.overwrite = false;
     c.metrics.enabled = false;
     c.metrics.textfile_dir = None;
-    (c.eval.at_end, c.eval.every) = (false, 0);
+    // The members do not evaluate themselves; their config.yaml evaluates as the run's final evaluation does.
+    (c.eval.at_end, c.eval.every, c.eval.max_train, c.eval.max_test) = (false, 0, 0, 0);
     c.data.aug.randaugment_schedule = None;
     let own = |k: &String| k.starts_with("method.") || k.starts_with("metrics.") || k == "checkpoint.best";
     c.given.retain(|k| !own(k));
@@ -150,6 +160,9 @@ impl<'c, C: Collective> Member<'c, C> {
         class_names: Vec<String>,
     ) -> Result<Self> {
         let mplan = member_plan(plan, k, sub.world_size(), comm.local_size())?;
+        if comm.rank() == 0 && k == 0 {
+            tracing::info!("each member:{}", mplan.describe().trim_start_matches("plan:"));
+        }
         if sub.rank() == 0 {
             crate::write_resolved_config(&mplan)?;
         }
@@ -207,11 +220,15 @@ impl<C: Collective> Run<'_, C> {
         let next = (last + self.pop.interval).min(self.plan.steps);
         let root = &self.plan.config.checkpoint.dir;
         if let Some((k, &s)) = at.iter().enumerate().find(|&(_, &s)| s < last || s > next) {
+            let record = root.join(POPULATION_FILE);
+            let rounds = match self.pop.rounds.is_empty() {
+                true => format!("{} records no round", record.display()),
+                false => format!("{}'s last round is at step {last}", record.display()),
+            };
             bail!(
-                "{} is at step {s}, but {}'s last round is at step {last} (members lie between it and step {next}): \
-                 the member's checkpoint or the record is missing or damaged; start over with checkpoint.overwrite=true",
+                "{} is at step {s}, but {rounds} (members lie between it and step {next}): the member's checkpoint \
+                 or the record is missing or damaged; start over with checkpoint.overwrite=true",
                 member_dir(root, k).display(),
-                root.join(POPULATION_FILE).display()
             );
         }
         let Some(round) = self.pop.rounds.last().cloned() else { return Ok(()) };

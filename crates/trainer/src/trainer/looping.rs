@@ -31,6 +31,8 @@ impl<C: Collective> Trainer<'_, C> {
     /// stretch of the run: population-based augmentation runs each member in
     /// stretches); a stop signal ends it early, every rank after the same step.
     pub fn train_until(&mut self, mut pipeline: Pipeline, until: usize) -> Result<Ran> {
+        // The step line's samples/s counts from here, not from the evaluation or stretch before.
+        self.log.window = (std::time::Instant::now(), 0);
         loop {
             let done = self.progress.start_step + self.progress.trained_steps;
             if done < until {
