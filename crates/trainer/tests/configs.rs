@@ -65,6 +65,7 @@ fn shipped_method_configs_train() {
         ("cpc", "predict.k1.weight"),
         ("simcse", "backbone.proj.weight"),
         ("quick_thought", "backbone.context.proj.weight"),
+        ("pba", "head.fc2.weight"),
     ] {
         let run_dir = dir.path().join(config);
         let cfg = root.join(format!("configs/{config}.yaml"));
@@ -86,7 +87,9 @@ fn shipped_method_configs_train() {
         let out = ok(run(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]));
         assert!(String::from_utf8_lossy(&out.stderr).contains("method="), "{config}: no method in the plan line");
         assert!(summary(&run_dir)["final_loss"].as_f64().unwrap().is_finite(), "{config}");
-        assert!(!tensor_of(&run_dir.join("step-3"), state).is_empty());
+        // A population's checkpoints are its members'.
+        let ckpt = if config == "pba" { run_dir.join("member-0/step-3") } else { run_dir.join("step-3") };
+        assert!(!tensor_of(&ckpt, state).is_empty(), "{config}");
     }
 }
 
