@@ -76,8 +76,12 @@ fn pba_members_on_one_two_and_four_ranks_agree_and_the_schedule_replays() {
     let replay = fx.config("replay", "ntxent", "");
     let set = format!("data.aug.randaugment_schedule={}", schedule.display());
     ok(run(0, &["--config", replay.to_str().unwrap(), "--set", steps, "--set", &set], &[]));
-    // A second fresh run into the directory is refused; a resume must keep the population.
+    // A second fresh run into the directory is refused; a resume must keep the
+    // population, and a finished one has nothing to train.
     let cfg = fx.path("solo.yaml");
+    let done = ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", steps, "--set", "train.resume=true"], &[]));
+    assert!(String::from_utf8_lossy(&done.stderr).contains("nothing to train"), "{done:?}");
+    assert_eq!(summary(&fx.path("solo")), s, "the summary stays as it was");
     let again = run(0, &["--config", cfg.to_str().unwrap(), "--set", steps], &[]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("holds another run"), "{again:?}");
     let sets = ["--set", "train.resume=true", "--set", "method.population=4", "--set", "train.steps=9"];

@@ -93,6 +93,9 @@ pub(crate) fn train<C: Collective>(comm: &C, mut plan: Plan) -> Result<Summary> 
     }
     let mut run = Run { comm, plan: &plan, input, held, pop, placement };
     run.check_resume(&mut members)?;
+    if run.pop.best.is_some() && run.steps(&members).iter().all(|&s| s >= plan.steps) {
+        return Ok(crate::nothing_to_train(comm, &plan, plan.steps));
+    }
     let stopped = run.train(&mut members)?;
     let summary = match stopped {
         Some(at) => run.stopped(members, at)?,
