@@ -104,14 +104,18 @@ pub fn plain_logs() -> bool {
 }
 
 /// Set up logging before anything else: rank 0 (as the launcher names it) logs
-/// at info, the others at warn; `CONTRAST_LOG` overrides (`debug`, `warn`, …).
+/// at info, the others at warn; `CONTRAST_LOG` overrides (`debug`, `warn`, …),
+/// and, where it is unset, `RUST_LOG` does.
 /// Every line carries the rank through a `rank` span each thread enters (an
 /// error-level span, so that it is not filtered out where only warnings log).
 pub fn init_logging(format: LogFormat) {
     LOG_FORMAT.get_or_init(|| format);
     let rank = contrast_comm::launcher_rank(|v| std::env::var(v).ok()).unwrap_or(0);
     let default = if rank == 0 { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAST_LOG").unwrap_or_else(|_| default.into());
+    let filter = ["CONTRAST_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| default.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)

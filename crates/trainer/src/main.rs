@@ -16,11 +16,25 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Shown after the options of `trainer --help` (and of `trainer` alone).
+const EXAMPLES: &str = "\
+Examples:
+  launch/mpirun.sh -n 2 trainer --config configs/simclr.yaml      train on 2 ranks of this machine
+  trainer --config configs/simclr.yaml --set train.steps=100      one rank, one key overridden
+  mpirun -n 8 trainer --config configs/clip.yaml                   a cluster's mpirun
+  sbatch launch/slurm.sbatch configs/mocov2.yaml                   Slurm, requeued before its time limit
+  trainer eval --checkpoint runs/simclr                            evaluate a run's latest checkpoint
+  trainer config --config configs/simclr.yaml --print              every key with its value in force
+
+Logs: CONTRAST_LOG (or RUST_LOG; CONTRAST_LOG wins) takes a tracing filter, e.g. `debug`.
+Every key and its default: docs/config.md.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "trainer",
     version,
     about = "Exact global-batch contrastive training",
+    after_help = EXAMPLES,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -46,6 +60,13 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Evaluate a checkpoint: kNN top-1 (and zero-shot top-1 for CLIP), printed as JSON.
+    ///
+    /// It prints one JSON object on stdout: `checkpoint` (the step directory
+    /// read), `step`, `knn_top1`, `knn_top5`, `linear_top1` (the linear
+    /// probe), `zero_shot_top1`, `zero_shot_top5` (image–text methods),
+    /// `retrieval` (`i2t_r1`, `i2t_r5`, `i2t_r10`, `t2i_r1`, `t2i_r5`,
+    /// `t2i_r10`; image–text methods), `alignment` and `uniformity`; a figure
+    /// that does not apply is null. Accuracies are fractions in [0, 1].
     Eval {
         /// The config the checkpoint was trained with (default: the run directory's config.yaml).
         #[arg(long, short)]
@@ -121,7 +142,11 @@ fn main() {
         }
         None => match cli.config {
             Some(config) => trainer::train_command(&config, &cli.overrides).map(|_| ()),
-            None => Err(anyhow::anyhow!("nothing to do: pass --config FILE to train, or `trainer eval --help`")),
+            // `trainer` alone: what it does and how, on stdout.
+            None => {
+                use clap::CommandFactory;
+                Cli::command().print_help().map_err(anyhow::Error::from)
+            }
         },
     };
     if let Err(e) = result {

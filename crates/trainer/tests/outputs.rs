@@ -446,3 +446,28 @@ fn jemalloc_serves_the_process_with_freed_pages_kept() {
     assert!(after.peak_rss_bytes >= before.peak_rss_bytes.max(256 << 20), "{before:?} {after:?}");
     assert!(after.minor_faults > before.minor_faults, "{before:?} {after:?}");
 }
+
+/// `trainer` alone prints its help with examples on stdout and exits 0; `trainer
+/// eval --help` names every key `trainer eval` prints; `RUST_LOG` filters the
+/// logs where `CONTRAST_LOG` is unset, and `CONTRAST_LOG` wins over it.
+#[test]
+fn the_command_line_helps_and_honours_rust_log() {
+    let bare = ok(run(0, &[], &[]));
+    let help = String::from_utf8_lossy(&bare.stdout);
+    assert!(help.contains("Examples:") && help.contains("launch/mpirun.sh -n 2 trainer --config"), "{help}");
+    let fx = Fixture::new();
+    let cfg = fx.config("help", "ntxent", "");
+    let c = cfg.to_str().unwrap();
+    let quiet = ok(run(0, &["--config", c, "--set", "train.steps=1"], &[("RUST_LOG", "warn")]));
+    let err = String::from_utf8_lossy(&quiet.stderr);
+    assert!(!err.contains(" INFO "), "RUST_LOG=warn: {err}");
+    let sets = ["--config", c, "--set", "train.steps=2", "--set", "train.resume=true"];
+    let loud = ok(run(0, &sets, &[("RUST_LOG", "warn"), ("CONTRAST_LOG", "info")]));
+    assert!(String::from_utf8_lossy(&loud.stderr).contains(" INFO "), "CONTRAST_LOG wins");
+    let eval_help = String::from_utf8_lossy(&ok(run(0, &["eval", "--help"], &[])).stdout).into_owned();
+    let printed = ok(run(0, &["eval", "--checkpoint", fx.path("help").to_str().unwrap()], &[]));
+    let json: serde_json::Value = serde_json::from_slice(&printed.stdout).unwrap();
+    for key in json.as_object().unwrap().keys() {
+        assert!(eval_help.contains(&format!("`{key}`")), "`trainer eval --help` does not name {key}");
+    }
+}
