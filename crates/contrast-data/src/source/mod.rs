@@ -254,32 +254,90 @@ pub fn detect_separator(path: &Path, keys: &[&str]) -> Result<u8, DataError> {
         })
 }
 
-/// Expand `{a..b}` brace ranges (zero-padded to the width of `a`), as
-/// WebDataset shard lists do; more than [`MAX_SHARDS`] names is an error.
+/// Expand a shard spec as WebDataset and open_clip write them (the
+/// `braceexpand` convention): `{a..b}` numeric ranges (zero-padded to the
+/// width of `a`), `{x,y,z}` alternatives, either nested inside the other
+/// (`{a,b{0..2}}`), and several specs joined by `::`, expanded in order.
+/// More than [`MAX_SHARDS`] names, an unclosed or empty brace, or a brace
+/// that is neither form is an error naming the spec.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
-    let Some(open) = pattern.find('{') else { return Ok(vec![pattern.to_string()]) };
-    let close = pattern[open..].find('}').map(|c| open + c).ok_or_else(|| format!("unclosed brace in `{pattern}`"))?;
-    let inner = &pattern[open + 1..close];
-    let (a, b) = inner.split_once("..").ok_or_else(|| format!("expected {{a..b}} in `{pattern}`"))?;
-    let (lo, hi): (u64, u64) = (
-        a.parse().map_err(|_| format!("bad range start `{a}`"))?,
-        b.parse().map_err(|_| format!("bad range end `{b}`"))?,
-    );
-    if hi < lo {
-        return Err(format!("empty range {{{inner}}} in `{pattern}`"));
-    }
-    let rests = expand_braces(&pattern[close + 1..])?;
-    if (hi - lo).saturating_add(1).saturating_mul(rests.len() as u64) > MAX_SHARDS {
-        return Err(format!("`{pattern}` names more than {MAX_SHARDS} shards"));
-    }
-    let width = a.len();
     let mut out = Vec::new();
-    for k in lo..=hi {
-        for rest in &rests {
-            out.push(format!("{}{:0width$}{}", &pattern[..open], k, rest));
+    for spec in pattern.split("::") {
+        let names = expand_one(spec).map_err(|e| format!("{e} in `{spec}`"))?;
+        if out.len() + names.len() > MAX_SHARDS as usize {
+            return Err(format!("`{pattern}` names more than {MAX_SHARDS} shards"));
         }
+        out.extend(names);
     }
     Ok(out)
+}
+
+/// Braces nested deeper than this in a shard spec are refused (the expansion recurses).
+const MAX_NESTING: usize = 32;
+
+/// The byte offset of the `}` that closes the `{` at `open`, and the top-level commas between them.
+fn closing_brace(s: &str, open: usize) -> Result<(usize, Vec<usize>), String> {
+    let (mut depth, mut commas) = (0usize, Vec::new());
+    for (i, c) in s[open..].char_indices() {
+        match c {
+            '{' if depth == MAX_NESTING => return Err(format!("braces nested deeper than {MAX_NESTING}")),
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Ok((open + i, commas));
+                }
+            }
+            ',' if depth == 1 => commas.push(open + i),
+            _ => {}
+        }
+    }
+    Err("unclosed brace".into())
+}
+
+/// One spec (no `::`), expanded left to right.
+fn expand_one(spec: &str) -> Result<Vec<String>, String> {
+    let Some(open) = spec.find('{') else {
+        return match spec.find('}') {
+            Some(_) => Err("a `}` without its `{`".into()),
+            None => Ok(vec![spec.to_string()]),
+        };
+    };
+    let (close, commas) = closing_brace(spec, open)?;
+    let inner = &spec[open + 1..close];
+    let middles = if commas.is_empty() {
+        range(inner)?
+    } else {
+        let mut bounds = vec![open];
+        bounds.extend(&commas);
+        bounds.push(close);
+        let mut all = Vec::new();
+        for w in bounds.windows(2) {
+            all.extend(expand_one(&spec[w[0] + 1..w[1]])?);
+        }
+        all
+    };
+    let rests = expand_one(&spec[close + 1..])?;
+    if (middles.len() as u64).saturating_mul(rests.len() as u64) > MAX_SHARDS {
+        return Err(format!("more than {MAX_SHARDS} shards"));
+    }
+    let head = &spec[..open];
+    Ok(middles.iter().flat_map(|m| rests.iter().map(move |r| format!("{head}{m}{r}"))).collect())
+}
+
+/// The names of a `{a..b}` range, zero-padded to the width of `a`.
+fn range(inner: &str) -> Result<Vec<String>, String> {
+    let (a, b) = inner.split_once("..").ok_or_else(|| format!("expected {{a..b}} or {{x,y}}, got {{{inner}}}"))?;
+    let lo: u64 = a.parse().map_err(|_| format!("bad range start `{a}`"))?;
+    let hi: u64 = b.parse().map_err(|_| format!("bad range end `{b}`"))?;
+    if hi < lo {
+        return Err(format!("empty range {{{inner}}}"));
+    }
+    if hi - lo >= MAX_SHARDS {
+        return Err(format!("more than {MAX_SHARDS} shards"));
+    }
+    let width = a.len();
+    Ok((lo..=hi).map(|k| format!("{k:0width$}")).collect())
 }
 
 mod cifar;

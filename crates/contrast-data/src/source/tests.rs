@@ -207,6 +207,7 @@ fn webdataset_cache_survives_hostile_names_and_refuses_torn_or_forged_caches() {
 fn brace_ranges_are_bounded_and_fingerprints_see_names() {
     assert!(expand_braces("s{0..99999999999}.tar").unwrap_err().contains("more than"));
     assert!(expand_braces("{0..2000}-{0..2000}.tar").unwrap_err().contains("more than"));
+    assert!(expand_braces("a{0..999999}.tar::b{0..999999}.tar").unwrap_err().contains("more than"));
     assert_ne!(crate::fingerprint([&b"ab"[..], b"c"]), crate::fingerprint([&b"a"[..], b"bc"]));
 }
 
@@ -380,4 +381,28 @@ fn shard_members_over_the_cap_are_refused_from_the_tar_header() {
     crate::hostile::fifo(&fifo).unwrap();
     let e = WebDataset::open(fifo.to_str().unwrap()).unwrap_err().to_string();
     assert!(e.contains("000001.tar") && e.contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn shard_specs_expand_as_open_clip_writes_them() {
+    let e = |p: &str| expand_braces(p).unwrap();
+    assert_eq!(e("s-{a,b}.tar"), ["s-a.tar", "s-b.tar"]);
+    assert_eq!(
+        e("{x,y{0..1}}/{00..01}.tar"),
+        ["x/00.tar", "x/01.tar", "y0/00.tar", "y0/01.tar", "y1/00.tar", "y1/01.tar"]
+    );
+    assert_eq!(e("{a,{b,c}d}"), ["a", "bd", "cd"]);
+    assert_eq!(e("one/{0..1}.tar::two/{5..6}.tar"), ["one/0.tar", "one/1.tar", "two/5.tar", "two/6.tar"]);
+    assert_eq!(e("{,pre-}x"), ["x", "pre-x"]);
+    assert_eq!(e("plain.tar"), ["plain.tar"]);
+    for (bad, says) in [
+        ("s{a,b.tar", "unclosed brace in `s{a,b.tar`"),
+        ("s}.tar", "without its `{`"),
+        ("s{abc}.tar", "expected {a..b} or {x,y}"),
+        ("ok.tar::s{3..1}.tar", "empty range {3..1} in `s{3..1}.tar`"),
+        (&format!("{}a{}", "{a,".repeat(40), "}".repeat(40)), "nested deeper than 32"),
+    ] {
+        let err = expand_braces(bad).unwrap_err();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
 }
