@@ -35,6 +35,9 @@ pub struct DataConfig {
     /// `auto`: the one of tab, comma, semicolon and `|` whose split of the header
     /// holds both column names.
     pub csv_separator: String,
+    /// WebDataset: where the shards' member indexes are cached (none: beside
+    /// each shard, as `<shard>.contrast-index`), for read-only dataset mounts.
+    pub index_dir: Option<PathBuf>,
     /// Stop when more than this fraction of the samples cannot be read or decoded.
     pub max_bad_fraction: f64,
     /// File datasets: the largest image file or shard member read, in bytes
@@ -205,6 +208,7 @@ impl Default for DataConfig {
             csv_img_key: "filepath".into(),
             csv_caption_key: "title".into(),
             csv_separator: "auto".into(),
+            index_dir: None,
             max_bad_fraction: 0.01,
             max_image_bytes: 256 << 20,
             max_text_bytes: 4 << 20,
@@ -307,6 +311,8 @@ pub(crate) fn rules(c: &Config, loss: LossKind, r: &mut Rules) {
     let eval_dataset = c.eval.dataset.unwrap_or(d.dataset);
     let csv = d.dataset == DatasetKind::Csv || eval_dataset == DatasetKind::Csv;
     r.keys("data", &["csv_img_key", "csv_caption_key", "csv_separator"], "a dataset that is not csv", !csv);
+    let shards = d.dataset == DatasetKind::Webdataset || eval_dataset == DatasetKind::Webdataset;
+    r.keys("data", &["index_dir"], "a dataset that is not webdataset", !shards);
     r.keys("data", &["image_size"], "fashion_mnist (its images are 28×28)", d.dataset.is_idx());
     let caps = ["max_image_bytes", "max_text_bytes", "max_image_pixels"];
     r.keys("data", &caps, "fashion_mnist (its IDX files are read whole at start)", d.dataset.is_idx());

@@ -416,3 +416,12 @@ fn pba_members_are_placed_or_the_population_is_refused_before_training() {
     let e = resolve(&pba.replace("interval: 5", "interval: 5, queue_size: 4"), 1).unwrap_err().to_string();
     assert!(e.contains("method.queue_size"), "{e}");
 }
+
+#[test]
+fn the_shard_index_dir_applies_to_webdataset_only() {
+    let e = resolve("data: {index_dir: /tmp/idx}\n", 1).unwrap_err().to_string();
+    assert!(e.contains("data.index_dir") && e.contains("not webdataset"), "{e}");
+    let shards = "data: {dataset: webdataset, index_dir: /tmp/idx}\nmodel: {encoder: convnet}\n";
+    let plan = resolve(shards, 1).unwrap();
+    assert_eq!(plan.config.data.index_dir.as_deref(), Some(std::path::Path::new("/tmp/idx")));
+}

@@ -225,7 +225,7 @@ fn open_source(plan: &Plan, dataset: DatasetKind, root: &Path, train: bool) -> R
         DatasetKind::Cifar100 => Box::new(CifarSource::open(root, Cifar::Hundred, train)?),
         DatasetKind::ImageFolder => Box::new(ImageFolder::open(root)?),
         DatasetKind::Csv => Box::new(CsvSource::open(root, &d.csv_img_key, &d.csv_caption_key, sep)?),
-        DatasetKind::Webdataset => Box::new(WebDataset::open(&root.to_string_lossy())?),
+        DatasetKind::Webdataset => Box::new(WebDataset::open_indexed(&root.to_string_lossy(), d.index_dir.as_deref())?),
         DatasetKind::FashionMnist | DatasetKind::Lines => bail!("{dataset:?} is not an image file dataset"),
     })
 }

@@ -369,7 +369,7 @@ fn shard_members_over_the_cap_are_refused_from_the_tar_header() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("000000.tar");
     write_tar(&path, &[("a.png", &vec![7u8; 3 << 20]), ("a.txt", &[b'x'; 64])]);
-    let members = super::webdataset::load_or_build_index(&path).unwrap();
+    let members = super::webdataset::load_or_build_index(&path, None).unwrap();
     let mut f = std::fs::File::open(&path).unwrap();
     let e = super::webdataset::read_span(&mut f, members[0].image, 1 << 20, "max_image_bytes").unwrap_err();
     assert!(e.contains("3145728 bytes") && e.contains("data.max_image_bytes"), "{e}");
@@ -405,4 +405,28 @@ fn shard_specs_expand_as_open_clip_writes_them() {
         let err = expand_braces(bad).unwrap_err();
         assert!(err.contains(says), "{bad}: {err}");
     }
+}
+
+#[test]
+fn an_index_dir_holds_the_caches_of_shards_on_a_read_only_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    for (d, key) in [(&one, "a"), (&two, "b")] {
+        std::fs::create_dir_all(d).unwrap();
+        write_shard(&d.join("0.tar"), &[(key, 1, Some(key), Some(1))]);
+    }
+    let index = dir.path().join("cache/indexes");
+    let pattern = format!("{}/{{one,two}}/0.tar", dir.path().display());
+    let ds = WebDataset::open_indexed(&pattern, Some(&index)).unwrap();
+    assert_eq!((ds.len(), ds.caption(1).as_deref()), (2, Some("b")));
+    // Nothing is written beside the shards; the two `0.tar` have a cache each.
+    assert!(!one.join("0.tar.contrast-index").exists() && !two.join("0.tar.contrast-index").exists());
+    let mut cached: Vec<String> =
+        std::fs::read_dir(&index).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    cached.sort();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    assert!(cached.iter().all(|n| n.ends_with("-0.tar.contrast-index")), "{cached:?}");
+    // Read back from the caches: a cache that lies is believed only while its checksum holds.
+    let again = WebDataset::open_indexed(&pattern, Some(&index)).unwrap();
+    assert_eq!(again.samples, ds.samples);
 }

@@ -161,10 +161,18 @@ pub(super) fn read_span(file: &mut std::fs::File, s: Span, cap: u64, key: &str) 
     Ok(buf)
 }
 
-pub(super) fn index_path(shard: &Path) -> PathBuf {
+/// Where a shard's index is cached: beside it, or in `dir` under a name of
+/// its absolute path's hash and its file name (shards of one name in two
+/// directories do not share a cache).
+pub(super) fn index_path(shard: &Path, dir: Option<&Path>) -> PathBuf {
     let mut name = shard.file_name().unwrap_or_default().to_os_string();
     name.push(".contrast-index");
-    shard.with_file_name(name)
+    let Some(dir) = dir else { return shard.with_file_name(name) };
+    let absolute = std::path::absolute(shard).unwrap_or_else(|_| shard.to_path_buf());
+    let hash = sha256_hex(absolute.as_os_str().as_encoded_bytes());
+    let mut unique = std::ffi::OsString::from(format!("{}-", &hash[..16]));
+    unique.push(name);
+    dir.join(unique)
 }
 
 pub(super) fn sha256_hex(bytes: &[u8]) -> String {
@@ -216,9 +224,9 @@ pub(super) fn write_index(idx: &Path, stamp: &str, members: &[Member]) {
 /// A shard's member index, from `<shard>.contrast-index` when that cache
 /// matches the shard (version, size, mtime), its checksum holds and every span
 /// lies inside the shard; otherwise (saying why) from the shard itself.
-pub(super) fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError> {
+pub(super) fn load_or_build_index(shard: &Path, dir: Option<&Path>) -> Result<Vec<Member>, DataError> {
     let (size, stamp) = stamp(shard)?;
-    let idx = index_path(shard);
+    let idx = index_path(shard, dir);
     if let Ok(text) = std::fs::read_to_string(&idx) {
         match parse_index(&text, &stamp, size) {
             Ok(members) => return Ok(members),
@@ -231,14 +239,24 @@ pub(super) fn load_or_build_index(shard: &Path) -> Result<Vec<Member>, DataError
 }
 
 impl WebDataset {
-    /// Open the shards of `pattern` (e.g. `data/{000000..000099}.tar`).
+    /// Open the shards of `pattern` (e.g. `data/{000000..000099}.tar`), their
+    /// indexes cached beside them.
     pub fn open(pattern: &str) -> Result<Self, DataError> {
+        Self::open_indexed(pattern, None)
+    }
+
+    /// [`WebDataset::open`] with the indexes cached in `index_dir` (created if
+    /// missing) instead of beside the shards (`data.index_dir`).
+    pub fn open_indexed(pattern: &str, index_dir: Option<&Path>) -> Result<Self, DataError> {
+        if let Some(dir) = index_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DataError::Io { path: dir.to_path_buf(), source })?;
+        }
         let names = expand_braces(pattern).map_err(|message| DataError::Format { path: pattern.into(), message })?;
         let mut shards = Vec::new();
         let mut samples = Vec::new();
         for (k, name) in names.iter().enumerate() {
             let p = PathBuf::from(name);
-            for m in load_or_build_index(&p)? {
+            for m in load_or_build_index(&p, index_dir)? {
                 samples.push((k, m));
             }
             shards.push(p);
