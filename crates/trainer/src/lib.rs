@@ -11,6 +11,7 @@ pub mod agree;
 pub mod alloc;
 pub mod checkpoint;
 mod commands;
+pub mod compare;
 pub mod data;
 pub mod embed;
 pub mod eval;

@@ -25,6 +25,7 @@ Examples:
   sbatch launch/slurm.sbatch configs/mocov2.yaml                   Slurm, requeued before its time limit
   trainer eval --checkpoint runs/simclr                            evaluate a run's latest checkpoint
   trainer config --config configs/simclr.yaml --print              every key with its value in force
+  trainer compare runs/simclr runs/simclr-lr4e-3                  a sweep's differing keys and figures
 
 Logs: CONTRAST_LOG (or RUST_LOG; CONTRAST_LOG wins) takes a tracing filter, e.g. `debug`.
 Every key and its default: docs/config.md.";
@@ -123,6 +124,15 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// Compare runs: a Markdown table of the config keys that differ between
+    /// them (defaults included) and their summaries' figures (`steps`,
+    /// `final_loss`, `knn_top1`, `linear_top1`, `zero_shot_top1`,
+    /// `samples_per_s`), one row per run.
+    Compare {
+        /// Run directories (each with its config.yaml; summary.json once finished).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+    },
 }
 
 fn main() {
@@ -135,6 +145,7 @@ fn main() {
         Some(Command::Eval { config, checkpoint, overrides }) => trainer::config_path(config.as_deref(), &checkpoint)
             .and_then(|config| trainer::eval_command(&config, &overrides, &checkpoint)),
         Some(Command::Config { config, overrides, print }) => trainer::config_command(&config, &overrides, print),
+        Some(Command::Compare { runs }) => trainer::compare::compare_command(&runs),
         Some(Command::Export { checkpoint, out, bf16 }) => trainer::export_command(&checkpoint, &out, bf16),
         Some(Command::Embed { config, checkpoint, out, split, overrides }) => {
             trainer::config_path(config.as_deref(), &checkpoint)

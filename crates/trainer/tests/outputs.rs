@@ -471,3 +471,25 @@ fn the_command_line_helps_and_honours_rust_log() {
         assert!(eval_help.contains(&format!("`{key}`")), "`trainer eval --help` does not name {key}");
     }
 }
+
+/// `trainer compare` shows the keys that differ between runs (defaults
+/// included, the run directory left out) and each run's figures.
+#[test]
+fn compare_tables_the_keys_that_differ_and_the_figures() {
+    let fx = Fixture::new();
+    for (name, lr) in [("lr-a", "0.1"), ("lr-b", "0.05")] {
+        let cfg = fx.config(name, "ntxent", "");
+        let set = format!("train.optimizer.lr={lr}");
+        ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=2", "--set", &set], &[]));
+    }
+    let (a, b) = (fx.path("lr-a"), fx.path("lr-b"));
+    let out = ok(run(0, &["compare", a.to_str().unwrap(), b.to_str().unwrap()], &[]));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("| run | train.optimizer.lr | steps | final_loss"), "{table}");
+    assert!(!table.contains("global_batch") && !table.contains("checkpoint.dir"), "only what differs: {table}");
+    assert!(lines[2].contains("| 0.1 | 2 |") && lines[3].contains("| 0.05 | 2 |"), "{table}");
+    let missing = run(0, &["compare", a.to_str().unwrap(), fx.path("none").to_str().unwrap()], &[]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not a run directory"), "{missing:?}");
+}
