@@ -13,8 +13,11 @@
 //! training split, `eval.whiten_dim` dimensions) and then L2-normalised.
 //!
 //! Each file holds `embeddings` `[rows, D]` f32 and `labels` `[rows]` i64 (−1:
-//! none, or unreadable), and in its header metadata the rows' source names
-//! (`paths`, a JSON list), `first_row` and `rows_total`. Every file is written
+//! none, or unreadable), and in its header metadata `first_row`, `rows_total`
+//! and `paths_file`: the sidecar `FILE.paths.jsonl` beside it, one JSON object
+//! `{"row": global row, "path": source name}` per row, in row order (the names
+//! stay out of the safetensors header, which readers refuse past 100 MB, about
+//! a million paths). Every file is written
 //! to a temporary name and renamed, so a killed job leaves no half-written
 //! part under a final name. A rerun into the same name removes the files of an
 //! earlier run with another rank count (its parts, its index, or its single
@@ -89,6 +92,11 @@ pub fn part_path(out: &Path, rank: usize, parts: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{:05}-of-{parts:05}{ext}", rank + 1))
 }
 
+/// `FILE.paths.jsonl`, the source names of the rows of `file` (a part or the one file).
+pub fn paths_path(file: &Path) -> PathBuf {
+    with_suffix(file, ".paths.jsonl")
+}
+
 /// `FILE.index.json`, which lists the parts of a run with several ranks.
 pub fn index_path(out: &Path) -> PathBuf {
     with_suffix(out, ".index.json")
@@ -123,8 +131,18 @@ fn write_part(
         ("embeddings", TensorView::new(Dtype::F32, vec![labels.len(), dim], &xb)?),
         ("labels", TensorView::new(Dtype::I64, vec![labels.len()], &lb)?),
     ];
+    let sidecar = paths_path(file);
+    let mut lines = String::new();
+    for (k, p) in paths.iter().enumerate() {
+        lines.push_str(&serde_json::json!({ "row": lo + k, "path": p }).to_string());
+        lines.push('\n');
+    }
+    let tmp = with_suffix(&sidecar, ".partial");
+    std::fs::write(&tmp, lines).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &sidecar).with_context(|| format!("renaming {} to {}", tmp.display(), sidecar.display()))?;
+    let sidecar_name = sidecar.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let meta = [
-        ("paths".to_string(), serde_json::to_string(paths)?),
+        ("paths_file".to_string(), sidecar_name),
         ("first_row".to_string(), lo.to_string()),
         ("rows_total".to_string(), n.to_string()),
     ];
@@ -144,7 +162,9 @@ fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
 /// another rank count, and write the index (several ranks).
 fn finish(out: &Path, parts: usize, bounds: &[(usize, usize)], n: usize, dim: usize) -> Result<()> {
     let keep: Vec<PathBuf> = (0..parts).map(|r| part_path(out, r, parts)).collect();
-    for stale in stale_files(out, &keep)? {
+    let mut kept = keep.clone();
+    kept.extend(keep.iter().map(|f| paths_path(f)));
+    for stale in stale_files(out, &kept)? {
         tracing::warn!("removing {} (an earlier embed's output under the same name)", stale.display());
         std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
     }
@@ -156,7 +176,8 @@ fn finish(out: &Path, parts: usize, bounds: &[(usize, usize)], n: usize, dim: us
         .zip(bounds)
         .map(|(f, (lo, hi))| {
             let name = f.file_name().unwrap_or_default().to_string_lossy();
-            serde_json::json!({ "file": name, "first_row": lo, "rows": hi - lo })
+            let paths = paths_path(f).file_name().unwrap_or_default().to_string_lossy().into_owned();
+            serde_json::json!({ "file": name, "paths": paths, "first_row": lo, "rows": hi - lo })
         })
         .collect();
     let index = serde_json::json!({ "rows": n, "dim": dim, "parts": files });
@@ -167,7 +188,8 @@ fn finish(out: &Path, parts: usize, bounds: &[(usize, usize)], n: usize, dim: us
 }
 
 /// The files next to `out` that an embed into `out` with another rank count
-/// wrote: `out` itself, its index, and parts `STEM-NNNNN-of-NNNNN.EXT`, less `keep`.
+/// wrote: `out` itself, its index, parts `STEM-NNNNN-of-NNNNN.EXT` and the
+/// sidecars of all of them, less `keep`.
 fn stale_files(out: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let dir = out_dir(out);
     let (stem, ext) = stem_and_ext(out);
@@ -182,7 +204,9 @@ fn stale_files(out: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let ours = is_part(&name) || path == out || path == index_path(out);
+        let file = name.strip_suffix(".paths.jsonl").map_or(path.clone(), |f| path.with_file_name(f));
+        let named = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let ours = is_part(&named) || file == out || path == index_path(out);
         if ours && path.is_file() && !keep.contains(&path) {
             stale.push(path);
         }

@@ -272,8 +272,16 @@ fn embed_writes_one_file_per_rank_that_concatenate_to_one_ranks(fx: &Fixture, ru
     let get = |f: &std::path::Path, n: &str| {
         Tensor::read_safetensors(f).unwrap().into_iter().find(|(k, _)| k == n).unwrap().1
     };
+    // The names are in the sidecar the header names, one {"row", "path"} per line.
     let paths_of = |f: &std::path::Path| -> Vec<String> {
-        serde_json::from_str(safetensors_metadata(f)["paths"].as_str().unwrap()).unwrap()
+        let meta = safetensors_metadata(f);
+        assert!(meta.get("paths").is_none(), "no paths in the header");
+        let sidecar = f.with_file_name(meta["paths_file"].as_str().unwrap());
+        let first = meta["first_row"].as_str().unwrap().parse::<u64>().unwrap();
+        let text = std::fs::read_to_string(sidecar).unwrap();
+        let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(rows.iter().enumerate().all(|(k, r)| r["row"].as_u64() == Some(first + k as u64)));
+        rows.iter().map(|r| r["path"].as_str().unwrap().to_string()).collect()
     };
     let (one, two) = (fx.path("emb1.safetensors"), fx.path("emb2.safetensors"));
     embed(0, &one);
@@ -300,9 +308,12 @@ fn embed_writes_one_file_per_rank_that_concatenate_to_one_ranks(fx: &Fixture, ru
         Vec::try_from(Tensor::cat(&[get(&parts[0], "labels"), get(&parts[1], "labels")], 0)).unwrap();
     assert_eq!(labels2, labels);
     assert_eq!([paths_of(&parts[0]), paths_of(&parts[1])].concat(), paths);
-    // A rerun under the same name with one rank leaves one file, and the parts and index go.
+    assert_eq!(index["parts"][0]["paths"].as_str(), Some("emb2-00001-of-00002.safetensors.paths.jsonl"));
+    // A rerun under the same name with one rank leaves one file, and the parts, their sidecars and the index go.
     embed(0, &two);
     assert!(two.exists() && !parts[0].exists() && !parts[1].exists());
+    assert!(fx.path("emb2.safetensors.paths.jsonl").exists());
+    assert!(!fx.path("emb2-00001-of-00002.safetensors.paths.jsonl").exists());
     assert!(!fx.path("emb2.safetensors.index.json").exists());
     // A mistyped directory is refused before any embedding is computed.
     let missing = fx.path("no/such/dir/e.safetensors");
