@@ -26,6 +26,14 @@ fn every_rank_serves_prometheus_metrics_during_a_run() {
     // Rank 0 logs step 6 after that step's all-reduce, by which time rank 1 has reported step 5 at least.
     wait_for_steps(&mut job, &run_dir, 6, &log);
     let scraped = scrape(base + 1);
+    // The textfile of each rank parses too (node_exporter's collector reads it), without
+    // the process_* series node_exporter exports itself.
+    for rank in 0..2 {
+        let text = std::fs::read_to_string(fx.path(&format!("prom/contrast-rank{rank}.prom"))).unwrap();
+        assert!(!text.contains("process_"), "{text}");
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        assert!(value(&parsed, "contrast_step", &[("rank", &rank.to_string())]).unwrap() >= 2.0);
+    }
     Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
     let status = job.wait().unwrap();
     let err = std::fs::read_to_string(&log).unwrap();
@@ -61,12 +69,18 @@ fn every_rank_serves_prometheus_metrics_during_a_run() {
             assert!(served.contains(word) || served.contains(base), "the dashboard plots {word}, which is not served");
         }
     }
-    // The textfile of each rank parses too (node_exporter's collector reads it).
-    for rank in 0..2 {
-        let text = std::fs::read_to_string(fx.path(&format!("prom/contrast-rank{rank}.prom"))).unwrap();
-        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
-        assert!(value(&parsed, "contrast_step", &[("rank", &rank.to_string())]).unwrap() >= 2.0);
+    // What runs, how far it goes, and when it last stepped.
+    let info = m.samples.iter().find(|s| s.metric == "contrast_run_info").expect("contrast_run_info");
+    for (label, want) in [("method", "simclr"), ("loss", "ntxent"), ("encoder", "convnet"), ("world_size", "2")] {
+        assert_eq!(info.labels.get(label), Some(want), "{label}");
     }
+    assert_eq!(info.labels.get("run_id").map(str::len), Some(16));
+    assert_eq!(value(&m, "contrast_steps_target", &one), Some(100000.0));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let last = value(&m, "contrast_last_step_timestamp_seconds", &one).unwrap();
+    assert!(last <= now && now - last < 600.0, "{last} against {now}");
+    // The run ended: its textfiles went with it.
+    assert!(!fx.path("prom/contrast-rank0.prom").exists() && !fx.path("prom/contrast-rank1.prom").exists());
     drop(busy);
 }
 
@@ -503,4 +517,24 @@ fn compare_tables_the_keys_that_differ_and_the_figures() {
     assert!(lines[2].contains("| 0.1 | 2 |") && lines[3].contains("| 0.05 | 2 |"), "{table}");
     let missing = run(0, &["compare", a.to_str().unwrap(), fx.path("none").to_str().unwrap()], &[]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not a run directory"), "{missing:?}");
+}
+
+/// Evaluations reach the metrics as `contrast_eval_accuracy{metric}` and
+/// `contrast_eval_step`, in the textfile at once; the textfile goes with the metrics.
+#[test]
+fn evaluations_reach_the_metrics_and_the_textfile_goes_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = trainer::metrics::Metrics::new(3, 10).unwrap().with_textfile(dir.path().to_path_buf(), 3, 1000).unwrap();
+    m.observe_eval(40, &[("knn_top1", Some(0.75)), ("linear_top1", Some(0.8)), ("zero_shot_top1", None)]).unwrap();
+    let path = dir.path().join("contrast-rank3.prom");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let rank = ("rank", "3");
+    assert_eq!(value(&parsed, "contrast_eval_accuracy", &[rank, ("metric", "knn_top1")]), Some(0.75));
+    assert_eq!(value(&parsed, "contrast_eval_accuracy", &[rank, ("metric", "linear_top1")]), Some(0.8));
+    assert_eq!(value(&parsed, "contrast_eval_accuracy", &[rank, ("metric", "zero_shot_top1")]), None);
+    assert_eq!(value(&parsed, "contrast_eval_step", &[rank]), Some(40.0));
+    assert!(!text.contains("process_"), "{text}");
+    drop(m);
+    assert!(!path.exists(), "the textfile is removed with the metrics");
 }

@@ -70,6 +70,11 @@ pub struct Metrics {
     bad_samples: IntGauge,
     embedding_std: Gauge,
     grad_norm: Gauge,
+    last_step_timestamp: Gauge,
+    steps_target: IntGauge,
+    run_info: prometheus::IntGaugeVec,
+    eval_accuracy: prometheus::GaugeVec,
+    eval_step: IntGauge,
     /// The communicator's counters at the last update (the counters grow by the difference).
     last_comm: [contrast_comm::OpStats; 5],
     textfile: Option<(PathBuf, usize)>,
@@ -135,6 +140,26 @@ impl Metrics {
                 "Std of the normalised embeddings (collapse guard; 1/sqrt(d) healthy)",
             )?,
             grad_norm: gauge("contrast_grad_norm", "Global gradient norm of the last step")?,
+            last_step_timestamp: gauge(
+                "contrast_last_step_timestamp_seconds",
+                "Unix time at which the last step ended (for stall alerts)",
+            )?,
+            steps_target: int_gauge("contrast_steps_target", "Optimiser steps the run trains to (for an ETA)")?,
+            run_info: register(
+                &r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new("contrast_run_info", "The run: always 1, its labels say what runs"),
+                    &["method", "loss", "encoder", "world_size", "run_id", "version"],
+                ),
+            )?,
+            eval_accuracy: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new("contrast_eval_accuracy", "Accuracy of the last evaluation, a fraction in [0, 1]"),
+                    &["metric"],
+                ),
+            )?,
+            eval_step: int_gauge("contrast_eval_step", "Step of the last evaluation")?,
             registry: r.clone(),
             last_comm: contrast_comm::comm_stats(),
             textfile: None,
@@ -148,6 +173,30 @@ impl Metrics {
         std::fs::create_dir_all(&dir).with_context(|| format!("metrics.textfile_dir {}", dir.display()))?;
         self.textfile = Some((dir.join(format!("contrast-rank{rank}.prom")), every));
         Ok(self)
+    }
+
+    /// Say what runs: `contrast_run_info{…} 1` and `contrast_steps_target`.
+    pub fn set_run(&self, info: &RunInfo) {
+        let world = info.world_size.to_string();
+        let run_id = format!("{:016x}", info.run_id);
+        let labels = [info.method, info.loss, info.encoder, &world, &run_id, env!("CARGO_PKG_VERSION")];
+        self.run_info.reset();
+        self.run_info.with_label_values(&labels).set(1);
+        self.steps_target.set(info.steps as i64);
+    }
+
+    /// Record an evaluation at `step`: each figure measured, by its name (`knn_top1`, `linear_top1`, …).
+    pub fn observe_eval(&self, step: usize, figures: &[(&str, Option<f64>)]) -> Result<()> {
+        for (name, value) in figures {
+            if let Some(v) = value {
+                self.eval_accuracy.with_label_values(&[name]).set(*v);
+            }
+        }
+        self.eval_step.set(step as i64);
+        match &self.textfile {
+            Some((path, _)) => self.write_textfile(path),
+            None => Ok(()),
+        }
     }
 
     /// The registry (for the server and tests).
@@ -168,6 +217,8 @@ impl Metrics {
         self.bad_samples.set(f.bad_samples as i64);
         self.embedding_std.set(if f.embedding_std.is_finite() { f.embedding_std } else { 0.0 });
         self.grad_norm.set(f.grad_norm);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_step_timestamp.set(now.as_secs_f64());
         for (phase, s) in PHASES.iter().zip(t.seconds) {
             self.phase_seconds.with_label_values(&[phase]).observe(s);
         }
@@ -196,10 +247,42 @@ impl Metrics {
 
     fn write_textfile(&self, path: &std::path::Path) -> Result<()> {
         // node_exporter must never read a half-written file: write, then rename.
+        // It exports its own process_* series: the textfile leaves them out.
+        let families: Vec<_> =
+            self.registry.gather().into_iter().filter(|f| !f.name().starts_with("process_")).collect();
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&families, &mut text)?;
         let tmp = path.with_extension(format!("prom.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, self.encode()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", path.display()))
     }
+}
+
+/// A finished (or failed) run's textfile goes with it, so node_exporter does
+/// not serve its last values forever (a kill -9 leaves it; the last step's
+/// timestamp then says how old it is).
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        if let Some((path, _)) = &self.textfile {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What [`Metrics::set_run`] labels the run with.
+pub struct RunInfo<'a> {
+    /// `method.name`.
+    pub method: &'a str,
+    /// The loss.
+    pub loss: &'a str,
+    /// `model.encoder`.
+    pub encoder: &'a str,
+    /// Ranks P.
+    pub world_size: usize,
+    /// The run's identity (kept across resumes).
+    pub run_id: u64,
+    /// `train.steps`.
+    pub steps: usize,
 }
 
 pub(crate) fn encode(registry: &Registry) -> String {

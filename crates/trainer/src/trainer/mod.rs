@@ -170,6 +170,18 @@ impl<'c, C: Collective> Trainer<'c, C> {
             t.resume()?;
         }
         t.open_log()?;
+        if let Some(m) = &t.metrics {
+            let c = &t.plan.config;
+            let loss = t.plan.loss.name();
+            m.set_run(&crate::metrics::RunInfo {
+                method: &t.plan.method.name,
+                loss: &loss,
+                encoder: &c.model.encoder,
+                world_size: t.plan.world_size,
+                run_id: t.progress.run_id,
+                steps: t.plan.steps,
+            });
+        }
         Ok(t)
     }
 
@@ -420,6 +432,19 @@ impl<'c, C: Collective> Trainer<'c, C> {
         Ok((towers, out, monitor, forward))
     }
 
+    /// Hand an evaluation's accuracies to the metrics.
+    fn report_eval(&self, step: usize, f: &EvalFigures) -> Result<()> {
+        let Some(metrics) = self.metrics.as_ref() else { return Ok(()) };
+        let figures = [
+            ("knn_top1", f.knn_top1),
+            ("knn_top5", f.knn_top5),
+            ("linear_top1", f.linear_top1),
+            ("zero_shot_top1", f.zero_shot_top1),
+            ("zero_shot_top5", f.zero_shot_top5),
+        ];
+        metrics.observe_eval(step, &figures)
+    }
+
     /// Hand the step's figures to the metrics.
     fn report(&mut self, r: &StepRecord) -> Result<()> {
         let Some(metrics) = self.metrics.as_mut() else { return Ok(()) };
@@ -479,6 +504,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 log_figures(&format!("step {}", r.done), &f, "");
                 record_evaluation(&self.plan.config.checkpoint.dir, r.done, &f)?;
             }
+            self.report_eval(r.done, &f)?;
             self.keep_if_best(&f, r.done, r.loss)?;
         }
         Ok(())
@@ -525,6 +551,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
         };
         if let Some(f) = &final_eval {
             let (done, loss) = (self.plan.steps, self.progress.last_loss);
+            self.report_eval(done, f)?;
             self.keep_if_best(f, done, loss)?;
             if self.comm.rank() == 0 {
                 record_evaluation(&self.plan.config.checkpoint.dir, done, f)?;
