@@ -134,6 +134,12 @@ fn log_lines_name_their_rank_plain_and_json() {
         ranks.insert(spans[0]["rank"].as_u64().expect("rank span first"));
         if v["fields"]["message"].as_str().unwrap_or("").starts_with("step ") {
             assert_eq!(spans.last().unwrap()["name"], "step", "{line}");
+            // The step line's figures are fields of their own, numbers as numbers.
+            let f = &v["fields"];
+            assert!(f["step"].as_u64().is_some() && f["steps"].as_u64() == Some(3), "{line}");
+            for key in ["loss", "lr", "samples_per_s", "data_wait_ms"] {
+                assert!(f[key].as_f64().is_some_and(f64::is_finite), "{key}: {line}");
+            }
             steps += 1;
         }
     }

@@ -270,15 +270,30 @@ impl StepLog {
             return;
         }
         let el = self.window.0.elapsed().as_secs_f64();
-        tracing::info!(
-            "step {done}/{} loss {:.4} lr {:.5} {:.0} samples/s data-wait {:.1}ms emb-std {:.4}{status}",
-            plan.steps,
-            r.loss,
-            r.lr,
-            self.window.1 as f64 * plan.global_batch as f64 / el,
-            r.wait * 1e3,
-            r.embedding_std,
-        );
+        let samples_per_s = self.window.1 as f64 * plan.global_batch as f64 / el;
+        let (steps, wait_ms) = (plan.steps, r.wait * 1e3);
+        if crate::plain_logs() {
+            tracing::info!(
+                "step {done}/{steps} loss {:.4} lr {:.5} {samples_per_s:.0} samples/s data-wait {wait_ms:.1}ms emb-std {:.4}{status}",
+                r.loss,
+                r.lr,
+                r.embedding_std,
+            );
+        } else {
+            // `--log-format json`: the figures are fields, not text inside the message.
+            let (loss, lr, embedding_std, status) = (r.loss, r.lr, r.embedding_std, status.trim());
+            tracing::info!(
+                step = done,
+                steps,
+                loss,
+                lr,
+                samples_per_s,
+                data_wait_ms = wait_ms,
+                embedding_std,
+                status,
+                "step {done}/{steps}"
+            );
+        }
         self.window = (Instant::now(), 0);
     }
 }
