@@ -38,7 +38,7 @@ pub use data::{
 pub use loss::{LossConfig, LossKind, Mining};
 pub use model::{ModelConfig, Norm, PretrainedFormat, TextAct, TextConfig, TextPool};
 pub use plan::{Plan, Topology};
-pub use run::{CheckpointConfig, EvalConfig, MetricsConfig, BEST_METRICS};
+pub use run::{CheckpointConfig, EvalConfig, HistogramRanks, MetricsConfig, BEST_METRICS};
 pub use train::{
     LrScale, MomentumSchedule, OptimizerConfig, OptimizerName, Overlap, Precision, ScheduleConfig, ScheduleName,
     TrainConfig,

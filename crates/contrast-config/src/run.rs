@@ -55,6 +55,20 @@ pub struct MetricsConfig {
     pub textfile_every: i64,
     /// Connections the endpoint serves at once; more are closed when accepted.
     pub max_connections: usize,
+    /// Which ranks export the per-phase step histograms (`all`, or `rank0`
+    /// for runs of many ranks, whose histograms would dominate the series).
+    pub histograms: HistogramRanks,
+}
+
+/// `metrics.histograms`: the ranks that export `contrast_step_phase_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HistogramRanks {
+    /// Every rank.
+    #[default]
+    All,
+    /// Rank 0 only.
+    Rank0,
 }
 
 impl Default for MetricsConfig {
@@ -65,6 +79,7 @@ impl Default for MetricsConfig {
             textfile_dir: None,
             textfile_every: 20,
             max_connections: 32,
+            histograms: HistogramRanks::All,
         }
     }
 }

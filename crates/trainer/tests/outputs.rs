@@ -544,3 +544,35 @@ fn evaluations_reach_the_metrics_and_the_textfile_goes_at_the_end() {
     drop(m);
     assert!(!path.exists(), "the textfile is removed with the metrics");
 }
+
+/// `metrics.histograms: rank0`: a rank other than 0 exports no phase histograms.
+#[test]
+fn phase_histograms_can_be_left_to_rank_0() {
+    let times = trainer::metrics::StepTimes { seconds: [0.01; 8] };
+    let figures = |step| trainer::metrics::StepFigures {
+        step,
+        loss: 1.0,
+        lr: 0.1,
+        samples_per_second: 10.0,
+        samples: 8,
+        bad_samples: 0,
+        embedding_std: 0.1,
+        grad_norm: 1.0,
+        temperature: 0.2,
+        logit_scale: None,
+        queue_fill: None,
+    };
+    for on in [true, false] {
+        let mut m = trainer::metrics::Metrics::new(1, 10).unwrap().with_histograms(on);
+        m.observe(&figures(1), &times).unwrap();
+        let text = m.encode();
+        assert_eq!(text.contains("contrast_step_phase_seconds_bucket"), on, "{text}");
+        assert!(text.contains("contrast_loss{rank=\"1\"} 1"), "{text}");
+    }
+    let fx = Fixture::new();
+    let cfg = fx.config("hist", "ntxent", "");
+    let out = ok(run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", "metrics.histograms=rank0"], &[]));
+    assert!(out.status.success());
+    let bad = run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", "metrics.histograms=some"], &[]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("histograms"), "{bad:?}");
+}

@@ -78,6 +78,8 @@ pub struct Metrics {
     /// The communicator's counters at the last update (the counters grow by the difference).
     last_comm: [contrast_comm::OpStats; 5],
     textfile: Option<(PathBuf, usize)>,
+    /// Whether this rank observes `contrast_step_phase_seconds` (`metrics.histograms`).
+    histograms: bool,
 }
 
 /// Register a new metric with `r` and hand it back.
@@ -163,9 +165,16 @@ impl Metrics {
             registry: r.clone(),
             last_comm: contrast_comm::comm_stats(),
             textfile: None,
+            histograms: true,
         };
         m.negatives_per_anchor.set(negatives_per_anchor as i64);
         Ok(m)
+    }
+
+    /// Export the per-phase histograms or not (a family never observed is not exported).
+    pub fn with_histograms(mut self, on: bool) -> Self {
+        self.histograms = on;
+        self
     }
 
     /// Also write the series to `dir/contrast-rank<r>.prom` every `every` steps.
@@ -219,7 +228,7 @@ impl Metrics {
         self.grad_norm.set(f.grad_norm);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         self.last_step_timestamp.set(now.as_secs_f64());
-        for (phase, s) in PHASES.iter().zip(t.seconds) {
+        for (phase, s) in PHASES.iter().zip(t.seconds).filter(|_| self.histograms) {
             self.phase_seconds.with_label_values(&[phase]).observe(s);
         }
         self.count_collectives();

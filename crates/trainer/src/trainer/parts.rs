@@ -376,7 +376,8 @@ pub(super) fn start_metrics<C: Collective>(comm: &C, plan: &Plan) -> Result<Opti
     if !m.enabled && m.textfile_dir.is_none() {
         return Ok(None);
     }
-    let mut metrics = Metrics::new(comm.rank(), plan.negatives_per_anchor)?;
+    let histograms = m.histograms == contrast_config::HistogramRanks::All || comm.rank() == 0;
+    let mut metrics = Metrics::new(comm.rank(), plan.negatives_per_anchor)?.with_histograms(histograms);
     if let Some(dir) = &m.textfile_dir {
         metrics = metrics.with_textfile(dir.clone(), comm.rank(), m.textfile_every as usize)?;
     }
