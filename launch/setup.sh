@@ -5,6 +5,10 @@
 #   2. a venv with torch==2.13.0 (for its libtorch; torchvision==0.28.0 only as
 #      the data benchmark's baseline), cached outside the
 #      clone in ~/.cache/contrast (override: CONTRAST_VENV) and linked as .venv;
+#      torch comes from CONTRAST_TORCH_INDEX when set (a package index URL, e.g.
+#      https://download.pytorch.org/whl/cpu for a CPU-only build without the
+#      default wheel's 4.7 GB of CUDA libraries), else from PyPI; the venv also
+#      gets safetensors, onnx, onnxscript, onnxruntime and tensorboard (tools/);
 #   3. a release build of the workspace (binaries find libtorch by rpath).
 # Re-running it does only what is missing.
 set -euo pipefail
@@ -31,20 +35,38 @@ if [ ! -s data/fortunes/train.tsv ] || [ tools/fortunes_to_lines.py -nt data/for
 fi
 
 venv="${CONTRAST_VENV:-$HOME/.cache/contrast/venv-torch-2.13.0}"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+torch_index=()
+if [ -n "${CONTRAST_TORCH_INDEX:-}" ]; then
+  torch_index=(--index-url "$CONTRAST_TORCH_INDEX")
+fi
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 1)" 2>/dev/null; then
-  echo "setup: creating $venv with torch==2.13.0 (about 4.7 GB, once per machine)"
+  echo "setup: creating $venv with torch==2.13.0 from ${CONTRAST_TORCH_INDEX:-PyPI} (once per machine; PyPI's wheel brings about 4.7 GB)"
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
+  "${pip[@]}" install --quiet "${torch_index[@]}" torch==2.13.0 torchvision==0.28.0
+fi
+# A given index must offer torch 2.13.0: checked even when the venv exists, so a
+# mistyped URL fails here, naming itself, and not on the next machine.
+if [ -n "${CONTRAST_TORCH_INDEX:-}" ]; then
+  offered="$("${pip[@]}" index versions torch "${torch_index[@]}" 2>/dev/null || true)"
+  case "$offered" in
+    *"2.13.0"*) ;;
+    *) echo "setup: CONTRAST_TORCH_INDEX=$CONTRAST_TORCH_INDEX does not offer torch 2.13.0 (or cannot be reached)" >&2
+       exit 1 ;;
+  esac
 fi
 # torchvision is only the baseline of benches/data.rs (small; torch stays pinned).
 if ! "$venv/bin/python" -c "import torchvision, sys; sys.exit(0 if torchvision.__version__.split('+')[0] == '0.28.0' else 1)" 2>/dev/null; then
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.13.0 torchvision==0.28.0
+  "${pip[@]}" install --quiet "${torch_index[@]}" torch==2.13.0 torchvision==0.28.0
 fi
-# safetensors: tools/convert_weights.py and the weight-import round-trip test.
-if ! "$venv/bin/python" -c "import safetensors" 2>/dev/null; then
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check safetensors
+# safetensors: tools/convert_weights.py and the weight-import round-trip test;
+# onnx, onnxscript, onnxruntime: ONNX export and its check; tensorboard: run logs.
+tools=(safetensors onnx onnxscript onnxruntime tensorboard)
+if ! "$venv/bin/python" -c "import safetensors, onnx, onnxscript, onnxruntime, tensorboard" 2>/dev/null; then
+  echo "setup: installing ${tools[*]} into $venv"
+  "${pip[@]}" install --quiet "${tools[@]}"
 fi
 ln -sfn "$venv" "$root/.venv"
 

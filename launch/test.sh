@@ -6,7 +6,9 @@
 # that totals every test binary's result.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/launch/setup.sh"
+# CONTRAST_TORCH_INDEX at PyPI's own index: the option's path runs (and checks the
+# index offers torch 2.13.0) where only the default index is reachable.
+CONTRAST_TORCH_INDEX="${CONTRAST_TORCH_INDEX:-https://pypi.org/simple}" bash "$root/launch/setup.sh"
 cd "$root"
 # shellcheck source=launch/env.sh
 source launch/env.sh
