@@ -576,3 +576,50 @@ fn phase_histograms_can_be_left_to_rank_0() {
     let bad = run(0, &["config", "--config", cfg.to_str().unwrap(), "--set", "metrics.histograms=some"], &[]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("histograms"), "{bad:?}");
 }
+
+/// `tools/to_tensorboard.py` turns runs into TensorBoard event files, one
+/// subfolder per run (a suffix when two runs share a name), read back here
+/// with TensorBoard's own reader: the losses are the run's, step by step.
+#[test]
+fn runs_convert_to_tensorboard_events_that_read_back() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
+        return;
+    }
+    let fx = Fixture::new();
+    for name in ["a/run", "b/run"] {
+        std::fs::create_dir_all(fx.path(name).parent().unwrap()).unwrap();
+        let cfg = fx.config(name, "ntxent", "");
+        ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=4", "--set", "eval.at_end=true"], &[]));
+    }
+    let (a, b, tb) = (fx.path("a/run"), fx.path("b/run"), fx.path("tb"));
+    let script = root.join("tools/to_tensorboard.py");
+    let args = [script.to_str().unwrap(), a.to_str().unwrap(), b.to_str().unwrap(), "--out", tb.to_str().unwrap()];
+    let out = Command::new(&python).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = "import json, sys\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        out = {}\n\
+        for d in sys.argv[1:]:\n\
+        \x20   acc = EventAccumulator(d); acc.Reload()\n\
+        \x20   out[d] = {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()['scalars']}\n\
+        print(json.dumps(out))\n";
+    let dirs = [tb.join("run"), tb.join("run-2")];
+    let back = Command::new(&python).args(["-c", read]).args(&dirs).output().unwrap();
+    assert!(back.status.success(), "{}", String::from_utf8_lossy(&back.stderr));
+    let events: serde_json::Value = serde_json::from_slice(&back.stdout).unwrap();
+    for (dir, run_dir) in dirs.iter().zip([&a, &b]) {
+        let tags = &events[dir.to_str().unwrap()];
+        let loss: Vec<f64> = tags["train/loss"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
+        let want = losses(run_dir);
+        assert_eq!(loss.len(), want.len());
+        for (x, y) in loss.iter().zip(&want) {
+            assert!((x - y).abs() <= 1e-6 * y.abs(), "{x} vs {y}");
+        }
+        assert_eq!(tags["train/loss"][3][0].as_u64(), Some(4), "logged at its step");
+        assert!(tags["eval/knn_top1"].as_array().is_some_and(|v| !v.is_empty()), "{tags}");
+        assert!(tags["phase/backward"].as_array().is_some(), "{tags}");
+    }
+}
