@@ -279,3 +279,55 @@ fn a_converted_torchvision_pth_imports_into_a_resnet18() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("Torchvision names, 100 tensors loaded, 2 skipped, 0 unused"), "{log}");
 }
+
+/// `tools/contrast_torch.py` mirrors the convnet and its head: a `trainer
+/// export` file loads with `load_state_dict(strict=True)` and gives the
+/// features `trainer embed` wrote; `tools/export_onnx.py` writes an ONNX
+/// graph whose features onnxruntime computes alike.
+#[test]
+fn the_pytorch_mirror_and_its_onnx_export_give_the_trainers_features() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = root.join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
+        return;
+    }
+    let fx = Fixture::new();
+    let cfg = fx.config("mirror", "ntxent", "");
+    ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=3"], &[]));
+    let (run_dir, export, emb, onnx) =
+        (fx.path("mirror"), fx.path("m.safetensors"), fx.path("emb.safetensors"), fx.path("m.onnx"));
+    ok(run(0, &["export", "--checkpoint", run_dir.to_str().unwrap(), "--out", export.to_str().unwrap()], &[]));
+    let embed = ["embed", "--checkpoint", run_dir.to_str().unwrap(), "--out", emb.to_str().unwrap(), "--split", "test"];
+    ok(run(0, &embed, &[]));
+    let tool = root.join("tools/export_onnx.py");
+    let out = Command::new(&python).arg(&tool).args([&export, &onnx]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = format!(
+        "import sys, numpy as np, torch, onnxruntime as ort\n\
+         sys.path.insert(0, '{tools}')\n\
+         import contrast_torch as ct\n\
+         from safetensors.numpy import load_file\n\
+         raw = open('{images}', 'rb').read()\n\
+         imgs = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)\n\
+         model = ct.SimCLR.from_export('{export}')\n\
+         x = ct.fashion_mnist_input(imgs)\n\
+         with torch.no_grad():\n\
+         \x20   mirror = model.features(x).numpy()\n\
+         want = load_file('{emb}')['embeddings']\n\
+         onnx = ort.InferenceSession('{onnx}', providers=['CPUExecutionProvider']).run(['features'], {{'images': x.numpy()}})[0]\n\
+         print(mirror.shape[0], float(np.abs(mirror - want).max()), float(np.abs(onnx - want).max()))\n",
+        tools = root.join("tools").display(),
+        images = fx.path("data/t10k-images-idx3-ubyte").display(),
+        export = export.display(),
+        emb = emb.display(),
+        onnx = onnx.display(),
+    );
+    let out = Command::new(&python).args(["-c", &check]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(v[0], 60.0, "{text}");
+    assert!(v[1] < 1e-5, "the mirror's features differ from the trainer's by {}", v[1]);
+    assert!(v[2] < 1e-5, "the ONNX graph's features differ from the trainer's by {}", v[2]);
+}
