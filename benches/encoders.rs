@@ -30,7 +30,7 @@ const CASES: [(&str, &str, &str, i64, i64, usize, usize); 3] = [
 fn contrast_pairs_per_s(encoder: &str, keys: &str, size: i64, n: i64, warmup: usize, reps: usize) -> f64 {
     let mut spec = Spec::new(plan("simclr").unwrap(), LossKind::NtXent, n as usize);
     spec.model = ModelConfig { encoder: encoder.into(), proj_hidden: 512, proj_dim: 64, ..Default::default() };
-    spec.model.encoder_keys = serde_yaml_ng::from_str(keys).unwrap();
+    spec.model.encoder_keys = yaml_serde::from_str(keys).unwrap();
     (spec.in_channels, spec.image_size) = (3, size);
     let method = build(&spec).unwrap();
     let params: Vec<Tensor> = method.params().into_iter().map(|p| p.tensor).collect();

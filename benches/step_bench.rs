@@ -116,7 +116,7 @@ fn method(a: &Args, local: usize, kind: Kind) -> Box<dyn Method> {
         spec.model.encoder = "vit_base".into();
         spec.model.encoder_keys = Default::default();
         let vit = "{patch_size: 32, pre_norm: true, patch_bias: false}";
-        spec.model.encoder_keys.set("vit", serde_yaml_ng::from_str::<serde_yaml_ng::Value>(vit).unwrap());
+        spec.model.encoder_keys.set("vit", yaml_serde::from_str::<yaml_serde::Value>(vit).unwrap());
         spec.model.proj_dim = 512;
         spec.model.text = TextConfig { width: 512, layers: 12, heads: 8, context: CTX, ..Default::default() };
         (spec.in_channels, spec.image_size) = (3, 224);

@@ -6,7 +6,7 @@
 //! out, so it loads back into the same plan.
 
 use crate::ConfigError;
-use serde_yaml_ng::Value;
+use yaml_serde::Value;
 use std::collections::BTreeSet;
 
 /// Dotted keys (a key covers the keys under it) with the choice each does not apply to.

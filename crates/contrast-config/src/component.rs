@@ -7,7 +7,7 @@
 use crate::{invalid, AugmentPreset, ConfigError, LossKind, Norm};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_yaml_ng::{Mapping, Value};
+use yaml_serde::{Mapping, Value};
 
 /// A component's own keys (`method.*` or the encoder's `model.*`), as YAML values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -17,7 +17,7 @@ pub struct Settings(pub Mapping);
 impl Settings {
     /// The fields of a settings struct (its defaults, when `value` is `T::default()`).
     pub fn of<T: Serialize>(value: &T) -> Self {
-        match serde_yaml_ng::to_value(value).expect("settings serialise") {
+        match yaml_serde::to_value(value).expect("settings serialise") {
             Value::Mapping(m) => Settings(m),
             other => panic!("settings must serialise to a mapping, got {other:?}"),
         }
@@ -35,7 +35,7 @@ impl Settings {
 
     /// Set `key` to `value` (tests and presets).
     pub fn set(&mut self, key: &str, value: impl Serialize) {
-        let value = serde_yaml_ng::to_value(value).expect("a value serialises");
+        let value = yaml_serde::to_value(value).expect("a value serialises");
         self.0.insert(Value::String(key.into()), value);
     }
 

@@ -168,9 +168,9 @@ pub fn host_memory_bytes() -> Option<u64> {
 }
 
 /// The first non-finite number of a YAML value (`.nan`, `.inf`), with the dotted key of its leaf.
-pub fn first_non_finite(v: &serde_yaml_ng::Value) -> Option<(String, f64)> {
-    fn non_finite(v: &serde_yaml_ng::Value) -> Option<f64> {
-        use serde_yaml_ng::Value;
+pub fn first_non_finite(v: &yaml_serde::Value) -> Option<(String, f64)> {
+    fn non_finite(v: &yaml_serde::Value) -> Option<f64> {
+        use yaml_serde::Value;
         match v {
             Value::Number(n) => n.as_f64().filter(|x| !x.is_finite()),
             Value::Sequence(s) => s.iter().find_map(non_finite),

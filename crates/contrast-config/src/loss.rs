@@ -194,15 +194,15 @@ impl LossKind {
 
     /// The `loss.name` spelling (`infonce`, `ntxent`).
     pub fn name(self) -> String {
-        match serde_yaml_ng::to_value(self) {
-            Ok(serde_yaml_ng::Value::String(s)) => s,
+        match yaml_serde::to_value(self) {
+            Ok(yaml_serde::Value::String(s)) => s,
             other => unreachable!("a loss serialises to its name, got {other:?}"),
         }
     }
 
     /// Parse a `loss.name` value.
     pub fn parse(s: &str) -> Option<Self> {
-        serde_yaml_ng::from_value(serde_yaml_ng::Value::String(s.into())).ok()
+        yaml_serde::from_value(yaml_serde::Value::String(s.into())).ok()
     }
 
     /// The `loss.*` keys (besides `name`) that this loss reads.
@@ -293,7 +293,7 @@ impl LossKind {
 
 /// The `loss.*` keys the chosen loss does not read.
 pub(crate) fn rules(loss: LossKind, r: &mut Rules) {
-    let all = serde_yaml_ng::to_value(LossConfig::default()).expect("loss keys serialise");
+    let all = yaml_serde::to_value(LossConfig::default()).expect("loss keys serialise");
     let keys = all.as_mapping().into_iter().flat_map(|m| m.keys()).filter_map(|k| k.as_str());
     let unread: Vec<&str> = keys.filter(|k| *k != "name" && !loss.keys().contains(k)).collect();
     r.keys("loss", &unread, &format!("loss {loss:?}"), true);

@@ -178,7 +178,7 @@ impl Plan {
         run::rules(c, &mut rules);
         rules.check(&c.given)?;
         // Every number, the method's and the encoder's keys included, is finite.
-        let whole = serde_yaml_ng::to_value(c).map_err(|e| invalid("config", e.to_string()))?;
+        let whole = yaml_serde::to_value(c).map_err(|e| invalid("config", e.to_string()))?;
         if let Some((key, x)) = crate::first_non_finite(&whole) {
             return Err(invalid(key, format!("must be a finite number, got {x}")));
         }
@@ -243,10 +243,10 @@ impl Plan {
         config.model.encoder_keys = self.encoder.clone();
         config.loss.name = Some(self.loss);
         config.loss.temperature = Some(self.temperature);
-        let mut v = serde_yaml_ng::to_value(&config).expect("a config serialises");
+        let mut v = yaml_serde::to_value(&config).expect("a config serialises");
         self.rules.prune(&mut v);
         yaml::shortest_f32(&mut v);
-        serde_yaml_ng::to_string(&v).expect("YAML text")
+        yaml_serde::to_string(&v).expect("YAML text")
     }
 
     /// Whether `train.epochs`, or a method with per-item state, still awaits the dataset's length.

@@ -48,7 +48,7 @@ fn rules_refuse_and_prune_the_keys_they_cover() {
     let err = r.check(&given).unwrap_err().to_string();
     assert!(err.contains("data.aug.hue") && err.contains("data.augment: none"), "{err}");
     assert!(r.check(&["data.augmentation".to_string()].into()).is_ok(), "a prefix is a whole key");
-    let mut v = serde_yaml_ng::to_value(Config::default()).unwrap();
+    let mut v = yaml_serde::to_value(Config::default()).unwrap();
     r.prune(&mut v);
     assert!(v["data"].get("aug").is_none() && v["train"]["optimizer"].get("momentum").is_none());
     assert!(v["data"].get("small_crops").is_some() && v["train"]["optimizer"].get("lr").is_some());

@@ -49,8 +49,8 @@ fn shape(text: &str) -> Result<usize, Shape> {
 }
 
 /// The deepest nesting of a parsed value (mappings and sequences).
-pub fn value_depth(v: &serde_yaml_ng::Value) -> usize {
-    use serde_yaml_ng::Value;
+pub fn value_depth(v: &yaml_serde::Value) -> usize {
+    use yaml_serde::Value;
     match v {
         Value::Sequence(s) => 1 + s.iter().map(value_depth).max().unwrap_or(0),
         Value::Mapping(m) => 1 + m.iter().map(|(k, v)| value_depth(k).max(value_depth(v))).max().unwrap_or(0),
@@ -61,9 +61,9 @@ pub fn value_depth(v: &serde_yaml_ng::Value) -> usize {
 
 /// Parse YAML text within the bounds: [`check_yaml_shape`] first, then the
 /// parsed value's depth. Any input under [`MAX_CONFIG_BYTES`] takes well under a second.
-pub fn parse_bounded(text: &str) -> Result<serde_yaml_ng::Value, String> {
+pub fn parse_bounded(text: &str) -> Result<yaml_serde::Value, String> {
     check_yaml_shape(text)?;
-    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    let v: yaml_serde::Value = yaml_serde::from_str(text).map_err(|e| e.to_string())?;
     match value_depth(&v) {
         d if d > MAX_YAML_DEPTH => Err(format!("nested {d} levels deep; at most {MAX_YAML_DEPTH}")),
         _ => Ok(v),
@@ -109,8 +109,8 @@ fn events(text: &str) -> Result<usize, Shape> {
 
 /// Write numbers that came from `f32` fields as the f32's shortest decimal
 /// (`0.3`, not `0.30000001192092896`); an f64 value is never changed.
-pub(crate) fn shortest_f32(v: &mut serde_yaml_ng::Value) {
-    use serde_yaml_ng::Value;
+pub(crate) fn shortest_f32(v: &mut yaml_serde::Value) {
+    use yaml_serde::Value;
     match v {
         Value::Number(n) => {
             if let Some(x) = n.as_f64().filter(|x| x.fract() != 0.0 && (*x as f32) as f64 == *x) {
@@ -126,7 +126,7 @@ pub(crate) fn shortest_f32(v: &mut serde_yaml_ng::Value) {
 }
 
 /// Parse YAML text with [`parse_bounded`].
-fn parse_yaml(text: &str, origin: &str) -> Result<serde_yaml_ng::Value, ConfigError> {
+fn parse_yaml(text: &str, origin: &str) -> Result<yaml_serde::Value, ConfigError> {
     parse_bounded(text).map_err(|message| ConfigError::Parse { path: origin.into(), message })
 }
 
@@ -137,8 +137,8 @@ impl Config {
         Self::from_value(value, origin)
     }
 
-    fn from_value(value: serde_yaml_ng::Value, origin: &str) -> Result<Self, ConfigError> {
-        let value = if value.is_null() { serde_yaml_ng::Value::Mapping(Default::default()) } else { value };
+    fn from_value(value: yaml_serde::Value, origin: &str) -> Result<Self, ConfigError> {
+        let value = if value.is_null() { yaml_serde::Value::Mapping(Default::default()) } else { value };
         let mut given = std::collections::BTreeSet::new();
         collect_keys(&value, "", &mut given);
         // The path of the failing key (`model.norm: unknown variant ...`) comes with the message.
@@ -157,7 +157,7 @@ impl Config {
         let text = read_bounded(path)?;
         let mut value = parse_yaml(&text, &origin)?;
         if value.is_null() {
-            value = serde_yaml_ng::Value::Mapping(Default::default());
+            value = yaml_serde::Value::Mapping(Default::default());
         }
         // Check the file alone first so that an unknown key is blamed on the file.
         let alone = Self::from_value(value.clone(), &origin)?;
@@ -169,13 +169,13 @@ impl Config {
         }
         // A `--set` of either replaces the other from the file.
         for (set, other) in [("train.steps=", "epochs"), ("train.epochs=", "steps")] {
-            if let Some(serde_yaml_ng::Value::Mapping(t)) = value.get_mut("train") {
+            if let Some(yaml_serde::Value::Mapping(t)) = value.get_mut("train") {
                 if overrides.iter().any(|o| o.starts_with(set)) {
                     t.remove(other);
                 }
             }
         }
-        let mut only_overrides = serde_yaml_ng::Value::Mapping(Default::default());
+        let mut only_overrides = yaml_serde::Value::Mapping(Default::default());
         for o in overrides {
             apply_override(&mut value, o)?;
             apply_override(&mut only_overrides, o)?;
@@ -208,8 +208,8 @@ fn read_bounded(path: &Path) -> Result<String, ConfigError> {
 
 /// Every leaf of a YAML value under its dotted key (`loss.margin`): mappings
 /// are walked, anything else (a scalar, a sequence) is one leaf.
-pub fn leaves(v: &serde_yaml_ng::Value) -> Vec<(String, &serde_yaml_ng::Value)> {
-    fn walk<'v>(v: &'v serde_yaml_ng::Value, prefix: &str, out: &mut Vec<(String, &'v serde_yaml_ng::Value)>) {
+pub fn leaves(v: &yaml_serde::Value) -> Vec<(String, &yaml_serde::Value)> {
+    fn walk<'v>(v: &'v yaml_serde::Value, prefix: &str, out: &mut Vec<(String, &'v yaml_serde::Value)>) {
         match v.as_mapping() {
             Some(map) => map.iter().for_each(|(k, child)| walk(child, &dotted(prefix, k), out)),
             None => out.push((prefix.to_string(), v)),
@@ -221,7 +221,7 @@ pub fn leaves(v: &serde_yaml_ng::Value) -> Vec<(String, &serde_yaml_ng::Value)> 
 }
 
 /// `prefix.key` (the key alone at the top).
-fn dotted(prefix: &str, k: &serde_yaml_ng::Value) -> String {
+fn dotted(prefix: &str, k: &yaml_serde::Value) -> String {
     let k = k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}"));
     if prefix.is_empty() {
         k
@@ -231,7 +231,7 @@ fn dotted(prefix: &str, k: &serde_yaml_ng::Value) -> String {
 }
 
 /// Every dotted key of a YAML mapping (`loss`, `loss.margin`, ...).
-fn collect_keys(v: &serde_yaml_ng::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+fn collect_keys(v: &yaml_serde::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
     if let Some(map) = v.as_mapping() {
         for (k, child) in map {
             let key = dotted(prefix, k);
@@ -242,8 +242,8 @@ fn collect_keys(v: &serde_yaml_ng::Value, prefix: &str, out: &mut std::collectio
 }
 
 /// Set `a.b.c=value` inside a YAML mapping, creating intermediate mappings.
-fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), ConfigError> {
-    use serde_yaml_ng::Value;
+fn apply_override(root: &mut yaml_serde::Value, spec: &str) -> Result<(), ConfigError> {
+    use yaml_serde::Value;
     let (key, raw) = spec.split_once('=').ok_or_else(|| ConfigError::Override(spec.into()))?;
     if key.is_empty() || key.split('.').any(str::is_empty) {
         return Err(ConfigError::Override(spec.into()));
@@ -258,7 +258,7 @@ fn apply_override(root: &mut serde_yaml_ng::Value, spec: &str) -> Result<(), Con
     // A value that is not YAML is taken as a string (`--set data.root=a: b`), unparsed.
     let parsed = match shape(raw) {
         Ok(d) if parts + d > MAX_YAML_DEPTH => return Err(too_deep()),
-        Ok(_) => serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.into())),
+        Ok(_) => yaml_serde::from_str(raw).unwrap_or_else(|_| Value::String(raw.into())),
         Err(Shape::Syntax(_)) => Value::String(raw.into()),
         Err(Shape::Bound(message)) => return Err(ConfigError::Parse { path: format!("--set {shown}"), message }),
     };

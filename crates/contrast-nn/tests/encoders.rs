@@ -74,7 +74,7 @@ fn spec(method: &str, encoder: &str, keys: &str, size: i64, kind: Kind) -> Spec 
     let loss = if method == "clip" { LossKind::Clip } else { LossKind::NtXent };
     let mut s = Spec::new(plan(method).unwrap(), loss, 2);
     let mut model = ModelConfig { encoder: encoder.into(), ..Default::default() };
-    model.encoder_keys = serde_yaml_ng::from_str(keys).unwrap();
+    model.encoder_keys = yaml_serde::from_str(keys).unwrap();
     s.model = model;
     (s.in_channels, s.image_size, s.kind) = (3, size, kind);
     s

@@ -33,8 +33,8 @@ pub const EXEMPT_KEYS: [&str; 7] = [
 /// Every compared key of a resolved config with its value (YAML text), in the
 /// resolved file's order; mappings are walked, sequences are one value.
 pub fn compared_keys(plan: &Plan) -> Vec<(String, String)> {
-    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&plan.resolved_yaml()).expect("resolved YAML parses");
-    let text = |v: &serde_yaml_ng::Value| serde_yaml_ng::to_string(v).unwrap_or_default().trim().replace('\n', " ");
+    let value: yaml_serde::Value = yaml_serde::from_str(&plan.resolved_yaml()).expect("resolved YAML parses");
+    let text = |v: &yaml_serde::Value| yaml_serde::to_string(v).unwrap_or_default().trim().replace('\n', " ");
     contrast_config::leaves(&value)
         .into_iter()
         .filter(|(k, _)| !EXEMPT_KEYS.contains(&k.as_str()))

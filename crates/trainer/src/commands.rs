@@ -52,7 +52,7 @@ fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String,
     if let Some(text) = config.and_then(|p| std::fs::read(p).ok()) {
         let hex: String = sha2::Sha256::digest(&text).iter().map(|b| format!("{b:02x}")).collect();
         meta.insert("config_sha256".into(), hex);
-        let yaml: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_slice(&text).ok();
+        let yaml: Option<yaml_serde::Value> = yaml_serde::from_slice(&text).ok();
         let encoder = yaml.as_ref().and_then(|v| v.get("model")?.get("encoder")?.as_str().map(str::to_string));
         meta.insert("encoder".into(), encoder.unwrap_or_else(|| "convnet".into()));
     }

@@ -23,9 +23,9 @@ struct RunRecord {
 }
 
 /// `key.sub.leaf` → the value as YAML writes it, for every leaf of `v`.
-fn flatten(prefix: &str, v: &serde_yaml_ng::Value, out: &mut BTreeMap<String, String>) {
+fn flatten(prefix: &str, v: &yaml_serde::Value, out: &mut BTreeMap<String, String>) {
     match v {
-        serde_yaml_ng::Value::Mapping(m) => {
+        yaml_serde::Value::Mapping(m) => {
             for (k, child) in m {
                 let key = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
                 let full = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
@@ -33,7 +33,7 @@ fn flatten(prefix: &str, v: &serde_yaml_ng::Value, out: &mut BTreeMap<String, St
             }
         }
         leaf => {
-            let text = serde_yaml_ng::to_string(leaf).unwrap_or_default();
+            let text = yaml_serde::to_string(leaf).unwrap_or_default();
             out.insert(prefix.to_string(), text.trim().replace('\n', " "));
         }
     }
@@ -43,8 +43,8 @@ fn read_run(dir: &Path) -> Result<RunRecord> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: not a run directory (no readable {CONFIG_FILE})", dir.display()))?;
-    let yaml: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let yaml: yaml_serde::Value =
+        yaml_serde::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut config = BTreeMap::new();
     flatten("", &yaml, &mut config);
     let summary = std::fs::read_to_string(dir.join(SUMMARY_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());
