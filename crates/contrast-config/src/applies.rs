@@ -6,8 +6,8 @@
 //! out, so it loads back into the same plan.
 
 use crate::ConfigError;
-use yaml_serde::Value;
 use std::collections::BTreeSet;
+use yaml_serde::Value;
 
 /// Dotted keys (a key covers the keys under it) with the choice each does not apply to.
 #[derive(Debug, Default, Clone)]

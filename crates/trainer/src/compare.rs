@@ -43,8 +43,7 @@ fn read_run(dir: &Path) -> Result<RunRecord> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: not a run directory (no readable {CONFIG_FILE})", dir.display()))?;
-    let yaml: yaml_serde::Value =
-        yaml_serde::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let yaml: yaml_serde::Value = yaml_serde::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut config = BTreeMap::new();
     flatten("", &yaml, &mut config);
     let summary = std::fs::read_to_string(dir.join(SUMMARY_FILE)).ok().and_then(|t| serde_json::from_str(&t).ok());

@@ -391,3 +391,19 @@ pub fn run_example_mpi(name: &str, np: usize, env: &[(&str, &str)]) -> Output {
         .envs(env.iter().copied());
     cmd.output().unwrap()
 }
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The project venv's python (launch/setup.sh makes it), or `None` after
+/// saying the test is skipped without it.
+pub fn venv_python() -> Option<PathBuf> {
+    let python = repo_root().join(".venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
+        return None;
+    }
+    Some(python)
+}

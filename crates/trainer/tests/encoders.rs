@@ -177,11 +177,7 @@ fn imported_weights_start_every_rank_alike_and_are_recorded() {
 
 #[test]
 fn an_exported_batch_norm_resnet18_loads_into_torchvision_and_embeds_alike() {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    if !python.exists() {
-        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
-        return;
-    }
+    let Some(python) = venv_python() else { return };
     let fx = Fixture::new();
     ok(run(0, &["--config", resnet_config(&fx, "bn", "batch", "").to_str().unwrap()], &[]));
     let (export, embed) = (fx.path("bn.safetensors"), fx.path("embed.safetensors"));
@@ -257,12 +253,7 @@ fn resnet18_simclr_trains_and_evaluates_on_fashion_mnist_over_2_ranks() {
 /// into the IDX images' one channel), `fc.*` skipped by glob.
 #[test]
 fn a_converted_torchvision_pth_imports_into_a_resnet18() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
-        return;
-    }
+    let (root, Some(python)) = (repo_root(), venv_python()) else { return };
     let fx = Fixture::new();
     let (pth, st) = (fx.path("r18.pth"), fx.path("r18.safetensors"));
     let save = format!(
@@ -286,12 +277,7 @@ fn a_converted_torchvision_pth_imports_into_a_resnet18() {
 /// graph whose features onnxruntime computes alike.
 #[test]
 fn the_pytorch_mirror_and_its_onnx_export_give_the_trainers_features() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
-        return;
-    }
+    let (root, Some(python)) = (repo_root(), venv_python()) else { return };
     let fx = Fixture::new();
     let cfg = fx.config("mirror", "ntxent", "");
     ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", "train.steps=3"], &[]));

@@ -582,12 +582,7 @@ fn phase_histograms_can_be_left_to_rank_0() {
 /// with TensorBoard's own reader: the losses are the run's, step by step.
 #[test]
 fn runs_convert_to_tensorboard_events_that_read_back() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        eprintln!("skipped: no {} (launch/setup.sh makes it)", python.display());
-        return;
-    }
+    let (root, Some(python)) = (repo_root(), venv_python()) else { return };
     let fx = Fixture::new();
     for name in ["a/run", "b/run"] {
         std::fs::create_dir_all(fx.path(name).parent().unwrap()).unwrap();
