@@ -257,10 +257,7 @@ impl Metrics {
     fn write_textfile(&self, path: &std::path::Path) -> Result<()> {
         // node_exporter must never read a half-written file: write, then rename.
         // It exports its own process_* series: the textfile leaves them out.
-        let families: Vec<_> =
-            self.registry.gather().into_iter().filter(|f| !f.name().starts_with("process_")).collect();
-        let mut text = Vec::new();
-        TextEncoder::new().encode(&families, &mut text)?;
+        let text = encode_where(&self.registry, |name| !name.starts_with("process_"));
         let tmp = path.with_extension(format!("prom.{}.tmp", std::process::id()));
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", path.display()))
@@ -295,8 +292,14 @@ pub struct RunInfo<'a> {
 }
 
 pub(crate) fn encode(registry: &Registry) -> String {
+    encode_where(registry, |_| true)
+}
+
+/// The families of `registry` whose name `keep` accepts, in Prometheus' text format.
+fn encode_where(registry: &Registry, keep: impl Fn(&str) -> bool) -> String {
+    let families: Vec<_> = registry.gather().into_iter().filter(|f| keep(f.name())).collect();
     let mut buf = Vec::new();
-    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    let _ = TextEncoder::new().encode(&families, &mut buf);
     String::from_utf8(buf).unwrap_or_default()
 }
 

@@ -47,8 +47,7 @@ pub fn member_dir(root: &Path, k: usize) -> PathBuf {
 /// read when given the population's directory).
 pub fn best_member_dir(root: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(root.join(POPULATION_FILE)).ok()?;
-    let best = serde_json::from_str::<serde_json::Value>(&text).ok()?.get("best")?.as_u64()?;
-    Some(member_dir(root, best as usize))
+    Some(member_dir(root, serde_json::from_str::<Population>(&text).ok()?.best?))
 }
 
 /// One member hosted by this rank.
