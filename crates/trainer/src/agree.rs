@@ -102,3 +102,16 @@ pub fn broadcast_text<C: Collective>(comm: &C, mine: &str, root: usize) -> Strin
     comm.broadcast(&mut bytes, root);
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+/// Every rank's `mine` (of any length), in rank order, on every rank.
+pub fn gather_text<C: Collective>(comm: &C, mine: &str) -> Vec<String> {
+    let lens = comm.all_gather(&[mine.len() as i64]);
+    let longest = lens.iter().copied().max().unwrap_or(0) as usize;
+    if longest == 0 {
+        return vec![String::new(); lens.len()];
+    }
+    let mut padded = mine.as_bytes().to_vec();
+    padded.resize(longest, 0);
+    let all = comm.all_gather(&padded);
+    all.chunks(longest).zip(&lens).map(|(b, &n)| String::from_utf8_lossy(&b[..n as usize]).into_owned()).collect()
+}

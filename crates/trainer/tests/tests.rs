@@ -10,6 +10,7 @@ mod configs;
 mod encoders;
 mod faults;
 mod hooks;
+mod metrics;
 mod outputs;
 mod parity;
 mod pba;

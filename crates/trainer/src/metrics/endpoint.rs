@@ -38,10 +38,16 @@ impl Default for Bounds {
     }
 }
 
-/// Serve `/metrics` at `addr` from a thread of its own. A port in use (or any
+/// Serve `/metrics` at `addr` from a thread of its own and return the address
+/// bound (port 0 becomes the port the system picked). A port in use (or any
 /// bind error) is a warning naming it, and training goes on without the endpoint.
-pub fn serve(registry: Registry, addr: SocketAddr, bounds: Bounds) -> Option<std::thread::JoinHandle<()>> {
-    let listener = match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+pub fn serve(registry: Registry, addr: SocketAddr, bounds: Bounds) -> Option<SocketAddr> {
+    let bind = |addr| {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>((l.local_addr()?, l))
+    };
+    let (bound, listener) = match bind(addr) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("metrics: cannot listen on {addr} ({e}); training goes on without /metrics");
@@ -64,8 +70,9 @@ pub fn serve(registry: Registry, addr: SocketAddr, bounds: Bounds) -> Option<std
             Err(_) => tracing::warn!("metrics: the endpoint panicked and stopped"),
         }
     });
-    tracing::info!("metrics: http://{addr}/metrics");
-    thread.ok()
+    thread.ok()?;
+    tracing::info!("metrics: http://{bound}/metrics");
+    Some(bound)
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, registry: Arc<Registry>, bounds: Bounds) {

@@ -1,6 +1,7 @@
 //! Prometheus metrics of one rank: a registry the training loop updates after
 //! each step, served at `http://<metrics.listen host>:<base port + local
-//! rank>/metrics` by hyper on a small tokio runtime of its own thread, and/or
+//! rank>/metrics` (or a free port) by hyper on a small tokio runtime of its
+//! own thread, found through the discovery file rank 0 writes, and/or
 //! written as a node_exporter textfile. Nothing here calls MPI: each rank
 //! reports its own figures (every series carries a `rank` label), and the
 //! collectives' byte and time counters come from this process's communicator.
@@ -12,7 +13,9 @@ use prometheus::{
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
+mod discovery;
 mod endpoint;
+pub use discovery::{scrape_target, write_targets, TARGETS_FILE};
 pub use endpoint::{serve, Bounds};
 
 /// Phases of a step, in the order of [`StepTimes::seconds`] (the `phase` label).
@@ -80,6 +83,10 @@ pub struct Metrics {
     textfile: Option<(PathBuf, usize)>,
     /// Whether this rank observes `contrast_step_phase_seconds` (`metrics.histograms`).
     histograms: bool,
+    /// The address `/metrics` is served at, once bound.
+    served: Option<SocketAddr>,
+    /// The discovery file this rank wrote (rank 0), removed with the metrics.
+    targets_file: Option<PathBuf>,
 }
 
 /// Register a new metric with `r` and hand it back.
@@ -166,6 +173,8 @@ impl Metrics {
             last_comm: contrast_comm::comm_stats(),
             textfile: None,
             histograms: true,
+            served: None,
+            targets_file: None,
         };
         m.negatives_per_anchor.set(negatives_per_anchor as i64);
         Ok(m)
@@ -175,6 +184,28 @@ impl Metrics {
     pub fn with_histograms(mut self, on: bool) -> Self {
         self.histograms = on;
         self
+    }
+
+    /// Record the address the endpoint bound (its port is the real one when `metrics.listen` asked for 0).
+    pub fn set_served(&mut self, addr: SocketAddr) {
+        self.served = Some(addr);
+    }
+
+    /// The address `/metrics` is served at, if it is.
+    pub fn served(&self) -> Option<SocketAddr> {
+        self.served
+    }
+
+    /// Write the discovery file of the job's `targets` into `dir` (rank 0 does);
+    /// it goes when these metrics do, as the textfile does.
+    pub fn publish_targets(
+        &mut self,
+        dir: &std::path::Path,
+        targets: &[String],
+        labels: &[(&str, String)],
+    ) -> Result<()> {
+        self.targets_file = Some(write_targets(dir, targets, labels)?);
+        Ok(())
     }
 
     /// Also write the series to `dir/contrast-rank<r>.prom` every `every` steps.
@@ -266,10 +297,12 @@ impl Metrics {
 
 /// A finished (or failed) run's textfile goes with it, so node_exporter does
 /// not serve its last values forever (a kill -9 leaves it; the last step's
-/// timestamp then says how old it is).
+/// timestamp then says how old it is); so does its discovery file, so
+/// Prometheus stops scraping ports another job may bind next.
 impl Drop for Metrics {
     fn drop(&mut self) {
-        if let Some((path, _)) = &self.textfile {
+        let files = [self.textfile.as_ref().map(|(p, _)| p), self.targets_file.as_ref()];
+        for path in files.into_iter().flatten() {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -303,9 +336,10 @@ fn encode_where(registry: &Registry, keep: impl Fn(&str) -> bool) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// The address local rank `local_rank` serves: `host:(base_port + local_rank)`.
+/// The address local rank `local_rank` serves: `host:(base_port + local_rank)`,
+/// or `host:0` (a free port, which the system picks) on every rank when `base_port` is 0.
 pub fn address(listen_host: &str, base_port: u16, local_rank: usize) -> Result<SocketAddr> {
-    let port = base_port as usize + local_rank;
+    let port = if base_port == 0 { 0 } else { base_port as usize + local_rank };
     (listen_host, port as u16)
         .to_socket_addrs()
         .with_context(|| format!("metrics.listen host `{listen_host}`"))?

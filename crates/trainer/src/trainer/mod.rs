@@ -146,7 +146,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
                 wait_time: 0.0,
                 init: (None, None),
                 epoch: None,
-                run_id: fresh_run_id(),
+                run_id: fresh_run_id(comm),
                 best: None,
                 data_cpu: 0.0,
             },
@@ -170,6 +170,7 @@ impl<'c, C: Collective> Trainer<'c, C> {
             t.resume()?;
         }
         t.open_log()?;
+        publish_targets(comm, t.metrics.as_mut(), &t.plan, t.progress.run_id)?;
         if let Some(m) = &t.metrics {
             let c = &t.plan.config;
             let loss = t.plan.loss.name();

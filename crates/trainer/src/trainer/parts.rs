@@ -383,13 +383,37 @@ pub(super) fn start_metrics<C: Collective>(comm: &C, plan: &Plan) -> Result<Opti
     }
     if m.enabled {
         let (host, port) = m.host_port().context("metrics.listen")?;
-        crate::metrics::serve(
+        let served = crate::metrics::serve(
             metrics.registry().clone(),
             crate::metrics::address(host, port, comm.local_rank())?,
             crate::metrics::Bounds { connections: plan.config.metrics.max_connections, ..Default::default() },
         );
+        if let Some(addr) = served {
+            metrics.set_served(addr);
+        }
     }
     Ok(Some(metrics))
+}
+
+/// Gather every rank's scrape address and, on rank 0, write them to
+/// `checkpoint.dir/prometheus-targets.json`. Collective: every rank calls it,
+/// with metrics or without (`metrics.textfile_dir` may differ per node). Ranks
+/// that could not bind are left out; with none, no file is written.
+pub(super) fn publish_targets<C: Collective>(
+    comm: &C,
+    metrics: Option<&mut Metrics>,
+    plan: &Plan,
+    run_id: u64,
+) -> Result<()> {
+    let mine = metrics.as_ref().and_then(|m| m.served()).map(crate::metrics::scrape_target).unwrap_or_default();
+    let targets: Vec<String> = crate::agree::gather_text(comm, &mine).into_iter().filter(|t| !t.is_empty()).collect();
+    match metrics {
+        Some(m) if comm.rank() == 0 && !targets.is_empty() => {
+            let labels = [("contrast_run_id", format!("{run_id:016x}")), ("contrast_method", plan.method.name.clone())];
+            m.publish_targets(&plan.config.checkpoint.dir, &targets, &labels)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Every rank's `indices` (of any length), gathered: the longest length is
@@ -402,10 +426,13 @@ pub(super) fn gather_indices<C: Collective>(comm: &C, indices: &[usize]) -> Vec<
     comm.all_gather(&mine).into_iter().filter(|&i| i >= 0).map(|i| i as usize).collect()
 }
 
-/// A run identity from the clock and the process id.
-pub(super) fn fresh_run_id() -> u64 {
+/// A run identity from rank 0's clock and process id, the same on every rank
+/// (the metrics of every rank label the run with it).
+pub(super) fn fresh_run_id<C: Collective>(comm: &C) -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    contrast_data::rng::key(&[nanos as u64, (nanos >> 64) as u64, std::process::id() as u64])
+    let mut id = [contrast_data::rng::key(&[nanos as u64, (nanos >> 64) as u64, std::process::id() as u64]) as i64];
+    comm.broadcast(&mut id, 0);
+    id[0] as u64
 }
 
 /// The first parameter holding a non-finite value, if any. One reduction over
