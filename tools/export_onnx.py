@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Write a `trainer export` file of a SimCLR-style convnet model as ONNX.
+"""Write the image features of a `trainer export` file (a convnet SimCLR or CLIP model) as ONNX.
 
-    .venv/bin/python tools/export_onnx.py simclr.safetensors simclr.onnx [--in-channels 1] [--size 28]
+    .venv/bin/python tools/export_onnx.py simclr.safetensors simclr.onnx [--size 28]
 
 The graph takes `images` `[batch, C, H, W]` (normalised as the trainer's
 evaluation feeds them; see `contrast_torch.fashion_mnist_input`) and returns
 `features` `[batch, embed_dim]`, the backbone's L2-normalised output (what
-`trainer embed` writes), with a dynamic batch axis; the image side is fixed
-at `--size`. The model comes from
+`trainer embed` writes), with a dynamic batch axis; the channels come from
+the weights and the image side is fixed at `--size`. The model comes from
 `tools/contrast_torch.py`, the PyTorch mirror of the trainer's modules.
 """
 
@@ -37,13 +37,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", type=Path, help="a `trainer export` safetensors file")
     parser.add_argument("out", type=Path, help="the ONNX file to write")
-    parser.add_argument("--in-channels", type=int, default=1, help="image channels (1: Fashion-MNIST; 3: RGB)")
     parser.add_argument("--size", type=int, default=28, help="image side of the example input")
     parser.add_argument("--opset", type=int, default=18)
     args = parser.parse_args()
-    model = contrast_torch.SimCLR.from_export(args.export, in_channels=args.in_channels)
+    model = contrast_torch.load_export(args.export)
     model.backbone.explicit_pool = True
-    example = torch.zeros(2, args.in_channels, args.size, args.size)
+    channels = model.backbone.conv0.in_channels
+    example = torch.zeros(2, channels, args.size, args.size)
     # The image side is fixed in the graph (the pooling bins are computed from it): say so once, not per op.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -57,7 +57,7 @@ def main():
         opset_version=args.opset,
         dynamo=False,
     )
-    print(f"{args.export} -> {args.out} (images [batch, {args.in_channels}, {args.size}, {args.size}] -> features)")
+    print(f"{args.export} -> {args.out} (images [batch, {channels}, {args.size}, {args.size}] -> features)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ pub fn export_command(ckpt: &Path, out: &Path, bf16: bool) -> Result<()> {
 
 /// What an exported file says of itself (`__metadata__`): `format: pt` (as
 /// PyTorch's safetensors writers mark theirs), and, from the run directory,
-/// `method`, `encoder` and `config_sha256` (of its config.yaml).
+/// `method`, `encoder`, `config_sha256` (of its config.yaml) and `config`
+/// (that configuration as JSON).
 fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     use sha2::Digest;
     let mut meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
@@ -55,6 +56,11 @@ fn export_metadata(step_dir: &Path) -> Result<std::collections::BTreeMap<String,
         let yaml: Option<yaml_serde::Value> = yaml_serde::from_slice(&text).ok();
         let encoder = yaml.as_ref().and_then(|v| v.get("model")?.get("encoder")?.as_str().map(str::to_string));
         meta.insert("encoder".into(), encoder.unwrap_or_else(|| "convnet".into()));
+        // The run's configuration as JSON, so a reader (tools/contrast_torch.py)
+        // shapes its modules without the run directory.
+        if let Some(json) = yaml.and_then(|v| serde_json::to_string(&v).ok()) {
+            meta.insert("config".into(), json);
+        }
     }
     Ok(meta)
 }

@@ -1,5 +1,9 @@
 //! `trainer embed`: the L2-normalised backbone features of every image of a
 //! split, written by the ranks in parts, so that no rank holds the whole set.
+//! With `--texts FILE`, the lines of a UTF-8 file instead, tokenised as
+//! training tokenises captions and L2-normalised out of the method's text
+//! tower (CLIP's shared space; SimCSE's and Quick-Thought's sentence
+//! embedding); the sidecar then holds `{"row", "text"}`.
 //!
 //! Rank r of P embeds the contiguous rows `[lo_r, hi_r)` (the evaluation's
 //! slices) and writes them itself:
@@ -23,32 +27,90 @@
 //! earlier run with another rank count (its parts, its index, or its single
 //! file), so that no stale part can be read with the new ones.
 
-use crate::commands::{load_checkpointed, refuse_inside_checkpoint};
+use crate::commands::{load_checkpointed, refuse_inside_checkpoint, Checkpointed};
 use crate::{collective_command, data, eval, load_plan};
 use anyhow::{bail, Context, Result};
 use contrast_comm::{Collective, Comm};
+use contrast_config::Plan;
+use contrast_nn::encoder::text::Captions;
+use contrast_nn::loss::l2_normalize;
 use std::path::{Path, PathBuf};
 
-/// `trainer embed --checkpoint DIR --out FILE [--split test]` (see the module doc).
-pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
-    collective_command(|comm| embed(comm, path, overrides, ckpt, out, test))
+/// What `trainer embed` embeds.
+#[derive(Debug, Clone)]
+pub enum EmbedInput {
+    /// Every image of a split (`test`: the test split) through the backbone.
+    Split {
+        /// The test split rather than the training split.
+        test: bool,
+    },
+    /// The texts of a UTF-8 file, one per line, through the text tower.
+    Texts(PathBuf),
 }
 
-fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, test: bool) -> Result<()> {
+/// `trainer embed --checkpoint DIR --out FILE [--split test | --texts FILE]` (see the module doc).
+pub fn embed_command(path: &Path, overrides: &[String], ckpt: &Path, out: &Path, input: &EmbedInput) -> Result<()> {
+    collective_command(|comm| embed(comm, path, overrides, ckpt, out, input))
+}
+
+/// This rank's rows of an embedding: `[hi − lo, dim]` row-major, with their
+/// labels and the names that go to the sidecar (`"path"` or `"text"`).
+struct Rows {
+    x: Vec<f32>,
+    dim: usize,
+    labels: Vec<i64>,
+    names: Vec<String>,
+    name_key: &'static str,
+    lo: usize,
+    n: usize,
+}
+
+fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path, input: &EmbedInput) -> Result<()> {
     refuse_inside_checkpoint(out)?;
     // Before any work: a mistyped directory should not cost a whole embedding pass.
     let dir = out_dir(out);
     if !dir.is_dir() {
         bail!("--out {}: the directory {} does not exist", out.display(), dir.display());
     }
+    let texts = match input {
+        EmbedInput::Texts(file) => Some(read_texts(file)?),
+        EmbedInput::Split { .. } => None,
+    };
     let plan = load_plan(comm, path, overrides)?;
     let m = load_checkpointed(comm, &plan, ckpt)?;
-    let (set, name) = data::embed_set(&plan, test)?;
+    let (rows, what) = match (input, texts) {
+        (EmbedInput::Texts(_), Some(texts)) => (text_rows(comm, &plan, &m, &texts)?, "texts"),
+        (EmbedInput::Split { test }, _) => (image_rows(comm, &plan, &m, *test)?, "images"),
+        (EmbedInput::Texts(_), None) => unreachable!("texts are read above"),
+    };
+    let (rank, parts, n) = (comm.rank(), comm.world_size(), rows.n);
+    let file = part_path(out, rank, parts);
+    let written = write_part(&file, &rows);
+    // Every rank learns whether every part was written before rank 0 names them in the index.
+    let mut failed = [written.is_err() as u8 as f64];
+    comm.all_reduce_sum(&mut failed);
+    written?;
+    if failed[0] > 0.0 {
+        bail!("{} rank(s) could not write their part of {} (their errors say why)", failed[0], out.display());
+    }
+    if rank == 0 {
+        let bounds: Vec<(usize, usize)> = (0..parts).map(|r| eval::slice_bounds(n, r, parts)).collect();
+        finish(out, parts, &bounds, n, rows.dim)?;
+        let how =
+            if parts == 1 { String::new() } else { format!(" in {parts} parts (index {})", index_path(out).display()) };
+        tracing::info!("embedded {n} {what} of {} into {}{how}", m.loaded.dir.display(), out.display());
+    }
+    Ok(())
+}
+
+/// This rank's slice of a split's images: backbone features, L2-normalised (whitened first with `eval.whiten`).
+fn image_rows(comm: &Comm, plan: &Plan, m: &Checkpointed, test: bool) -> Result<Rows> {
+    let (set, name) = data::embed_set(plan, test)?;
     let raw = m.method.backbone().out_dim();
     // `eval.whiten`: statistics of the training split (at most eval.max_train items), whatever the split embedded.
     let whitening = match plan.config.eval.whiten {
         true => {
-            let (train, _) = data::embed_set(&plan, false)?;
+            let (train, _) = data::embed_set(plan, false)?;
             let train = train.strided(plan.config.eval.max_train);
             eval::whitening_of(comm, &plan.config.eval, &train, m.device, raw, |x| m.method.features(x))?
         }
@@ -60,27 +122,60 @@ fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path
         None => m.method.features(x),
     };
     let (x, labels, (lo, hi, _)) = eval::local_features(comm, &set, m.device, dim, features);
-    // The file's labels: −1 for no label or an unreadable input (whose row is zero).
-    let labels: Vec<i64> = labels.into_iter().map(|l| l.max(-1)).collect();
-    let (rank, parts, n) = (comm.rank(), comm.world_size(), set.len());
-    let file = part_path(out, rank, parts);
-    let paths: Vec<String> = (lo..hi).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect();
-    let written = write_part(&file, &contrast_nn::to_host::<f32>(&x), &labels, dim as usize, &paths, lo, n);
-    // Every rank learns whether every part was written before rank 0 names them in the index.
-    let mut failed = [written.is_err() as u8 as f64];
-    comm.all_reduce_sum(&mut failed);
-    written?;
-    if failed[0] > 0.0 {
-        bail!("{} rank(s) could not write their part of {} (their errors say why)", failed[0], out.display());
+    Ok(Rows {
+        x: contrast_nn::to_host::<f32>(&x),
+        dim: dim as usize,
+        // The file's labels: −1 for no label or an unreadable input (whose row is zero).
+        labels: labels.into_iter().map(|l| l.max(-1)).collect(),
+        names: (lo..hi).map(|i| set.source_index(i).map_or_else(|| name(i), &name)).collect(),
+        name_key: "path",
+        lo,
+        n: set.len(),
+    })
+}
+
+/// The texts of `file`, one per line (a final newline ends the last; `\r\n` too).
+fn read_texts(file: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(file).with_context(|| format!("--texts {}", file.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        anyhow::anyhow!("--texts {}: not UTF-8 (an invalid sequence at byte {at})", file.display())
+    })?;
+    let texts: Vec<String> = text.lines().map(str::to_string).collect();
+    if texts.is_empty() {
+        bail!("--texts {}: the file holds no text (one per line)", file.display());
     }
-    if rank == 0 {
-        let bounds: Vec<(usize, usize)> = (0..parts).map(|r| eval::slice_bounds(n, r, parts)).collect();
-        finish(out, parts, &bounds, n, dim as usize)?;
-        let what =
-            if parts == 1 { String::new() } else { format!(" in {parts} parts (index {})", index_path(out).display()) };
-        tracing::info!("embedded {n} images of {} into {}{what}", m.loaded.dir.display(), out.display());
+    Ok(texts)
+}
+
+/// Texts per forward pass of the text tower.
+const TEXT_BATCH: usize = 256;
+
+/// This rank's slice of `texts`, tokenised as training tokenises captions
+/// (`data.text.tokenizer`, `model.text.context`) and L2-normalised out of the
+/// method's text tower: CLIP's shared space (SimCSE's, Quick-Thought's embedding).
+fn text_rows(comm: &Comm, plan: &Plan, m: &Checkpointed, texts: &[String]) -> Result<Rows> {
+    let (n, ctx) = (texts.len(), plan.config.model.text.context as usize);
+    let (lo, hi) = eval::slice_bounds(n, comm.rank(), comm.world_size());
+    let (mut x, mut dim) = (Vec::new(), [0i64]);
+    for start in (lo..hi).step_by(TEXT_BATCH) {
+        let (mut tokens, mut ends) = (Vec::new(), Vec::new());
+        for t in &texts[start..(start + TEXT_BATCH).min(hi)] {
+            let (ids, end) = m.tokenizer.encode(t, ctx).map_err(anyhow::Error::msg)?;
+            tokens.extend(ids);
+            ends.push(end as i64);
+        }
+        let captions = Captions::from_host(&tokens, &ends, m.device);
+        let Some(y) = tch::no_grad(|| m.method.encode_text(&captions)) else {
+            bail!("--texts: method {} has no text tower (clip, simcse and quick_thought have)", plan.method.name);
+        };
+        dim[0] = y.size()[1];
+        x.extend(contrast_nn::to_host::<f32>(&l2_normalize(&y.to_kind(tch::Kind::Float))));
     }
-    Ok(())
+    // A rank without texts (fewer texts than ranks) learns the width from the others.
+    comm.all_reduce_max(&mut dim);
+    let names = texts[lo..hi].to_vec();
+    Ok(Rows { x, dim: dim[0] as usize, labels: vec![-1; hi - lo], names, name_key: "text", lo, n })
 }
 
 /// The file rank `rank` of `parts` writes: `out` itself for one rank.
@@ -114,27 +209,20 @@ fn stem_and_ext(out: &Path) -> (String, String) {
     (stem, ext)
 }
 
-/// Write one part (to a temporary name, then renamed).
-fn write_part(
-    file: &Path,
-    rows: &[f32],
-    labels: &[i64],
-    dim: usize,
-    paths: &[String],
-    lo: usize,
-    n: usize,
-) -> Result<()> {
+/// Write one part (to a temporary name, then renamed) and its sidecar.
+fn write_part(file: &Path, rows: &Rows) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
-    let as_bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-    let (xb, lb) = (as_bytes(rows), labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>());
+    let (labels, dim, lo, n) = (&rows.labels, rows.dim, rows.lo, rows.n);
+    let xb: Vec<u8> = rows.x.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let lb: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
     let views = [
         ("embeddings", TensorView::new(Dtype::F32, vec![labels.len(), dim], &xb)?),
         ("labels", TensorView::new(Dtype::I64, vec![labels.len()], &lb)?),
     ];
     let sidecar = paths_path(file);
     let mut lines = String::new();
-    for (k, p) in paths.iter().enumerate() {
-        lines.push_str(&serde_json::json!({ "row": lo + k, "path": p }).to_string());
+    for (k, p) in rows.names.iter().enumerate() {
+        lines.push_str(&serde_json::json!({ "row": lo + k, (rows.name_key): p }).to_string());
         lines.push('\n');
     }
     let tmp = with_suffix(&sidecar, ".partial");

@@ -43,7 +43,7 @@ use tch::Device;
 use trainer::{Parts, Trainer};
 
 pub use commands::{config_command, eval_command, export_command};
-pub use embed::embed_command;
+pub use embed::{embed_command, EmbedInput};
 
 /// What `summary.json` holds (flat keys; accuracies are fractions in [0, 1]).
 #[derive(Debug, Clone, Serialize, Default)]

@@ -79,8 +79,9 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
-    /// Embed every image of a split with a checkpoint's backbone: embeddings,
-    /// labels and source names as one safetensors file.
+    /// Embed every image of a split with a checkpoint's backbone (or, with
+    /// --texts, the lines of a file with its text tower): embeddings, labels
+    /// and a sidecar of source names (or texts).
     Embed {
         /// The config (default: the run directory's config.yaml).
         #[arg(long, short)]
@@ -94,6 +95,10 @@ enum Command {
         /// `train` (data.root) or `test` (t10k or eval.root).
         #[arg(long, default_value = "train", value_parser = ["train", "test"])]
         split: String,
+        /// Embed the texts of this UTF-8 file (one per line) with the text
+        /// tower instead of a split's images (clip, simcse, quick_thought).
+        #[arg(long, value_name = "FILE", conflicts_with = "split")]
+        texts: Option<PathBuf>,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -147,9 +152,13 @@ fn main() {
         Some(Command::Config { config, overrides, print }) => trainer::config_command(&config, &overrides, print),
         Some(Command::Compare { runs }) => trainer::compare::compare_command(&runs),
         Some(Command::Export { checkpoint, out, bf16 }) => trainer::export_command(&checkpoint, &out, bf16),
-        Some(Command::Embed { config, checkpoint, out, split, overrides }) => {
+        Some(Command::Embed { config, checkpoint, out, split, texts, overrides }) => {
+            let input = match texts {
+                Some(file) => trainer::EmbedInput::Texts(file),
+                None => trainer::EmbedInput::Split { test: split == "test" },
+            };
             trainer::config_path(config.as_deref(), &checkpoint)
-                .and_then(|config| trainer::embed_command(&config, &overrides, &checkpoint, &out, split == "test"))
+                .and_then(|config| trainer::embed_command(&config, &overrides, &checkpoint, &out, &input))
         }
         None => match cli.config {
             Some(config) => trainer::train_command(&config, &cli.overrides).map(|_| ()),

@@ -317,3 +317,88 @@ fn the_pytorch_mirror_and_its_onnx_export_give_the_trainers_features() {
     assert!(v[1] < 1e-5, "the mirror's features differ from the trainer's by {}", v[1]);
     assert!(v[2] < 1e-5, "the ONNX graph's features differ from the trainer's by {}", v[2]);
 }
+
+/// The mirror's CLIP (convnet, image projection, text tower, logit scale)
+/// loads a CLIP `trainer export` strictly, shaped by the config the export
+/// carries (2 heads and quick_gelu here, not the defaults), and its byte
+/// tokenizer and text tower give the text embeddings of `trainer embed
+/// --texts` (multi-byte, cut-off and empty texts among them), its backbone
+/// the image features.
+#[test]
+fn the_pytorch_mirror_of_clip_gives_the_trainers_text_and_image_features() {
+    let (root, Some(python)) = (repo_root(), venv_python()) else { return };
+    let fx = Fixture::new();
+    let cfg = fx.config("clip-mirror", "clip", "");
+    let sets = ["train.steps=3", "model.text.heads=2", "model.text.act=quick_gelu"];
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(sets.iter().flat_map(|s| ["--set", s]));
+    ok(run(0, &args, &[]));
+    let run_dir = fx.path("clip-mirror");
+    let (export, texts, txt_emb, img_emb) =
+        (fx.path("c.safetensors"), fx.path("texts.txt"), fx.path("txt.safetensors"), fx.path("img.safetensors"));
+    let long = "a very long caption of a shirt, ".repeat(4);
+    std::fs::write(&texts, format!("a photo of a shirt.\r\nun été à Zürich – 東京\n\n{long}\n")).unwrap();
+    let ckpt = run_dir.to_str().unwrap();
+    ok(run(0, &["export", "--checkpoint", ckpt, "--out", export.to_str().unwrap()], &[]));
+    ok(run(
+        0,
+        &["embed", "--checkpoint", ckpt, "--out", txt_emb.to_str().unwrap(), "--texts", texts.to_str().unwrap()],
+        &[],
+    ));
+    ok(run(0, &["embed", "--checkpoint", ckpt, "--out", img_emb.to_str().unwrap(), "--split", "test"], &[]));
+    let sidecar = std::fs::read_to_string(fx.path("txt.safetensors.paths.jsonl")).unwrap();
+    let second: serde_json::Value = serde_json::from_str(sidecar.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(second, serde_json::json!({"row": 1, "text": "un été à Zürich – 東京"}));
+    let check = format!(
+        "import sys, json, numpy as np, torch, torch.nn.functional as F\n\
+         sys.path.insert(0, '{tools}')\n\
+         import contrast_torch as ct\n\
+         from safetensors.numpy import load_file\n\
+         model = ct.load_export('{export}')\n\
+         assert isinstance(model, ct.CLIP) and model.text.block0.heads == 2, model\n\
+         texts = [json.loads(l)['text'] for l in open('{texts}.paths.jsonl')]\n\
+         ids, ends = ct.byte_tokenize(texts, model.context)\n\
+         raw = open('{images}', 'rb').read()\n\
+         x = ct.fashion_mnist_input(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28))\n\
+         with torch.no_grad():\n\
+         \x20   txt = F.normalize(model.encode_text(ids, ends), dim=1).numpy()\n\
+         \x20   img = model.features(x).numpy()\n\
+         \x20   logits = model(x[:4], ids, ends)\n\
+         want_txt, want_img = load_file('{txt}')['embeddings'], load_file('{img}')['embeddings']\n\
+         assert torch.isfinite(logits).all() and logits.shape == (4, len(texts))\n\
+         print(len(texts), int(ends.max()) + 1 - model.context, float(np.abs(txt - want_txt).max()), float(np.abs(img - want_img).max()))\n",
+        tools = root.join("tools").display(),
+        export = export.display(),
+        texts = txt_emb.display(),
+        images = fx.path("data/t10k-images-idx3-ubyte").display(),
+        txt = txt_emb.display(),
+        img = img_emb.display(),
+    );
+    let out = Command::new(&python).args(["-c", &check]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = text.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!((v[0], v[1]), (4.0, 0.0), "four texts, the long one cut at the context: {text}");
+    assert!(v[2] < 1e-5, "the mirror's text embeddings differ from the trainer's by {}", v[2]);
+    assert!(v[3] < 1e-5, "the mirror's image features differ from the trainer's by {}", v[3]);
+    // What --texts refuses, by name: a missing file, bytes that are not UTF-8, no text, no text tower.
+    let bad = fx.path("bad.txt");
+    std::fs::write(&bad, b"caf\xe9\n").unwrap();
+    let empty = fx.path("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let simclr = fx.config("no-tower", "ntxent", "");
+    ok(run(0, &["--config", simclr.to_str().unwrap(), "--set", "train.steps=1"], &[]));
+    let out_file = fx.path("x.safetensors");
+    for (dir, file, says) in [
+        (&run_dir, fx.path("none.txt"), "none.txt"),
+        (&run_dir, bad.clone(), "not UTF-8 (an invalid sequence at byte 3)"),
+        (&run_dir, empty.clone(), "holds no text"),
+        (&fx.path("no-tower"), texts.clone(), "has no text tower"),
+    ] {
+        let args = ["embed", "--checkpoint", dir.to_str().unwrap(), "--out", out_file.to_str().unwrap()];
+        let out = run(0, &[&args[..], &["--texts", file.to_str().unwrap()]].concat(), &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+        assert!(!out_file.exists());
+    }
+}
