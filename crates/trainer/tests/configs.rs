@@ -286,3 +286,48 @@ fn a_randaugment_schedule_replays_and_bad_ones_are_refused() {
         }
     }
 }
+
+/// GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens.
+fn anchor(heading: &str) -> String {
+    let kept = heading.trim().to_lowercase();
+    kept.chars()
+        .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The README stays a first read (at most about 150 lines), and every
+/// relative link of it and of `docs/` resolves: the file exists, and an
+/// `#anchor` names one of its headings.
+#[test]
+fn the_readme_is_short_and_every_relative_link_resolves() {
+    let root = repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.lines().count() <= 160, "the README has {} lines", readme.lines().count());
+    let mut files = vec![root.join("README.md")];
+    files.extend(std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()));
+    let mut checked = 0;
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "md")) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (_, rest) in text.match_indices("](").map(|(i, _)| ((), &text[i + 2..])) {
+            let target = &rest[..rest.find(')').unwrap()];
+            if target.contains("://") || target.starts_with("mailto:") || target.contains(' ') {
+                continue;
+            }
+            let (path, frag) = target.split_once('#').unwrap_or((target, ""));
+            let dest = if path.is_empty() { file.clone() } else { file.parent().unwrap().join(path) };
+            assert!(dest.exists(), "{}: the link {target} names no file", file.display());
+            if !frag.is_empty() {
+                let body = std::fs::read_to_string(&dest).unwrap();
+                let headings: Vec<String> = body
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .map(|h| anchor(h.trim_start_matches('#')))
+                    .collect();
+                assert!(headings.contains(&frag.to_string()), "{}: no heading #{frag} in {path}", file.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} links found");
+}
