@@ -199,13 +199,46 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096).sum()
 }
 
+/// A spawned `mpirun` job that a failing test does not leave running: when it
+/// is dropped still alive, it gets SIGTERM (which mpirun forwards to the
+/// ranks), then SIGKILL after 10 s.
+pub struct Job(pub std::process::Child);
+
+impl std::ops::Deref for Job {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Job {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let t0 = std::time::Instant::now();
+        while matches!(self.0.try_wait(), Ok(None)) && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start a 2-rank `mpirun` job on `cfg` with `sets`, logging into `log`.
-pub fn spawn_mpirun(cfg: &Path, sets: &[&str], log: &Path) -> std::process::Child {
+pub fn spawn_mpirun(cfg: &Path, sets: &[&str], log: &Path) -> Job {
     spawn_mpirun_with(cfg, sets, log, &[])
 }
 
 /// [`spawn_mpirun`] with variables in the job's environment.
-pub fn spawn_mpirun_with(cfg: &Path, sets: &[&str], log: &Path, env: &[(&str, &str)]) -> std::process::Child {
+pub fn spawn_mpirun_with(cfg: &Path, sets: &[&str], log: &Path, env: &[(&str, &str)]) -> Job {
     let mut cmd = Command::new("mpirun");
     cmd.envs(env.iter().copied());
     cmd.args(["--oversubscribe", "-n", "2", BIN, "--config", cfg.to_str().unwrap()]);
@@ -215,7 +248,7 @@ pub fn spawn_mpirun_with(cfg: &Path, sets: &[&str], log: &Path, env: &[(&str, &s
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    cmd.spawn().unwrap()
+    Job(cmd.spawn().unwrap())
 }
 
 /// Wait until `run_dir/steps.jsonl` has `lines` lines (the job must still run).
