@@ -385,6 +385,13 @@ fn survey_methods_refuse_bad_counts_naming_the_key() {
     let mut plan = resolve("method: {name: deepcluster, clusters: 300}\ntrain: {global_batch: 8}", 2).unwrap();
     let e = plan.resolve_items(240).unwrap_err().to_string();
     assert!(e.contains("method.clusters") && e.contains("300 clusters for 240 training items"), "{e}");
+    // CPC: a temperature that is neither 0 (bilinear) nor a usable one.
+    for bad in ["-0.1", "0.0001", ".nan", "1000"] {
+        let e = err(&format!("method: {{name: cpc, temperature: {bad}}}\ntrain: {{global_batch: 8}}"));
+        let says = if bad == ".nan" { "finite" } else { "[0.001, 100]" };
+        assert!(e.contains("method.temperature") && e.contains(says), "{bad}: {e}");
+    }
+    resolve("method: {name: cpc, temperature: 0.1}\ntrain: {global_batch: 8}", 2).unwrap();
     // Another method's key stays an error.
     let e = err("method: {name: barlow_twins, prototypes: 10}\ntrain: {global_batch: 8}");
     assert!(e.contains("method.prototypes") && e.contains("barlow_twins"), "{e}");

@@ -17,7 +17,7 @@ const METHODS: [(&str, &str, &str); 6] = [
         "method: {name: moco_v2, queue_size: 16, hard_negatives: 4, mix_negatives: 2, mix_query: 2}\n",
     ),
     ("deepcluster", "cross_entropy", "method: {name: deepcluster, clusters: 5, kmeans_iters: 3}\n"),
-    ("cpc", "cpc", "method: {name: cpc, patch_size: 10, patch_stride: 6, context_dim: 8}\n"),
+    ("cpc", "cpc", "method: {name: cpc, patch_size: 10, patch_stride: 6, context_dim: 8, temperature: 0.07}\n"),
 ];
 
 /// The fixture's config for `method`, without the head keys it does not read.

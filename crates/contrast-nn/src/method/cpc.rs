@@ -13,6 +13,10 @@
 //!   image's patch is the positive, the other N − 1 images' are negatives.
 //! - The loss is the mean of those InfoNCE terms over offsets and positions
 //!   (each term a mean over the N contexts).
+//! - With `method.temperature` > 0 a score is instead the cosine of the
+//!   prediction W_k c and the code z over that temperature ([`crate::loss::infonce_share`]
+//!   on L2-normalised vectors): the bilinear codes share a large common
+//!   component, which the normalised scores spread out.
 //!
 //! Evaluation embeds the whole image with the patch encoder (the backbone's
 //! own features): a convnet's filters slide over the whole image as over a
@@ -27,7 +31,7 @@
 use super::{set_kind, settings, Batch, Method, MethodEntry, Share, Spec};
 use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
-use crate::loss::{cpc_share, Ctx, GlobalSum};
+use crate::loss::{cpc_share, infonce_share, Ctx, GlobalSum};
 use crate::{NnError, Result};
 use contrast_config::{invalid, AugmentPreset, ConfigError, LossKind, MethodSpec, RunInfo, Settings};
 use serde::{Deserialize, Serialize};
@@ -46,11 +50,14 @@ pub struct CpcKeys {
     pub offsets: usize,
     /// Units of the GRU context network.
     pub context_dim: i64,
+    /// 0: the paper's bilinear score zᵀ W_k c. Above 0: the cosine of the
+    /// prediction W_k c and the code z, divided by this temperature.
+    pub temperature: f64,
 }
 
 impl Default for CpcKeys {
     fn default() -> Self {
-        Self { patch_size: 10, patch_stride: 6, offsets: 2, context_dim: 256 }
+        Self { patch_size: 10, patch_stride: 6, offsets: 2, context_dim: 256, temperature: 0.0 }
     }
 }
 
@@ -94,6 +101,12 @@ impl MethodSpec for CpcSpec {
         }
         if k.offsets == 0 {
             return Err(invalid("method.offsets", "must be at least 1"));
+        }
+        if !(k.temperature == 0.0 || (0.001..=100.0).contains(&k.temperature)) {
+            return Err(invalid(
+                "method.temperature",
+                format!("must be 0 (bilinear scores) or lie in [0.001, 100], got {}", k.temperature),
+            ));
         }
         if k.context_dim < 1 {
             return Err(invalid("method.context_dim", format!("must be at least 1, got {}", k.context_dim)));
@@ -223,7 +236,10 @@ impl Method for Cpc {
             for row in 0..grid - k {
                 for col in 0..grid {
                     let (context, target) = (c.select(1, row).select(1, col), z.select(1, row + k).select(1, col));
-                    terms.push(cpc_share(&context, &target, w, ctx.shard)?);
+                    terms.push(match self.keys.temperature {
+                        t if t > 0.0 => infonce_share(&context.matmul(&w.tr()), &target, t, true, ctx.shard)?,
+                        _ => cpc_share(&context, &target, w, ctx.shard)?,
+                    });
                 }
             }
         }
