@@ -167,7 +167,7 @@ fn main() {
             "cpc",
             2,
             None,
-            Box::new(|v, _, p| cpc_share(&v[0], &v[1], &p[3], Shard::solo(v[0].size()[0] as usize)).unwrap()),
+            Box::new(|v, _, p| cpc_share(&v[0], &v[1], &p[3], None, Shard::solo(v[0].size()[0] as usize)).unwrap()),
         ),
         (
             "nce",

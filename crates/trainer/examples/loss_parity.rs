@@ -81,7 +81,8 @@ fn main() {
         ("byol", 2, vec![], Box::new(|g, c, _| normalized_mse_share(&g[0], &g[1], c.shard))),
         ("swav", 3, protos, Box::new(|g, c, p| swav_share(g, &p[0], 0.1, 0.05, 3, &[0, 1], c))),
         ("infonce", 2, vec![], Box::new(|g, c, _| infonce_share(&g[0], &g[1], 0.1, true, c.shard))),
-        ("cpc", 2, w, Box::new(|g, c, p| cpc_share(&g[0], &g[1], &p[0], c.shard))),
+        ("cpc", 2, w.clone(), Box::new(|g, c, p| cpc_share(&g[0], &g[1], &p[0], None, c.shard))),
+        ("cpc_cosine", 2, w, Box::new(|g, c, p| cpc_share(&g[0], &g[1], &p[0], Some(0.1), c.shard))),
         ("nce", 2, vec![], Box::new(|g, c, _| nce_share(&g[0], &g[1], 0.5, 1000.0, c.shard))),
         (
             "contrastive",

@@ -47,8 +47,9 @@ pub fn infonce_share(q: &Tensor, k: &Tensor, temperature: f64, normalize: bool, 
     Ok(local_ce(&(q.narrow(0, off, b).matmul(&k.tr()) / temperature), shard))
 }
 
-/// This rank's share of CPC's InfoNCE with bilinear scores zᵀ W c.
-pub fn cpc_share(c: &Tensor, z: &Tensor, w: &Tensor, shard: Shard) -> Result<Tensor> {
+/// This rank's share of CPC's InfoNCE with bilinear scores zᵀ W c, or with
+/// `temperature` the cosine of the prediction W c and z over it.
+pub fn cpc_share(c: &Tensor, z: &Tensor, w: &Tensor, temperature: Option<f64>, shard: Shard) -> Result<Tensor> {
     check_pairs("CPC", c, z, shard)?;
     if w.size() != [z.size()[1], c.size()[1]] {
         return Err(NnError::Shape(format!(
@@ -60,5 +61,11 @@ pub fn cpc_share(c: &Tensor, z: &Tensor, w: &Tensor, shard: Shard) -> Result<Ten
     }
     let (b, off) = (shard.local_batch as i64, shard.offset() as i64);
     let pred = c.narrow(0, off, b).matmul(&w.tr()); // [B, d_z] = (W c_i)ᵀ
-    Ok(local_ce(&pred.matmul(&z.tr()), shard))
+    Ok(match temperature {
+        Some(t) => {
+            check_temperature("CPC", t)?;
+            local_ce(&(l2_normalize(&pred).matmul(&l2_normalize(z).tr()) / t), shard)
+        }
+        None => local_ce(&pred.matmul(&z.tr()), shard),
+    })
 }

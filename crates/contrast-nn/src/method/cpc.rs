@@ -14,9 +14,9 @@
 //! - The loss is the mean of those InfoNCE terms over offsets and positions
 //!   (each term a mean over the N contexts).
 //! - With `method.temperature` > 0 a score is instead the cosine of the
-//!   prediction W_k c and the code z over that temperature ([`crate::loss::infonce_share`]
-//!   on L2-normalised vectors): the bilinear codes share a large common
-//!   component, which the normalised scores spread out.
+//!   prediction W_k c and the code z over that temperature (the same
+//!   `cpc_share`): the bilinear codes share a large common component, which
+//!   the normalised scores spread out.
 //!
 //! Evaluation embeds the whole image with the patch encoder (the backbone's
 //! own features): a convnet's filters slide over the whole image as over a
@@ -31,7 +31,7 @@
 use super::{set_kind, settings, Batch, Method, MethodEntry, Share, Spec};
 use crate::encoder::{self, Encoder};
 use crate::engine::{Gathered, Towers};
-use crate::loss::{cpc_share, infonce_share, Ctx, GlobalSum};
+use crate::loss::{cpc_share, Ctx, GlobalSum};
 use crate::{NnError, Result};
 use contrast_config::{invalid, AugmentPreset, ConfigError, LossKind, MethodSpec, RunInfo, Settings};
 use serde::{Deserialize, Serialize};
@@ -231,15 +231,13 @@ impl Method for Cpc {
         let (n, grid) = (ctx.shard.global() as i64, self.grid);
         let z = g.towers[0].view([n, grid, grid, -1]);
         let c = g.towers[1].view([n, grid, grid, -1]);
+        let temperature = Some(self.keys.temperature).filter(|&t| t > 0.0);
         let mut terms = Vec::new();
         for (k, w) in (1..).zip(&self.predict) {
             for row in 0..grid - k {
                 for col in 0..grid {
                     let (context, target) = (c.select(1, row).select(1, col), z.select(1, row + k).select(1, col));
-                    terms.push(match self.keys.temperature {
-                        t if t > 0.0 => infonce_share(&context.matmul(&w.tr()), &target, t, true, ctx.shard)?,
-                        _ => cpc_share(&context, &target, w, ctx.shard)?,
-                    });
+                    terms.push(cpc_share(&context, &target, w, temperature, ctx.shard)?);
                 }
             }
         }

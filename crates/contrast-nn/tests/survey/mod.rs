@@ -386,8 +386,20 @@ fn infonce_and_cpc_match_loops() {
     let (cr, zr, wr) = (rows(&c), rows(&z), rows(&w));
     let score = |i: usize, j: usize| (0..4).map(|a| zr[j][a] * dot(&wr[a], &cr[i])).sum::<f64>();
     let want: f64 = (0..6).map(|i| lse((0..6).map(|j| score(i, j))) - score(i, i)).sum::<f64>() / 6.0;
-    close(cpc_share(&c, &z, &w, Shard::solo(6)).unwrap().double_value(&[]), want, "CPC");
-    let f = |x: &Tensor| cpc_share(&c, &z, x, Shard::solo(6)).unwrap();
+    close(cpc_share(&c, &z, &w, None, Shard::solo(6)).unwrap().double_value(&[]), want, "CPC");
+    let f = |x: &Tensor| cpc_share(&c, &z, x, None, Shard::solo(6)).unwrap();
+    assert!(rel_err(&autograd(&w, f), &finite_diff(&w, |x| f(x).double_value(&[]), 1e-6)) < 1e-7);
+    // Cosine scores at a temperature: the same loop on unit vectors.
+    let unit = |v: &[f64]| {
+        let n = dot(v, v).sqrt();
+        v.iter().map(|x| x / n).collect::<Vec<f64>>()
+    };
+    let pred: Vec<Vec<f64>> = (0..6).map(|i| unit(&(0..4).map(|a| dot(&wr[a], &cr[i])).collect::<Vec<_>>())).collect();
+    let code: Vec<Vec<f64>> = zr.iter().map(|v| unit(v)).collect();
+    let cos = |i: usize, j: usize| dot(&pred[i], &code[j]) / 0.2;
+    let want: f64 = (0..6).map(|i| lse((0..6).map(|j| cos(i, j))) - cos(i, i)).sum::<f64>() / 6.0;
+    close(cpc_share(&c, &z, &w, Some(0.2), Shard::solo(6)).unwrap().double_value(&[]), want, "CPC cosine");
+    let f = |x: &Tensor| cpc_share(&c, &z, x, Some(0.2), Shard::solo(6)).unwrap();
     assert!(rel_err(&autograd(&w, f), &finite_diff(&w, |x| f(x).double_value(&[]), 1e-6)) < 1e-7);
 }
 

@@ -98,7 +98,8 @@ pub(super) fn every_batch_loss_is_exact_across_ranks() {
     parity("SwAV", 3, 5, 3, &w, &protos, &|g, ctx, p| swav_share(g, &p[0], 0.1, 0.05, 3, &[0, 1], ctx));
     parity("InfoNCE", 2, 5, 3, &w, &[], &|g, ctx, _| infonce_share(&g[0], &g[1], 0.1, true, ctx.shard));
     let wk = [(randn_vec(5 * 5, 8), vec![5, 5])];
-    parity("CPC", 2, 5, 3, &w, &wk, &|g, ctx, p| cpc_share(&g[0], &g[1], &p[0], ctx.shard));
+    parity("CPC", 2, 5, 3, &w, &wk, &|g, ctx, p| cpc_share(&g[0], &g[1], &p[0], None, ctx.shard));
+    parity("CPC cosine", 2, 5, 3, &w, &wk, &|g, ctx, p| cpc_share(&g[0], &g[1], &p[0], Some(0.1), ctx.shard));
 }
 
 #[test]
@@ -122,7 +123,7 @@ pub(super) fn batch_of_one_per_rank_is_exact() {
     parity("BYOL B=1", 2, 4, 1, &w, &[], &|g, ctx, _| normalized_mse_share(&g[0], &g[1], ctx.shard));
     parity("InfoNCE B=1", 2, 4, 1, &w, &[], &|g, ctx, _| infonce_share(&g[0], &g[1], 0.1, true, ctx.shard));
     let wk = [(randn_vec(16, 8), vec![4, 4])];
-    parity("CPC B=1", 2, 4, 1, &w, &wk, &|g, ctx, p| cpc_share(&g[0], &g[1], &p[0], ctx.shard));
+    parity("CPC B=1", 2, 4, 1, &w, &wk, &|g, ctx, p| cpc_share(&g[0], &g[1], &p[0], None, ctx.shard));
     parity("NCE B=1", 2, 4, 1, &w, &[], &|g, ctx, _| nce_share(&g[0], &g[1], 0.5, 1000.0, ctx.shard));
     parity("contrastive B=1", 1, 4, 1, &w, &[], &|g, ctx, _| {
         contrastive_share(&g[0], &labels9(ctx.shard.global()), 0.0, 1.0, false, ctx)
@@ -226,7 +227,7 @@ pub(super) fn bad_parameters_fail_clearly() {
     ))
     .contains("prototypes"));
     assert!(err(sinkhorn(&a, 0.0, 3, 4, &Ctx::solo(4))).contains("epsilon"));
-    assert!(err(cpc_share(&a, &b, &randn(2, 2, 1), Shard::solo(4))).contains("W must be"));
+    assert!(err(cpc_share(&a, &b, &randn(2, 2, 1), None, Shard::solo(4))).contains("W must be"));
 }
 
 // ---------- metric-learning losses ----------
