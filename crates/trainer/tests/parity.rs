@@ -269,7 +269,7 @@ fn every_loss_family_is_exact_through_real_mpi() {
             "loss_parity on {np} ranks failed:\n{text}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(text.lines().filter(|l| l.ends_with(" ok")).count(), 19, "{text}");
+        assert_eq!(text.lines().filter(|l| l.ends_with(" ok")).count(), 20, "{text}");
         assert!(text.contains(&format!("P={np}")));
     }
 }
