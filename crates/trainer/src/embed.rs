@@ -78,10 +78,9 @@ fn embed(comm: &Comm, path: &Path, overrides: &[String], ckpt: &Path, out: &Path
     };
     let plan = load_plan(comm, path, overrides)?;
     let m = load_checkpointed(comm, &plan, ckpt)?;
-    let (rows, what) = match (input, texts) {
-        (EmbedInput::Texts(_), Some(texts)) => (text_rows(comm, &plan, &m, &texts)?, "texts"),
-        (EmbedInput::Split { test }, _) => (image_rows(comm, &plan, &m, *test)?, "images"),
-        (EmbedInput::Texts(_), None) => unreachable!("texts are read above"),
+    let (rows, what) = match texts {
+        Some(texts) => (text_rows(comm, &plan, &m, &texts)?, "texts"),
+        None => (image_rows(comm, &plan, &m, matches!(input, EmbedInput::Split { test: true }))?, "images"),
     };
     let (rank, parts, n) = (comm.rank(), comm.world_size(), rows.n);
     let file = part_path(out, rank, parts);

@@ -16,7 +16,7 @@
 //!   member-<k>/      population-based augmentation: member k's run directory
 //!   population.json  its members' schedules and rounds (pba::POPULATION_FILE)
 //!   randaugment_schedule.json  the best member's schedule (pba::SCHEDULE_FILE)
-//!   prometheus-targets.json    every rank's /metrics address while it runs (TARGETS_FILE)
+//!   prometheus-targets.json    every rank's /metrics address while it runs (TARGETS_FILE; not a record: a killed run's goes when the next run takes the lock)
 //! ```
 //!
 //! Files are replaced by writing a temporary name unique to the process
@@ -79,5 +79,5 @@ pub fn is_run_output(name: &str) -> bool {
     let population = [crate::pba::POPULATION_FILE, crate::pba::SCHEDULE_FILE].contains(&name);
     step || member
         || population
-        || [LATEST_FILE, BEST_DIR, STEPS_FILE, EVALS_FILE, SUMMARY_FILE, PLOT_FILE, TARGETS_FILE].contains(&name)
+        || [LATEST_FILE, BEST_DIR, STEPS_FILE, EVALS_FILE, SUMMARY_FILE, PLOT_FILE].contains(&name)
 }

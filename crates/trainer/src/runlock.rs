@@ -90,14 +90,16 @@ fn lock(dir: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Remove what dead processes left half-written (the lock says none is alive).
+/// Remove what dead processes left half-written, and a killed run's discovery
+/// file, whose ports nobody serves (the lock says no writer is alive).
 fn remove_stale_temporaries(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading checkpoint.dir {}", dir.display()))? {
         let entry = entry?;
-        if rundir::is_tmp_name(&entry.file_name().to_string_lossy()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if rundir::is_tmp_name(&name) || name == rundir::TARGETS_FILE {
             let p = entry.path();
             remove(&p).with_context(|| format!("removing the stale temporary {}", p.display()))?;
-            tracing::info!("removed {}, left by a process that died while writing it", p.display());
+            tracing::info!("removed {}, left by a process that died", p.display());
         }
     }
     Ok(())

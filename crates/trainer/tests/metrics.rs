@@ -197,6 +197,15 @@ fn port_0_binds_free_ports_that_the_discovery_file_lists() {
     Command::new("kill").args(["-USR1", &job.id().to_string()]).status().unwrap();
     assert!(job.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
     assert!(!run_dir.join("prometheus-targets.json").exists(), "the discovery file goes with the run");
+    // A kill -9 leaves the file: the next run into the directory, fresh or
+    // resumed, removes it once it holds the lock (nobody serves those ports).
+    let stale = fx.path("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("prometheus-targets.json"), r#"[{"targets": ["127.0.0.1:1"], "labels": {}}]"#).unwrap();
+    let sets = ["train.steps=1", "metrics.enabled=false", "checkpoint.dir"];
+    let dir = format!("{}={}", sets[2], stale.display());
+    ok(run(0, &["--config", cfg.to_str().unwrap(), "--set", sets[0], "--set", sets[1], "--set", &dir], &[]));
+    assert!(!stale.join("prometheus-targets.json").exists(), "a dead run's discovery file goes");
     // Every interface: the host's name, which other machines resolve.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let any = trainer::metrics::scrape_target("0.0.0.0:9400".parse().unwrap());
